@@ -1,0 +1,45 @@
+"""Facts about the device a call runs on, as plain data so the dispatcher can be tested with
+any GPU's facts on a CPU machine."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    kind: str                              # "cpu", "cuda", ...
+    sm: Optional[Tuple[int, int]] = None   # compute capability, CUDA only
+    name: str = ""
+    sm_count: int = 0
+
+    @property
+    def arch(self) -> Optional[str]:
+        """"sm90" for SM 9.0; None off CUDA. Keys the measured thresholds in configs/base.yaml."""
+        return f"sm{self.sm[0]}{self.sm[1]}" if self.sm else None
+
+    def describe(self) -> str:
+        if self.kind != "cuda":
+            return self.kind
+        return f"{self.name} (SM {self.sm[0]}.{self.sm[1]}, {self.sm_count} SMs)"
+
+
+CPU = DeviceFacts("cpu", name="cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> DeviceFacts:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceFacts("cuda", (props.major, props.minor), props.name, props.multi_processor_count)
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_facts(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cpu":
+        return CPU
+    return DeviceFacts(device.type, name=device.type)

@@ -1,0 +1,77 @@
+"""Per-row geometry of a call, shared by the backends that need it.
+
+A *row* is one (batch, query position, KV head): the G query heads of a KV group share it.
+`row_geometry` gives, per query token, its absolute position, its sequence's key length and the
+offset of its sequence's keys; `canonical_blocks` turns each row's raw `block_indices` into the
+set SPEC.md defines, as a sorted list padded with -1.
+
+Why a sort-based de-duplication: S is small (~16), so two sorts along the last axis are cheap and
+fully vectorised, need no host synchronisation and no data-dependent allocation (CUDA-graph safe),
+and give a canonical row that kernels can stream without checking for repeats or bounds. Blocks
+past the row's causal limit (`block > pos // block_size`) hold no visible key, so dropping them
+here changes nothing and spares the kernels a load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .call import SelectionCall
+
+
+@dataclass(frozen=True)
+class RowGeometry:
+    pos: torch.Tensor        # [B, TQ] int64: absolute key position of each query
+    seqlen_k: torch.Tensor   # [B, TQ] int64: key length of the query's sequence
+    k_offset: torch.Tensor   # [B, TQ] int64: index of the sequence's first key along k's T axis
+
+
+def row_geometry(call: SelectionCall) -> RowGeometry:
+    B, TQ, TK = call.batch, call.seqlen_q, call.seqlen_k
+    device = call.device
+    t = torch.arange(TQ, device=device, dtype=torch.int64)
+    if not call.is_varlen:
+        pos = (t + (TK - TQ)).expand(B, TQ)
+        seqlen_k = torch.full((B, TQ), TK, device=device, dtype=torch.int64)
+        k_offset = torch.zeros((B, TQ), device=device, dtype=torch.int64)
+        return RowGeometry(pos, seqlen_k, k_offset)
+    cu_q = call.cu_seqlens_q.to(torch.int64)
+    cu_k = call.cu_seqlens_k.to(torch.int64)
+    # Sequence of each packed query token; empty sequences are skipped by right=True.
+    seq = torch.searchsorted(cu_q[1:], t, right=True)
+    len_q = (cu_q[1:] - cu_q[:-1])[seq]
+    len_k = (cu_k[1:] - cu_k[:-1])[seq]
+    pos = (t - cu_q[seq]) + (len_k - len_q)
+    return RowGeometry(pos.unsqueeze(0), len_k.unsqueeze(0), cu_k[seq].unsqueeze(0))
+
+
+def canonical_blocks(call: SelectionCall, geometry: RowGeometry | None = None):
+    """Each row's selected set, sorted ascending, padded with -1 at the end.
+
+    Returns `(blocks [B, TQ, H, S] int32, num_blocks [B, TQ, H] int32)`. An entry survives when it
+    is within the row's first `block_counts` entries, `0 <= idx <= pos // block_size` (which also
+    implies idx < ceil(TK / block_size), since pos < TK) and the first of its value in the row.
+    """
+    geometry = geometry or row_geometry(call)
+    S = call.num_selected
+    idx = call.block_indices.to(torch.int64)
+    if S == 0:
+        empty = torch.zeros(idx.shape[:3], dtype=torch.int32, device=idx.device)
+        return idx.to(torch.int32), empty
+    last_visible = (geometry.pos // call.block_size)[:, :, None, None]        # [B, TQ, 1, 1]
+    entry = torch.arange(S, device=idx.device)
+    valid = (idx >= 0) & (idx <= last_visible)
+    if call.block_counts is not None:
+        valid &= entry < call.block_counts.to(torch.int64).unsqueeze(-1)
+    elif call.block_count_limit < S:
+        valid &= entry < call.block_count_limit
+    # Invalid entries sort to the end; a repeat equals its left neighbour after the sort.
+    sentinel = torch.iinfo(torch.int64).max
+    ordered = torch.where(valid, idx, sentinel).sort(dim=-1).values
+    repeat = torch.zeros_like(valid)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    ordered = torch.where(repeat, sentinel, ordered).sort(dim=-1).values
+    kept = ordered != sentinel
+    blocks = torch.where(kept, ordered, -1).to(torch.int32)
+    return blocks, kept.sum(-1, dtype=torch.int32)
