@@ -34,6 +34,7 @@ class Settings:
     sdpa_gather_budget_mb: int = 512   # NSA_SDPA_GATHER_BUDGET_MB
     debug_triton: bool = False         # NSA_DEBUG_TRITON
     debug_log: bool = False            # NSA_DEBUG_LOG
+    triton_interpret: bool = False     # TRITON_INTERPRET: Triton runs on the CPU (tests only)
     thresholds: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # per "smXY"
     source: str = "defaults"           # which file the non-env values came from
     from_env: tuple = ()               # the fields an environment variable set
@@ -61,6 +62,7 @@ _ENV = (
     ("NSA_SDPA_GATHER_BUDGET_MB", "sdpa_gather_budget_mb", "int"),
     ("NSA_DEBUG_TRITON", "debug_triton", "bool"),
     ("NSA_DEBUG_LOG", "debug_log", "bool"),
+    ("TRITON_INTERPRET", "triton_interpret", "bool"),
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
