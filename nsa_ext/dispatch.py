@@ -1,0 +1,82 @@
+"""The dispatcher: one priority list, each backend's reasons, one decision.
+
+Shaped like xformers' fmha dispatch: a backend can serve a call when its
+`reasons_unsupported(call, settings, facts)` is empty; "auto" takes the first such backend in
+`PRIORITY`; a named backend that has reasons raises with them (never a silent fallback).
+"Why was SDPA chosen?" is answered by printing `explain(...)`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .call import BACKEND_NAMES, SelectionCall
+from .config import Settings, load_settings
+from .device import DeviceFacts, device_facts
+
+# Fastest first. "reference" is never chosen by "auto": it exists for tests.
+PRIORITY = ("cuda", "triton", "sdpa")
+_MODULES = {"cuda": "cuda", "triton": "triton", "sdpa": "sdpa_packed", "reference": "reference"}
+
+
+def backend_module(name: str):
+    return importlib.import_module(f"nsa_ext.backends.{_MODULES[name]}")
+
+
+class BackendUnavailableError(ValueError):
+    """The named backend cannot serve this call; the message lists why."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: Optional[str]
+    requested: str
+    reasons: Dict[str, List[str]] = field(default_factory=dict)   # backend -> why not
+    call_summary: str = ""
+    device: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"nsa_ext selection_attention: {self.call_summary}",
+                 f"device: {self.device}; requested backend: {self.requested}; "
+                 f"chosen: {self.chosen or 'none'}"]
+        for name, why in self.reasons.items():
+            if not why:
+                lines.append(f"  {name}: can serve this call")
+            for reason in why:
+                lines.append(f"  {name}: {reason}")
+        return "\n".join(lines)
+
+
+def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Settings] = None,
+           facts: Optional[DeviceFacts] = None) -> Decision:
+    """Which backend serves `call`, and every considered backend's reasons (no exception)."""
+    if requested not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {requested!r}")
+    settings = settings if settings is not None else load_settings()
+    facts = facts if facts is not None else device_facts(call.device)
+    names = PRIORITY if requested == "auto" else (requested,)
+    reasons: Dict[str, List[str]] = {}
+    chosen = None
+    for name in names:
+        try:
+            module = backend_module(name)
+        except ImportError as err:
+            reasons[name] = [f"the backend module failed to import ({type(err).__name__}: {err})"]
+            continue
+        reasons[name] = list(module.reasons_unsupported(call, settings, facts))
+        if not reasons[name] and chosen is None:
+            chosen = name
+    return Decision(chosen, requested, reasons, call.summary(), facts.describe())
+
+
+def choose(call: SelectionCall, requested: str = "auto", settings: Optional[Settings] = None,
+           facts: Optional[DeviceFacts] = None) -> Decision:
+    """Like `decide`, but raises BackendUnavailableError when no backend can serve the call."""
+    decision = decide(call, requested, settings, facts)
+    if decision.chosen is None:
+        if requested == "auto":
+            raise BackendUnavailableError(f"backend='auto': no backend can serve this call\n{decision}")
+        why = "; ".join(decision.reasons[requested])
+        raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {why}\n{decision}")
+    return decision

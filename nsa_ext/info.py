@@ -1,0 +1,51 @@
+"""What this installation has: versions, the compiled extension, Triton, the settings.
+
+`python -m nsa_ext.info` prints it."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import torch
+
+from .config import load_settings
+from .device import device_facts
+
+
+def _triton_status() -> dict:
+    try:
+        import triton
+    except Exception as err:  # ImportError, or a broken install
+        return {"importable": False, "reason": f"{type(err).__name__}: {err}"}
+    return {"importable": True, "version": triton.__version__}
+
+
+def _extension_status() -> dict:
+    try:
+        from . import _ext
+    except ImportError as err:
+        return {"built": False, "reason": f"nsa_ext._ext missing: {err}"}
+    if _ext.available():
+        return {"built": True, **_ext.build_info()}
+    return {"built": False, "reason": _ext.unavailable_reason()}
+
+
+def backend_info() -> dict:
+    from . import __version__
+
+    info = {
+        "nsa_ext": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "triton": _triton_status(),
+        "cuda_extension": _extension_status(),
+        "settings": {k: v for k, v in asdict(load_settings()).items()},
+    }
+    if torch.cuda.is_available():
+        info["device"] = device_facts(torch.device("cuda")).describe()
+    return info
+
+
+if __name__ == "__main__":
+    print(json.dumps(backend_info(), indent=2, default=str))
