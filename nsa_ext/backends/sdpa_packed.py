@@ -9,8 +9,8 @@ G query heads of the row (as SDPA's query length) to its buffer: the group share
 Memory stays bounded: a bucket is cut into chunks whose gathered K/V (plus the fp32 scores for
 lse) fit `Settings.sdpa_gather_budget_mb`, so a 64k-token prefill never gathers everything at once.
 
-Gradients: `backward` recomputes each chunk under autograd and scatters dk/dv back with
-index_add_, so the backward pass is bounded by the same budget. Other backends without a backward
+Gradients: `backward` recomputes each chunk (attention backward written out in fp32) and
+scatters dk/dv back with index_add_, so the backward pass is bounded by the same budget. Other backends without a backward
 kernel use it too (through nsa_ext.ops).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ class _Plan:
             length = n * bs
             # K + V gathered (input dtype) and the fp32 scores for lse, per row.
             per_row = length * (call.head_dim_qk + call.head_dim_v) * elem + \
-                length * call.group_size * 4 * 3
+                length * call.group_size * 4 * 5
             rows_per_chunk = max(1, budget_bytes // per_row)
             bucket = self.order[start:start + count]
             start += count
@@ -147,11 +147,31 @@ def forward(call: SelectionCall):
     return o.reshape(*shape, call.head_dim_v), lse.reshape(shape)
 
 
+def _chunk_gradients(call, q_sel, k_sel, v_sel, visible, grad_o, grad_lse):
+    """Attention backward for one gathered chunk, written out (fp32): recomputes P from the
+    scores, then dS = P * (dO V^T - rowsum(dO * O) + dlse). Written by hand because an op's
+    implementation runs below autograd, where torch.autograd.grad cannot be used."""
+    acc = torch.float64 if call.dtype == torch.float64 else torch.float32
+    q_sel, k_sel, v_sel, grad_o = (t.to(acc) for t in (q_sel, k_sel, v_sel, grad_o))
+    scores = torch.einsum("rgd,rld->rgl", q_sel, k_sel) * call.scale
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)                  # every chunk row sees >= 1 key
+    o = torch.einsum("rgl,rld->rgd", probs, v_sel)
+    d_probs = torch.einsum("rgd,rld->rgl", grad_o, v_sel)
+    d_scores = probs * (d_probs - (grad_o * o).sum(-1, keepdim=True))
+    if grad_lse is not None:
+        d_scores = d_scores + probs * grad_lse.to(acc)[..., None]
+    dq = torch.einsum("rgl,rld->rgd", d_scores, k_sel) * call.scale
+    dk = torch.einsum("rgl,rgd->rld", d_scores, q_sel) * call.scale
+    dv = torch.einsum("rgl,rgd->rld", probs, grad_o)
+    return dq, dk, dv
+
+
 def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor]):
-    """(dq, dk, dv) by recomputing each chunk under autograd; fp32 accumulation for dk, dv."""
+    """(dq, dk, dv) by recomputing each chunk; fp32 accumulation for dk, dv (index_add_)."""
     settings = load_settings()
     plan = _Plan(call)
-    q_rows, k_flat, v_flat = (t.detach() for t in _flat_inputs(call))
+    q_rows, k_flat, v_flat = _flat_inputs(call)
     G = call.group_size
     grad_o_rows = grad_o.reshape(-1, G, call.head_dim_v)
     grad_lse_rows = None if grad_lse is None else grad_lse.reshape(-1, G)
@@ -162,23 +182,13 @@ def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch
     for chunk in plan.chunks(_budget(settings)):
         R, L = chunk.key_index.shape
         flat_index = chunk.key_index.reshape(-1)
-        with torch.enable_grad():
-            q_sel = q_rows[chunk.rows].requires_grad_()
-            k_sel = k_flat[flat_index].requires_grad_()
-            v_sel = v_flat[flat_index].requires_grad_()
-            local = _Chunk(torch.arange(R, device=call.device),
-                           torch.arange(R * L, device=call.device).reshape(R, L), chunk.visible)
-            need_lse = grad_lse_rows is not None
-            o_chunk, lse_chunk = _attend_chunk(call, q_sel, k_sel, v_sel, local, need_lse)
-            outputs, grads = [o_chunk], [grad_o_rows[chunk.rows]]
-            if need_lse:
-                # An lse of -inf has no gradient; keep inf * 0 out of the chain.
-                g = grad_lse_rows[chunk.rows].to(lse_chunk.dtype)
-                outputs.append(lse_chunk)
-                grads.append(torch.where(torch.isfinite(lse_chunk), g, torch.zeros_like(g)))
-            dq_sel, dk_sel, dv_sel = torch.autograd.grad(outputs, (q_sel, k_sel, v_sel), grads)
-        dq.index_copy_(0, chunk.rows, dq_sel)
-        dk.index_add_(0, flat_index, dk_sel.to(acc))
-        dv.index_add_(0, flat_index, dv_sel.to(acc))
+        dq_sel, dk_sel, dv_sel = _chunk_gradients(
+            call, q_rows[chunk.rows], k_flat[flat_index].reshape(R, L, -1),
+            v_flat[flat_index].reshape(R, L, -1), chunk.visible, grad_o_rows[chunk.rows],
+            None if grad_lse_rows is None else grad_lse_rows[chunk.rows])
+        dq.index_copy_(0, chunk.rows, dq_sel.to(call.dtype))
+        # Clamped (masked) tokens have zero gradient, so adding them is harmless.
+        dk.index_add_(0, flat_index, dk_sel.reshape(R * L, -1))
+        dv.index_add_(0, flat_index, dv_sel.reshape(R * L, -1))
     return (dq.reshape(call.q.shape), dk.to(call.dtype).reshape(call.k.shape),
             dv.to(call.dtype).reshape(call.v.shape))

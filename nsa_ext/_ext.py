@@ -1,0 +1,105 @@
+"""The compiled extension `nsa_ext._C`, loaded once and never raising on import.
+
+Like xformers' `_cpp_lib.py`: the first call to `available()` (or any function here) tries
+`import nsa_ext._C`; a failure is kept as a reason instead of raised, and logged once as a
+warning when a compiled module exists but cannot be loaded (a build for another torch, an
+undefined symbol). The CUDA backend turns `unavailable_reason()` into its reason for not serving
+a call. Loading the module registers the operator `torch.ops.nsa_ext_cuda.selection_fwd` (its
+`TORCH_LIBRARY` block runs at load); its fake (meta) implementation is registered here.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("nsa_ext")
+
+OP_NAME = "nsa_ext_cuda::selection_fwd"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_HOW_TO_BUILD = ("build it with CUDA_HOME=/path/to/cuda pip install --no-build-isolation -v . "
+                 "(see the build knobs in setup.py)")
+
+
+@dataclass(frozen=True)
+class _LoadResult:
+    module: Optional[object]
+    reason: Optional[str]
+    info: dict = field(default_factory=dict)
+
+
+def _compiled_files() -> list:
+    return sorted(p.name for p in _PACKAGE_DIR.glob("_C*.so")) + \
+        sorted(p.name for p in _PACKAGE_DIR.glob("_C*.pyd"))
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> _LoadResult:
+    if torch.version.cuda is None:
+        return _LoadResult(None, f"this torch ({torch.__version__}) is built without CUDA")
+    files = _compiled_files()
+    try:
+        module = importlib.import_module("nsa_ext._C")
+    except ImportError as err:
+        if not files:
+            return _LoadResult(None, "the CUDA extension nsa_ext._C is not built "
+                                     f"(pure-Python install); {_HOW_TO_BUILD}")
+        text = str(err)
+        if "undefined symbol" in text or "version" in text.lower():
+            why = (f"nsa_ext._C was built for another torch than the one running "
+                   f"({torch.__version__}): {text}; rebuild it: {_HOW_TO_BUILD}")
+        else:
+            why = f"nsa_ext._C failed to load: {text}"
+        logger.warning("nsa_ext: the CUDA extension exists (%s) but cannot be loaded: %s",
+                       ", ".join(files), why)
+        return _LoadResult(None, why)
+    except Exception as err:  # a static initialiser (TORCH_LIBRARY) may throw anything
+        why = f"nsa_ext._C failed to load: {type(err).__name__}: {err}"
+        logger.warning("nsa_ext: the CUDA extension cannot be loaded: %s", why)
+        return _LoadResult(None, why)
+    info = dict(module.build_info())
+    info["torch_runtime"] = torch.__version__
+    built = str(info.get("torch_version", ""))
+    if built and built.split("+")[0].split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
+        why = (f"nsa_ext._C was built against torch {built} but torch {torch.__version__} is "
+               f"running; rebuild it: {_HOW_TO_BUILD}")
+        logger.warning("nsa_ext: %s", why)
+        return _LoadResult(None, why, info)
+    _register_fake()
+    return _LoadResult(module, None, info)
+
+
+def available() -> bool:
+    """True when nsa_ext._C is loaded and its operator registered."""
+    return _load().module is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the extension cannot be used, or None when it can."""
+    return _load().reason
+
+
+def build_info() -> dict:
+    """What the extension was built with: `archs` (e.g. ["8.0", "9.0"]), `torch_version`,
+    `cuda_version`, `head_dims`, `block_sizes`, ...; {} when it is not loaded."""
+    return dict(_load().info)
+
+
+def compiled_archs() -> list:
+    """["8.0", "9.0+PTX", ...] as the build was told; [] without the extension."""
+    return list(build_info().get("archs", []))
+
+
+def _register_fake() -> None:
+    # Shapes only; the same for every device. Used by torch.compile, opcheck and meta tensors.
+    @torch.library.register_fake(OP_NAME)
+    def _selection_fwd_fake(q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale):
+        B, TQ, HQ, _ = q.shape
+        o = q.new_empty((B, TQ, HQ, v.shape[3]))
+        lse = q.new_empty((B, TQ, HQ), dtype=torch.float32)
+        return o, lse

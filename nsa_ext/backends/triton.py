@@ -1,0 +1,117 @@
+"""The Triton backend: the selection kernels of `triton_ref/selection_fwd.py`.
+
+Preprocessing is `canonical_blocks` (sorted, de-duplicated, causally trimmed rows with their
+counts), so the kernels stream exactly the set SPEC.md defines. Two schedules: group-centric
+(one program per query token and KV head, K/V read once for the G query heads; the default,
+`NSA_SEL_TRITON_GROUP=1`) and per-head (one program per query token and query head,
+`NSA_SEL_TRITON_GROUP=0`). No host synchronisation and no data-dependent allocation on the normal
+path; with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
+`sel.triton.reads`, whose counts cost a host sync.
+
+There is no backward kernel: gradients are recomputed through a differentiable path.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..call import SelectionCall
+from ..config import Settings, load_settings
+from ..device import DeviceFacts
+from ..logs import log_event
+from ..selection import RowGeometry, canonical_blocks, row_geometry
+
+NAME = "triton"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256      # one [rows, 256] tile per operand; wider heads would need a split loop
+MAX_PROGRAMS = 2 ** 31 - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+
+        import triton_ref.selection_fwd  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install raising something else
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def reasons_unsupported(call: SelectionCall, settings: Settings, facts: DeviceFacts) -> list[str]:
+    reasons = []
+    error = _import_error()
+    if error is not None:
+        reasons.append(f"triton is not importable ({error}); install triton to use this backend")
+    if facts.kind != "cuda" and not settings.triton_interpret:
+        reasons.append(f"device is {facts.kind}: the Triton kernels need a CUDA GPU "
+                       f"(or TRITON_INTERPRET=1, the CPU interpreter, for tests)")
+    if facts.kind == "cuda" and facts.sm is not None:
+        if facts.sm < (8, 0):
+            reasons.append(f"GPU {facts.describe()}: the Triton kernels need SM 8.0 or newer")
+        if facts.sm == (8, 9) and not settings.triton_sel_force:
+            reasons.append("GPU is SM 8.9: ADR-2025-08-M4-02 keeps the Triton selection kernel off "
+                           "there; set NSA_TRITON_SEL_FORCE=1 (runtime.triton_sel_force) to use it")
+    if not settings.use_triton_sel:
+        reasons.append("the Triton selection kernel is turned off (NSA_USE_TRITON_SEL=0 or "
+                       "runtime.use_triton_sel: false)")
+    min_len = settings.min_len("triton", facts.arch)
+    if call.selected_len < min_len:
+        reasons.append(f"selected length {call.selected_len} tokens per row is below the Triton "
+                       f"threshold {min_len} (NSA_SEL_TRITON_MIN_L / runtime.sel_triton_min_L)")
+    if call.dtype not in DTYPES:
+        reasons.append(f"dtype {str(call.dtype).replace('torch.', '')} is not served: "
+                       f"float16, bfloat16 or float32")
+    for name, size in (("Dk", call.head_dim_qk), ("Dv", call.head_dim_v)):
+        if not 1 <= size <= MAX_HEAD_DIM:
+            reasons.append(f"head dim {name}={size} is not served: 1..{MAX_HEAD_DIM}")
+    programs = call.batch * call.seqlen_q * call.num_heads_q
+    if programs > MAX_PROGRAMS:
+        reasons.append(f"B * TQ * HQ = {programs} exceeds the grid limit {MAX_PROGRAMS}")
+    return reasons
+
+
+def _reads(call: SelectionCall, geometry: RowGeometry, blocks, num_blocks, group: bool):
+    """K/V tokens the kernel loads, beside what packed SDPA gathers (host sync: debug only).
+
+    A kernel loads exactly the visible keys of each selected block (its loads are masked by
+    j <= pos), once per row for group-centric (once per tile of 64 heads when G > 64) and once
+    per query head for per-head. Packed SDPA gathers num_blocks * block_size tokens per row.
+    """
+    from triton_ref.selection_fwd import group_tile
+
+    bs = call.block_size
+    start = blocks.to(torch.int64) * bs
+    visible = (geometry.pos[:, :, None, None] - start + 1).clamp(max=bs)
+    visible = torch.where(blocks >= 0, visible, torch.zeros_like(visible))
+    G = call.group_size
+    copies = -(-G // group_tile(G)) if group else G
+    visible_tokens = int(visible.sum().item())
+    sdpa_tokens = int(num_blocks.to(torch.int64).sum().item()) * bs
+    return visible_tokens * copies, sdpa_tokens, copies
+
+
+def forward(call: SelectionCall):
+    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)."""
+    from triton_ref.selection_fwd import selection_fwd
+
+    settings = load_settings()
+    group = settings.sel_triton_group
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    varlen = call.is_varlen
+    o, lse, grid = selection_fwd(
+        call.q, call.k, call.v, blocks, num_blocks, scale=call.scale, block_size=call.block_size,
+        pos=geometry.pos if varlen else None, k_offset=geometry.k_offset if varlen else None,
+        group=group, interpret=settings.triton_interpret or call.device.type != "cuda")
+    if settings.debug:
+        variant = "group" if group else "head"
+        log_event("sel.triton.launch", variant=variant, grid=grid,
+                  rows=call.batch * call.seqlen_q * call.num_heads_kv, G=call.group_size,
+                  dtype=str(call.dtype).replace("torch.", ""))
+        kv_tokens_read, sdpa_tokens, copies = _reads(call, geometry, blocks, num_blocks, group)
+        log_event("sel.triton.reads", variant=variant, kv_tokens_read=kv_tokens_read,
+                  sdpa_tokens=sdpa_tokens, reads_per_row=copies)
+    return o, lse
