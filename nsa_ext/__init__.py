@@ -7,6 +7,13 @@
 __version__ = "0.1.0"
 
 from .api import explain, selection_attention  # noqa: E402
-from .info import backend_info  # noqa: E402
+
+
+def backend_info() -> dict:
+    """Versions, whether the CUDA extension is built (and for which archs), Triton, settings."""
+    from .info import backend_info as _backend_info  # lazy: `python -m nsa_ext.info` runs it
+
+    return _backend_info()
+
 
 __all__ = ["selection_attention", "explain", "backend_info", "__version__"]

@@ -47,5 +47,17 @@ def backend_info() -> dict:
     return info
 
 
+def short_line(info: dict) -> str:
+    ext = info["cuda_extension"]
+    ext_text = "built" if ext.get("built") else f"not built ({ext.get('reason')})"
+    tri = info["triton"]
+    tri_text = tri.get("version") if tri.get("importable") else "not importable"
+    return (f"nsa_ext {info['nsa_ext']} | torch {info['torch']} (CUDA {info['torch_cuda']}) | "
+            f"triton {tri_text} | CUDA extension {ext_text} | device {info.get('device', 'cpu')}")
+
+
 if __name__ == "__main__":
-    print(json.dumps(backend_info(), indent=2, default=str))
+    import sys
+
+    info = backend_info()
+    print(short_line(info) if "--short" in sys.argv else json.dumps(info, indent=2, default=str))
