@@ -1,16 +1,35 @@
-"""The public call: validate -> dispatch -> run (autograd through nsa_ext.ops)."""
+"""The public call: validate -> dispatch -> run, all inside the `nsa_ext::selection_attention`
+operator (nsa_ext/ops.py), so the call is one opaque node under torch.compile."""
 from __future__ import annotations
 
+import numbers
+
+import torch
+
 from .call import BACKEND_NAMES, describe_call
-from .config import load_settings
-from .dispatch import Decision, choose, decide
-from .logs import log_event
+from .dispatch import Decision, decide
 from . import ops
 
 
-def _check_backend(backend) -> None:
+def _op_arguments(q, k, v, block_indices, block_size, block_counts, scale, cu_seqlens_q,
+                  cu_seqlens_k, backend):
+    """Split block_counts into the op's (tensor, int) pair. Arguments the op's schema cannot
+    carry (a float block_size, a string scale, ...) get describe_call's error here."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
+    integral = (lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool))
+    schema_ok = (integral(block_size)
+                 and (block_counts is None or isinstance(block_counts, torch.Tensor) or integral(block_counts))
+                 and (scale is None or (isinstance(scale, numbers.Real) and not isinstance(scale, bool)))
+                 and all(isinstance(t, torch.Tensor) for t in (q, k, v, block_indices))
+                 and all(c is None or isinstance(c, torch.Tensor) for c in (cu_seqlens_q, cu_seqlens_k)))
+    if not schema_ok:
+        describe_call(q, k, v, block_indices, block_size, block_counts=block_counts, scale=scale,
+                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        raise ValueError("selection_attention: an argument has a type the operator cannot take")
+    if isinstance(block_counts, torch.Tensor):
+        return block_counts, None, None if scale is None else float(scale)
+    return None, None if block_counts is None else int(block_counts), None if scale is None else float(scale)
 
 
 def selection_attention(q, k, v, block_indices, block_size=64, *, block_counts=None, scale=None,
@@ -38,22 +57,12 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, block_counts=N
         o [B, TQ, HQ, Dv] in q's dtype (in the layout given), and lse when return_lse=True.
         A query that sees no key gets o = 0 and lse = -inf.
     """
-    _check_backend(backend)
-    call = describe_call(q, k, v, block_indices, block_size, block_counts=block_counts,
-                         scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                         need_lse=return_lse)
-    settings = load_settings()
-    decision = choose(call, backend, settings)
-    if settings.debug:
-        log_event("sel.dispatch", backend=decision.chosen, requested=backend,
-                  call=decision.call_summary, device=decision.device,
-                  reasons={n: r for n, r in decision.reasons.items() if r})
-    o, lse = ops.selection_forward(call.q, call.k, call.v, call.block_indices, call.block_counts,
-                                   call.block_count_limit, call.cu_seqlens_q, call.cu_seqlens_k,
-                                   call.block_size, call.scale, decision.chosen, return_lse)
-    if call.batchless:
-        o = o.squeeze(0)
-        lse = lse.squeeze(0) if return_lse else lse
+    counts_tensor, counts_int, scale = _op_arguments(q, k, v, block_indices, block_size,
+                                                     block_counts, scale, cu_seqlens_q,
+                                                     cu_seqlens_k, backend)
+    o, lse = ops.selection_attention_op(q, k, v, block_indices, counts_tensor, counts_int,
+                                        cu_seqlens_q, cu_seqlens_k, int(block_size), scale,
+                                        backend, bool(return_lse))
     return (o, lse) if return_lse else o
 
 
@@ -62,7 +71,8 @@ def explain(q, k, v, block_indices, block_size=64, *, block_counts=None, scale=N
     """Which backend `selection_attention` would run with these arguments, and why each other
     backend would not. Print it for a readable report; it never raises for an unavailable
     backend (only for invalid arguments)."""
-    _check_backend(backend)
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
     call = describe_call(q, k, v, block_indices, block_size, block_counts=block_counts,
                          scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          need_lse=return_lse)

@@ -123,9 +123,12 @@ def _check_tensor(name: str, t) -> None:
         raise NSAInputDtypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
-def _is_tracing() -> bool:
-    # Under torch.compile the values of cu_seqlens are not known; their checks run eagerly only.
-    return torch.compiler.is_compiling()
+def _is_tracing(t: torch.Tensor) -> bool:
+    # Under torch.compile (fake tensors) the values of cu_seqlens are not known; their checks
+    # run eagerly only, inside the operator.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: int) -> None:
@@ -136,7 +139,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: 
         raise ValueError(f"{name}: expected shape [N+1] with N >= 1, got {_shape(cu)}")
     if cu.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (q's device), got {cu.device}")
-    if _is_tracing():
+    if _is_tracing(cu):
         return
     values = cu.tolist()
     if values[0] != 0:
@@ -233,7 +236,7 @@ def describe_call(q, k, v, block_indices, block_size=64, *, block_counts=None, s
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries like cu_seqlens_q, "
                              f"got {cu_seqlens_k.numel()}")
-        if not _is_tracing() and cu_seqlens_k is not cu_seqlens_q:
+        if not _is_tracing(cu_seqlens_q) and cu_seqlens_k is not cu_seqlens_q:
             lq = torch.diff(cu_seqlens_q).tolist()
             lk = torch.diff(cu_seqlens_k).tolist()
             bad = [i for i, (a, b) in enumerate(zip(lq, lk)) if a > b]

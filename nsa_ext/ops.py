@@ -1,11 +1,12 @@
-"""The operators behind the API, as torch.library custom ops with fake implementations and a
+"""The operator behind the API, a torch.library custom op with a fake implementation and a
 registered autograd formula, so `selection_attention` traces under torch.compile(fullgraph=True)
-with no graph break: the data-dependent parts (packed SDPA's bucketing, the kernels' launches)
-live inside the ops.
+with no graph break: validation, dispatch and every data-dependent step (packed SDPA's bucketing,
+the kernels' launches) run inside the op; under tracing the fake checks shapes and gives the
+output's shape.
 
-`nsa_ext::selection_forward` runs the backend the dispatcher chose (its name is an argument);
-`nsa_ext::selection_backward` runs that backend's `backward` when it has one, else packed SDPA's
-recomputation. Tensors arrive in the call's normalized layout ([B, T, heads, dim]; varlen B == 1).
+`nsa_ext::selection_attention` runs the backend the dispatcher chooses for the call;
+`nsa_ext::selection_attention_backward` runs that backend's `backward` when it has one, else
+packed SDPA's recomputation. Tensors are in the caller's layout (batch-less varlen included).
 """
 from __future__ import annotations
 
@@ -14,82 +15,98 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .call import SelectionCall
-from .dispatch import backend_module
+from .call import SelectionCall, describe_call
+from .config import load_settings
+from .dispatch import backend_module, choose
+from .logs import log_event
 
 
-def _call(q, k, v, block_indices, block_counts, block_count_limit, cu_seqlens_q, cu_seqlens_k,
-          block_size, scale, need_lse) -> SelectionCall:
-    # Arguments were validated by describe_call before the op was entered.
-    return SelectionCall(q=q, k=k, v=v, block_indices=block_indices, block_counts=block_counts,
-                         block_count_limit=block_count_limit, block_size=block_size, scale=scale,
-                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, batchless=False,
-                         need_lse=need_lse)
+def plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q, cu_seqlens_k,
+         block_size, scale, backend, need_lse):
+    """Validate and dispatch: (call, decision)."""
+    counts = block_counts if block_counts is not None else block_count
+    call = describe_call(q, k, v, block_indices, block_size, block_counts=counts, scale=scale,
+                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, need_lse=need_lse)
+    settings = load_settings()
+    decision = choose(call, backend, settings)
+    if settings.debug:
+        log_event("sel.dispatch", backend=decision.chosen, requested=backend,
+                  call=decision.call_summary, device=decision.device,
+                  reasons={n: r for n, r in decision.reasons.items() if r})
+    return call, decision
 
 
-@torch.library.custom_op("nsa_ext::selection_forward", mutates_args=())
-def selection_forward(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor,
-                      block_counts: Optional[Tensor], block_count_limit: int,
-                      cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                      block_size: int, scale: float, backend: str,
-                      need_lse: bool) -> Tuple[Tensor, Tensor]:
-    call = _call(q, k, v, block_indices, block_counts, block_count_limit, cu_seqlens_q,
-                 cu_seqlens_k, block_size, scale, need_lse)
-    o, lse = backend_module(backend).forward(call)
-    if not need_lse:
-        lse = lse.new_empty(0)
-    return o.contiguous(), lse.contiguous()
+def _to_caller_layout(call: SelectionCall, t: Tensor) -> Tensor:
+    return (t.squeeze(0) if call.batchless else t).contiguous()
 
 
-@selection_forward.register_fake
-def _(q, k, v, block_indices, block_counts, block_count_limit, cu_seqlens_q, cu_seqlens_k,
-      block_size, scale, backend, need_lse):
-    B, TQ, HQ, _ = q.shape
-    o = q.new_empty(B, TQ, HQ, v.shape[-1])
+@torch.library.custom_op("nsa_ext::selection_attention", mutates_args=())
+def selection_attention_op(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor,
+                           block_counts: Optional[Tensor], block_count: Optional[int],
+                           cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                           block_size: int, scale: Optional[float], backend: str,
+                           return_lse: bool) -> Tuple[Tensor, Tensor]:
+    call, decision = plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
+                          cu_seqlens_k, block_size, scale, backend, return_lse)
+    o, lse = backend_module(decision.chosen).forward(call)
+    lse = _to_caller_layout(call, lse) if return_lse else lse.new_empty(0)
+    return _to_caller_layout(call, o), lse
+
+
+@selection_attention_op.register_fake
+def _(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q, cu_seqlens_k,
+      block_size, scale, backend, return_lse):
+    counts = block_counts if block_counts is not None else block_count
+    describe_call(q, k, v, block_indices, block_size, block_counts=counts, scale=scale,
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = q.new_empty((B, TQ, HQ) if need_lse else (0,), dtype=lse_dtype)
+    lse = q.new_empty(q.shape[:-1] if return_lse else (0,), dtype=lse_dtype)
     return o, lse
 
 
-@torch.library.custom_op("nsa_ext::selection_backward", mutates_args=())
-def selection_backward(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
-                       v: Tensor, block_indices: Tensor, block_counts: Optional[Tensor],
-                       block_count_limit: int, cu_seqlens_q: Optional[Tensor],
-                       cu_seqlens_k: Optional[Tensor], block_size: int, scale: float,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    call = _call(q, k, v, block_indices, block_counts, block_count_limit, cu_seqlens_q,
-                 cu_seqlens_k, block_size, scale, grad_lse is not None)
-    module = backend_module(backend)
+@torch.library.custom_op("nsa_ext::selection_attention_backward", mutates_args=())
+def selection_attention_backward_op(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor,
+                                    k: Tensor, v: Tensor, block_indices: Tensor,
+                                    block_counts: Optional[Tensor], block_count: Optional[int],
+                                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                                    block_size: int, scale: Optional[float],
+                                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    call, decision = plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
+                          cu_seqlens_k, block_size, scale, backend, grad_lse is not None)
+    module = backend_module(decision.chosen)
     if not hasattr(module, "backward"):
         module = backend_module("sdpa")
+    if call.batchless:
+        grad_o = grad_o.unsqueeze(0)
+        grad_lse = None if grad_lse is None else grad_lse.unsqueeze(0)
     dq, dk, dv = module.backward(call, grad_o.contiguous(), grad_lse)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return tuple(_to_caller_layout(call, g) for g in (dq, dk, dv))
 
 
-@selection_backward.register_fake
+@selection_attention_backward_op.register_fake
 def _(grad_o, grad_lse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-
 def _setup_context(ctx, inputs, output):
-    (q, k, v, block_indices, block_counts, block_count_limit, cu_seqlens_q, cu_seqlens_k,
-     block_size, scale, backend, need_lse) = inputs
+    (q, k, v, block_indices, block_counts, block_count, cu_seqlens_q, cu_seqlens_k,
+     block_size, scale, backend, return_lse) = inputs
     ctx.save_for_backward(q, k, v, block_indices, block_counts, cu_seqlens_q, cu_seqlens_k)
-    ctx.static = (block_count_limit, block_size, scale, backend, need_lse)
+    ctx.static = (block_count, block_size, scale, backend, return_lse)
 
 
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, block_indices, block_counts, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    block_count_limit, block_size, scale, backend, need_lse = ctx.static
+    block_count, block_size, scale, backend, return_lse = ctx.static
     if grad_o is None:
-        grad_o = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    if not need_lse:
+        grad_o = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if not return_lse:
         grad_lse = None
-    dq, dk, dv = selection_backward(grad_o, grad_lse, q, k, v, block_indices, block_counts,
-                                    block_count_limit, cu_seqlens_q, cu_seqlens_k, block_size,
-                                    scale, backend)
+    dq, dk, dv = selection_attention_backward_op(
+        grad_o, grad_lse, q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
+        cu_seqlens_k, block_size, scale, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-selection_forward.register_autograd(_backward, setup_context=_setup_context)
+selection_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -4,7 +4,7 @@ import torch
 
 import nsa_ext
 from common import make_case
-from nsa_ext import ops
+from nsa_ext.backends import sdpa_packed
 from nsa_ext.call import SUPPORTED_DTYPES, describe_call
 from nsa_ext.reference import reference_forward
 
@@ -51,17 +51,32 @@ def test_gradients_match_reference(backend, device, name, with_lse):
 
 
 def test_sdpa_gradcheck_fp64():
-    """torch.autograd.gradcheck on the operator itself, in float64, tiny case with empty rows."""
+    """torch.autograd.gradcheck, in float64, of packed SDPA's forward with its written-out
+    backward (the one every backend without a backward kernel uses), on a tiny case with empty
+    rows. float64 is below the public API (which takes fp16/bf16/fp32), so the test wires the
+    backend's forward and backward into an autograd.Function itself."""
     case = make_case(B=1, TQ=6, TK=9, HQ=2, H=1, Dk=4, Dv=3, S=3, block_size=2,
                      dtype=torch.float64, seed=2)
-    call = describe_call(*case.args(), allowed_dtypes=SUPPORTED_DTYPES + (torch.float64,))
-    q, k, v = (t.detach().clone().requires_grad_() for t in (call.q, call.k, call.v))
+    fp64 = SUPPORTED_DTYPES + (torch.float64,)
+
+    class Packed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            call = describe_call(q, k, v, case.block_indices, case.block_size, need_lse=True,
+                                 allowed_dtypes=fp64)
+            ctx.call = call
+            o, lse = sdpa_packed.forward(call)
+            return o, lse
+
+        @staticmethod
+        def backward(ctx, grad_o, grad_lse):
+            return sdpa_packed.backward(ctx.call, grad_o, grad_lse)
 
     def fn(q, k, v):
-        o, lse = ops.selection_forward(q, k, v, call.block_indices, None, call.block_count_limit,
-                                       None, None, call.block_size, call.scale, "sdpa", True)
+        o, lse = Packed.apply(q, k, v)
         return o, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
+    q, k, v = (t.detach().clone().requires_grad_() for t in (case.q, case.k, case.v))
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-7)
 
 
