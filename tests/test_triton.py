@@ -1,0 +1,302 @@
+"""The Triton backend (triton_ref/selection_fwd.py) against the fp32 reference, both variants.
+
+Two lanes over one matrix:
+- CPU, through Triton's interpreter, fp16 and fp32 (the interpreter's bf16 tl.dot is wrong),
+  small sizes. Triton picks the interpreter when `triton.language` is imported, so this module
+  imports Triton with TRITON_INTERPRET=1 (when no GPU is present and nothing imported Triton
+  before) and restores the variable at once; each CPU test turns it on again for itself only,
+  so other test modules see the environment they expect.
+- GPU (marked `gpu`): the same matrix in bf16, fp16 and fp32, plus large and 64-bit-offset cases,
+  CUDA-graph capture and the absence of host synchronisation.
+Plus the reasons the backend gives, and the `sel.triton.reads` log record against counts made
+here from SPEC.md's definition.
+"""
+import logging
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+def _import_triton_for_the_interpreter():
+    """True when this process can run Triton kernels on the CPU."""
+    if "triton" not in sys.modules:
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:
+            return False
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+INTERPRETER = False if CUDA else _import_triton_for_the_interpreter()
+
+from common import assert_close_to_reference, make_case  # noqa: E402
+from nsa_ext.backends import triton as triton_backend  # noqa: E402
+from nsa_ext.call import describe_call  # noqa: E402
+from nsa_ext.config import Settings  # noqa: E402
+from nsa_ext.device import CPU, DeviceFacts  # noqa: E402
+from nsa_ext.reference import reference_forward  # noqa: E402
+
+H100 = DeviceFacts("cuda", (9, 0), "NVIDIA H100 80GB HBM3", 132)
+RTX4090 = DeviceFacts("cuda", (8, 9), "NVIDIA GeForce RTX 4090", 128)
+T4 = DeviceFacts("cuda", (7, 5), "Tesla T4", 40)
+
+# name -> make_case arguments (plus "empty_rows": fraction of rows set to all -1, "strided":
+# q/k/v as views into wider tensors). Small: the CPU lane interprets every program in Python.
+MATRIX = {
+    "G1": dict(B=2, TQ=24, HQ=2, H=2, Dk=64, S=4, block_size=16),
+    "G3": dict(B=1, TQ=40, HQ=3, H=1, Dk=64, S=5, block_size=16),
+    "G16_dk192_dv128": dict(B=1, TQ=20, HQ=16, H=1, Dk=192, Dv=128, S=3, block_size=16),
+    "G64": dict(B=1, TQ=6, TK=70, HQ=64, H=1, Dk=64, S=4, block_size=16),
+    "G80_two_tiles": dict(B=1, TQ=4, TK=50, HQ=80, H=1, Dk=32, S=3, block_size=16),
+    "d59": dict(B=1, TQ=30, HQ=2, H=1, Dk=59, Dv=37, S=4, block_size=16),
+    "d96_G6": dict(B=1, TQ=20, HQ=12, H=2, Dk=96, S=3, block_size=16),
+    "bs4": dict(B=1, TQ=20, HQ=2, H=1, Dk=32, S=6, block_size=4),
+    "bs64": dict(B=1, TQ=150, HQ=2, H=1, Dk=32, S=3, block_size=64),
+    "bs128": dict(B=1, TQ=260, HQ=2, H=1, Dk=32, S=3, block_size=128),
+    "decode": dict(B=3, TQ=1, TK=333, HQ=8, H=2, Dk=64, S=6, block_size=32),
+    "chunked_prefill": dict(B=2, TQ=9, TK=100, HQ=4, H=1, Dk=64, S=5, block_size=16),
+    "counts_int": dict(B=1, TQ=32, HQ=4, H=2, Dk=64, S=6, block_size=16, block_counts=3),
+    "counts_zero": dict(B=1, TQ=16, HQ=2, H=1, Dk=64, S=4, block_size=16, block_counts=0),
+    "counts_tensor": dict(B=2, TQ=24, HQ=4, H=2, Dk=64, S=5, block_size=16, block_counts="tensor"),
+    "varlen": dict(seqlens=[37, 1, 64, 13], HQ=4, H=2, Dk=64, S=4, block_size=16),
+    "varlen_chunked": dict(seqlens=[5, 1, 20], seqlens_k=[70, 16, 20], HQ=6, H=2, Dk=64, S=5,
+                           block_size=16),
+    "varlen_batchless": dict(seqlens=[30, 17], HQ=2, H=1, Dk=64, S=3, block_size=16,
+                             batchless=True),
+    "scale_int32": dict(B=1, TQ=30, HQ=4, H=1, Dk=64, S=4, block_size=16, scale=0.05,
+                        index_dtype=torch.int32),
+    "empty_rows": dict(B=1, TQ=24, HQ=4, H=2, Dk=64, S=4, block_size=16, empty_rows=0.5),
+    "strided": dict(B=2, TQ=20, HQ=4, H=2, Dk=64, S=4, block_size=16, strided=True),
+}
+
+# Larger shapes, GPU only.
+GPU_MATRIX = {
+    "large_G16_d128": dict(B=1, TQ=2048, HQ=16, H=1, Dk=128, S=16, block_size=64),
+    "large_G64_dk192_dv128": dict(B=1, TQ=1024, HQ=64, H=1, Dk=192, Dv=128, S=8, block_size=64),
+    "large_G8_d256": dict(B=2, TQ=512, HQ=16, H=2, Dk=256, S=8, block_size=32),
+    "large_G5_bs128": dict(B=1, TQ=1500, HQ=10, H=2, Dk=80, S=6, block_size=128),
+    "large_varlen": dict(seqlens=[1000, 1, 640, 333], HQ=16, H=2, Dk=128, S=12, block_size=64),
+}
+
+
+def build_call(spec, dtype, device, seed=0):
+    spec = dict(spec)
+    empty_rows = spec.pop("empty_rows", 0.0)
+    strided = spec.pop("strided", False)
+    case = make_case(**spec, dtype=dtype, device=device, seed=seed)
+    if empty_rows:
+        g = torch.Generator().manual_seed(seed + 1)
+        rows = torch.rand(case.block_indices.shape[:-1], generator=g) < empty_rows
+        case.block_indices[rows.to(device)] = -1
+    if strided:
+        # Views with a head stride wider than the head dim and a token stride wider still.
+        def widen(t):
+            wide = torch.randn(*t.shape[:-1], t.shape[-1] + 8, dtype=t.dtype, device=device)
+            wide[..., :t.shape[-1]] = t
+            return wide[..., :t.shape[-1]]
+        case.q, case.k, case.v = widen(case.q), widen(case.k), widen(case.v)
+        assert not case.q.is_contiguous()
+    return describe_call(*case.args(), **case.kwargs(), need_lse=True)
+
+
+def run_variant(call, group, monkeypatch):
+    monkeypatch.setenv("NSA_SEL_TRITON_GROUP", "1" if group else "0")
+    return triton_backend.forward(call)
+
+
+def check(call, group, monkeypatch):
+    o, lse = run_variant(call, group, monkeypatch)
+    o_ref, lse_ref = reference_forward(call)
+    assert_close_to_reference(o, o_ref, call.dtype, lse, lse_ref)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    if CUDA:
+        pytest.skip("the interpreter lane runs on machines without a GPU")
+    if not INTERPRETER:
+        pytest.skip("Triton is missing, or was imported before this module without "
+                    "TRITON_INTERPRET=1, so it cannot interpret kernels in this process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+VARIANTS = [pytest.param(True, id="group"), pytest.param(False, id="head")]
+
+
+@pytest.mark.parametrize("group", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", MATRIX)
+def test_interpreter_matches_reference(interpreter, monkeypatch, name, dtype, group):
+    check(build_call(MATRIX[name], dtype, "cpu"), group, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("name", [*MATRIX, *GPU_MATRIX])
+def test_gpu_matches_reference(monkeypatch, name, dtype, group):
+    spec = MATRIX.get(name) or GPU_MATRIX[name]
+    check(build_call(spec, dtype, "cuda"), group, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", VARIANTS)
+def test_gpu_64bit_offsets(monkeypatch, group):
+    """K and V of more than 2^31 elements: a block near the end is addressed correctly."""
+    TK, D, block_size = (1 << 25) + 100, 64, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 1, 2, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, TK, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, TK, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    assert k.numel() > 2 ** 31
+    last = (TK - 1) // block_size
+    block_indices = torch.tensor([[[[0, last, last - 1, last // 2, -1]]]], device="cuda")
+    call = describe_call(q, k, v, block_indices, block_size, need_lse=True)
+    check(call, group, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", VARIANTS)
+def test_gpu_no_host_sync_and_graph_capture(monkeypatch, group):
+    """The normal path neither synchronises nor allocates by data: a decode step replays in a graph."""
+    monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
+    monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)
+    call = build_call(MATRIX["decode"], torch.bfloat16, "cuda")
+    o_first, lse_first = run_variant(call, group, monkeypatch)      # compiles outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, lse = triton_backend.forward(call)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(o, o_first) and torch.equal(lse, lse_first)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o_graph, lse_graph = triton_backend.forward(call)
+    call.q.copy_(torch.randn_like(call.q))
+    graph.replay()
+    torch.cuda.synchronize()
+    o_ref, lse_ref = reference_forward(call)
+    assert_close_to_reference(o_graph, o_ref, call.dtype, lse_graph, lse_ref)
+
+
+# --- the reads log -------------------------------------------------------------------------------
+
+def counted_reads(spec, call):
+    """(visible keys summed over (b, t, KV head) rows, selected blocks x block_size over the same
+    rows), straight from SPEC.md: a Python loop over rows and sets."""
+    bs = call.block_size
+    indices = call.block_indices.tolist()
+    counts = call.block_counts.tolist() if call.block_counts is not None else None
+    if call.is_varlen:
+        cu_q, cu_k = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
+        seqs = [(cu_q[i], cu_q[i + 1], cu_k[i + 1] - cu_k[i]) for i in range(len(cu_q) - 1)]
+        rows = [(0, t, t - q0 + (tk - (q1 - q0)), tk) for q0, q1, tk in seqs for t in range(q0, q1)]
+    else:
+        rows = [(b, t, call.seqlen_k - call.seqlen_q + t, call.seqlen_k)
+                for b in range(call.batch) for t in range(call.seqlen_q)]
+    visible = selected = 0
+    for b, t, p, tk in rows:
+        for h in range(call.num_heads_kv):
+            limit = counts[b][t][h] if counts is not None else call.block_count_limit
+            chosen = {i for i in indices[b][t][h][:max(limit, 0)] if 0 <= i < math.ceil(tk / bs)}
+            chosen = {i for i in chosen if i * bs <= p}            # blocks with a visible key
+            selected += len(chosen) * bs
+            visible += sum(min(bs, p - i * bs + 1) for i in chosen)
+    return visible, selected
+
+
+def reads_records(caplog):
+    return [r for r in caplog.records if getattr(r, "nsa_event", "").startswith("sel.triton.")]
+
+
+@pytest.mark.parametrize("group", VARIANTS)
+@pytest.mark.parametrize("name", ["G3", "G80_two_tiles", "counts_tensor", "varlen_chunked", "bs4"])
+def test_reads_log(request, monkeypatch, caplog, name, group):
+    device = "cuda" if CUDA else "cpu"
+    if not CUDA:
+        request.getfixturevalue("interpreter")
+    monkeypatch.setenv("NSA_DEBUG_LOG", "1")
+    call = build_call(MATRIX[name], torch.float32, device)
+    with caplog.at_level(logging.INFO, logger="nsa_ext"):
+        run_variant(call, group, monkeypatch)
+    events = {r.nsa_event: r.nsa_fields for r in reads_records(caplog)}
+    assert set(events) == {"sel.triton.launch", "sel.triton.reads"}
+    launch, reads = events["sel.triton.launch"], events["sel.triton.reads"]
+    assert launch["variant"] == ("group" if group else "head")
+    assert launch["G"] == call.group_size
+    visible, selected = counted_reads(MATRIX[name], call)
+    G = call.group_size
+    per_row = math.ceil(G / 64) if group else G
+    assert reads["kv_tokens_read"] == visible * per_row
+    assert reads["sdpa_tokens"] == selected
+    if group and G <= 64:
+        assert reads["kv_tokens_read"] <= reads["sdpa_tokens"]
+
+
+def test_no_records_without_debug(request, monkeypatch, caplog):
+    if not CUDA:
+        request.getfixturevalue("interpreter")
+    monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
+    monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)
+    call = build_call(MATRIX["G1"], torch.float32, "cuda" if CUDA else "cpu")
+    with caplog.at_level(logging.DEBUG, logger="nsa_ext"):
+        run_variant(call, True, monkeypatch)
+    assert not reads_records(caplog)
+
+
+# --- reasons -------------------------------------------------------------------------------------
+
+def small_call(dtype=torch.float16, Dk=64, Dv=None, **over):
+    case = make_case(B=1, TQ=16, HQ=4, H=2, Dk=Dk, Dv=Dv, S=4, block_size=16, dtype=dtype, **over)
+    return describe_call(*case.args(), **case.kwargs(),
+                         allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def test_serves_h100_with_default_settings():
+    assert triton_backend.reasons_unsupported(small_call(), Settings(), H100) == []
+
+
+def test_reasons_name_the_value_and_what_is_allowed():
+    call = small_call()
+    cpu = triton_backend.reasons_unsupported(call, Settings(), CPU)
+    assert any("cpu" in r and "CUDA" in r and "TRITON_INTERPRET" in r for r in cpu)
+    assert triton_backend.reasons_unsupported(call, Settings(triton_interpret=True), CPU) == []
+    assert any("8.0" in r for r in triton_backend.reasons_unsupported(call, Settings(), T4))
+    sm89 = triton_backend.reasons_unsupported(call, Settings(), RTX4090)
+    assert any("ADR-2025-08-M4-02" in r and "NSA_TRITON_SEL_FORCE=1" in r for r in sm89)
+    assert triton_backend.reasons_unsupported(call, Settings(triton_sel_force=True), RTX4090) == []
+    off = triton_backend.reasons_unsupported(call, Settings(use_triton_sel=False), H100)
+    assert any("NSA_USE_TRITON_SEL" in r for r in off)
+    short = triton_backend.reasons_unsupported(call, Settings(sel_triton_min_L=65), H100)
+    assert any("64" in r and "65" in r and "NSA_SEL_TRITON_MIN_L" in r for r in short)
+    assert triton_backend.reasons_unsupported(call, Settings(sel_triton_min_L=64), H100) == []
+    fp64 = triton_backend.reasons_unsupported(small_call(torch.float64), Settings(), H100)
+    assert any("float64" in r and "bfloat16" in r for r in fp64)
+    wide = triton_backend.reasons_unsupported(small_call(Dk=64, Dv=320), Settings(), H100)
+    assert any("Dv=320" in r and "256" in r for r in wide)
+
+
+def test_measured_threshold_for_the_arch_applies():
+    settings = Settings(thresholds={"sm90": {"sel_triton_min_L": 128}})
+    assert any("128" in r for r in triton_backend.reasons_unsupported(small_call(), settings, H100))

@@ -1,0 +1,320 @@
+"""Selection attention, forward: Triton kernels and their launcher.
+
+Two schedules of the same computation (../shared/SPEC.md):
+
+- group-centric (NSA paper, Fig. 3), `selection_fwd_group_kernel`: one program per (query token,
+  KV head, tile of up to 64 of that KV head's G query heads). It loads the tile's query rows
+  [BG, Dk] once, then streams every selected block's K [BS, Dk] and V [BS, Dv] once for all
+  of them: the K/V traffic of a row is paid once per row, not once per query head.
+- per-head, `selection_fwd_head_kernel`: one program per (query token, query head), one query row
+  against the same blocks; K/V are read G times per row (from L2 with luck).
+
+Both read the *canonical* selection (`nsa_ext.selection.canonical_blocks`): each row's set sorted
+ascending, de-duplicated, causally trimmed and -1 padded, with its count `num_blocks`. So a program
+loops over exactly `num_blocks[row]` entries, never reads an index out of bounds, never counts a
+block twice, and every block it visits holds at least one visible key (its first one,
+block * block_size <= pos): the running max of the online softmax is finite after the first chunk,
+so no `-inf - -inf` arises and the loop needs no guard. Inside a block the only mask is the causal
+one, key j visible iff j <= pos; since pos < TK it also keeps every K/V load inside the sequence.
+A block is streamed in chunks of BS keys (BS >= 16 for tl.dot, so a block_size below 16 is padded
+and masked; a large one is cut into block_size / BS chunks, one flat loop the pipeliner can see).
+
+Writes o [B, TQ, HQ, Dv] in q's dtype and lse [B, TQ, HQ] in fp32 (natural log; -inf and o = 0 for
+a row that attends to no key). Accumulation is fp32; scores use exp2 with log2(e) folded into the
+scale. Offsets are 64-bit (program ids and block numbers are widened before any multiply), so K/V
+beyond 2^31 elements are addressed correctly.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernels
+
+# A call with fewer programs than this runs one fixed config instead of autotuning: small
+# launches (decode) are latency-bound anyway, and benchmarking inside a CUDA-graph capture fails.
+LARGE_PROGRAMS = 4096
+DEFAULT_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
+TUNING_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
+
+
+def group_tile(G: int) -> int:
+    """Query heads per group-centric program (the BG heuristic): G padded to 16..64."""
+    return min(64, max(16, triton.next_power_of_2(G)))
+
+
+def _prune(configs, named_args, **kwargs):
+    return configs if kwargs.get("LARGE") else [DEFAULT_CONFIG]
+
+
+def _chunk(args) -> int:
+    """Keys per step: a whole block up to 64 (32 when a head dim needs a 256-wide tile), >= 16."""
+    widest = max(triton.next_power_of_2(args["K"]), triton.next_power_of_2(args["V"]))
+    return max(16, min(args["BLOCK"], 64 if widest <= 128 else 32))
+
+
+_HEURISTICS = {
+    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
+    "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
+    "BS": _chunk,
+    "NC": lambda args: max(1, args["BLOCK"] // _chunk(args)),
+    "IS_VARLEN": lambda args: args["pos"] is not None,
+    # fp32 inputs need full-precision dots to meet SPEC.md's fp32 tolerance (tf32 would not).
+    "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
+}
+
+
+@triton.heuristics({
+    **_HEURISTICS,
+    "BG": lambda args: group_tile(args["G"]),
+    "LARGE": lambda args: args["num_blocks"].numel() >= LARGE_PROGRAMS,
+})
+@triton.autotune(configs=TUNING_CONFIGS, key=["BS", "NC", "BK", "BV", "BG", "LARGE"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["TQ", "TK", "S"])
+def selection_fwd_group_kernel(
+    q, k, v, o, lse,
+    blocks,            # [B, TQ, H, S] int32, canonical rows
+    num_blocks,        # [B, TQ, H] int32
+    pos, k_offset,     # [B, TQ] int64 each (varlen only; None otherwise)
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    qk_scale,          # scale * log2(e)
+    TQ, TK, S,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
+):
+    # Query token fastest: neighbouring programs share block 0 and their own block in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    i_g = tl.program_id(1)
+    i_t = pid % TQ
+    i_bh = pid // TQ
+    i_b = i_bh // H
+    i_h = i_bh % H
+    tok = i_b * TQ + i_t
+    row = tok * H + i_h
+    if IS_VARLEN:
+        p_abs = tl.load(pos + tok)
+        kv_start = tl.load(k_offset + tok)
+    else:
+        p_abs = i_t + TK - TQ
+        kv_start = i_t * 0
+    n = tl.load(num_blocks + row)
+
+    o_g = i_g * BG + tl.arange(0, BG)          # heads within the group
+    m_g = o_g < G
+    heads = i_h * G + o_g
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_s = tl.arange(0, BS)
+
+    # [BG, BK]: padded rows (beyond G) are zeros, harmless in the dots and never stored.
+    p_q = q + i_b * stride_qb + i_t * stride_qt + heads[:, None] * stride_qh + o_k[None, :]
+    b_q = tl.load(p_q, mask=m_g[:, None] & (o_k < K)[None, :], other=0.0)
+
+    k_base = k + i_b * stride_kb + kv_start * stride_kt + i_h * stride_kh
+    v_base = v + i_b * stride_vb + kv_start * stride_vt + i_h * stride_vh
+    row_blocks = blocks + row * S
+
+    m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, BV], dtype=tl.float32)
+    for it in range(n * NC):
+        if NC == 1:
+            blk = tl.load(row_blocks + it).to(tl.int64)
+            o_j = o_s
+        else:
+            blk = tl.load(row_blocks + it // NC).to(tl.int64)
+            o_j = (it % NC) * BS + o_s
+        j = blk * BLOCK + o_j                      # [BS] key positions within the sequence
+        m_j = j <= p_abs
+        if BS > BLOCK:
+            m_j = m_j & (o_j < BLOCK)
+        # [BS, BK], [BS, BV]
+        b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
+                      mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)
+        b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
+                      mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)
+        # [BG, BS]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        b_p = tl.math.exp2(b_s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        # [BG, BV]
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Empty rows: l_i == 0, acc == 0 -> o = 0, lse = -inf.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    b_lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    p_o = o + i_b * stride_ob + i_t * stride_ot + heads[:, None] * stride_oh + o_v[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_g[:, None] & (o_v < V)[None, :])
+    tl.store(lse + tok * (H * G) + heads, b_lse, mask=m_g)
+
+
+@triton.heuristics({
+    **_HEURISTICS,
+    "LARGE": lambda args: args["num_blocks"].numel() * args["G"] >= LARGE_PROGRAMS,
+})
+@triton.autotune(configs=TUNING_CONFIGS, key=["BS", "NC", "BK", "BV", "LARGE"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["TQ", "TK", "S"])
+def selection_fwd_head_kernel(
+    q, k, v, o, lse,
+    blocks, num_blocks, pos, k_offset,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    qk_scale,
+    TQ, TK, S,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
+):
+    # One query row has no 16 rows for tl.dot: scores and the output are row reductions in fp32.
+    pid = tl.program_id(0).to(tl.int64)
+    i_t = pid % TQ
+    i_bhq = pid // TQ
+    i_b = i_bhq // (H * G)
+    i_hq = i_bhq % (H * G)
+    i_h = i_hq // G
+    tok = i_b * TQ + i_t
+    row = tok * H + i_h
+    if IS_VARLEN:
+        p_abs = tl.load(pos + tok)
+        kv_start = tl.load(k_offset + tok)
+    else:
+        p_abs = i_t + TK - TQ
+        kv_start = i_t * 0
+    n = tl.load(num_blocks + row)
+
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_s = tl.arange(0, BS)
+    # [BK]
+    b_q = tl.load(q + i_b * stride_qb + i_t * stride_qt + i_hq * stride_qh + o_k,
+                  mask=o_k < K, other=0.0).to(tl.float32)
+    k_base = k + i_b * stride_kb + kv_start * stride_kt + i_h * stride_kh
+    v_base = v + i_b * stride_vb + kv_start * stride_vt + i_h * stride_vh
+    row_blocks = blocks + row * S
+
+    # The running max and sum are kept as [BS] vectors holding one value, which keeps their
+    # type fixed through the loop (a scalar would start as a Python float).
+    m_i = tl.full([BS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BS], dtype=tl.float32)
+    acc = tl.zeros([BV], dtype=tl.float32)
+    for it in range(n * NC):
+        if NC == 1:
+            blk = tl.load(row_blocks + it).to(tl.int64)
+            o_j = o_s
+        else:
+            blk = tl.load(row_blocks + it // NC).to(tl.int64)
+            o_j = (it % NC) * BS + o_s
+        j = blk * BLOCK + o_j
+        m_j = j <= p_abs
+        if BS > BLOCK:
+            m_j = m_j & (o_j < BLOCK)
+        b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
+                      mask=m_j[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
+                      mask=m_j[:, None] & (o_v < V)[None, :], other=0.0).to(tl.float32)
+        # [BS]
+        b_s = tl.sum(b_k * b_q[None, :], 1) * qk_scale
+        b_s = tl.where(m_j, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 0))
+        alpha = tl.math.exp2(m_i - m_new)
+        b_p = tl.math.exp2(b_s - m_new)
+        l_i = l_i * alpha + tl.sum(b_p, 0)
+        # [BV]
+        acc = acc * tl.max(alpha, 0) + tl.sum(b_p[:, None] * b_v, 0)
+        m_i = m_new
+
+    l_row = tl.max(l_i, 0)
+    m_row = tl.max(m_i, 0)
+    l_safe = tl.where(l_row > 0, l_row, 1.0)
+    b_o = acc / l_safe
+    b_lse = tl.where(l_row > 0, (m_row + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    tl.store(o + i_b * stride_ob + i_t * stride_ot + i_hq * stride_oh + o_v,
+             b_o.to(o.dtype.element_ty), mask=o_v < V)
+    tl.store(lse + tok * (H * G) + i_hq, b_lse)
+
+
+def _python_function(kernel):
+    fn = kernel
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    return fn
+
+
+_interpreted_cache = {}
+
+
+def _interpreted(kernel):
+    """The same kernel run by Triton's CPU interpreter, whatever TRITON_INTERPRET said at import.
+
+    triton.jit picks the interpreter at decoration time from the environment; the tests turn it on
+    for their own calls only, so the interpreted twin is built here on demand, with the same
+    heuristics and a single config (there is nothing to tune on the CPU).
+    """
+    if kernel not in _interpreted_cache:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        values = kernel.values  # the heuristics of the compiled kernel
+        _interpreted_cache[kernel] = triton.heuristics(values)(
+            InterpretedFunction(_python_function(kernel)))
+    return _interpreted_cache[kernel]
+
+
+def selection_fwd(q, k, v, blocks, num_blocks, *, scale: float, block_size: int,
+                  pos=None, k_offset=None, group: bool = True, interpret: bool = False):
+    """Launch one forward kernel. Returns (o, lse, grid).
+
+    q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv] (last dim contiguous, any other strides);
+    blocks [B, TQ, H, S] int32 and num_blocks [B, TQ, H] int32 as `canonical_blocks` makes them;
+    pos, k_offset [B, TQ] int64 for varlen (None: dense, query t at TK - TQ + t, keys from 0).
+    `group` picks the group-centric kernel, else the per-head one.
+    """
+    B, TQ, HQ, Dk = q.shape
+    _, TK, H, Dv = v.shape
+    G = HQ // H
+    S = blocks.shape[-1]
+    blocks = blocks.contiguous()
+    num_blocks = num_blocks.contiguous()
+    if pos is not None:
+        pos = pos.to(torch.int64).contiguous()
+        k_offset = k_offset.to(torch.int64).contiguous()
+    o = torch.empty((B, TQ, HQ, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, TQ, HQ), dtype=torch.float32, device=q.device)
+    kernel = selection_fwd_group_kernel if group else selection_fwd_head_kernel
+    if group:
+        grid = (TQ * B * H, triton.cdiv(G, group_tile(G)))
+    else:
+        grid = (TQ * B * HQ,)
+    if interpret:
+        kernel = _interpreted(kernel)
+    kernel[grid](
+        q, k, v, o, lse, blocks, num_blocks, pos, k_offset,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        scale * LOG2E,
+        TQ, TK, S,
+        H=H, G=G, K=Dk, V=Dv, BLOCK=block_size,
+    )
+    return o, lse, grid
+
+
+__all__ = ["selection_fwd", "selection_fwd_group_kernel", "selection_fwd_head_kernel",
+           "group_tile", "LOG2E"]
