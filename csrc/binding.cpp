@@ -1,0 +1,231 @@
+// The C++ boundary of nsa_ext._C: the operator nsa_ext_cuda::selection_fwd (TORCH_LIBRARY, CUDA
+// implementation below; the fake implementation lives in nsa_ext/_ext.py) and a small pybind11
+// module with the build's facts.
+//
+// torch.ops callers skip the Python validation, so every input is checked here, naming the
+// argument. The operator takes the canonical selection (nsa_ext.selection.canonical_blocks) and
+// the per-token geometry (nsa_ext.selection.row_geometry) that the Python backend computes; it
+// allocates only its outputs, never synchronises with the host and launches one kernel.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "selection_params.h"
+
+namespace nsa_ext {
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), "nsa_ext_cuda::selection_fwd: ", name, " must be a CUDA tensor, got ",
+              t.device());
+  TORCH_CHECK(t.device() == q.device(), "nsa_ext_cuda::selection_fwd: ", name,
+              " must be on q's device (", q.device(), "), got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "nsa_ext_cuda::selection_fwd: ", name,
+              " must be contiguous, got strides ", t.strides());
+}
+
+void check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> expected,
+                 const char* meaning) {
+  bool ok = t.dim() == int64_t(expected.size());
+  for (size_t i = 0; ok && i < expected.size(); ++i) ok = t.size(i) == expected[i];
+  std::string want = "[";
+  for (size_t i = 0; i < expected.size(); ++i)
+    want += (i ? ", " : "") + std::to_string(expected[i]);
+  want += "]";
+  TORCH_CHECK(ok, "nsa_ext_cuda::selection_fwd: ", name, " must have shape ", want, " ", meaning,
+              ", got ", shape_of(t));
+}
+
+bool has_mma_instance(int64_t dk, int64_t dv) {
+#define NSA_EXT_MATCH(DK, DV) \
+  if (dk == DK && dv == DV) return true;
+  NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_MATCH)
+#undef NSA_EXT_MATCH
+  return false;
+}
+
+std::string mma_head_dims() {
+  std::string s;
+#define NSA_EXT_NAME(DK, DV) s += (s.empty() ? "" : ", ") + std::to_string(DK) + "/" + std::to_string(DV);
+  NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_NAME)
+#undef NSA_EXT_NAME
+  return s;
+}
+
+template <ScalarKind kKind>
+cudaError_t launch_mma(const SelectionFwdParams& p, cudaStream_t stream) {
+#define NSA_EXT_LAUNCH(DK, DV) \
+  if (p.head_dim_qk == DK && p.head_dim_v == DV) return launch_selection_fwd_mma<kKind, DK, DV>(p, stream);
+  NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_LAUNCH)
+#undef NSA_EXT_LAUNCH
+  return cudaErrorInvalidValue;   // unreachable: the dims were checked
+}
+
+std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const at::Tensor& blocks,
+                                                      const at::Tensor& num_blocks,
+                                                      const at::Tensor& pos,
+                                                      const at::Tensor& k_offset,
+                                                      int64_t block_size, double scale) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&blocks, "blocks"},
+                         {&num_blocks, "num_blocks"}, {&pos, "pos"}, {&k_offset, "k_offset"}})
+    check_cuda_contiguous(*t, name, q);
+
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "nsa_ext_cuda::selection_fwd: q must be float16, bfloat16 or float32, got ", dtype);
+  TORCH_CHECK(k.scalar_type() == dtype, "nsa_ext_cuda::selection_fwd: k must have q's dtype (",
+              dtype, "), got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == dtype, "nsa_ext_cuda::selection_fwd: v must have q's dtype (",
+              dtype, "), got ", v.scalar_type());
+  TORCH_CHECK(blocks.scalar_type() == at::kInt,
+              "nsa_ext_cuda::selection_fwd: blocks must be int32, got ", blocks.scalar_type());
+  TORCH_CHECK(num_blocks.scalar_type() == at::kInt,
+              "nsa_ext_cuda::selection_fwd: num_blocks must be int32, got ", num_blocks.scalar_type());
+  TORCH_CHECK(pos.scalar_type() == at::kLong,
+              "nsa_ext_cuda::selection_fwd: pos must be int64, got ", pos.scalar_type());
+  TORCH_CHECK(k_offset.scalar_type() == at::kLong,
+              "nsa_ext_cuda::selection_fwd: k_offset must be int64, got ", k_offset.scalar_type());
+
+  TORCH_CHECK(q.dim() == 4, "nsa_ext_cuda::selection_fwd: q must be 4-d [B, TQ, HQ, Dk], got ",
+              shape_of(q));
+  TORCH_CHECK(k.dim() == 4, "nsa_ext_cuda::selection_fwd: k must be 4-d [B, TK, H, Dk], got ",
+              shape_of(k));
+  const int64_t B = q.size(0), TQ = q.size(1), HQ = q.size(2), Dk = q.size(3);
+  const int64_t TK = k.size(1), H = k.size(2);
+  TORCH_CHECK(H > 0 && HQ % H == 0, "nsa_ext_cuda::selection_fwd: q's heads (", HQ,
+              ") must be a multiple of k's heads (", H, ")");
+  check_shape(k, "k", {B, TK, H, Dk}, "[B, TK, H, Dk]");
+  TORCH_CHECK(v.dim() == 4, "nsa_ext_cuda::selection_fwd: v must be 4-d [B, TK, H, Dv], got ",
+              shape_of(v));
+  const int64_t Dv = v.size(3);
+  check_shape(v, "v", {B, TK, H, Dv}, "[B, TK, H, Dv]");
+  TORCH_CHECK(blocks.dim() == 4, "nsa_ext_cuda::selection_fwd: blocks must be 4-d [B, TQ, H, S], got ",
+              shape_of(blocks));
+  const int64_t S = blocks.size(3);
+  check_shape(blocks, "blocks", {B, TQ, H, S}, "[B, TQ, H, S]");
+  check_shape(num_blocks, "num_blocks", {B, TQ, H}, "[B, TQ, H]");
+  check_shape(pos, "pos", {B, TQ}, "[B, TQ]");
+  check_shape(k_offset, "k_offset", {B, TQ}, "[B, TQ]");
+  TORCH_CHECK(block_size >= kMinBlockSize && (block_size & (block_size - 1)) == 0 &&
+                  block_size <= (int64_t(1) << 30),
+              "nsa_ext_cuda::selection_fwd: block_size must be a power of two >= ", kMinBlockSize,
+              ", got ", block_size);
+  if (dtype == at::kFloat) {
+    TORCH_CHECK(Dk <= kFp32MaxHeadDim && Dv <= kFp32MaxHeadDim,
+                "nsa_ext_cuda::selection_fwd: float32 head dims must be <= ", kFp32MaxHeadDim,
+                ", got Dk=", Dk, ", Dv=", Dv);
+  } else {
+    TORCH_CHECK(has_mma_instance(Dk, Dv), "nsa_ext_cuda::selection_fwd: no kernel for Dk=", Dk,
+                ", Dv=", Dv, " in ", dtype, " (built: ", mma_head_dims(), ")");
+  }
+  TORCH_CHECK(B * TQ < (int64_t(1) << 31) && H < 65536 && HQ / H < (int64_t(1) << 20),
+              "nsa_ext_cuda::selection_fwd: grid too large: B*TQ=", B * TQ, ", H=", H);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto o = at::empty({B, TQ, HQ, Dv}, q.options());
+  auto lse = at::empty({B, TQ, HQ}, q.options().dtype(at::kFloat));
+  if (B * TQ == 0 || HQ == 0) return {o, lse};
+
+  SelectionFwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.blocks = blocks.data_ptr<int32_t>();
+  p.num_blocks = num_blocks.data_ptr<int32_t>();
+  p.pos = pos.data_ptr<int64_t>();
+  p.k_offset = k_offset.data_ptr<int64_t>();
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.batch = B;
+  p.seqlen_q = TQ;
+  p.seqlen_k = TK;
+  p.heads_q = HQ;
+  p.heads_kv = H;
+  p.group = HQ / H;
+  p.num_selected = S;
+  p.head_dim_qk = int(Dk);
+  p.head_dim_v = int(Dv);
+  p.block_size = int(block_size);
+  p.scale = float(scale);
+  p.scale_log2 = float(scale * 1.4426950408889634);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  cudaError_t err = cudaSuccess;
+  switch (dtype) {
+    case at::kHalf: err = launch_mma<ScalarKind::kFloat16>(p, stream); break;
+    case at::kBFloat16: err = launch_mma<ScalarKind::kBFloat16>(p, stream); break;
+    default: err = launch_selection_fwd_fp32(p, stream); break;
+  }
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {o, lse};
+}
+
+}  // namespace
+}  // namespace nsa_ext
+
+TORCH_LIBRARY(nsa_ext_cuda, m) {
+  m.def(
+      "selection_fwd(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, Tensor pos, "
+      "Tensor k_offset, int block_size, float scale) -> (Tensor o, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
+  m.impl("selection_fwd", &nsa_ext::selection_fwd_cuda);
+}
+
+namespace {
+
+std::vector<std::string> split_archs(const std::string& text) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= text.size()) {
+    const size_t end = text.find(';', start);
+    const std::string item = text.substr(start, end == std::string::npos ? end : end - start);
+    if (!item.empty()) out.push_back(item);
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nsa_ext's CUDA kernels; the operator is torch.ops.nsa_ext_cuda.selection_fwd";
+  m.def("build_info", []() {
+    pybind11::dict info;
+    info["archs"] = split_archs(NSA_EXT_ARCHS);
+    info["torch_version"] = std::string(NSA_EXT_TORCH_VERSION);
+    info["cuda_version"] =
+        std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
+    std::vector<std::pair<int, int>> dims;
+#define NSA_EXT_PAIR(DK, DV) dims.emplace_back(DK, DV);
+    NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_PAIR)
+#undef NSA_EXT_PAIR
+    info["head_dims"] = dims;
+    info["fp32_max_head_dim"] = nsa_ext::kFp32MaxHeadDim;
+    info["min_block_size"] = nsa_ext::kMinBlockSize;
+    info["dtypes"] = std::vector<std::string>{"float16", "bfloat16", "float32"};
+    info["op"] = std::string("nsa_ext_cuda::selection_fwd");
+    return info;
+  });
+}

@@ -1,0 +1,443 @@
+// Selection-attention forward on tensor cores (fp16/bf16, SM 8.0+).
+//
+// One thread block (4 warps) computes one query token t of batch b for one KV head h: the G query
+// heads of that KV group (rows of Q, padded to a multiple of 16; a large group is cut into
+// several thread blocks of at most 64 rows, blockIdx.z). It loads those rows of Q once into
+// shared memory, then streams the row's selected keys through shared memory in stages of 64
+// keys (K and V, cp.async, double buffered). A stage is four chunks of 16 keys; a chunk is 16
+// consecutive keys of one selected block, so any power-of-two block size >= 16 is a whole number
+// of chunks, and blocks of 16 or 32 keys are gathered four or two to a stage. Warps are laid out
+// WM x WN (WM warps along the query rows, WN along the chunks of a stage); each warp runs its own
+// online softmax (fp32, base 2) over the chunks it takes, with Q·Kᵀ and P·V on mma.sync
+// m16n8k16, and the WN partial results of a row are merged through shared memory at the end.
+// It writes o [Dv] (q's dtype) and lse (fp32, natural log) for each of its valid rows; a row that
+// sees no key gets o = 0 and lse = -inf.
+//
+// Input contract (the Python backend builds it with nsa_ext.selection.canonical_blocks): each
+// row's blocks sorted ascending, de-duplicated, -1 padded, none past the query's own block.
+// Memory safety does not rest on it: every key is loaded only when 0 <= j <= pos and it lies
+// inside k's T axis; others are zero-filled and masked.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "selection_params.h"
+
+namespace nsa_ext {
+namespace mma_kernel {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunkKeys = 16;
+constexpr int kChunksPerStage = 4;
+constexpr int kStageKeys = kChunkKeys * kChunksPerStage;   // 64
+constexpr int kMaxRowsPerCta = 16 * kWarps;                // WM = 4: 64 query rows
+constexpr int kRowPad = 8;   // 16 bytes per smem row: ldmatrix rows fall in distinct banks
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <ScalarKind kKind> struct Element;
+template <> struct Element<ScalarKind::kFloat16> { using type = __half; };
+template <> struct Element<ScalarKind::kBFloat16> { using type = __nv_bfloat16; };
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16 bytes global -> shared; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(ptr)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(ptr)));
+}
+
+// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two 16-bit values, the first in the low half (mma's order).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int kHeadDimQK, int kHeadDimV, int kStages>
+struct SmemLayout {
+  static constexpr int kStrideQK = kHeadDimQK + kRowPad;   // elements per smem row of Q and K
+  static constexpr int kStrideV = kHeadDimV + kRowPad;
+  static constexpr int kStrideO = kHeadDimV + 4;            // fp32 merge buffer
+  // bytes, for a block of `rows` query rows and 16-bit elements
+  static constexpr size_t q_bytes(int rows) { return size_t(rows) * kStrideQK * 2; }
+  static constexpr size_t stage_bytes() {
+    return size_t(kStageKeys) * (kStrideQK + kStrideV) * 2;
+  }
+  static constexpr size_t merge_bytes() {
+    return size_t(kWarps) * 16 * kStrideO * 4 + 2 * size_t(kWarps) * 16 * 4;
+  }
+  static constexpr size_t total_bytes(int rows) {
+    const size_t main = q_bytes(rows) + kStages * stage_bytes();
+    return main > merge_bytes() ? main : merge_bytes();
+  }
+};
+
+// Key index (within the sequence) of the first key of chunk `chunk` of a row, or -1 when past
+// the row's chunks.
+__device__ __forceinline__ int64_t chunk_start(const int32_t* row_blocks, int chunk,
+                                               int total_chunks, int chunks_per_block,
+                                               int block_size) {
+  if (chunk >= total_chunks) return -1;
+  const int64_t block = row_blocks[chunk / chunks_per_block];
+  if (block < 0) return -1;
+  return block * block_size + int64_t(chunk % chunks_per_block) * kChunkKeys;
+}
+
+template <typename T, int kHeadDimQK, int kHeadDimV, int kStages>
+__global__ void __launch_bounds__(kThreads)
+    selection_fwd_mma_kernel(const SelectionFwdParams p, const int warps_m) {
+  using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kStages>;
+  constexpr int kSQK = Layout::kStrideQK;
+  constexpr int kSV = Layout::kStrideV;
+  constexpr int kSegQK = kHeadDimQK / 8;   // 16-byte segments per row
+  constexpr int kSegV = kHeadDimV / 8;
+  constexpr int kStepsQK = kHeadDimQK / 16;
+  constexpr int kTilesV = kHeadDimV / 8;
+  // Q fragments stay in registers for small Dk; for Dk > 128 they are re-read from shared
+  // memory for each chunk, which keeps the accumulators (Dv/2 floats a thread) out of spills.
+  constexpr bool kQInRegs = kHeadDimQK <= 128;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int rows_cta = 16 * warps_m;
+  T* sQ = reinterpret_cast<T*>(smem);                                  // [rows_cta][kSQK]
+  T* sK = reinterpret_cast<T*>(smem + Layout::q_bytes(rows_cta));      // [kStages][64][kSQK]
+  T* sV = sK + kStages * kStageKeys * kSQK;                            // [kStages][64][kSV]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int warps_n = kWarps / warps_m;
+  const int wm = warp % warps_m;
+  const int wn = warp / warps_m;
+
+  const int64_t bt = blockIdx.x;            // b * TQ + t
+  const int h = blockIdx.y;
+  const int64_t b = bt / p.seqlen_q;
+  const int64_t G = p.group;
+  const int64_t g0 = int64_t(blockIdx.z) * rows_cta;   // first group row of this block
+  const int64_t row = bt * p.heads_kv + h;             // selection row
+  const int32_t* row_blocks = p.blocks + row * p.num_selected;
+  const int64_t pos = p.pos[bt];
+  const int64_t k_offset = p.k_offset[bt];
+  const int64_t kv_row0 = b * p.seqlen_k + k_offset;   // row of key 0 of the sequence in [B*TK]
+  const int64_t key_limit = p.seqlen_k - k_offset;     // keys of the tensor from the sequence on
+  const int block_size = p.block_size;
+  const int chunks_per_block = block_size / kChunkKeys;
+
+  const int num_blocks = p.num_blocks[row];
+  int total_chunks = 0;
+  if (num_blocks > 0) {
+    const int64_t last = row_blocks[num_blocks - 1];
+    const int64_t own = pos / block_size;
+    // Only the query's own block (the last one, as the list is sorted) can reach past pos.
+    total_chunks = (num_blocks - 1) * chunks_per_block +
+                   (last == own ? int((pos % block_size) / kChunkKeys) + 1 : chunks_per_block);
+  }
+  const int num_stages = (total_chunks + kChunksPerStage - 1) / kChunksPerStage;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  // Q rows [rows_cta, Dk]: zeros past the group's end.
+  {
+    const T* q_rows = q + (bt * p.heads_q + int64_t(h) * G) * kHeadDimQK;
+    for (int i = tid; i < rows_cta * kSegQK; i += kThreads) {
+      const int r = i / kSegQK, seg = i % kSegQK;
+      const bool valid = g0 + r < G;
+      const T* src = valid ? q_rows + (g0 + r) * kHeadDimQK + seg * 8 : q;
+      cp_async_16(sQ + r * kSQK + seg * 8, src, valid);
+    }
+  }
+
+  // Stage s: chunks 4s .. 4s+3 of the row -> K/V buffer s % kStages, [64 keys][Dk | Dv].
+  auto load_stage = [&](int stage) {
+    T* dK = sK + (stage % kStages) * kStageKeys * kSQK;
+    T* dV = sV + (stage % kStages) * kStageKeys * kSV;
+    int64_t start[kChunksPerStage];
+#pragma unroll
+    for (int c = 0; c < kChunksPerStage; ++c)
+      start[c] = chunk_start(row_blocks, stage * kChunksPerStage + c, total_chunks,
+                             chunks_per_block, block_size);
+#pragma unroll
+    for (int i = 0; i < (kStageKeys * kSegQK) / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      const int r = idx / kSegQK, seg = idx % kSegQK;
+      const int c = r / kChunkKeys;
+      const int64_t s0 = c == 0 ? start[0] : c == 1 ? start[1] : c == 2 ? start[2] : start[3];
+      const int64_t j = s0 + (r % kChunkKeys);
+      const bool valid = s0 >= 0 && j <= pos && j < key_limit;
+      const T* src = valid ? k + ((kv_row0 + j) * p.heads_kv + h) * kHeadDimQK + seg * 8 : k;
+      cp_async_16(dK + r * kSQK + seg * 8, src, valid);
+    }
+#pragma unroll
+    for (int i = 0; i < (kStageKeys * kSegV) / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      const int r = idx / kSegV, seg = idx % kSegV;
+      const int c = r / kChunkKeys;
+      const int64_t s0 = c == 0 ? start[0] : c == 1 ? start[1] : c == 2 ? start[2] : start[3];
+      const int64_t j = s0 + (r % kChunkKeys);
+      const bool valid = s0 >= 0 && j <= pos && j < key_limit;
+      // V rows of masked keys must be zeros, not stale data: P = 0 times NaN is NaN.
+      const T* src = valid ? v + ((kv_row0 + j) * p.heads_kv + h) * kHeadDimV + seg * 8 : v;
+      cp_async_16(dV + r * kSV + seg * 8, src, valid);
+    }
+  };
+
+  // Prologue: Q travels with stage 0; one commit group per stage, empty ones included, so that
+  // wait_group<kStages - 1> always means "stage s has landed".
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_stages) load_stage(s);
+    cp_async_commit();
+  }
+
+  // Per thread: rows lane/4 and lane/4 + 8 of this warp's 16-row tile.
+  float m_row[2] = {-INFINITY, -INFINITY};
+  float l_row[2] = {0.f, 0.f};
+  float acc[kTilesV][4];
+#pragma unroll
+  for (int n = 0; n < kTilesV; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  uint32_t q_frag[kQInRegs ? kStepsQK : 1][4];
+
+  const T* sQ_warp = sQ + (wm * 16) * kSQK;
+  for (int s = 0; s < num_stages; ++s) {
+    if (s + kStages - 1 < num_stages) load_stage(s + kStages - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+    if (kQInRegs && s == 0) {
+#pragma unroll
+      for (int ks = 0; ks < kStepsQK; ++ks)
+        ldmatrix_x4(q_frag[kQInRegs ? ks : 0],
+                    sQ_warp + (lane % 16) * kSQK + ks * 16 + (lane / 16) * 8);
+    }
+    const T* bufK = sK + (s % kStages) * kStageKeys * kSQK;
+    const T* bufV = sV + (s % kStages) * kStageKeys * kSV;
+    for (int c = wn; c < kChunksPerStage; c += warps_n) {
+      const int chunk = s * kChunksPerStage + c;
+      if (chunk >= total_chunks) break;
+      const T* cK = bufK + c * kChunkKeys * kSQK;   // [16 keys][Dk]
+      const T* cV = bufV + c * kChunkKeys * kSV;    // [16 keys][Dv]
+
+      // S [16 rows, 16 keys] = Q Kᵀ: two n8 tiles (keys 0-7, 8-15).
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < kStepsQK; ++ks) {
+        uint32_t a[4];
+        if constexpr (kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
+        } else {
+          ldmatrix_x4(a, sQ_warp + (lane % 16) * kSQK + ks * 16 + (lane / 16) * 8);
+        }
+        uint32_t kb[4];
+        ldmatrix_x4(kb, cK + ((lane % 8) + (lane / 16) * 8) * kSQK + ks * 16 + ((lane / 8) % 2) * 8);
+        mma_16816<T>(sc[0], a, kb[0], kb[1]);
+        mma_16816<T>(sc[1], a, kb[2], kb[3]);
+      }
+
+      // Causal mask inside the chunk (all rows share the query position) and the scale.
+      const int64_t j0 = chunk_start(row_blocks, chunk, total_chunks, chunks_per_block, block_size);
+      float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t j = j0 + nt * 8 + 2 * (lane % 4) + (e & 1);
+          const bool visible = j0 >= 0 && j <= pos && j < key_limit;
+          sc[nt][e] = visible ? sc[nt][e] * p.scale_log2 : -INFINITY;
+          row_max[e / 2] = fmaxf(row_max[e / 2], sc[nt][e]);
+        }
+      }
+      float corr[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
+        row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
+        const float m_new = fmaxf(m_row[i], row_max[i]);
+        // A row with nothing visible yet keeps m = -inf; subtract 0 then, never -inf - -inf.
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        corr[i] = fast_exp2(m_row[i] - m_use);
+        m_row[i] = m_new;
+        row_max[i] = m_use;
+      }
+      float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[nt][e] = fast_exp2(sc[nt][e] - row_max[e / 2]);
+          row_sum[e / 2] += sc[nt][e];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) l_row[i] = l_row[i] * corr[i] + row_sum[i];
+#pragma unroll
+      for (int n = 0; n < kTilesV; ++n) {
+        acc[n][0] *= corr[0];
+        acc[n][1] *= corr[0];
+        acc[n][2] *= corr[1];
+        acc[n][3] *= corr[1];
+      }
+      // P as the A operand (16 rows x 16 keys): the accumulator layout of the two n8 tiles.
+      uint32_t pa[4];
+      pa[0] = pack2<T>(sc[0][0], sc[0][1]);
+      pa[1] = pack2<T>(sc[0][2], sc[0][3]);
+      pa[2] = pack2<T>(sc[1][0], sc[1][1]);
+      pa[3] = pack2<T>(sc[1][2], sc[1][3]);
+      // O [16 rows, Dv] += P V, V [16 keys][Dv] read transposed, two n8 tiles per ldmatrix.
+#pragma unroll
+      for (int nd = 0; nd < kHeadDimV / 16; ++nd) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, cV + (lane % 16) * kSV + nd * 16 + (lane / 16) * 8);
+        mma_16816<T>(acc[2 * nd], pa, vb[0], vb[1]);
+        mma_16816<T>(acc[2 * nd + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the WN partial results of each row through shared memory (the K/V buffers are free).
+  constexpr int kSO = Layout::kStrideO;
+  float* sO = reinterpret_cast<float*>(smem);            // [kWarps][16][kSO]
+  float* sM = sO + kWarps * 16 * kSO;                     // [kWarps][16]
+  float* sL = sM + kWarps * 16;                           // [kWarps][16]
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 1);
+    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 2);
+  }
+  {
+    const int r = lane / 4;
+    float* o_warp = sO + warp * 16 * kSO;
+#pragma unroll
+    for (int n = 0; n < kTilesV; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+      o_warp[r * kSO + col] = acc[n][0];
+      o_warp[r * kSO + col + 1] = acc[n][1];
+      o_warp[(r + 8) * kSO + col] = acc[n][2];
+      o_warp[(r + 8) * kSO + col + 1] = acc[n][3];
+    }
+    if (lane % 4 == 0) {
+      sM[warp * 16 + r] = m_row[0];
+      sM[warp * 16 + r + 8] = m_row[1];
+      sL[warp * 16 + r] = l_row[0];
+      sL[warp * 16 + r + 8] = l_row[1];
+    }
+  }
+  __syncthreads();
+
+  T* o = static_cast<T*>(p.o);
+  for (int i = tid; i < rows_cta * (kHeadDimV / 2); i += kThreads) {
+    const int r = i / (kHeadDimV / 2);
+    const int col = 2 * (i % (kHeadDimV / 2));
+    const int64_t g = g0 + r;
+    if (g >= G) continue;
+    const int rw = r / 16, rr = r % 16;   // warp row, row within the warp's tile
+    float m_max = -INFINITY;
+    for (int n = 0; n < warps_n; ++n) m_max = fmaxf(m_max, sM[(rw + n * warps_m) * 16 + rr]);
+    float l_sum = 0.f, o0 = 0.f, o1 = 0.f;
+    if (m_max != -INFINITY) {
+      for (int n = 0; n < warps_n; ++n) {
+        const int w = rw + n * warps_m;
+        const float m_w = sM[w * 16 + rr];
+        if (m_w == -INFINITY) continue;
+        const float f = fast_exp2(m_w - m_max);
+        l_sum += sL[w * 16 + rr] * f;
+        o0 += sO[(w * 16 + rr) * kSO + col] * f;
+        o1 += sO[(w * 16 + rr) * kSO + col + 1] * f;
+      }
+    }
+    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+    const int64_t out_row = bt * p.heads_q + int64_t(h) * G + g;
+    *reinterpret_cast<uint32_t*>(o + out_row * kHeadDimV + col) = pack2<T>(o0 * inv, o1 * inv);
+    if (col == 0)
+      p.lse[out_row] = l_sum > 0.f ? m_max * kLn2 + logf(l_sum) : -INFINITY;
+  }
+}
+
+}  // namespace mma_kernel
+
+template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
+cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& p, cudaStream_t stream) {
+  using T = typename mma_kernel::Element<kKind>::type;
+  // Two stages: 2 x 64 keys x (Dk + Dv) stays small enough for 2-3 blocks per SM at Dk = 128.
+  constexpr int kStages = 2;
+  using Layout = mma_kernel::SmemLayout<kHeadDimQK, kHeadDimV, kStages>;
+  static_assert(kHeadDimQK % 16 == 0 && kHeadDimV % 16 == 0, "head dims: multiples of 16");
+  const int warps_m = p.group <= 16 ? 1 : p.group <= 32 ? 2 : 4;
+  const int rows_cta = 16 * warps_m;
+  const size_t smem = Layout::total_bytes(rows_cta);
+  auto kernel = mma_kernel::selection_fwd_mma_kernel<T, kHeadDimQK, kHeadDimV, kStages>;
+  if (smem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv),
+                  unsigned((p.group + rows_cta - 1) / rows_cta));
+  kernel<<<grid, mma_kernel::kThreads, smem, stream>>>(p, warps_m);
+  return cudaGetLastError();
+}
+
+}  // namespace nsa_ext
