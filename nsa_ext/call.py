@@ -124,11 +124,14 @@ def _check_tensor(name: str, t) -> None:
 
 
 def _is_tracing(t: torch.Tensor) -> bool:
-    # Under torch.compile (fake tensors) the values of cu_seqlens are not known; their checks
-    # run eagerly only, inside the operator.
+    """True where the values of cu_seqlens cannot or must not be read: under torch.compile
+    (fake tensors), and during CUDA-graph capture (reading them would synchronise). Their
+    checks then run only in eager calls."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return torch.compiler.is_compiling() or isinstance(t, FakeTensor) or t.device.type == "meta"
+    if torch.compiler.is_compiling() or isinstance(t, FakeTensor) or t.device.type == "meta":
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: int) -> None:
