@@ -1,0 +1,774 @@
+"""Selection attention on this machine: every nsa_ext backend beside the public alternatives,
+all measured in the same run.
+
+    python bench/bench_selection.py                 # the default set (GPU: one run, < 8 minutes)
+    python bench/bench_selection.py --quick         # a few cases
+    python bench/bench_selection.py --cases prefill,decode --patterns random --out /tmp/b
+    python bench/bench_selection.py --full          # more sizes (G = 3, 6, 16; T = 128k; ...)
+
+Rows of each case (bf16 on a GPU):
+  nsa:cuda, nsa:triton-group, nsa:triton-head, nsa:sdpa
+        nsa_ext.selection_attention(..., backend=NAME); the Triton variant through
+        NSA_SEL_TRITON_GROUP=1/0. The per-architecture thresholds are set to 0 for these rows
+        (NSA_SEL_TRITON_MIN_L=0, NSA_SEL_CUDA_MIN_L=0) so a named backend is measured wherever it
+        can run; the case line says what backend="auto" would pick with the configured thresholds.
+        A backend that cannot serve the case shows "n/a: <its reasons from nsa_ext.explain>".
+  fla   fla-core's fla.ops.nsa.parallel.parallel_nsa_fwd (training: parallel_nsa with autograd,
+        its fused backward); "n/a" when fla-core is not installed.
+  dense:cudnn, dense:flash
+        dense causal torch SDPA (enable_gqa) under sdpa_kernel(CUDNN_ATTENTION / FLASH_ATTENTION):
+        the full attention NSA's selection branch replaces. Its TFLOP/s count its own dense pairs.
+  flex  FlexAttention with a mask_mod that looks each key's block up in a dense [B, H, TQ, NB] bool
+        membership table (causal too). The BlockMask is built from each 64-query tile's union of
+        selected blocks (BlockMask.from_kv_blocks); building the table and the BlockMask is
+        EXCLUDED from the time and reported in the row's note (mask build ms).
+  floor/row, floor/tile
+        the bench's own Triton kernel that only reads the selected K/V blocks: once per
+        (query, KV head) row, and once per tile of 64 neighbouring queries counting each distinct
+        block once; no arithmetic beyond a sum into a tiny output. Every row's time is also shown
+        as a multiple of these floors.
+
+Columns: ms (median, triton.testing.do_bench: warm-up, L2 flushed before each call; small cases
+rotate several input sets), TFLOP/s on attended pairs (2 * (Dk + Dv) per (query head, key) pair,
+= 4 * D * pairs; a training step counts 3.5x: backward = 2.5x forward, FlashAttention's
+convention), GB/s of gathered K/V (the row-wise bytes: every row reading its selected blocks; the
+tile floor shows its own bytes), time / fla's, time / each floor, peak extra memory
+(torch.cuda.max_memory_allocated over one call, minus what was allocated before it).
+
+On a CPU it runs a small honest version: packed SDPA, the fp32 reference and dense SDPA on small
+shapes (Triton, in the interpreter, only with --triton-interpret), and says it is a CPU run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.common import Shape, Work, environ, fmt_tokens, short_error  # noqa: E402
+
+CASE_GROUPS = ("prefill", "groups", "dk192", "decode", "chunked", "train")
+NSA_ROWS = ("nsa:cuda", "nsa:triton-group", "nsa:triton-head", "nsa:sdpa")
+ANCHOR_ROWS = ("fla", "dense:cudnn", "dense:flash", "flex")
+FLOOR_ROWS = ("floor/row", "floor/tile")
+# Measured in this order (floors and fla first, so the ratios exist), printed in ROW_ORDER.
+ROW_ORDER = NSA_ROWS + ("nsa:reference",) + ANCHOR_ROWS + ("dense:cpu",) + FLOOR_ROWS
+MEASURE_ORDER = FLOOR_ROWS + ("fla",) + NSA_ROWS + ("nsa:reference", "dense:cudnn", "dense:flash",
+                                                     "dense:cpu", "flex")
+THRESHOLD_ENV = {"NSA_SEL_TRITON_MIN_L": "0", "NSA_SEL_CUDA_MIN_L": "0"}
+
+
+class NotApplicable(Exception):
+    """This row cannot run for this case; the message says why."""
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    group: str
+    label: str
+    shape: Shape
+    train: bool = False
+    x: int = 0                    # abscissa for the plot (T)
+
+
+@dataclass
+class Row:
+    case: str
+    group: str
+    pattern: str
+    backend: str
+    mode: str                     # "fwd" or "fwd+bwd"
+    status: str = "ok"            # ok | n/a | error | skipped
+    ms: Optional[float] = None
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    vs_fla: Optional[float] = None
+    x_floor_row: Optional[float] = None
+    x_floor_tile: Optional[float] = None
+    peak_mib: Optional[float] = None
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+
+def _prefill_shape(T, HQ=64, H=4, D=128, S=16, Dv=None, B=1):
+    return Shape(B=B, TQ=T, TK=T, HQ=HQ, H=H, Dk=D, Dv=Dv or D, S=S)
+
+
+def gpu_cases(full: bool, quick: bool) -> List[CaseSpec]:
+    k = 1024
+    cases: List[CaseSpec] = []
+    if quick:
+        return [
+            CaseSpec("prefill", "prefill T=8k", _prefill_shape(8 * k), x=8 * k),
+            CaseSpec("prefill", "prefill T=32k", _prefill_shape(32 * k), x=32 * k),
+            CaseSpec("groups", "G=4 T=32k", _prefill_shape(32 * k, HQ=16), x=32 * k),
+            CaseSpec("decode", "decode B=1 TK=64k", Shape(1, 1, 64 * k, 64, 4, 128, 128, 16), x=64 * k),
+            CaseSpec("decode", "decode B=128 TK=8k", Shape(128, 1, 8 * k, 64, 4, 128, 128, 16), x=8 * k),
+            CaseSpec("train", "train T=8k", _prefill_shape(8 * k), train=True, x=8 * k),
+        ]
+    for T in (8, 16, 32, 64) + ((128,) if full else ()):
+        cases.append(CaseSpec("prefill", f"prefill T={T}k", _prefill_shape(T * k), x=T * k))
+    for G in ((1, 2, 3, 4, 6, 8, 16) if full else (1, 2, 4, 8)):
+        cases.append(CaseSpec("groups", f"G={G} T=32k", _prefill_shape(32 * k, HQ=4 * G), x=32 * k))
+    cases.append(CaseSpec("dk192", "Dk=192 Dv=128 T=32k", _prefill_shape(32 * k, D=192, Dv=128), x=32 * k))
+    decode_b = (1, 8, 32, 128) if full else (1, 32, 128)
+    for TK in (8, 64):
+        for B in decode_b:
+            cases.append(CaseSpec("decode", f"decode B={B} TK={TK}k",
+                                  Shape(B, 1, TK * k, 64, 4, 128, 128, 16), x=TK * k))
+    cases.append(CaseSpec("chunked", "chunk TQ=512 TK=32k", Shape(1, 512, 32 * k, 64, 4, 128, 128, 16), x=32 * k))
+    for T in (8, 32) + ((64,) if full else ()):
+        cases.append(CaseSpec("train", f"train T={T}k", _prefill_shape(T * k), train=True, x=T * k))
+    return cases
+
+
+def cpu_cases(full: bool, quick: bool) -> List[CaseSpec]:
+    """Small shapes: the whole default CPU run stays well under 2 minutes on 2 cores."""
+    def pre(T, HQ=16, H=2, D=64, Dv=None):
+        return Shape(1, T, T, HQ, H, D, Dv or D, 8)
+
+    if quick:
+        return [CaseSpec("prefill", "prefill T=512", pre(512), x=512),
+                CaseSpec("decode", "decode B=4 TK=2048", Shape(4, 1, 2048, 16, 2, 64, 64, 8), x=2048)]
+    cases = [CaseSpec("prefill", f"prefill T={T}", pre(T), x=T) for T in (256, 512, 1024)]
+    cases += [CaseSpec("groups", f"G={G} T=512", pre(512, HQ=2 * G), x=512) for G in (1, 4)]
+    cases.append(CaseSpec("dk192", "Dk=96 Dv=64 T=512", pre(512, D=96, Dv=64), x=512))
+    cases += [CaseSpec("decode", f"decode B={B} TK=2048", Shape(B, 1, 2048, 16, 2, 64, 64, 8), x=2048)
+              for B in (1, 8)]
+    cases.append(CaseSpec("chunked", "chunk TQ=128 TK=1024", Shape(1, 128, 1024, 16, 2, 64, 64, 8), x=1024))
+    cases.append(CaseSpec("train", "train T=256", pre(256), train=True, x=256))
+    return cases
+
+
+def rows_for(case: CaseSpec, device: torch.device) -> List[str]:
+    """Every row of a case; those that cannot run here say so as "n/a" (cheaply)."""
+    rows = list(NSA_ROWS) + ["fla", "dense:cudnn", "dense:flash"]
+    if device.type != "cuda":
+        rows += ["nsa:reference", "dense:cpu"]
+    if case.train:
+        rows.remove("dense:flash")
+    else:
+        rows += ["flex"] + list(FLOOR_ROWS)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Row builders: each returns (callable, grad_to_none, note) for one input set
+
+@dataclass
+class InputSet:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    block_indices: torch.Tensor
+    unions: torch.Tensor
+    grad_out: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Context:
+    case: CaseSpec
+    pattern: str
+    device: torch.device
+    dtype: torch.dtype
+    sets: List[InputSet]
+    work: Work
+    scale: float
+    cache: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> Shape:
+        return self.case.shape
+
+
+def _nsa_decision_reason(s: InputSet, ctx: Context, backend: str) -> Optional[str]:
+    import nsa_ext
+
+    try:
+        decision = nsa_ext.explain(s.q, s.k, s.v, s.block_indices, ctx.shape.block_size, backend=backend)
+    except Exception as err:  # invalid arguments would be a bench bug: show it
+        return f"explain raised {short_error(err)}"
+    chosen = getattr(decision, "chosen", None)
+    if chosen:
+        return None
+    reasons = getattr(decision, "reasons", None)
+    if isinstance(reasons, dict):
+        why = reasons.get(backend) or [r for rs in reasons.values() for r in (rs or [])]
+        return "; ".join(str(r) for r in why) or "no reason given"
+    return str(decision).splitlines()[-1] if decision is not None else "no backend"
+
+
+def build_nsa(ctx: Context, s: InputSet, backend: str):
+    import nsa_ext
+
+    reason = _nsa_decision_reason(s, ctx, backend)
+    if reason:
+        raise NotApplicable(reason)
+    bs = ctx.shape.block_size
+    if not ctx.case.train:
+        return (lambda: nsa_ext.selection_attention(s.q, s.k, s.v, s.block_indices, bs, backend=backend)), None
+
+    def step():
+        o = nsa_ext.selection_attention(s.q, s.k, s.v, s.block_indices, bs, backend=backend)
+        o.backward(s.grad_out)
+        return o
+
+    return step, [s.q, s.k, s.v]
+
+
+def _fla():
+    if not torch.cuda.is_available():
+        raise NotApplicable("fla-core's kernels need CUDA")
+    try:
+        from fla.ops.nsa import parallel as fla_parallel
+    except Exception as err:
+        raise NotApplicable(f"fla-core not importable ({short_error(err, 80)}); pip install fla-core")
+    return fla_parallel
+
+
+def build_fla(ctx: Context, s: InputSet):
+    fla_parallel = _fla()
+    sh = ctx.shape
+    if not ctx.case.train:
+        return (lambda: fla_parallel.parallel_nsa_fwd(s.q, s.k, s.v, s.block_indices, sh.S,
+                                                       sh.block_size, ctx.scale)), None
+
+    def step():
+        o = fla_parallel.parallel_nsa(s.q, s.k, s.v, block_indices=s.block_indices, block_counts=sh.S,
+                                      block_size=sh.block_size, scale=ctx.scale)
+        o.backward(s.grad_out)
+        return o
+
+    return step, [s.q, s.k, s.v]
+
+
+def _dense_mask_args(sh: Shape):
+    if sh.TQ == sh.TK:
+        return {"is_causal": True}
+    if sh.TQ == 1:
+        return {}                       # the last query sees every key
+    from torch.nn.attention.bias import causal_lower_right
+
+    return {"attn_mask": causal_lower_right(sh.TQ, sh.TK)}
+
+
+def build_dense(ctx: Context, s: InputSet, kernel: Optional[str]):
+    import torch.nn.functional as F
+
+    sh = ctx.shape
+    mask = _dense_mask_args(sh)
+    q, k, v = (t.transpose(1, 2) for t in (s.q, s.k, s.v))   # [B, heads, T, D] views, no copy
+    if kernel is None:
+        context = contextlib.nullcontext
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kernel]
+
+        def context():
+            return sdpa_kernel(backend)
+
+    def attend():
+        with context():
+            return F.scaled_dot_product_attention(q, k, v, scale=ctx.scale, enable_gqa=True, **mask)
+
+    if not ctx.case.train:
+        return attend, None
+
+    def step():
+        o = attend()
+        o.backward(s.grad_out.transpose(1, 2))
+        return o
+
+    return step, [s.q, s.k, s.v]
+
+
+_FLEX = {}
+
+
+def build_flex(ctx: Context, s: InputSet):
+    if ctx.device.type != "cuda":
+        raise NotApplicable("run on CUDA only here (CPU flex compiles C++ for minutes)")
+    if ctx.case.train:
+        raise NotApplicable("not in this bench's training rows")
+    if ctx.shape.TQ < 64:
+        raise NotApplicable("decode: not measured (flex's decoding kernel compiles per shape)")
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError as err:
+        raise NotApplicable(f"FlexAttention not in this torch ({err})")
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention)
+    flex = _FLEX["compiled"]
+    sh = ctx.shape
+    bs, G, offset = sh.block_size, sh.G, sh.TK - sh.TQ
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    # Membership table [B, H, TQ, NB]: what a PyTorch user's mask_mod looks up.
+    member = torch.zeros(sh.B, sh.TQ, sh.H, sh.num_kv_blocks + 1, dtype=torch.bool, device=ctx.device)
+    idx = s.block_indices.to(torch.int64)
+    member.scatter_(3, torch.where(idx >= 0, idx, sh.num_kv_blocks), True)
+    member = member[..., :sh.num_kv_blocks].permute(0, 2, 1, 3).contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return member[b, h // G, q_idx, kv_idx // bs] & (kv_idx <= q_idx + offset)
+
+    # BlockMask from the union of each 64-query tile's blocks (all partial: mask_mod decides).
+    unions = s.unions.permute(0, 2, 1, 3)                                  # [B, H, tiles, U]
+    counts = (unions >= 0).sum(-1).to(torch.int32)
+    kv_indices = torch.where(unions >= 0, unions, 0).to(torch.int32)
+    counts = counts.repeat_interleave(G, dim=1).contiguous()              # [B, HQ, tiles]
+    kv_indices = kv_indices.repeat_interleave(G, dim=1).contiguous()      # [B, HQ, tiles, U]
+    kwargs = {}
+    try:
+        import inspect
+
+        if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+            kwargs["seq_lengths"] = (sh.TQ, sh.TK)
+    except (TypeError, ValueError):
+        pass
+    block_mask = BlockMask.from_kv_blocks(counts, kv_indices, BLOCK_SIZE=(common.TILE, bs),
+                                          mask_mod=mask_mod, **kwargs)
+    torch.cuda.synchronize()
+    build_ms = (time.perf_counter() - start) * 1e3
+    q, k, v = (t.transpose(1, 2) for t in (s.q, s.k, s.v))
+    options = {"BLOCK_M": common.TILE, "BLOCK_N": bs}
+
+    def attend():
+        return flex(q, k, v, block_mask=block_mask, scale=ctx.scale, enable_gqa=True,
+                    kernel_options=options)
+
+    ctx.cache["flex_build_ms"] = build_ms
+    return attend, None
+
+
+def build_floor(ctx: Context, s: InputSet, which: str):
+    if ctx.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NotApplicable("the floor kernel is Triton: CUDA, or --triton-interpret")
+    lists = s.block_indices if which == "row" else s.unions
+    return common.gather_floor_fn(s.k, s.v, lists, ctx.shape.block_size), None
+
+
+def build(ctx: Context, s: InputSet, name: str):
+    if name.startswith("nsa:"):
+        backend = name.split(":", 1)[1]
+        backend = "triton" if backend.startswith("triton") else backend
+        return build_nsa(ctx, s, backend)
+    if name == "fla":
+        return build_fla(ctx, s)
+    if name.startswith("dense:"):
+        kernel = name.split(":", 1)[1]
+        if kernel != "cpu" and ctx.device.type != "cuda":
+            raise NotApplicable("needs CUDA")
+        return build_dense(ctx, s, None if kernel == "cpu" else kernel)
+    if name == "flex":
+        return build_flex(ctx, s)
+    if name.startswith("floor/"):
+        return build_floor(ctx, s, name.split("/", 1)[1])
+    raise ValueError(name)
+
+
+def row_env(name: str) -> Dict[str, Optional[str]]:
+    env = dict(THRESHOLD_ENV)
+    if name == "nsa:triton-group":
+        env["NSA_SEL_TRITON_GROUP"] = "1"
+    elif name == "nsa:triton-head":
+        env["NSA_SEL_TRITON_GROUP"] = "0"
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a case
+
+def make_context(case: CaseSpec, pattern: str, device, dtype, seed: int) -> Context:
+    sh = case.shape
+    elem = torch.tensor([], dtype=dtype).element_size()
+    input_bytes = elem * (sh.B * sh.TQ * sh.HQ * sh.Dk + sh.B * sh.TK * sh.H * (sh.Dk + sh.Dv)) + \
+        4 * sh.B * sh.TQ * sh.H * sh.S
+    num_sets = 1 if case.train else common.rotation_sets(input_bytes, device)
+    sets = []
+    for i in range(num_sets):
+        block_indices = common.make_block_indices(sh, pattern, device=device, seed=seed + 7919 * i)
+        unions = common.tile_unions(block_indices)
+        q, k, v = common.make_qkv(sh, dtype, device, seed=seed + 7919 * i, requires_grad=case.train)
+        grad_out = None
+        if case.train:
+            g = torch.Generator(device=device)
+            g.manual_seed(seed + 13)
+            grad_out = torch.randn(sh.B, sh.TQ, sh.HQ, sh.Dv, device=device, generator=g).to(dtype)
+        sets.append(InputSet(q, k, v, block_indices, unions, grad_out))
+    work = common.measure_work(sh, sets[0].block_indices, sets[0].unions, elem)
+    return Context(case, pattern, torch.device(device), dtype, sets, work, sh.Dk ** -0.5)
+
+
+def auto_choice(ctx: Context, original_env: Dict[str, Optional[str]]) -> str:
+    try:
+        import nsa_ext
+
+        s = ctx.sets[0]
+        with environ(**original_env):
+            decision = nsa_ext.explain(s.q, s.k, s.v, s.block_indices, ctx.shape.block_size)
+        return str(getattr(decision, "chosen", None) or "none")
+    except Exception as err:
+        return f"unknown ({short_error(err, 60)})"
+
+
+def measure_row(ctx: Context, name: str, timer: common.Timer) -> Row:
+    mode = "fwd+bwd" if ctx.case.train else "fwd"
+    row = Row(ctx.case.label, ctx.case.group, ctx.pattern, name, mode)
+    try:
+        with environ(**row_env(name)):
+            fns, grads = [], []
+            for s in ctx.sets:
+                fn, grad_to_none = build(ctx, s, name)
+                fns.append(fn)
+                grads.extend(grad_to_none or [])
+            fn = common.cycle(fns)
+            for f in fns:          # compile / autotune every set before timing (not timed)
+                f()
+            if grads:
+                for t in grads:
+                    t.grad = None
+            row.ms = timer(fn, grad_to_none=grads or None)
+            row.peak_mib = common.peak_extra_mib(fns[0], ctx.device)
+    except NotApplicable as err:
+        row.status, row.note = "n/a", str(err)
+    except torch.cuda.OutOfMemoryError as err:
+        row.status, row.note = "n/a", "out of memory: " + short_error(err, 100)
+    except Exception as err:
+        row.status, row.note = "error", short_error(err)
+    finally:
+        for s in ctx.sets:
+            for t in (s.q, s.k, s.v):
+                t.grad = None
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if name == "flex" and "flex_build_ms" in ctx.cache and row.status == "ok":
+        row.note = f"mask build {ctx.cache['flex_build_ms']:.1f} ms (excluded)"
+    return row
+
+
+def fill_metrics(rows: List[Row], ctx: Context) -> None:
+    by_name = {r.backend: r for r in rows if r.status == "ok" and r.ms}
+    sh = ctx.shape
+    fla = by_name.get("fla")
+    floor_row, floor_tile = by_name.get("floor/row"), by_name.get("floor/tile")
+    for r in rows:
+        if r.status != "ok" or not r.ms:
+            continue
+        seconds = r.ms * 1e-3
+        dense = r.backend.startswith("dense:")
+        r.tflops = ctx.work.flops(sh.Dk, sh.Dv, dense=dense, backward=ctx.case.train) / seconds / 1e12
+        if not dense:
+            nbytes = ctx.work.tile_bytes if r.backend == "floor/tile" else ctx.work.row_bytes
+            r.gbps = nbytes / seconds / 1e9
+        if fla is not None:
+            r.vs_fla = r.ms / fla.ms
+        if floor_row is not None:
+            r.x_floor_row = r.ms / floor_row.ms
+        if floor_tile is not None:
+            r.x_floor_tile = r.ms / floor_tile.ms
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+def _num(value, fmt) -> str:
+    if value is None:
+        width = "".join(ch for ch in fmt.split(".")[0] if ch.isdigit())
+        return "-".rjust(int(width or 1))
+    return format(value, fmt)
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def case_line(ctx: Context, auto: str) -> str:
+    sh, w = ctx.shape, ctx.work
+    return (f"== {ctx.case.label} | {ctx.pattern} | B={sh.B} TQ={sh.TQ} TK={sh.TK} HQ={sh.HQ} H={sh.H} "
+            f"G={sh.G} Dk={sh.Dk} Dv={sh.Dv} S={sh.S}x{sh.block_size} | pairs {_si(w.pairs)}, "
+            f"K/V read per row {_si(w.row_bytes)}B, per tile {_si(w.tile_bytes)}B "
+            f"(union {w.mean_union:.1f} blocks) | sets {len(ctx.sets)} | auto -> {auto}")
+
+
+HEADER_COLS = (f"{'backend':<17}{'mode':<8}{'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'vs fla':>7} "
+               f"{'x fl/row':>8} {'x fl/tile':>9} {'peak MiB':>8}  note")
+
+
+def format_row(r: Row) -> str:
+    if r.status != "ok":
+        return f"{r.backend:<17}{r.mode:<8}{r.status + ': ' + r.note}"
+    return (f"{r.backend:<17}{r.mode:<8}{_num(r.ms, '10.4f')} {_num(r.tflops, '8.3g')} "
+            f"{_num(r.gbps, '8.4g')} {_num(r.vs_fla, '7.2f')} {_num(r.x_floor_row, '8.2f')} "
+            f"{_num(r.x_floor_tile, '9.2f')} {_num(r.peak_mib, '8.0f')}  {r.note}".rstrip())
+
+
+def header_text(env: Dict[str, object], copy_bw, args, device) -> str:
+    lines = []
+    kind = "GPU" if device.type == "cuda" else "CPU"
+    if device.type == "cuda":
+        lines.append(f"nsa_ext selection bench -- GPU run: {env.get('gpu')} (SM {env.get('sm')}, "
+                     f"{env.get('sm_count')} SMs, {env.get('gpu_memory_gib')} GiB, L2 {env.get('l2_mib')} MiB, "
+                     f"driver {env.get('driver')})")
+    else:
+        lines.append(f"nsa_ext selection bench -- CPU run (no CUDA GPU): {env.get('cpu')}, "
+                     f"{env.get('cpu_threads')} threads. Small shapes; NOT a GPU performance number.")
+    lines.append(f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}, cuDNN {env.get('cudnn', '-')}), "
+                 f"Triton {env.get('triton')}, nsa_ext {env.get('nsa_ext')} (git {env.get('git_commit')}), "
+                 f"fla-core {env.get('fla_core')}, Python {env.get('python')}, {env.get('date_utc')}")
+    ext = env.get("nsa_ext_cuda_extension")
+    if isinstance(ext, dict):
+        built = "built" if ext.get("built") else f"not built ({ext.get('reason', '?')})"
+        extra = {k: v for k, v in ext.items() if k not in ("built", "reason")}
+        lines.append(f"CUDA extension: {built}" + (f" {extra}" if extra else ""))
+    if copy_bw:
+        lines.append(f"{kind} copy bandwidth: {copy_bw['gbps']:.0f} GB/s (read+write; "
+                     f"{copy_bw['bytes'] / (1 << 20):.0f} MiB copied in {copy_bw['ms']:.3f} ms)")
+    lines.append(f"dtype {str(args.dtype).replace('torch.', '')}; timing: "
+                 + ("triton.testing.do_bench median (L2 flushed per call)" if device.type == "cuda"
+                    else "perf_counter median") + f"; thresholds forced to 0 for named backends "
+                 f"({', '.join(f'{k}={v}' for k, v in THRESHOLD_ENV.items())}); flex: mask build excluded")
+    return "\n".join(lines)
+
+
+def summary_text(rows: List[Row], contexts: List[tuple]) -> str:
+    names = [n for n in ROW_ORDER if any(r.backend == n for r in rows)]
+    short = {"nsa:triton-group": "trit-grp", "nsa:triton-head": "trit-head", "nsa:reference": "ref",
+             "dense:cudnn": "cudnn", "dense:flash": "flash", "dense:cpu": "dense", "floor/row": "fl/row",
+             "floor/tile": "fl/tile"}
+    head = f"{'case':<22}{'pattern':<10}" + "".join(f"{short.get(n, n.replace('nsa:', '')):>10}" for n in names)
+    lines = ["summary: ms per row (n/a, error, skipped: -)", head]
+    for label, pattern in contexts:
+        cells = []
+        for n in names:
+            match = [r for r in rows if r.case == label and r.pattern == pattern and r.backend == n]
+            cells.append(_num(match[0].ms, "10.3f") if match and match[0].status == "ok" else f"{'-':>10}")
+        lines.append(f"{label:<22}{pattern:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: List[Row]) -> None:
+    fields = list(Row.__dataclass_fields__)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: getattr(r, k) for k in fields})
+
+
+def write_plot(path: Path, rows: List[Row], cases: List[CaseSpec], env) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    x_of = {c.label: c.x for c in cases}
+    groups = [("prefill", p) for p in common.PATTERNS] + [("train", "random")]
+    panels = [(g, p) for g, p in groups
+              if any(r.group == g and r.pattern == p and r.status == "ok" for r in rows)]
+    if not panels:
+        return "no timed prefill rows: no plot"
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (group, pattern) in zip(axes[0], panels):
+        for name in ROW_ORDER:
+            pts = sorted((x_of[r.case], r.ms) for r in rows if r.group == group and r.pattern == pattern
+                         and r.backend == name and r.status == "ok")
+            if pts:
+                style = "--" if name.startswith(("floor", "dense")) else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{group} ({pattern})" + (" fwd+bwd" if group == "train" else " fwd"))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    where = env.get("gpu") or "CPU"
+    fig.suptitle(f"NSA selection attention on {where}: time vs T (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few cases only")
+    parser.add_argument("--full", action="store_true", help="more sizes (G=3,6,16; T=128k; ...)")
+    parser.add_argument("--cases", default=",".join(CASE_GROUPS),
+                        help=f"comma list of case groups: {','.join(CASE_GROUPS)}")
+    parser.add_argument("--patterns", default=",".join(common.PATTERNS), help="random,clustered")
+    parser.add_argument("--backends", default="", help="comma list of rows to run (default: all)")
+    parser.add_argument("--out", default=str(_REPO / "bench" / "results"), help="output directory")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="bf16 (GPU default), fp16 or fp32 (CPU default)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting new rows after this many seconds (default: GPU 400, CPU 100)")
+    parser.add_argument("--triton-interpret", action="store_true",
+                        help="CPU only: also run the Triton rows in the interpreter (slow)")
+    parser.add_argument("--warmup-ms", type=float, default=10)
+    parser.add_argument("--rep-ms", type=float, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.dtype not in dtypes:
+        parser.error(f"--dtype: expected one of {', '.join(dtypes)}, got {args.dtype!r}")
+    args.dtype = dtypes[args.dtype]
+    for name, allowed in (("cases", CASE_GROUPS), ("patterns", common.PATTERNS)):
+        values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            parser.error(f"--{name}: unknown {bad}; expected some of {','.join(allowed)}")
+        setattr(args, name, values)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.budget_s is None:
+        args.budget_s = 400.0 if args.device == "cuda" else 100.0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.triton_interpret:
+        if device.type == "cuda":
+            print("--triton-interpret is for CPU runs; ignored on CUDA", file=sys.stderr)
+        else:
+            os.environ["TRITON_INTERPRET"] = "1"     # before Triton kernels are defined
+    original_env = {k: os.environ.get(k) for k in list(THRESHOLD_ENV) + ["NSA_SEL_TRITON_GROUP"]}
+    started = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    env = common.environment(device)
+    timer = common.Timer(device, args.warmup_ms, args.rep_ms, cpu_budget_s=0.5)
+    try:
+        copy_bw = common.copy_bandwidth(device, timer)
+    except Exception as err:
+        copy_bw = None
+        print(f"copy bandwidth: failed ({short_error(err)})", file=sys.stderr)
+    header = header_text(env, copy_bw, args, device)
+    print(header, flush=True)
+
+    all_cases = gpu_cases(args.full, args.quick) if device.type == "cuda" else cpu_cases(args.full, args.quick)
+    cases = [c for c in all_cases if c.group in args.cases]
+    work_items = [(c, p) for c in cases for p in args.patterns]
+    # Random first: the issues' targets; clustered runs after every random case.
+    work_items.sort(key=lambda cp: common.PATTERNS.index(cp[1]))
+    plan = [(c, p, [n for n in rows_for(c, device) if not args.backends or n in args.backends])
+            for c, p in work_items]
+    progress = common.Progress(sum(len(r) for _, _, r in plan), enabled=not args.no_progress)
+
+    rows: List[Row] = []
+    blocks: List[str] = []
+    case_records = []
+    done_contexts = []
+    for case, pattern, names in plan:
+        over = time.monotonic() - started > args.budget_s
+        if over:
+            for n in names:
+                rows.append(Row(case.label, case.group, pattern, n, "fwd+bwd" if case.train else "fwd",
+                                status="skipped", note=f"time budget of {args.budget_s:.0f} s spent"))
+                progress.step(f"{case.label} {pattern}: skipped")
+            done_contexts.append((case.label, pattern))
+            continue
+        try:
+            ctx = make_context(case, pattern, device, args.dtype, args.seed)
+        except Exception as err:
+            for n in names:
+                rows.append(Row(case.label, case.group, pattern, n, "fwd+bwd" if case.train else "fwd",
+                                status="error", note="inputs: " + short_error(err)))
+                progress.step(f"{case.label} {pattern}: inputs failed")
+            done_contexts.append((case.label, pattern))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        auto = auto_choice(ctx, original_env)
+        case_rows = []
+        for name in sorted(names, key=MEASURE_ORDER.index):
+            if time.monotonic() - started > args.budget_s:
+                row = Row(case.label, case.group, pattern, name, "fwd+bwd" if case.train else "fwd",
+                          status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
+            else:
+                row = measure_row(ctx, name, timer)
+            case_rows.append(row)
+            progress.step(f"{case.label} {pattern}: {name}")
+        fill_metrics(case_rows, ctx)
+        case_rows.sort(key=lambda r: ROW_ORDER.index(r.backend))
+        rows.extend(case_rows)
+        block = "\n".join([case_line(ctx, auto), HEADER_COLS] + [format_row(r) for r in case_rows])
+        blocks.append(block)
+        if progress.bar is not None:
+            progress.bar.write(block + "\n")
+        else:
+            print(block + "\n", flush=True)
+        case_records.append({"case": case.label, "group": case.group, "pattern": pattern,
+                             "shape": vars(case.shape), "train": case.train, "auto": auto,
+                             "work": vars(ctx.work), "input_sets": len(ctx.sets)})
+        done_contexts.append((case.label, pattern))
+        del ctx
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _write_outputs(out, env, copy_bw, header, blocks, rows, case_records, done_contexts, cases, args,
+                       started, final=False)
+    progress.close()
+    summary = summary_text(rows, done_contexts)
+    print(summary)
+    messages = _write_outputs(out, env, copy_bw, header, blocks, rows, case_records, done_contexts, cases,
+                              args, started, final=True)
+    for message in messages:
+        print(message)
+    print(f"wrote {out}/bench_selection.{{txt,json,csv,png}} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _write_outputs(out: Path, env, copy_bw, header, blocks, rows, case_records, done_contexts, cases, args,
+                   started, final: bool) -> List[str]:
+    text = "\n\n".join([header] + blocks + [summary_text(rows, done_contexts)]) + "\n"
+    (out / "bench_selection.txt").write_text(text)
+    common.dump_json(out / "bench_selection.json", {
+        "environment": env, "copy_bandwidth": copy_bw,
+        "settings": {"dtype": str(args.dtype), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+                     "budget_s": args.budget_s, "threshold_env": THRESHOLD_ENV, "quick": args.quick,
+                     "full": args.full, "elapsed_s": round(time.monotonic() - started, 1),
+                     "complete": final},
+        "cases": case_records, "rows": [vars(r) for r in rows]})
+    write_csv(out / "bench_selection.csv", rows)
+    messages = []
+    if final:
+        problem = write_plot(out / "bench_selection.png", rows, cases, env)
+        if problem:
+            messages.append(problem)
+    return messages
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The bench's CPU mode, its inputs and work counts, and the threshold optimizer's config writer.
+
+No timing assertions: these check that the bench runs and writes its files on a CPU, that its
+selection patterns mean what the bench says, that the gather floor reads what it should, and
+that writing thresholds keeps every comment and key of configs/base.yaml.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from bench import threshold_optimizer as topt  # noqa: E402
+
+SMALL = common.Shape(B=2, TQ=130, TK=200, HQ=4, H=2, Dk=24, Dv=16, S=4, block_size=16)
+
+
+@pytest.mark.parametrize("pattern", common.PATTERNS)
+def test_patterns_are_causal_distinct_sets(pattern):
+    block_indices = common.make_block_indices(SMALL, pattern, seed=3)
+    assert block_indices.shape == (2, 130, 2, 4) and block_indices.dtype == torch.int32
+    pos = torch.arange(SMALL.TQ) + SMALL.TK - SMALL.TQ
+    own = (pos // SMALL.block_size).tolist()
+    for b in range(2):
+        for t in range(SMALL.TQ):
+            for h in range(2):
+                row = [x for x in block_indices[b, t, h].tolist() if x >= 0]
+                assert len(row) == len(set(row))
+                assert all(0 <= x <= own[t] for x in row)
+                assert 0 in row and own[t] in row
+                assert len(row) == min(SMALL.S, own[t] + 1)
+
+
+def test_clustered_tiles_share_blocks():
+    shape = common.Shape(B=1, TQ=1024, TK=1024, HQ=2, H=1, Dk=16, Dv=16, S=8, block_size=64)
+    random_union = common.tile_unions(common.make_block_indices(shape, "random", seed=1))
+    clustered_union = common.tile_unions(common.make_block_indices(shape, "clustered", seed=1))
+    # A clustered tile draws from S - 2 + CLUSTER_SPARE earlier blocks plus block 0 and its own.
+    assert (clustered_union >= 0).sum(-1).max() <= shape.S + common.CLUSTER_SPARE
+    assert (clustered_union >= 0).sum() < (random_union >= 0).sum()
+
+
+def test_tile_unions_and_work_match_brute_force():
+    block_indices = common.make_block_indices(SMALL, "random", seed=5)
+    unions = common.tile_unions(block_indices)
+    for b in range(2):
+        for tile in range(unions.shape[1]):
+            for h in range(2):
+                rows = block_indices[b, tile * common.TILE:(tile + 1) * common.TILE, h]
+                expected = sorted({x for x in rows.flatten().tolist() if x >= 0})
+                assert [x for x in unions[b, tile, h].tolist() if x >= 0] == expected
+    work = common.measure_work(SMALL, block_indices, unions, elem=2)
+    pos = (torch.arange(SMALL.TQ) + SMALL.TK - SMALL.TQ).tolist()
+    bs = SMALL.block_size
+    pairs = sum(sum(1 for j in range(n * bs, n * bs + bs) if j <= pos[t])
+                for b in range(2) for t in range(SMALL.TQ) for h in range(2)
+                for n in block_indices[b, t, h].tolist() if n >= 0)
+    assert work.pairs == pairs * SMALL.G
+    assert work.row_bytes == int((block_indices >= 0).sum()) * bs * (SMALL.Dk + SMALL.Dv) * 2
+    assert work.tile_bytes == int((unions >= 0).sum()) * bs * (SMALL.Dk + SMALL.Dv) * 2
+    assert work.dense_pairs == sum(p + 1 for p in pos) * SMALL.HQ * SMALL.B
+
+
+def test_gather_floor_reads_the_listed_blocks(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(common, "_floor_kernel", None)   # define the kernel under the interpreter
+    shape = common.Shape(B=1, TQ=8, TK=40, HQ=2, H=2, Dk=12, Dv=8, S=3, block_size=16)
+    block_indices = common.make_block_indices(shape, "random", seed=2)
+    q, k, v = common.make_qkv(shape, torch.float32, "cpu")
+    out = common.gather_floor_fn(k, v, block_indices, shape.block_size)().reshape(block_indices.shape)
+    expected = torch.zeros(block_indices.shape)
+    for t in range(shape.TQ):
+        for h in range(shape.H):
+            for s, n in enumerate(block_indices[0, t, h].tolist()):
+                if n >= 0:
+                    lo, hi = n * 16, min(n * 16 + 16, shape.TK)
+                    expected[0, t, h, s] = k[0, lo:hi, h].sum() + v[0, lo:hi, h].sum()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_bench_cpu_quick_writes_its_files(tmp_path):
+    nsa_ext = pytest.importorskip("nsa_ext")
+    if not hasattr(nsa_ext, "selection_attention"):
+        pytest.skip("nsa_ext.selection_attention not there yet")
+    from bench import bench_selection
+
+    rc = bench_selection.main(["--quick", "--device", "cpu", "--cases", "prefill,decode",
+                               "--patterns", "random", "--out", str(tmp_path), "--no-progress",
+                               "--budget-s", "60"])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench_selection.json").read_text())
+    assert data["environment"]["device"] == "cpu" and data["settings"]["complete"]
+    rows = {(r["case"], r["backend"]): r for r in data["rows"]}
+    for case in ("prefill T=512", "decode B=4 TK=2048"):
+        for backend in ("nsa:sdpa", "nsa:reference", "dense:cpu"):
+            assert rows[(case, backend)]["status"] == "ok", rows[(case, backend)]
+            assert rows[(case, backend)]["ms"] > 0
+        assert rows[(case, "fla")]["status"] == "n/a"
+        assert rows[(case, "dense:cudnn")]["status"] == "n/a"
+    text = (tmp_path / "bench_selection.txt").read_text()
+    assert "CPU run" in text and "NOT a GPU performance number" in text
+    with (tmp_path / "bench_selection.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(data["rows"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The threshold optimizer's decision and config writer
+
+def _points(times):
+    """times: {(G, L): (sdpa, triton, cuda)}"""
+    return [{"G": G, "L": L, "sdpa": s, "triton": t, "cuda": c} for (G, L), (s, t, c) in times.items()]
+
+
+def test_decide_takes_the_crossing_and_the_max_over_groups():
+    points = _points({
+        (1, 64): (1.0, 2.0, None), (1, 128): (1.0, 0.9, None), (1, 256): (1.0, 1.1, None),
+        (1, 512): (1.0, 0.5, None),
+        (4, 64): (1.0, 0.9, None), (4, 128): (1.0, 0.8, None), (4, 256): (1.0, 0.7, None),
+        (4, 512): (1.0, 0.5, None),
+    })
+    decision = topt.decide(points, [64, 128, 256, 512])
+    assert decision["triton"]["per_group"] == {1: 512, 4: 64}   # a win at 128 then a loss: noise
+    assert decision["triton"]["threshold"] == 512
+    assert decision["cuda"]["threshold"] is None                # never measured: keep the config
+
+
+def test_decide_never_winning_goes_past_the_sweep():
+    points = _points({(4, 64): (1.0, 2.0, 3.0), (4, 128): (1.0, 2.0, 0.5)})
+    decision = topt.decide(points, [64, 128])
+    assert decision["triton"]["threshold"] == 256 and decision["triton"]["warning"]
+    assert decision["cuda"]["threshold"] == 128
+
+
+def test_write_thresholds_keeps_comments_and_keys(tmp_path, monkeypatch):
+    yaml = pytest.importorskip("yaml")
+    original = (REPO / "configs" / "base.yaml").read_text()
+    written = topt.write_thresholds(original, "sm90", {"sel_triton_min_L": 256, "sel_cuda_min_L": 128},
+                                    "measured here")
+    old_lines = [l for l in original.splitlines() if l.strip().startswith("#")]
+    assert all(l in written.splitlines() for l in old_lines)
+    before, after = yaml.safe_load(original), yaml.safe_load(written)
+    assert after["runtime"]["thresholds"]["sm90"] == {"sel_triton_min_L": 256, "sel_cuda_min_L": 128}
+    for key, value in before["runtime"].items():
+        if key != "thresholds":
+            assert after["runtime"][key] == value
+    # A second arch, then the first again with one key: merged, nothing else moves.
+    twice = topt.write_thresholds(written, "sm89", {"sel_triton_min_L": 4096})
+    thrice = topt.write_thresholds(twice, "sm90", {"sel_cuda_min_L": 64}, "again")
+    th = yaml.safe_load(thrice)["runtime"]["thresholds"]
+    assert th == {"sm90": {"sel_triton_min_L": 256, "sel_cuda_min_L": 64}, "sm89": {"sel_triton_min_L": 4096}}
+    assert topt.write_thresholds(thrice, "sm90", {"sel_cuda_min_L": 64}, "again") == thrice
+    # The package's one config reader sees the values.
+    from nsa_ext.config import load_settings
+
+    path = tmp_path / "base.yaml"
+    path.write_text(thrice)
+    settings = load_settings({"NSA_CONFIG": str(path)})
+    assert settings.min_len("triton", "sm90") == 256 and settings.min_len("cuda", "sm90") == 64
+    assert settings.min_len("triton", "sm89") == 4096
+
+
+def test_write_thresholds_from_flow_style_and_without_the_key():
+    yaml = pytest.importorskip("yaml")
+    text = "# top\nruntime:\n  a: 1  # keep\n  thresholds: {sm80: {sel_cuda_min_L: 9}}  # why\nother: 2\n"
+    out = topt.write_thresholds(text, "sm90", {"sel_triton_min_L": 128})
+    data = yaml.safe_load(out)
+    assert data["runtime"]["thresholds"] == {"sm80": {"sel_cuda_min_L": 9}, "sm90": {"sel_triton_min_L": 128}}
+    assert data["other"] == 2 and "# keep" in out and "# why" in out and out.startswith("# top\n")
+    bare = topt.write_thresholds("runtime:\n  a: 1\nother: 2\n", "sm90", {"sel_cuda_min_L": 64})
+    assert yaml.safe_load(bare) == {"runtime": {"a": 1, "thresholds": {"sm90": {"sel_cuda_min_L": 64}}},
+                                    "other": 2}
+    with pytest.raises(ValueError):
+        topt.write_thresholds(text, "hopper", {"sel_cuda_min_L": 1})
+
+
+def test_apply_dry_run_leaves_the_file(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text((REPO / "configs" / "base.yaml").read_text())
+    before = path.read_text()
+    decision = {"triton": {"threshold": 512, "per_group": {}}, "cuda": {"threshold": None, "per_group": {}}}
+    message = topt.apply(path, "sm90", decision, "test", dry_run=True)
+    assert "would set" in message and path.read_text() == before
+    topt.apply(path, "sm90", decision, "test", dry_run=False)
+    assert "sel_triton_min_L: 512" in path.read_text() and "sel_cuda_min_L" in path.read_text()
