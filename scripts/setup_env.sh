@@ -43,6 +43,11 @@ if [ -n "$missing" ]; then
   "$PY" -m pip install -q --disable-pip-version-check $missing
 fi
 
+# The environment's own cmake and ninja (pip packages) come before the system's: an old system
+# CMake does not know nvcc's C++20 dialect.
+PATH="$(dirname "$PY"):$PATH"
+export PATH
+
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -112,3 +114,31 @@ def assert_close_to_reference(o, o_ref, dtype, lse=None, lse_ref=None):
         if finite.any():
             diff = (lse[finite].double() - lse_ref[finite].double()).abs().max().item()
             assert diff <= LSE_ATOL, f"lse error {diff:.3g} > {LSE_ATOL}"
+
+
+def import_triton_for_the_interpreter() -> bool:
+    """On a machine without CUDA, import Triton in interpreter mode (it decides when
+    `triton.language` is first imported) and restore TRITON_INTERPRET at once, so only the tests
+    that ask for the interpreter get it. True when Triton kernels can run on the CPU here."""
+    import torch as _torch
+
+    if _torch.cuda.is_available():
+        return False
+    if "triton" not in sys.modules:
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:
+            return False
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(tl.zeros, InterpretedFunction)

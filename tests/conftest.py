@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import import_triton_for_the_interpreter  # noqa: E402
+
+# Before any test module imports Triton: on a CPU machine, Triton must come up able to interpret.
+TRITON_INTERPRETER = import_triton_for_the_interpreter()
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
