@@ -61,21 +61,21 @@ T4 = DeviceFacts("cuda", (7, 5), "Tesla T4", 40)
 # q/k/v as views into wider tensors). Small: the CPU lane interprets every program in Python.
 MATRIX = {
     "G1": dict(B=2, TQ=24, HQ=2, H=2, Dk=64, S=4, block_size=16),
-    "G3": dict(B=1, TQ=40, HQ=3, H=1, Dk=64, S=5, block_size=16),
-    "G16_dk192_dv128": dict(B=1, TQ=20, HQ=16, H=1, Dk=192, Dv=128, S=3, block_size=16),
-    "G64": dict(B=1, TQ=6, TK=70, HQ=64, H=1, Dk=64, S=4, block_size=16),
-    "G80_two_tiles": dict(B=1, TQ=4, TK=50, HQ=80, H=1, Dk=32, S=3, block_size=16),
+    "G3": dict(B=1, TQ=36, HQ=3, H=1, Dk=64, S=5, block_size=16),
+    "G16_dk192_dv128": dict(B=1, TQ=12, HQ=16, H=1, Dk=192, Dv=128, S=3, block_size=16),
+    "G64": dict(B=1, TQ=3, TK=70, HQ=64, H=1, Dk=64, S=4, block_size=16),
+    "G80_two_tiles": dict(B=1, TQ=2, TK=50, HQ=80, H=1, Dk=32, S=3, block_size=16),
     "d59": dict(B=1, TQ=30, HQ=2, H=1, Dk=59, Dv=37, S=4, block_size=16),
-    "d96_G6": dict(B=1, TQ=20, HQ=12, H=2, Dk=96, S=3, block_size=16),
+    "d96_G6": dict(B=1, TQ=12, HQ=12, H=2, Dk=96, S=3, block_size=16),
     "bs4": dict(B=1, TQ=20, HQ=2, H=1, Dk=32, S=6, block_size=4),
-    "bs64": dict(B=1, TQ=150, HQ=2, H=1, Dk=32, S=3, block_size=64),
-    "bs128": dict(B=1, TQ=260, HQ=2, H=1, Dk=32, S=3, block_size=128),
+    "bs64": dict(B=1, TQ=70, TK=150, HQ=2, H=1, Dk=32, S=3, block_size=64),
+    "bs128": dict(B=1, TQ=40, TK=260, HQ=2, H=1, Dk=32, S=3, block_size=128),
     "decode": dict(B=3, TQ=1, TK=333, HQ=8, H=2, Dk=64, S=6, block_size=32),
     "chunked_prefill": dict(B=2, TQ=9, TK=100, HQ=4, H=1, Dk=64, S=5, block_size=16),
     "counts_int": dict(B=1, TQ=32, HQ=4, H=2, Dk=64, S=6, block_size=16, block_counts=3),
     "counts_zero": dict(B=1, TQ=16, HQ=2, H=1, Dk=64, S=4, block_size=16, block_counts=0),
     "counts_tensor": dict(B=2, TQ=24, HQ=4, H=2, Dk=64, S=5, block_size=16, block_counts="tensor"),
-    "varlen": dict(seqlens=[37, 1, 64, 13], HQ=4, H=2, Dk=64, S=4, block_size=16),
+    "varlen": dict(seqlens=[21, 1, 32, 13], HQ=4, H=2, Dk=64, S=4, block_size=16),
     "varlen_chunked": dict(seqlens=[5, 1, 20], seqlens_k=[70, 16, 20], HQ=6, H=2, Dk=64, S=5,
                            block_size=16),
     "varlen_batchless": dict(seqlens=[30, 17], HQ=2, H=1, Dk=64, S=3, block_size=16,
@@ -147,19 +147,38 @@ def test_interpreter_matches_reference(interpreter, monkeypatch, name, dtype, gr
     check(build_call(MATRIX[name], dtype, "cpu"), group, monkeypatch)
 
 
+@pytest.fixture
+def untuned(monkeypatch):
+    """Every launch takes the untuned config: autotuning each shape of the matrix would cost
+    minutes of compilation and test nothing the tuned-path test below does not."""
+    from triton_ref import selection_fwd as kernels
+
+    monkeypatch.setattr(kernels, "LARGE_PROGRAMS", 1 << 62)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
                          ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("name", [*MATRIX, *GPU_MATRIX])
-def test_gpu_matches_reference(monkeypatch, name, dtype, group):
+def test_gpu_matches_reference(untuned, monkeypatch, name, dtype, group):
     spec = MATRIX.get(name) or GPU_MATRIX[name]
     check(build_call(spec, dtype, "cuda"), group, monkeypatch)
 
 
 @pytest.mark.gpu
+def test_gpu_autotuned_launch_matches_reference(monkeypatch):
+    from triton_ref import selection_fwd as kernels
+
+    call = build_call(GPU_MATRIX["large_G16_d128"], torch.bfloat16, "cuda", seed=3)
+    monkeypatch.setattr(kernels, "LARGE_PROGRAMS", 1)
+    check(call, True, monkeypatch)
+    assert kernels.selection_fwd_group_kernel.fn.best_config is not None
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("group", VARIANTS)
-def test_gpu_64bit_offsets(monkeypatch, group):
+def test_gpu_64bit_offsets(untuned, monkeypatch, group):
     """K and V of more than 2^31 elements: a block near the end is addressed correctly."""
     TK, D, block_size = (1 << 25) + 100, 64, 64
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -175,7 +194,7 @@ def test_gpu_64bit_offsets(monkeypatch, group):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", VARIANTS)
-def test_gpu_no_host_sync_and_graph_capture(monkeypatch, group):
+def test_gpu_no_host_sync_and_graph_capture(untuned, monkeypatch, group):
     """The normal path neither synchronises nor allocates by data: a decode step replays in a graph."""
     monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
     monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)

@@ -38,8 +38,10 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernels
 # A call with fewer programs than this runs one fixed config instead of autotuning: small
 # launches (decode) are latency-bound anyway, and benchmarking inside a CUDA-graph capture fails.
 LARGE_PROGRAMS = 4096
-DEFAULT_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
-TUNING_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
+# BS: keys per loop step (a block of more keys is streamed in BLOCK / BS chunks; one of fewer
+# than 16 is padded to 16, the smallest tl.dot operand).
+TUNING_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
+                  for bs in (16, 32, 64) for w in (2, 4, 8) for st in (1, 2, 3)]
 
 
 def group_tile(G: int) -> int:
@@ -47,21 +49,26 @@ def group_tile(G: int) -> int:
     return min(64, max(16, triton.next_power_of_2(G)))
 
 
+def default_chunk(block_size: int, K: int, V: int) -> int:
+    """BS of the untuned config: a whole block up to 64 keys (32 beside a 256-wide head tile)."""
+    widest = max(triton.next_power_of_2(K), triton.next_power_of_2(V))
+    return max(16, min(block_size, 64 if widest <= 128 else 32))
+
+
 def _prune(configs, named_args, **kwargs):
-    return configs if kwargs.get("LARGE") else [DEFAULT_CONFIG]
-
-
-def _chunk(args) -> int:
-    """Keys per step: a whole block up to 64 (32 when a head dim needs a 256-wide tile), >= 16."""
-    widest = max(triton.next_power_of_2(args["K"]), triton.next_power_of_2(args["V"]))
-    return max(16, min(args["BLOCK"], 64 if widest <= 128 else 32))
+    args = {**named_args, **kwargs}
+    block = args["BLOCK"]
+    if not args["LARGE"]:
+        return [triton.Config({"BS": default_chunk(block, args["K"], args["V"])},
+                              num_warps=4, num_stages=2)]
+    # Chunks of at most one block, at least 32 keys once blocks have 64 or more.
+    usable = {max(16, min(block, 64))} | ({32} if block >= 64 else set())
+    return [c for c in configs if c.kwargs["BS"] in usable]
 
 
 _HEURISTICS = {
     "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
     "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
-    "BS": _chunk,
-    "NC": lambda args: max(1, args["BLOCK"] // _chunk(args)),
     "IS_VARLEN": lambda args: args["pos"] is not None,
     # fp32 inputs need full-precision dots to meet SPEC.md's fp32 tolerance (tf32 would not).
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
@@ -73,9 +80,9 @@ _HEURISTICS = {
     "BG": lambda args: group_tile(args["G"]),
     "LARGE": lambda args: args["num_blocks"].numel() >= LARGE_PROGRAMS,
 })
-@triton.autotune(configs=TUNING_CONFIGS, key=["BS", "NC", "BK", "BV", "BG", "LARGE"],
+@triton.autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["TQ", "TK", "S"])
+@triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G"])
 def selection_fwd_group_kernel(
     q, k, v, o, lse,
     blocks,            # [B, TQ, H, S] int32, canonical rows
@@ -86,9 +93,9 @@ def selection_fwd_group_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     qk_scale,          # scale * log2(e)
-    TQ, TK, S,
-    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
+    TQ, TK, S, H, G,
+    K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
 ):
     # Query token fastest: neighbouring programs share block 0 and their own block in L2.
@@ -107,6 +114,7 @@ def selection_fwd_group_kernel(
         p_abs = i_t + TK - TQ
         kv_start = i_t * 0
     n = tl.load(num_blocks + row)
+    NC: tl.constexpr = (BLOCK + BS - 1) // BS      # chunks per block
 
     o_g = i_g * BG + tl.arange(0, BG)          # heads within the group
     m_g = o_g < G
@@ -166,9 +174,9 @@ def selection_fwd_group_kernel(
     **_HEURISTICS,
     "LARGE": lambda args: args["num_blocks"].numel() * args["G"] >= LARGE_PROGRAMS,
 })
-@triton.autotune(configs=TUNING_CONFIGS, key=["BS", "NC", "BK", "BV", "LARGE"],
+@triton.autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "LARGE"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["TQ", "TK", "S"])
+@triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G"])
 def selection_fwd_head_kernel(
     q, k, v, o, lse,
     blocks, num_blocks, pos, k_offset,
@@ -177,9 +185,9 @@ def selection_fwd_head_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     qk_scale,
-    TQ, TK, S,
-    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
+    TQ, TK, S, H, G,
+    K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
 ):
     # One query row has no 16 rows for tl.dot: scores and the output are row reductions in fp32.
@@ -198,6 +206,7 @@ def selection_fwd_head_kernel(
         p_abs = i_t + TK - TQ
         kv_start = i_t * 0
     n = tl.load(num_blocks + row)
+    NC: tl.constexpr = (BLOCK + BS - 1) // BS      # chunks per block
 
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -265,12 +274,13 @@ def _interpreted(kernel):
 
     triton.jit picks the interpreter at decoration time from the environment; the tests turn it on
     for their own calls only, so the interpreted twin is built here on demand, with the same
-    heuristics and a single config (there is nothing to tune on the CPU).
+    heuristics and the untuned config (there is nothing to tune on the CPU).
     """
     if kernel not in _interpreted_cache:
         from triton.runtime.interpreter import InterpretedFunction
 
-        values = kernel.values  # the heuristics of the compiled kernel
+        values = {**kernel.values,  # the compiled kernel's heuristics, plus the untuned BS
+                  "BS": lambda args: default_chunk(args["BLOCK"], args["K"], args["V"])}
         _interpreted_cache[kernel] = triton.heuristics(values)(
             InterpretedFunction(_python_function(kernel)))
     return _interpreted_cache[kernel]
@@ -310,8 +320,8 @@ def selection_fwd(q, k, v, blocks, num_blocks, *, scale: float, block_size: int,
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         scale * LOG2E,
-        TQ, TK, S,
-        H=H, G=G, K=Dk, V=Dv, BLOCK=block_size,
+        TQ, TK, S, H, G,
+        K=Dk, V=Dv, BLOCK=block_size,
     )
     return o, lse, grid
 

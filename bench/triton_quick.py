@@ -1,0 +1,208 @@
+"""Quick bench of the Triton selection kernels against fla's parallel_nsa_fwd (and packed SDPA).
+
+Prefill, bf16, D=128, 16 selected blocks of 64 per row, random causal selection: block 0, the
+query's own block, and the rest distinct random earlier blocks (-1 where fewer exist). Times are
+medians of triton.testing.do_bench; TFLOP/s = 4 * D * (attended query-key pairs summed over query
+heads) / time. "fwd" is the backend's forward (canonical_blocks + kernel), "kernel" the launch alone
+on precomputed canonical rows; fla gets the raw rows (it needs no preprocessing for this input).
+
+    python bench/triton_quick.py [--out results.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import traceback
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nsa_ext.call import describe_call  # noqa: E402
+from nsa_ext.selection import canonical_blocks, row_geometry  # noqa: E402
+from triton_ref import selection_fwd as kernels  # noqa: E402
+
+D, BLOCK, S = 128, 64, 16
+
+
+def causal_selection(T, H, device, seed=0):
+    """[1, T, H, S] int64: block 0, the own block, S - 2 distinct random earlier blocks."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    nb = triton.cdiv(T, BLOCK)
+    own = torch.arange(T, device=device) // BLOCK                          # [T]
+    rows = []
+    for t0 in range(0, T, 8192):                                           # bounded memory
+        own_c = own[t0:t0 + 8192]
+        blk = torch.arange(nb, device=device)
+        cand = (blk > 0)[None, None, :] & (blk[None, None, :] < own_c[:, None, None])
+        score = torch.rand(own_c.numel(), H, nb, device=device, generator=g)
+        score = torch.where(cand, score, -1.0)
+        top = score.topk(S - 2, dim=-1)
+        rest = torch.where(top.values >= 0, top.indices, -1)
+        first = torch.zeros(own_c.numel(), H, 1, dtype=torch.int64, device=device)
+        own_col = torch.where(own_c > 0, own_c, -1)[:, None, None].expand(-1, H, 1)
+        rows.append(torch.cat([first, own_col, rest], dim=-1))
+    return torch.cat(rows).unsqueeze(0)
+
+
+def attended_pairs(call, blocks):
+    pos = row_geometry(call).pos[:, :, None, None]
+    start = blocks.to(torch.int64) * BLOCK
+    visible = torch.where(blocks >= 0, (pos - start + 1).clamp(max=BLOCK), 0)
+    return int(visible.sum().item()) * call.group_size
+
+
+def make(T, HQ, H, device="cuda", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, T, HQ, D, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, generator=g)
+    idx = causal_selection(T, H, device, seed)
+    return describe_call(q, k, v, idx, BLOCK, need_lse=True)
+
+
+def fla_fn(call):
+    try:
+        from fla.ops.nsa.parallel import parallel_nsa_fwd
+    except Exception as err:
+        return None, f"fla not importable: {err}"
+    idx = call.block_indices.to(torch.long)
+
+    def run():
+        return parallel_nsa_fwd(call.q, call.k, call.v, idx, S, BLOCK, call.scale)
+    return run, None
+
+
+def sdpa_fn(call):
+    try:
+        from nsa_ext.backends import sdpa_packed
+    except Exception as err:
+        return None, f"packed SDPA not importable: {err}"
+    return (lambda: sdpa_packed.forward(call)), None
+
+
+def timed(fn):
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def bench_case(T, G, H=4, with_fla=True, with_sdpa=False):
+    HQ = G * H
+    call = make(T, HQ, H)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    pairs = attended_pairs(call, blocks)
+    flops = 4 * D * pairs
+    out = []
+
+    def record(name, ms, note=""):
+        out.append(dict(T=T, G=G, HQ=HQ, H=H, name=name, ms=ms,
+                        tflops=(flops / (ms * 1e-3) / 1e12) if ms else None, note=note))
+
+    ref = {}
+    for group in (True, False):
+        variant = "group" if group else "head"
+
+        def kernel_only():
+            return kernels.selection_fwd(call.q, call.k, call.v, blocks, num_blocks,
+                                         scale=call.scale, block_size=BLOCK, group=group)
+
+        def fwd():
+            b, n = canonical_blocks(call, geometry)
+            return kernels.selection_fwd(call.q, call.k, call.v, b, n, scale=call.scale,
+                                         block_size=BLOCK, group=group)
+        try:
+            record(f"{variant} fwd", timed(fwd))
+            record(f"{variant} kernel", timed(kernel_only))
+            ker = kernels.selection_fwd_group_kernel if group else kernels.selection_fwd_head_kernel
+            best = getattr(ker.fn, "best_config", None)
+            out[-1]["note"] = f"best {best}"
+            ref[variant] = kernel_only()[:2]
+        except Exception as err:
+            traceback.print_exc()
+            record(f"{variant} fwd", None, f"failed: {type(err).__name__}: {str(err)[:200]}")
+    if "group" in ref and "head" in ref:
+        diff = (ref["group"][0].float() - ref["head"][0].float()).abs().max().item()
+        out[-1]["note"] += f" | max|group-head| {diff:.3g}"
+    if with_fla:
+        run, why = fla_fn(call)
+        if run is None:
+            record("fla", None, why)
+        else:
+            try:
+                ms = timed(run)
+                o_fla = run()[0]
+                diff = (o_fla.float() - ref["group"][0].float()).abs().max().item() if "group" in ref else float("nan")
+                record("fla", ms, f"max|fla-group| {diff:.3g}")
+            except Exception as err:
+                record("fla", None, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    if with_sdpa:
+        run, why = sdpa_fn(call)
+        if run is None:
+            record("sdpa_packed", None, why)
+        else:
+            try:
+                record("sdpa_packed", timed(run))
+            except Exception as err:
+                record("sdpa_packed", None, f"failed: {type(err).__name__}: {str(err)[:160]}")
+    del call
+    torch.cuda.empty_cache()
+    return out
+
+
+def versions():
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version())
+    try:
+        import fla
+        info["fla"] = getattr(fla, "__version__", "?")
+    except Exception:
+        info["fla"] = "absent"
+    return info
+
+
+def print_table(rows):
+    print(f"{'T':>6} {'G':>3} {'HQ':>3} {'kernel':<14} {'ms':>9} {'TFLOP/s':>8} {'/fla':>6}  note")
+    fla = {(r["T"], r["G"]): r["ms"] for r in rows if r["name"] == "fla" and r["ms"]}
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r["ms"] else "-"
+        tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
+        base = fla.get((r["T"], r["G"]))
+        rel = f"{r['ms'] / base:.2f}" if (base and r["ms"]) else "-"
+        print(f"{r['T']:>6} {r['G']:>3} {r['HQ']:>3} {r['name']:<14} {ms:>9} {tf:>8} {rel:>6}  {r['note']}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="T = 8k only")
+    parser.add_argument("--sweep-T", type=int, default=8192, help="T of the G sweep")
+    args = parser.parse_args()
+    info = versions()
+    print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    rows = []
+    for T in ([8192] if args.quick else [8192, 32768, 65536]):
+        rows += bench_case(T, 16)
+        print_table(rows[-6:])
+        sys.stdout.flush()
+    for G in (1, 2, 4, 8, 3, 6):
+        rows += bench_case(args.sweep_T, G, with_sdpa=True)
+        sys.stdout.flush()
+    print()
+    print(" | ".join(f"{k} {v}" for k, v in info.items()))
+    print(f"bf16, D={D}, {S} blocks of {BLOCK}, H=4, prefill (TQ = TK = T), median ms")
+    print_table(rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(info=info, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
