@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -69,10 +70,23 @@ def _pip_nvidia_dir() -> Path | None:
     except ImportError:
         return None
     for base in getattr(sys.modules["nvidia"], "__path__", []):
-        for sub in ("cu13", "cu12"):
+        for sub in ("cu13", "cu12", "cuda_runtime", "cuda_nvrtc"):
             folder = Path(base) / sub
             if (folder / "include").is_dir():
                 return folder
+    return None
+
+
+def _pip_nvrtc() -> str | None:
+    try:
+        import nvidia  # noqa: F401
+    except ImportError:
+        return None
+    for base in getattr(sys.modules["nvidia"], "__path__", []):
+        found = sorted(Path(base).glob("*/lib/libnvrtc.so*"))
+        found = [p for p in found if "builtins" not in p.name and "alt" not in p.name]
+        if found:
+            return str(found[0])
     return None
 
 
@@ -156,6 +170,7 @@ class CMakeBuild(build_ext):
             f"-DCUDA_TOOLKIT_ROOT_DIR={facts['cuda_home']}",
             f"-DCUDAToolkit_ROOT={facts['cuda_home']}",
             f"-DNSA_EXT_CUDA_ARCHS={archs}",
+            f"-DNSA_EXT_MODULE_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX') or '.so'}",
             f"-DNSA_EXT_OUTPUT_DIR={output_dir}",
             f"-DNSA_EXT_NVCC_THREADS={os.environ.get('NVCC_THREADS', '1')}",
             f"-DNSA_EXT_PTXAS_VERBOSE={'ON' if _flag('NSA_EXT_PTXAS_VERBOSE') else 'OFF'}",
@@ -163,12 +178,15 @@ class CMakeBuild(build_ext):
         pip_nvidia = _pip_nvidia_dir()
         if pip_nvidia is not None:
             # Library headers (cusparse.h, cublas_v2.h ...) that Torch's headers may include and
-            # a bare toolkit lacks; nvrtc, which Torch's CMake config insists on finding.
+            # a bare toolkit lacks.
             args.append(f"-DNSA_EXT_EXTRA_INCLUDE_DIRS={pip_nvidia / 'include'}")
-            toolkit_nvrtc = list(Path(facts["cuda_home"]).glob("lib*/libnvrtc.so*"))
-            pip_nvrtc = sorted((pip_nvidia / "lib").glob("libnvrtc.so*"))
-            if not toolkit_nvrtc and pip_nvrtc:
-                args.append(f"-DCUDA_nvrtc_LIBRARY={pip_nvrtc[0]}")
+        # nvrtc, which Torch's CMake config insists on finding (the kernels do not use it).
+        cuda_home = Path(facts["cuda_home"])
+        toolkit_nvrtc = list(cuda_home.glob("lib*/libnvrtc.so*")) + \
+            list(cuda_home.glob("targets/*/lib/libnvrtc.so*"))
+        pip_nvrtc = _pip_nvrtc()
+        if not toolkit_nvrtc and pip_nvrtc:
+            args.append(f"-DCUDA_nvrtc_LIBRARY={pip_nvrtc}")
         _say(f"building the CUDA extension for archs {archs} (torch {torch.__version__}, "
              f"CUDA {torch.version.cuda}, nvcc {facts['nvcc']})")
         subprocess.run(args, cwd=ROOT, env=env, check=True)

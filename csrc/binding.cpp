@@ -11,8 +11,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+#ifndef NSA_EXT_NO_PYTHON
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#endif
 #include <torch/library.h>
 
 #include <string>
@@ -182,50 +183,57 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
 }  // namespace
 }  // namespace nsa_ext
 
+namespace {
+
+std::string quoted(const std::string& s) { return "\"" + s + "\""; }
+
+// The build's facts as JSON: archs, torch and CUDA versions, kernel instances.
+std::string build_info_json() {
+  std::string archs;
+  {
+    const std::string text = NSA_EXT_ARCHS;
+    size_t start = 0;
+    while (start <= text.size()) {
+      const size_t end = text.find(';', start);
+      const std::string item = text.substr(start, end == std::string::npos ? end : end - start);
+      if (!item.empty()) archs += (archs.empty() ? "" : ", ") + quoted(item);
+      if (end == std::string::npos) break;
+      start = end + 1;
+    }
+  }
+  std::string dims;
+#define NSA_EXT_PAIR(DK, DV) \
+  dims += (dims.empty() ? "" : ", ") + std::string("[") + std::to_string(DK) + ", " + std::to_string(DV) + "]";
+  NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_PAIR)
+#undef NSA_EXT_PAIR
+  const std::string cuda = std::to_string(CUDART_VERSION / 1000) + "." +
+                           std::to_string((CUDART_VERSION % 1000) / 10);
+  return "{\"archs\": [" + archs + "], \"torch_version\": " + quoted(NSA_EXT_TORCH_VERSION) +
+         ", \"cuda_version\": " + quoted(cuda) + ", \"head_dims\": [" + dims +
+         "], \"fp32_max_head_dim\": " + std::to_string(nsa_ext::kFp32MaxHeadDim) +
+         ", \"min_block_size\": " + std::to_string(nsa_ext::kMinBlockSize) +
+         ", \"dtypes\": [\"float16\", \"bfloat16\", \"float32\"]" +
+         ", \"op\": \"nsa_ext_cuda::selection_fwd\"}";
+}
+
+}  // namespace
+
 TORCH_LIBRARY(nsa_ext_cuda, m) {
   m.def(
       "selection_fwd(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, Tensor pos, "
       "Tensor k_offset, int block_size, float scale) -> (Tensor o, Tensor lse)");
+  // Build facts through the dispatcher too, for a build without the pybind11 module.
+  m.def("build_info() -> str", []() { return build_info_json(); });
 }
 
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
   m.impl("selection_fwd", &nsa_ext::selection_fwd_cuda);
 }
 
-namespace {
-
-std::vector<std::string> split_archs(const std::string& text) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= text.size()) {
-    const size_t end = text.find(';', start);
-    const std::string item = text.substr(start, end == std::string::npos ? end : end - start);
-    if (!item.empty()) out.push_back(item);
-    if (end == std::string::npos) break;
-    start = end + 1;
-  }
-  return out;
-}
-
-}  // namespace
-
+#ifndef NSA_EXT_NO_PYTHON
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nsa_ext's CUDA kernels; the operator is torch.ops.nsa_ext_cuda.selection_fwd";
-  m.def("build_info", []() {
-    pybind11::dict info;
-    info["archs"] = split_archs(NSA_EXT_ARCHS);
-    info["torch_version"] = std::string(NSA_EXT_TORCH_VERSION);
-    info["cuda_version"] =
-        std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
-    std::vector<std::pair<int, int>> dims;
-#define NSA_EXT_PAIR(DK, DV) dims.emplace_back(DK, DV);
-    NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_PAIR)
-#undef NSA_EXT_PAIR
-    info["head_dims"] = dims;
-    info["fp32_max_head_dim"] = nsa_ext::kFp32MaxHeadDim;
-    info["min_block_size"] = nsa_ext::kMinBlockSize;
-    info["dtypes"] = std::vector<std::string>{"float16", "bfloat16", "float32"};
-    info["op"] = std::string("nsa_ext_cuda::selection_fwd");
-    return info;
-  });
+  m.def("build_info_json", []() { return build_info_json(); },
+        "The build's facts (archs, torch and CUDA versions, kernel instances) as JSON");
 }
+#endif

@@ -140,8 +140,8 @@ __device__ __forceinline__ int64_t chunk_start(const int32_t* row_blocks, int ch
   return block * block_size + int64_t(chunk % chunks_per_block) * kChunkKeys;
 }
 
-template <typename T, int kHeadDimQK, int kHeadDimV, int kStages>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int kHeadDimQK, int kHeadDimV, int kStages, int kMinBlocksPerSm>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     selection_fwd_mma_kernel(const SelectionFwdParams p, const int warps_m) {
   using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kStages>;
   constexpr int kSQK = Layout::kStrideQK;
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kTilesV = kHeadDimV / 8;
   // Q fragments stay in registers for small Dk; for Dk > 128 they are re-read from shared
   // memory for each chunk, which keeps the accumulators (Dv/2 floats a thread) out of spills.
-  constexpr bool kQInRegs = kHeadDimQK <= 128;
+  constexpr bool kQInRegs = kHeadDimQK <= 64;
 
   extern __shared__ __align__(16) unsigned char smem[];
   const int rows_cta = 16 * warps_m;
@@ -181,7 +181,8 @@ __global__ void __launch_bounds__(kThreads)
   const int block_size = p.block_size;
   const int chunks_per_block = block_size / kChunkKeys;
 
-  const int num_blocks = p.num_blocks[row];
+  // Clamped so that a malformed count can never index past the row.
+  const int num_blocks = max(0, min(p.num_blocks[row], int(p.num_selected)));
   int total_chunks = 0;
   if (num_blocks > 0) {
     const int64_t last = row_blocks[num_blocks - 1];
@@ -195,6 +196,11 @@ __global__ void __launch_bounds__(kThreads)
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
+  // Key 0 of the sequence for head h; key j is j rows of H * D elements further.
+  const T* k_seq = k + (kv_row0 * p.heads_kv + h) * kHeadDimQK;
+  const T* v_seq = v + (kv_row0 * p.heads_kv + h) * kHeadDimV;
+  const int64_t k_stride = p.heads_kv * kHeadDimQK;
+  const int64_t v_stride = p.heads_kv * kHeadDimV;
 
   // Q rows [rows_cta, Dk]: zeros past the group's end.
   {
@@ -224,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t s0 = c == 0 ? start[0] : c == 1 ? start[1] : c == 2 ? start[2] : start[3];
       const int64_t j = s0 + (r % kChunkKeys);
       const bool valid = s0 >= 0 && j <= pos && j < key_limit;
-      const T* src = valid ? k + ((kv_row0 + j) * p.heads_kv + h) * kHeadDimQK + seg * 8 : k;
+      const T* src = valid ? k_seq + j * k_stride + seg * 8 : k;
       cp_async_16(dK + r * kSQK + seg * 8, src, valid);
     }
 #pragma unroll
@@ -236,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t j = s0 + (r % kChunkKeys);
       const bool valid = s0 >= 0 && j <= pos && j < key_limit;
       // V rows of masked keys must be zeros, not stale data: P = 0 times NaN is NaN.
-      const T* src = valid ? v + ((kv_row0 + j) * p.heads_kv + h) * kHeadDimV + seg * 8 : v;
+      const T* src = valid ? v_seq + j * v_stride + seg * 8 : v;
       cp_async_16(dV + r * kSV + seg * 8, src, valid);
     }
   };
@@ -428,7 +434,11 @@ cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& p, cudaStream_t s
   const int warps_m = p.group <= 16 ? 1 : p.group <= 32 ? 2 : 4;
   const int rows_cta = 16 * warps_m;
   const size_t smem = Layout::total_bytes(rows_cta);
-  auto kernel = mma_kernel::selection_fwd_mma_kernel<T, kHeadDimQK, kHeadDimV, kStages>;
+  // Up to Dk = Dv = 128 three blocks fit an SM's shared memory (3 x 74 KB); capping registers
+  // at 170 lets them all be resident, so three blocks' loads are in flight.
+  constexpr int kMinBlocksPerSm = kHeadDimQK + kHeadDimV <= 256 ? 3 : 1;
+  auto kernel = mma_kernel::selection_fwd_mma_kernel<T, kHeadDimQK, kHeadDimV, kStages,
+                                                     kMinBlocksPerSm>;
   if (smem > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));

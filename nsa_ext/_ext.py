@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,31 +39,44 @@ def _compiled_files() -> list:
         sorted(p.name for p in _PACKAGE_DIR.glob("_C*.pyd"))
 
 
+def _import_compiled():
+    """Import nsa_ext._C: the pybind11 module, or (built without Python's headers) the plain
+    Torch library through torch.ops.load_library. Raises what the import raised."""
+    try:
+        return importlib.import_module("nsa_ext._C")
+    except ImportError as err:
+        files = _compiled_files()
+        if not files or "module export function" not in str(err):
+            raise
+        torch.ops.load_library(str(_PACKAGE_DIR / files[0]))
+        return files[0]
+
+
+def _failure(err: BaseException, files) -> str:
+    text = f"{type(err).__name__}: {err}"
+    if "undefined symbol" in text or "version" in text.lower():
+        return (f"nsa_ext._C was built for another torch than the one running "
+                f"({torch.__version__}): {text}; rebuild it: {_HOW_TO_BUILD}")
+    return f"nsa_ext._C failed to load: {text}"
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> _LoadResult:
     if torch.version.cuda is None:
         return _LoadResult(None, f"this torch ({torch.__version__}) is built without CUDA")
     files = _compiled_files()
+    if not files:
+        return _LoadResult(None, "the CUDA extension nsa_ext._C is not built "
+                                 f"(pure-Python install); {_HOW_TO_BUILD}")
     try:
-        module = importlib.import_module("nsa_ext._C")
-    except ImportError as err:
-        if not files:
-            return _LoadResult(None, "the CUDA extension nsa_ext._C is not built "
-                                     f"(pure-Python install); {_HOW_TO_BUILD}")
-        text = str(err)
-        if "undefined symbol" in text or "version" in text.lower():
-            why = (f"nsa_ext._C was built for another torch than the one running "
-                   f"({torch.__version__}): {text}; rebuild it: {_HOW_TO_BUILD}")
-        else:
-            why = f"nsa_ext._C failed to load: {text}"
+        module = _import_compiled()
+        info = json.loads(torch.ops.nsa_ext_cuda.build_info())
+    except Exception as err:  # ImportError, OSError, or a static initialiser's exception
+        why = _failure(err, files)
         logger.warning("nsa_ext: the CUDA extension exists (%s) but cannot be loaded: %s",
                        ", ".join(files), why)
         return _LoadResult(None, why)
-    except Exception as err:  # a static initialiser (TORCH_LIBRARY) may throw anything
-        why = f"nsa_ext._C failed to load: {type(err).__name__}: {err}"
-        logger.warning("nsa_ext: the CUDA extension cannot be loaded: %s", why)
-        return _LoadResult(None, why)
-    info = dict(module.build_info())
+    info["head_dims"] = [tuple(pair) for pair in info.get("head_dims", [])]
     info["torch_runtime"] = torch.__version__
     built = str(info.get("torch_version", ""))
     if built and built.split("+")[0].split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:

@@ -1,0 +1,243 @@
+"""The CUDA extension backend (nsa_ext._C, nsa_ext/backends/cuda.py).
+
+CPU: the loader's report, the operator's schema and fake implementation (opcheck on meta
+tensors), the backend's reasons. GPU (marked `gpu`): parity with the fp32 reference over SPEC.md's
+cases, the kernel's own edge cases (group sizes that need padding or several row tiles, block
+sizes 16..256, Dk != Dv, 64-row groups, empty rows), opcheck on CUDA tensors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common import assert_close_to_reference, make_case
+from nsa_ext import _ext
+from nsa_ext.backends import cuda as cuda_backend
+from nsa_ext.call import describe_call
+from nsa_ext.config import Settings
+from nsa_ext.device import DeviceFacts
+from nsa_ext.reference import reference_forward
+
+needs_ext = pytest.mark.skipif(not _ext.available(),
+                               reason=f"nsa_ext._C not usable: {_ext.unavailable_reason()}")
+H100 = DeviceFacts("cuda", (9, 0), "NVIDIA H100", 132)
+
+
+def _op_args(device, dtype=torch.bfloat16, B=1, TQ=4, TK=8, HQ=6, H=2, Dk=64, Dv=64, S=3):
+    return (torch.randn(B, TQ, HQ, Dk, device=device, dtype=dtype),
+            torch.randn(B, TK, H, Dk, device=device, dtype=dtype),
+            torch.randn(B, TK, H, Dv, device=device, dtype=dtype),
+            torch.zeros(B, TQ, H, S, device=device, dtype=torch.int32),
+            torch.ones(B, TQ, H, device=device, dtype=torch.int32),
+            torch.arange(TK - TQ, TK, device=device).expand(B, TQ).contiguous(),
+            torch.zeros(B, TQ, device=device, dtype=torch.int64),
+            16, 0.125)
+
+
+# --- CPU ------------------------------------------------------------------------------------
+
+def test_loader_reports_a_reason_or_build_info():
+    if _ext.available():
+        info = _ext.build_info()
+        assert info["archs"] and info["torch_version"] and info["cuda_version"]
+        assert (128, 128) in [tuple(p) for p in info["head_dims"]]
+        assert _ext.unavailable_reason() is None
+    else:
+        assert isinstance(_ext.unavailable_reason(), str) and _ext.unavailable_reason()
+        assert _ext.build_info() == {} or "archs" in _ext.build_info()
+
+
+def test_backend_names_the_missing_extension(monkeypatch):
+    monkeypatch.setattr(_ext, "available", lambda: False)
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda: "not built (test)")
+    case = make_case(TQ=8, HQ=2, H=1, Dk=64, S=2)
+    call = describe_call(*case.args())
+    reasons = cuda_backend.reasons_unsupported(call, Settings(), H100)
+    assert len(reasons) == 1 and "not built (test)" in reasons[0] and "nsa_ext.info" in reasons[0]
+
+
+@needs_ext
+def test_fake_implementation_passes_opcheck_on_meta():
+    args = _op_args("meta")
+    o, lse = torch.ops.nsa_ext_cuda.selection_fwd(*args)
+    assert o.shape == (1, 4, 6, 64) and o.dtype == torch.bfloat16
+    assert lse.shape == (1, 4, 6) and lse.dtype == torch.float32
+    torch.library.opcheck(torch.ops.nsa_ext_cuda.selection_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
+def test_fake_implementation_keeps_dv():
+    o, lse = torch.ops.nsa_ext_cuda.selection_fwd(*_op_args("meta", Dk=192, Dv=128))
+    assert o.shape == (1, 4, 6, 128)
+
+
+@needs_ext
+@pytest.mark.parametrize("facts,needle", [
+    (DeviceFacts("cpu", name="cpu"), "needs a CUDA device"),
+    (DeviceFacts("cuda", (7, 5), "T4", 40), "SM 8.0 or newer"),
+    (DeviceFacts("cuda", (8, 9), "RTX 4090", 128), "ADR-2025-08-M4-02"),
+])
+def test_reasons_for_devices(facts, needle):
+    case = make_case(TQ=8, HQ=2, H=1, Dk=64, S=2, dtype=torch.bfloat16)
+    reasons = cuda_backend.reasons_unsupported(describe_call(*case.args()), Settings(), facts)
+    assert any(needle in r for r in reasons), reasons
+
+
+@needs_ext
+def test_sm89_policy_can_be_forced():
+    case = make_case(TQ=8, HQ=2, H=1, Dk=64, S=2, dtype=torch.bfloat16)
+    call = describe_call(*case.args())
+    facts = DeviceFacts("cuda", (8, 9), "RTX 4090", 128)
+    reasons = cuda_backend.reasons_unsupported(call, Settings(triton_sel_force=True), facts)
+    assert not any("ADR-2025-08-M4-02" in r for r in reasons)
+
+
+@needs_ext
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(Dk=96, dtype=torch.bfloat16), "no bfloat16 kernel instance"),
+    (dict(Dk=59, Dv=37, dtype=torch.float16), "multiples of 8"),
+    (dict(Dk=320, dtype=torch.float32), "at most 256"),
+    (dict(block_size=8, Dk=64, dtype=torch.bfloat16), "powers of two >= 16"),
+])
+def test_reasons_for_calls(kwargs, needle):
+    case = make_case(TQ=8, HQ=2, H=1, S=2, **kwargs)
+    reasons = cuda_backend.reasons_unsupported(describe_call(*case.args()), Settings(), H100)
+    assert any(needle in r for r in reasons), reasons
+
+
+@needs_ext
+def test_min_len_threshold_is_a_reason():
+    case = make_case(TQ=8, HQ=2, H=1, Dk=64, S=2, block_size=16, dtype=torch.bfloat16)
+    call = describe_call(*case.args())
+    reasons = cuda_backend.reasons_unsupported(call, Settings(sel_cuda_min_L=64), H100)
+    assert any("NSA_SEL_CUDA_MIN_L" in r for r in reasons), reasons
+    assert not cuda_backend.reasons_unsupported(call, Settings(sel_cuda_min_L=32), H100)
+
+
+def test_arch_matching():
+    served = cuda_backend._arch_served
+    assert served((9, 0), ["8.0", "9.0"]) and served((8, 6), ["8.0"])
+    assert not served((9, 0), ["8.0", "8.6"]) and served((9, 0), ["8.6+PTX"])
+    assert not served((8, 0), ["8.6"]) and not served((10, 0), ["9.0a"])
+
+
+# --- GPU ------------------------------------------------------------------------------------
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+CASES = {
+    "G1": dict(B=2, TQ=70, HQ=3, H=3, Dk=64, S=5, block_size=16),
+    "G3": dict(B=1, TQ=90, HQ=6, H=2, Dk=128, S=6, block_size=32),
+    "G16": dict(B=1, TQ=130, HQ=16, H=1, Dk=128, S=4, block_size=64),
+    "G64": dict(B=1, TQ=100, HQ=64, H=1, Dk=128, S=4, block_size=32),
+    "G24_two_warp_rows": dict(B=1, TQ=50, HQ=48, H=2, Dk=64, S=4, block_size=16),
+    "G80_two_row_tiles": dict(B=1, TQ=40, HQ=80, H=1, Dk=64, S=3, block_size=16),
+    "dk192_dv128": dict(B=1, TQ=150, HQ=8, H=2, Dk=192, Dv=128, S=4, block_size=64),
+    "d256": dict(B=1, TQ=80, HQ=16, H=1, Dk=256, S=3, block_size=16),
+    "bs128": dict(B=1, TQ=400, HQ=4, H=1, Dk=64, S=3, block_size=128),
+    "bs256_chunked_prefill": dict(B=2, TQ=37, TK=700, HQ=4, H=2, Dk=128, S=3, block_size=256),
+    "decode_TQ1": dict(B=3, TQ=1, TK=1000, HQ=16, H=2, Dk=128, S=8, block_size=64),
+    "counts_tensor": dict(B=2, TQ=64, HQ=4, H=2, Dk=64, S=6, block_size=16, block_counts="tensor"),
+    "counts_int": dict(B=1, TQ=64, HQ=4, H=2, Dk=128, S=6, block_size=32, block_counts=2),
+    "varlen_ragged": dict(seqlens=[37, 1, 130, 13, 64], HQ=8, H=2, Dk=128, S=5, block_size=32),
+    "varlen_chunked": dict(seqlens=[5, 1, 20], seqlens_k=[170, 16, 20], HQ=6, H=2, Dk=64, S=5,
+                           block_size=16),
+}
+
+
+def _run(case):
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    reasons = cuda_backend.reasons_unsupported(call, Settings(), DeviceFacts(
+        "cuda", torch.cuda.get_device_capability(), torch.cuda.get_device_name(), 0))
+    assert not reasons, reasons
+    o, lse = cuda_backend.forward(call)
+    torch.cuda.synchronize()
+    ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
+                             case.block_size, **case.kwargs(), need_lse=True)
+    o_ref, lse_ref = reference_forward(ref_call)
+    return call, o, lse, o_ref, lse_ref
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_matches_reference(name, dtype):
+    case = make_case(dtype=dtype, device="cuda", seed=sum(map(ord, name)), **CASES[name])
+    call, o, lse, o_ref, lse_ref = _run(case)
+    assert o.shape == (call.batch, call.seqlen_q, call.num_heads_q, call.head_dim_v)
+    assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
+    assert torch.isfinite(lse_ref).any()
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_empty_rows_give_zero_and_minus_inf(dtype):
+    case = make_case(B=1, TQ=48, HQ=16, H=2, Dk=128, S=4, block_size=16, dtype=dtype,
+                     device="cuda", seed=3)
+    case.block_indices[:, ::3] = -1                  # nothing selected
+    case.block_indices[:, 1::3, 0] = 10_000          # only out-of-range on KV head 0
+    case.block_indices[:, 1::3, 0, 1:] = -5
+    call, o, lse, o_ref, lse_ref = _run(case)
+    assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
+    assert (o[:, ::3] == 0).all() and torch.isneginf(lse[:, ::3]).all()
+    assert (o[:, 1::3, :8] == 0).all() and torch.isneginf(lse[:, 1::3, :8]).all()
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_repeats_and_order_do_not_matter_and_runs_are_identical():
+    case = make_case(B=1, TQ=128, HQ=16, H=2, Dk=128, S=6, block_size=16, dtype=torch.bfloat16,
+                     device="cuda", seed=11)
+    bi = case.block_indices.clamp(min=0)
+    twice = torch.cat([bi.flip(-1), bi], dim=-1)
+    o1, lse1 = cuda_backend.forward(describe_call(case.q, case.k, case.v, bi, 16, need_lse=True))
+    o2, lse2 = cuda_backend.forward(describe_call(case.q, case.k, case.v, twice, 16, need_lse=True))
+    o3, _ = cuda_backend.forward(describe_call(case.q, case.k, case.v, bi, 16, need_lse=True))
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    assert torch.equal(o1, o3)   # a race would show as run-to-run differences
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_every_output_is_written():
+    """Poisoned outputs: the op allocates with empty(); fill the allocator's memory with NaN
+    first so that an unwritten element would show."""
+    case = make_case(B=1, TQ=96, HQ=12, H=4, Dk=64, S=3, block_size=16, dtype=torch.float16,
+                     device="cuda", seed=2)
+    junk = torch.full((1 << 22,), float("nan"), device="cuda")
+    del junk
+    call, o, lse, o_ref, lse_ref = _run(case)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_operator_checks_its_inputs():
+    args = list(_op_args("cuda"))
+    op = torch.ops.nsa_ext_cuda.selection_fwd
+    bad = list(args)
+    bad[3] = args[3].to(torch.int64)
+    with pytest.raises(RuntimeError, match="blocks must be int32"):
+        op(*bad)
+    bad = list(args)
+    bad[1] = args[1].transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(RuntimeError, match="k must be contiguous"):
+        op(*bad)
+    bad = list(args)
+    bad[0] = args[0].cpu()
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        op(*bad)
+    bad = list(args)
+    bad[7] = 24
+    with pytest.raises(RuntimeError, match="block_size must be a power of two"):
+        op(*bad)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_opcheck_on_cuda():
+    torch.library.opcheck(torch.ops.nsa_ext_cuda.selection_fwd.default, _op_args("cuda"),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
