@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t b = bt / p.seqlen_q;
   const int64_t row = bt * p.heads_kv + h;
   const int32_t* row_blocks = p.blocks + row * p.num_selected;
-  const int num_blocks = p.num_blocks[row];
+  const int num_blocks = max(0, min(p.num_blocks[row], int(p.num_selected)));
   const int64_t pos = p.pos[bt];
   const int64_t k_offset = p.k_offset[bt];
   const int64_t kv_row0 = b * p.seqlen_k + k_offset;
