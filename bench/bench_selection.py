@@ -51,6 +51,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+if "--triton-interpret" in sys.argv[1:]:
+    # Triton reads TRITON_INTERPRET when it is imported and when kernels are decorated: set it
+    # before anything imports Triton (torch may).
+    os.environ["TRITON_INTERPRET"] = "1"
+
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
@@ -61,6 +66,7 @@ from bench import common  # noqa: E402
 from bench.common import Shape, Work, environ, fmt_tokens, short_error  # noqa: E402
 
 CASE_GROUPS = ("prefill", "groups", "dk192", "decode", "chunked", "train")
+GROUP_PRIORITY = ("prefill", "decode", "groups", "chunked", "dk192", "train")   # run order
 NSA_ROWS = ("nsa:cuda", "nsa:triton-group", "nsa:triton-head", "nsa:sdpa")
 ANCHOR_ROWS = ("fla", "dense:cudnn", "dense:flash", "flex")
 FLOOR_ROWS = ("floor/row", "floor/tile")
@@ -189,6 +195,7 @@ class Context:
     sets: List[InputSet]
     work: Work
     scale: float
+    full: bool = False
     cache: Dict[str, object] = field(default_factory=dict)
 
     @property
@@ -244,12 +251,13 @@ def _fla():
 def build_fla(ctx: Context, s: InputSet):
     fla_parallel = _fla()
     sh = ctx.shape
+    block_indices = s.block_indices.long()         # fla's documented LongTensor (made untimed)
     if not ctx.case.train:
-        return (lambda: fla_parallel.parallel_nsa_fwd(s.q, s.k, s.v, s.block_indices, sh.S,
+        return (lambda: fla_parallel.parallel_nsa_fwd(s.q, s.k, s.v, block_indices, sh.S,
                                                        sh.block_size, ctx.scale)), None
 
     def step():
-        o = fla_parallel.parallel_nsa(s.q, s.k, s.v, block_indices=s.block_indices, block_counts=sh.S,
+        o = fla_parallel.parallel_nsa(s.q, s.k, s.v, block_indices=block_indices, block_counts=sh.S,
                                       block_size=sh.block_size, scale=ctx.scale)
         o.backward(s.grad_out)
         return o
@@ -267,7 +275,12 @@ def _dense_mask_args(sh: Shape):
     return {"attn_mask": causal_lower_right(sh.TQ, sh.TK)}
 
 
+EXPAND_LIMIT_BYTES = 16 << 30
+
+
 def build_dense(ctx: Context, s: InputSet, kernel: Optional[str]):
+    """Dense causal SDPA on [B, heads, T, D] views of the inputs (no copy). The sdpa_kernel
+    context is entered once around the whole measurement (measure_row), not per call."""
     import torch.nn.functional as F
 
     sh = ctx.shape
@@ -283,19 +296,38 @@ def build_dense(ctx: Context, s: InputSet, kernel: Optional[str]):
         def context():
             return sdpa_kernel(backend)
 
-    def attend():
-        with context():
-            return F.scaled_dot_product_attention(q, k, v, scale=ctx.scale, enable_gqa=True, **mask)
+    state = {"k": k, "v": v, "gqa": True}
 
+    def attend():
+        return F.scaled_dot_product_attention(q, state["k"], state["v"], scale=ctx.scale,
+                                              enable_gqa=state["gqa"], **mask)
+
+    grads = [s.q, s.k, s.v] if ctx.case.train else None
+    try:
+        with context():
+            attend()
+    except RuntimeError as err:
+        # No GQA in this kernel: expand K/V to the HQ query heads once, outside the time.
+        expanded_bytes = sh.B * sh.TK * sh.HQ * (sh.Dk + sh.Dv) * q.element_size()
+        if sh.G == 1 or expanded_bytes > EXPAND_LIMIT_BYTES:
+            raise
+        state["k"], state["v"] = (t.repeat_interleave(sh.G, dim=1).detach().requires_grad_(ctx.case.train)
+                                  for t in (k, v))
+        state["gqa"] = False
+        with context():
+            attend()
+        ctx.cache["dense_note"] = f"K/V expanded to HQ heads outside the time (with GQA: {short_error(err, 60)})"
+        if grads:
+            grads = [s.q, state["k"], state["v"]]
     if not ctx.case.train:
-        return attend, None
+        return attend, None, context
 
     def step():
         o = attend()
         o.backward(s.grad_out.transpose(1, 2))
         return o
 
-    return step, [s.q, s.k, s.v]
+    return step, grads, context
 
 
 _FLEX = {}
@@ -308,16 +340,32 @@ def build_flex(ctx: Context, s: InputSet):
         raise NotApplicable("not in this bench's training rows")
     if ctx.shape.TQ < 64:
         raise NotApplicable("decode: not measured (flex's decoding kernel compiles per shape)")
+    if ctx.case.group not in ("prefill", "chunked") and not ctx.full:
+        raise NotApplicable("prefill and chunked cases only (a compile per shape); --full adds it here")
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
     except ImportError as err:
         raise NotApplicable(f"FlexAttention not in this torch ({err})")
     if "compiled" not in _FLEX:
+        # One compile per shape; never fall back to eager flex (it materialises the scores).
+        for name, value in (("cache_size_limit", 64), ("recompile_limit", 64),
+                            ("accumulated_cache_size_limit", 512), ("accumulated_recompile_limit", 512)):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, value)
         _FLEX["compiled"] = torch.compile(flex_attention)
-    flex = _FLEX["compiled"]
+    return flex_fn(ctx, s, _FLEX["compiled"], BlockMask)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flex_fn(ctx: Context, s: InputSet, flex, BlockMask):
+    """The FlexAttention call for one input set (`flex`: compiled flex_attention, or eager in tests)."""
     sh = ctx.shape
     bs, G, offset = sh.block_size, sh.G, sh.TK - sh.TQ
-    torch.cuda.synchronize()
+    _sync(ctx.device)
     start = time.perf_counter()
     # Membership table [B, H, TQ, NB]: what a PyTorch user's mask_mod looks up.
     member = torch.zeros(sh.B, sh.TQ, sh.H, sh.num_kv_blocks + 1, dtype=torch.bool, device=ctx.device)
@@ -329,29 +377,42 @@ def build_flex(ctx: Context, s: InputSet):
         return member[b, h // G, q_idx, kv_idx // bs] & (kv_idx <= q_idx + offset)
 
     # BlockMask from the union of each 64-query tile's blocks (all partial: mask_mod decides).
+    # kv_indices is padded to the number of KV blocks: older torch sizes its dense transposition
+    # by the last dimension.
     unions = s.unions.permute(0, 2, 1, 3)                                  # [B, H, tiles, U]
     counts = (unions >= 0).sum(-1).to(torch.int32)
-    kv_indices = torch.where(unions >= 0, unions, 0).to(torch.int32)
+    kv_indices = torch.zeros(*unions.shape[:3], sh.num_kv_blocks, dtype=torch.int32, device=ctx.device)
+    kv_indices[..., :unions.shape[-1]] = torch.where(unions >= 0, unions, 0)
     counts = counts.repeat_interleave(G, dim=1).contiguous()              # [B, HQ, tiles]
-    kv_indices = kv_indices.repeat_interleave(G, dim=1).contiguous()      # [B, HQ, tiles, U]
+    kv_indices = kv_indices.repeat_interleave(G, dim=1).contiguous()      # [B, HQ, tiles, NB]
     kwargs = {}
     try:
         import inspect
 
-        if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        params = inspect.signature(BlockMask.from_kv_blocks).parameters
+        if "seq_lengths" in params:
             kwargs["seq_lengths"] = (sh.TQ, sh.TK)
+        if "compute_q_blocks" in params:
+            kwargs["compute_q_blocks"] = False                             # forward only
     except (TypeError, ValueError):
         pass
     block_mask = BlockMask.from_kv_blocks(counts, kv_indices, BLOCK_SIZE=(common.TILE, bs),
                                           mask_mod=mask_mod, **kwargs)
-    torch.cuda.synchronize()
+    _sync(ctx.device)
     build_ms = (time.perf_counter() - start) * 1e3
     q, k, v = (t.transpose(1, 2) for t in (s.q, s.k, s.v))
-    options = {"BLOCK_M": common.TILE, "BLOCK_N": bs}
+    state = {"options": {"BLOCK_M": common.TILE, "BLOCK_N": bs}}
 
     def attend():
         return flex(q, k, v, block_mask=block_mask, scale=ctx.scale, enable_gqa=True,
-                    kernel_options=options)
+                    kernel_options=state["options"])
+
+    try:
+        attend()
+    except Exception as err:   # kernel_options this torch does not take: its defaults
+        state["options"] = None
+        attend()
+        ctx.cache["flex_note"] = f"default kernel options ({short_error(err, 60)})"
 
     ctx.cache["flex_build_ms"] = build_ms
     return attend, None
@@ -395,7 +456,7 @@ def row_env(name: str) -> Dict[str, Optional[str]]:
 # ----------------------------------------------------------------------------------------------
 # Running a case
 
-def make_context(case: CaseSpec, pattern: str, device, dtype, seed: int) -> Context:
+def make_context(case: CaseSpec, pattern: str, device, dtype, seed: int, full: bool = False) -> Context:
     sh = case.shape
     elem = torch.tensor([], dtype=dtype).element_size()
     input_bytes = elem * (sh.B * sh.TQ * sh.HQ * sh.Dk + sh.B * sh.TK * sh.H * (sh.Dk + sh.Dv)) + \
@@ -413,7 +474,7 @@ def make_context(case: CaseSpec, pattern: str, device, dtype, seed: int) -> Cont
             grad_out = torch.randn(sh.B, sh.TQ, sh.HQ, sh.Dv, device=device, generator=g).to(dtype)
         sets.append(InputSet(q, k, v, block_indices, unions, grad_out))
     work = common.measure_work(sh, sets[0].block_indices, sets[0].unions, elem)
-    return Context(case, pattern, torch.device(device), dtype, sets, work, sh.Dk ** -0.5)
+    return Context(case, pattern, torch.device(device), dtype, sets, work, sh.Dk ** -0.5, full)
 
 
 def auto_choice(ctx: Context, original_env: Dict[str, Optional[str]]) -> str:
@@ -428,24 +489,58 @@ def auto_choice(ctx: Context, original_env: Dict[str, Optional[str]]) -> str:
         return f"unknown ({short_error(err, 60)})"
 
 
+CHECKED = ("nsa:cuda", "nsa:triton-group", "nsa:triton-head", "nsa:reference", "fla", "flex")
+
+
+def check_output(ctx: Context, name: str, result) -> str:
+    """SPEC.md's error of a forward row's output against packed SDPA on the same inputs (set 0):
+    max |o - o_sdpa| / max(1, |o_sdpa|). Catches a mis-called anchor (scale, layout, semantics)."""
+    if ctx.case.train or name not in CHECKED:
+        return ""
+    try:
+        import nsa_ext
+
+        if "sdpa_o" not in ctx.cache:
+            s = ctx.sets[0]
+            with environ(**THRESHOLD_ENV), torch.no_grad():
+                ctx.cache["sdpa_o"] = nsa_ext.selection_attention(s.q, s.k, s.v, s.block_indices,
+                                                                  ctx.shape.block_size, backend="sdpa")
+        ref = ctx.cache["sdpa_o"]
+        o = result[0] if isinstance(result, (tuple, list)) else result
+        if name == "flex":
+            o = o.transpose(1, 2)
+        err = ((o.float() - ref.float()).abs() / ref.float().abs().clamp_min(1.0)).max().item()
+        bad = not math.isfinite(err) or err > 0.05
+        return f"{'MISMATCH ' if bad else ''}err {err:.1e} vs sdpa"
+    except Exception as err:
+        return f"check failed ({short_error(err, 60)})"
+
+
 def measure_row(ctx: Context, name: str, timer: common.Timer) -> Row:
     mode = "fwd+bwd" if ctx.case.train else "fwd"
     row = Row(ctx.case.label, ctx.case.group, ctx.pattern, name, mode)
     try:
-        with environ(**row_env(name)):
+        ctx.cache.pop("dense_note", None)
+        with environ(**row_env(name)), contextlib.ExitStack() as stack:
             fns, grads = [], []
             for s in ctx.sets:
-                fn, grad_to_none = build(ctx, s, name)
-                fns.append(fn)
-                grads.extend(grad_to_none or [])
+                built = build(ctx, s, name)
+                fns.append(built[0])
+                grads.extend(built[1] or [])
+            if len(built) > 2:            # a context to hold around the measurement (sdpa_kernel)
+                stack.enter_context(built[2]())
             fn = common.cycle(fns)
-            for f in fns:          # compile / autotune every set before timing (not timed)
+            first = fns[0]()       # compile / autotune every set before timing (not timed)
+            check = check_output(ctx, name, first)
+            del first
+            for f in fns[1:]:
                 f()
             if grads:
                 for t in grads:
                     t.grad = None
-            row.ms = timer(fn, grad_to_none=grads or None)
-            row.peak_mib = common.peak_extra_mib(fns[0], ctx.device)
+            row.ms, row.peak_mib, row.note = timer.measure(fn, grad_to_none=grads or None)
+            row.note = "; ".join(x for x in (check, ctx.cache.get("dense_note", "") if name.startswith("dense") else "",
+                                             row.note) if x)
     except NotApplicable as err:
         row.status, row.note = "n/a", str(err)
     except torch.cuda.OutOfMemoryError as err:
@@ -459,7 +554,8 @@ def measure_row(ctx: Context, name: str, timer: common.Timer) -> Row:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     if name == "flex" and "flex_build_ms" in ctx.cache and row.status == "ok":
-        row.note = f"mask build {ctx.cache['flex_build_ms']:.1f} ms (excluded)"
+        row.note = "; ".join(x for x in (f"mask build {ctx.cache['flex_build_ms']:.1f} ms (excluded)",
+                                         ctx.cache.get("flex_note", ""), row.note) if x)
     return row
 
 
@@ -621,7 +717,9 @@ def parse_args(argv=None):
     parser.add_argument("--full", action="store_true", help="more sizes (G=3,6,16; T=128k; ...)")
     parser.add_argument("--cases", default=",".join(CASE_GROUPS),
                         help=f"comma list of case groups: {','.join(CASE_GROUPS)}")
-    parser.add_argument("--patterns", default=",".join(common.PATTERNS), help="random,clustered")
+    parser.add_argument("--patterns", default=None,
+                        help="comma list of random,clustered (default: GPU random everywhere and "
+                             "clustered for prefill; CPU both)")
     parser.add_argument("--backends", default="", help="comma list of rows to run (default: all)")
     parser.add_argument("--out", default=str(_REPO / "bench" / "results"), help="output directory")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -643,6 +741,9 @@ def parse_args(argv=None):
     if args.dtype not in dtypes:
         parser.error(f"--dtype: expected one of {', '.join(dtypes)}, got {args.dtype!r}")
     args.dtype = dtypes[args.dtype]
+    args.default_patterns = args.patterns is None
+    if args.patterns is None:
+        args.patterns = ",".join(common.PATTERNS)
     for name, allowed in (("cases", CASE_GROUPS), ("patterns", common.PATTERNS)):
         values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
         bad = [v for v in values if v not in allowed]
@@ -680,9 +781,13 @@ def main(argv=None) -> int:
 
     all_cases = gpu_cases(args.full, args.quick) if device.type == "cuda" else cpu_cases(args.full, args.quick)
     cases = [c for c in all_cases if c.group in args.cases]
-    work_items = [(c, p) for c in cases for p in args.patterns]
-    # Random first: the issues' targets; clustered runs after every random case.
-    work_items.sort(key=lambda cp: common.PATTERNS.index(cp[1]))
+    # One query per row (decode): a tile is one query, so `clustered` would equal `random`.
+    work_items = [(c, p) for c in cases for p in args.patterns if not (p == "clustered" and c.shape.TQ < 64)]
+    if device.type == "cuda" and args.default_patterns and not args.full:
+        # The one-call GPU budget: clustered for the prefill cases only (--patterns or --full for all).
+        work_items = [(c, p) for c, p in work_items if p == "random" or c.group == "prefill"]
+    # Random first (the issues' targets), in GROUP_PRIORITY order; then clustered.
+    work_items.sort(key=lambda cp: (common.PATTERNS.index(cp[1]), GROUP_PRIORITY.index(cp[0].group)))
     plan = [(c, p, [n for n in rows_for(c, device) if not args.backends or n in args.backends])
             for c, p in work_items]
     progress = common.Progress(sum(len(r) for _, _, r in plan), enabled=not args.no_progress)
@@ -701,7 +806,7 @@ def main(argv=None) -> int:
             done_contexts.append((case.label, pattern))
             continue
         try:
-            ctx = make_context(case, pattern, device, args.dtype, args.seed)
+            ctx = make_context(case, pattern, device, args.dtype, args.seed, args.full)
         except Exception as err:
             for n in names:
                 rows.append(Row(case.label, case.group, pattern, n, "fwd+bwd" if case.train else "fwd",
