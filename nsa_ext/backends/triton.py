@@ -4,7 +4,9 @@ Preprocessing is `canonical_blocks` (sorted, de-duplicated, causally trimmed row
 counts), so the kernels stream exactly the set SPEC.md defines. Two schedules: group-centric
 (one program per query token and KV head, K/V read once for the G query heads; the default,
 `NSA_SEL_TRITON_GROUP=1`) and per-head (one program per query token and query head,
-`NSA_SEL_TRITON_GROUP=0`). No host synchronisation and no data-dependent allocation on the normal
+`NSA_SEL_TRITON_GROUP=0`). Calls with too few rows to fill the GPU (decode, small batches) take
+the split-KV kernel of `triton_ref/selection_split.py` instead (each row's entries cut into
+slices, merged through their lse). No host synchronisation and no data-dependent allocation on the normal
 path; with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
 `sel.triton.reads`, whose counts cost a host sync.
 
@@ -19,7 +21,7 @@ import torch
 
 from ..call import SelectionCall
 from ..config import Settings, load_settings
-from ..device import DeviceFacts
+from ..device import DeviceFacts, device_facts
 from ..logs import log_event
 from ..selection import RowGeometry, canonical_blocks, row_geometry
 
@@ -93,24 +95,58 @@ def _reads(call: SelectionCall, geometry: RowGeometry, blocks, num_blocks, group
     return visible_tokens * copies, sdpa_tokens, copies
 
 
+# Below this many waves of programs over the SMs (decode, small batches) the split-KV kernel
+# runs instead: it cuts each row's entries into slices to fill the GPU, and applies the set
+# semantics in-kernel, so a decode step is one or two launches with no preprocessing.
+SPLIT_BELOW_WAVES = 4
+
+
+def _num_splits(call: SelectionCall, interpret: bool) -> int:
+    """0 for the main kernels, else the number of slices per row for the split-KV kernel."""
+    if interpret or call.device.type != "cuda":
+        return 0
+    from triton_ref.selection_fwd import group_tile
+    from triton_ref.selection_split import choose_num_splits
+
+    sm_count = device_facts(call.device).sm_count
+    G = call.group_size
+    work = call.batch * call.seqlen_q * call.num_heads_kv * -(-G // group_tile(G))
+    if work >= SPLIT_BELOW_WAVES * sm_count:
+        return 0
+    return choose_num_splits(work, call.num_selected, sm_count)
+
+
 def forward(call: SelectionCall):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)."""
-    from triton_ref.selection_fwd import selection_fwd
-
     settings = load_settings()
-    group = settings.sel_triton_group
-    geometry = row_geometry(call)
-    blocks, num_blocks = canonical_blocks(call, geometry)
+    interpret = settings.triton_interpret or call.device.type != "cuda"
+    splits = _num_splits(call, interpret)
     varlen = call.is_varlen
-    o, lse, grid = selection_fwd(
-        call.q, call.k, call.v, blocks, num_blocks, scale=call.scale, block_size=call.block_size,
-        pos=geometry.pos if varlen else None, k_offset=geometry.k_offset if varlen else None,
-        group=group, interpret=settings.triton_interpret or call.device.type != "cuda")
-    if settings.debug:
+    geometry = row_geometry(call) if (varlen or settings.debug or not splits) else None
+    if splits:
+        from triton_ref.selection_split import selection_split_fwd
+
+        o, lse = selection_split_fwd(
+            call.q, call.k, call.v, call.block_indices, scale=call.scale,
+            block_size=call.block_size, block_counts=call.block_counts,
+            count_limit=call.block_count_limit, pos=geometry.pos if varlen else None,
+            k_offset=geometry.k_offset if varlen else None, num_splits=splits)
+        variant, grid, group = "split", (call.batch * call.seqlen_q * call.num_heads_kv, splits), True
+    else:
+        from triton_ref.selection_fwd import selection_fwd
+
+        group = settings.sel_triton_group
+        blocks, num_blocks = canonical_blocks(call, geometry)
+        o, lse, grid = selection_fwd(
+            call.q, call.k, call.v, blocks, num_blocks, scale=call.scale,
+            block_size=call.block_size, pos=geometry.pos if varlen else None,
+            k_offset=geometry.k_offset if varlen else None, group=group, interpret=interpret)
         variant = "group" if group else "head"
+    if settings.debug:
         log_event("sel.triton.launch", variant=variant, grid=grid,
                   rows=call.batch * call.seqlen_q * call.num_heads_kv, G=call.group_size,
                   dtype=str(call.dtype).replace("torch.", ""))
+        blocks, num_blocks = canonical_blocks(call, geometry)
         kv_tokens_read, sdpa_tokens, copies = _reads(call, geometry, blocks, num_blocks, group)
         log_event("sel.triton.reads", variant=variant, kv_tokens_read=kv_tokens_read,
                   sdpa_tokens=sdpa_tokens, reads_per_row=copies)
