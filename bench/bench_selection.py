@@ -106,6 +106,7 @@ class Row:
     x_floor_tile: Optional[float] = None
     peak_mib: Optional[float] = None
     note: str = ""
+    wall_s: Optional[float] = None  # wall time this row took in the bench (compile, autotune included)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -817,19 +818,24 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             continue
         auto = auto_choice(ctx, original_env)
+        case_start = time.monotonic()
         case_rows = []
         for name in sorted(names, key=MEASURE_ORDER.index):
             if time.monotonic() - started > args.budget_s:
                 row = Row(case.label, case.group, pattern, name, "fwd+bwd" if case.train else "fwd",
                           status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
             else:
+                row_start = time.monotonic()
                 row = measure_row(ctx, name, timer)
+                row.wall_s = round(time.monotonic() - row_start, 2)
             case_rows.append(row)
             progress.step(f"{case.label} {pattern}: {name}")
         fill_metrics(case_rows, ctx)
         case_rows.sort(key=lambda r: ROW_ORDER.index(r.backend))
         rows.extend(case_rows)
-        block = "\n".join([case_line(ctx, auto), HEADER_COLS] + [format_row(r) for r in case_rows])
+        block = "\n".join([case_line(ctx, auto), HEADER_COLS] + [format_row(r) for r in case_rows] +
+                          [f"(case: {time.monotonic() - case_start:.0f} s with compiles; "
+                           f"{time.monotonic() - started:.0f} s into the run)"])
         blocks.append(block)
         if progress.bar is not None:
             progress.bar.write(block + "\n")

@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,temperature.gpu --format=csv
-  if ls .whl/*.whl >/dev/null 2>&1; then
+  if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/fla ]; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && echo "fla-core wheel installed into /tmp/site"
   fi
