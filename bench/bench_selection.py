@@ -353,7 +353,7 @@ def build_flex(ctx: Context, s: InputSet):
                             ("accumulated_cache_size_limit", 512), ("accumulated_recompile_limit", 512)):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, value)
-        _FLEX["compiled"] = torch.compile(flex_attention)
+        _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
     return flex_fn(ctx, s, _FLEX["compiled"], BlockMask)
 
 
@@ -653,12 +653,16 @@ def summary_text(rows: List[Row], contexts: List[tuple]) -> str:
              "dense:cudnn": "cudnn", "dense:flash": "flash", "dense:cpu": "dense", "floor/row": "fl/row",
              "floor/tile": "fl/tile"}
     head = f"{'case':<22}{'pattern':<10}" + "".join(f"{short.get(n, n.replace('nsa:', '')):>10}" for n in names)
-    lines = ["summary: ms per row (n/a, error, skipped: -)", head]
+    lines = ["summary: median ms per row (n/a: cannot serve; err: failed; skip: time budget; -: not a row here)", head]
     for label, pattern in contexts:
         cells = []
         for n in names:
             match = [r for r in rows if r.case == label and r.pattern == pattern and r.backend == n]
-            cells.append(_num(match[0].ms, "10.3f") if match and match[0].status == "ok" else f"{'-':>10}")
+            if match and match[0].status == "ok":
+                cells.append(_num(match[0].ms, "10.3f"))
+            else:
+                mark = {"n/a": "n/a", "error": "err", "skipped": "skip"}.get(match[0].status, "?") if match else "-"
+                cells.append(f"{mark:>10}")
         lines.append(f"{label:<22}{pattern:<10}" + "".join(cells))
     return "\n".join(lines)
 
@@ -805,6 +809,7 @@ def main(argv=None) -> int:
                                 status="skipped", note=f"time budget of {args.budget_s:.0f} s spent"))
                 progress.step(f"{case.label} {pattern}: skipped")
             done_contexts.append((case.label, pattern))
+            blocks.append(f"== {case.label} | {pattern} | skipped: time budget of {args.budget_s:.0f} s spent")
             continue
         try:
             ctx = make_context(case, pattern, device, args.dtype, args.seed, args.full)
@@ -849,7 +854,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         _write_outputs(out, env, copy_bw, header, blocks, rows, case_records, done_contexts, cases, args,
-                       started, final=False)
+                       started, final=False, plot=len(case_records) % 4 == 0)
     progress.close()
     summary = summary_text(rows, done_contexts)
     print(summary)
@@ -862,7 +867,7 @@ def main(argv=None) -> int:
 
 
 def _write_outputs(out: Path, env, copy_bw, header, blocks, rows, case_records, done_contexts, cases, args,
-                   started, final: bool) -> List[str]:
+                   started, final: bool, plot: bool = True) -> List[str]:
     text = "\n\n".join([header] + blocks + [summary_text(rows, done_contexts)]) + "\n"
     (out / "bench_selection.txt").write_text(text)
     common.dump_json(out / "bench_selection.json", {
@@ -874,7 +879,7 @@ def _write_outputs(out: Path, env, copy_bw, header, blocks, rows, case_records, 
         "cases": case_records, "rows": [vars(r) for r in rows]})
     write_csv(out / "bench_selection.csv", rows)
     messages = []
-    if final:
+    if final or plot:
         problem = write_plot(out / "bench_selection.png", rows, cases, env)
         if problem:
             messages.append(problem)
