@@ -55,6 +55,11 @@ def default_chunk(block_size: int, K: int, V: int) -> int:
     return max(16, min(block_size, 64 if widest <= 128 else 32))
 
 
+def _chunk(args) -> int:
+    """default_chunk from a launch's arguments (a heuristic of selection_split.py)."""
+    return default_chunk(args["BLOCK"], args["K"], args["V"])
+
+
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["BLOCK"]
@@ -279,10 +284,11 @@ def _interpreted(kernel):
     if kernel not in _interpreted_cache:
         from triton.runtime.interpreter import InterpretedFunction
 
-        values = {**kernel.values,  # the compiled kernel's heuristics, plus the untuned BS
-                  "BS": lambda args: default_chunk(args["BLOCK"], args["K"], args["V"])}
-        _interpreted_cache[kernel] = triton.heuristics(values)(
-            InterpretedFunction(_python_function(kernel)))
+        fn = _python_function(kernel)
+        values = dict(kernel.values)  # the compiled kernel's heuristics
+        if "BS" in inspect.signature(fn).parameters and "BS" not in values:
+            values["BS"] = _chunk         # autotuned when compiled: the untuned choice here
+        _interpreted_cache[kernel] = triton.heuristics(values)(InterpretedFunction(fn))
     return _interpreted_cache[kernel]
 
 
