@@ -52,6 +52,8 @@ def main():
     parser.add_argument("--T", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--out", default="bench/results/cuda_quick.json")
     parser.add_argument("--rep", type=int, default=300, help="do_bench rep (ms)")
+    parser.add_argument("--variants", type=int, nargs="*", default=[],
+                        help="also time these compiled kernel variants (csrc/selection_fwd.cuh)")
     args = parser.parse_args()
     assert _ext.available(), _ext.unavailable_reason()
     try:
@@ -84,6 +86,14 @@ def main():
 
         result = {"T": T, "pairs": pairs}
         o_cuda, lse_cuda = run_op()
+        set_variant = torch.ops.nsa_ext_cuda._set_kernel_variant
+        for variant in args.variants:
+            set_variant(variant)
+            o_var, _ = run_op()
+            result[f"variant{variant}_max_abs_diff"] = (o_var.float() - o_cuda.float()).abs().max().item()
+            result[f"variant{variant}_ms"] = triton.testing.do_bench(
+                run_op, warmup=25, rep=args.rep // 2, return_mode="median")
+        set_variant(0)
         result["cuda_ms"] = triton.testing.do_bench(run_op, warmup=50, rep=args.rep,
                                                     return_mode="median")
         result["cuda_backend_ms"] = triton.testing.do_bench(run_backend, warmup=50, rep=args.rep,
@@ -112,6 +122,12 @@ def main():
         print(f"{r['T']:>6} | {r['cuda_ms']:>10.3f} {r['cuda_tflops']:>7.1f} | "
               f"{r['cuda_backend_ms']:>10.3f} | {fla_ms:>8.3f} {r.get('fla_tflops', math.nan):>7.1f} | "
               f"{r['cuda_ms'] / fla_ms:>8.2f} | {r.get('max_abs_diff_vs_fla', math.nan):.3g}")
+    if args.variants:
+        print("kernel variants (op only), ms [max |o - o_default|]:")
+        for r in rows:
+            cells = "  ".join(f"v{v}: {r[f'variant{v}_ms']:.3f} [{r[f'variant{v}_max_abs_diff']:.2g}]"
+                              for v in args.variants)
+            print(f"{r['T']:>6} | {cells}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, "host": platform.node(), "rows": rows}, indent=1))

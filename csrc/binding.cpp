@@ -16,6 +16,7 @@
 #endif
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -32,13 +33,19 @@ std::string shape_of(const at::Tensor& t) {
   return s + "]";
 }
 
+std::string strides_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.stride(i));
+  return s + "]";
+}
+
 void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.is_cuda(), "nsa_ext_cuda::selection_fwd: ", name, " must be a CUDA tensor, got ",
-              t.device());
+              t.device().str());
   TORCH_CHECK(t.device() == q.device(), "nsa_ext_cuda::selection_fwd: ", name,
-              " must be on q's device (", q.device(), "), got ", t.device());
+              " must be on q's device (", q.device().str(), "), got ", t.device().str());
   TORCH_CHECK(t.is_contiguous(), "nsa_ext_cuda::selection_fwd: ", name,
-              " must be contiguous, got strides ", t.strides());
+              " must be contiguous, got shape ", shape_of(t), " with strides ", strides_of(t));
 }
 
 void check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> expected,
@@ -76,6 +83,18 @@ cudaError_t launch_mma(const SelectionFwdParams& p, cudaStream_t stream) {
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_LAUNCH)
 #undef NSA_EXT_LAUNCH
   return cudaErrorInvalidValue;   // unreachable: the dims were checked
+}
+
+// Bench-only switch between compiled kernel variants (csrc/selection_fwd.cuh); 0 = default.
+std::atomic<int>& kernel_variant() {
+  static std::atomic<int> variant{0};
+  return variant;
+}
+
+void set_kernel_variant(int64_t variant) {
+  TORCH_CHECK(variant >= 0 && variant < 16, "nsa_ext_cuda::_set_kernel_variant: expected 0..15, got ",
+              variant);
+  kernel_variant().store(int(variant), std::memory_order_relaxed);
 }
 
 std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -167,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   p.block_size = int(block_size);
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
+  p.variant = kernel_variant().load(std::memory_order_relaxed);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   cudaError_t err = cudaSuccess;
@@ -224,6 +244,8 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
       "Tensor k_offset, int block_size, float scale) -> (Tensor o, Tensor lse)");
   // Build facts through the dispatcher too, for a build without the pybind11 module.
   m.def("build_info() -> str", []() { return build_info_json(); });
+  // Tuning only (bench/cuda_quick.py): which compiled kernel variant later calls use.
+  m.def("_set_kernel_variant(int variant) -> ()", &nsa_ext::set_kernel_variant);
 }
 
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {

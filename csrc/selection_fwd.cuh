@@ -140,6 +140,175 @@ __device__ __forceinline__ int64_t chunk_start(const int32_t* row_blocks, int ch
   return block * block_size + int64_t(chunk % chunks_per_block) * kChunkKeys;
 }
 
+// One chunk of 16 keys for one warp's 16 query rows: S = Q Kᵀ on tensor cores, causal mask
+// (all rows share the query position), online-softmax update of (m_row, l_row, acc) in base 2,
+// acc += P V. cK [16 keys][Dk] and cV [16 keys][Dv] in shared memory, rows kSQK / kSV apart;
+// Q from registers (q_frag) or from shared memory (sQ_warp, 16 rows). j0: the chunk's first key
+// within the sequence (-1: nothing visible).
+template <typename T, int kHeadDimQK, int kHeadDimV, int kSQK, int kSV, bool kQInRegs>
+__device__ __forceinline__ void attend_chunk(const uint32_t (*q_frag)[4], const T* sQ_warp,
+                                             const T* cK, const T* cV, int64_t j0, int64_t pos,
+                                             int64_t key_limit, float scale_log2, int lane,
+                                             float (&m_row)[2], float (&l_row)[2],
+                                             float (&acc)[kHeadDimV / 8][4]) {
+  constexpr int kStepsQK = kHeadDimQK / 16;
+  constexpr int kTilesV = kHeadDimV / 8;
+  // S [16 rows, 16 keys]: two n8 tiles (keys 0-7, 8-15).
+  float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+  for (int ks = 0; ks < kStepsQK; ++ks) {
+    uint32_t a[4];
+    if constexpr (kQInRegs) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
+    } else {
+      ldmatrix_x4(a, sQ_warp + (lane % 16) * kSQK + ks * 16 + (lane / 16) * 8);
+    }
+    uint32_t kb[4];
+    ldmatrix_x4(kb, cK + ((lane % 8) + (lane / 16) * 8) * kSQK + ks * 16 + ((lane / 8) % 2) * 8);
+    mma_16816<T>(sc[0], a, kb[0], kb[1]);
+    mma_16816<T>(sc[1], a, kb[2], kb[3]);
+  }
+  float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = j0 + nt * 8 + 2 * (lane % 4) + (e & 1);
+      const bool visible = j0 >= 0 && j <= pos && j < key_limit;
+      sc[nt][e] = visible ? sc[nt][e] * scale_log2 : -INFINITY;
+      row_max[e / 2] = fmaxf(row_max[e / 2], sc[nt][e]);
+    }
+  }
+  float corr[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
+    row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
+    const float m_new = fmaxf(m_row[i], row_max[i]);
+    // A row with nothing visible yet keeps m = -inf; subtract 0 then, never -inf - -inf.
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    corr[i] = fast_exp2(m_row[i] - m_use);
+    m_row[i] = m_new;
+    row_max[i] = m_use;
+  }
+  float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sc[nt][e] = fast_exp2(sc[nt][e] - row_max[e / 2]);
+      row_sum[e / 2] += sc[nt][e];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) l_row[i] = l_row[i] * corr[i] + row_sum[i];
+#pragma unroll
+  for (int n = 0; n < kTilesV; ++n) {
+    acc[n][0] *= corr[0];
+    acc[n][1] *= corr[0];
+    acc[n][2] *= corr[1];
+    acc[n][3] *= corr[1];
+  }
+  // P as the A operand (16 rows x 16 keys): the accumulator layout of the two n8 tiles.
+  uint32_t pa[4];
+  pa[0] = pack2<T>(sc[0][0], sc[0][1]);
+  pa[1] = pack2<T>(sc[0][2], sc[0][3]);
+  pa[2] = pack2<T>(sc[1][0], sc[1][1]);
+  pa[3] = pack2<T>(sc[1][2], sc[1][3]);
+  // O [16 rows, Dv] += P V, V [16 keys][Dv] read transposed, two n8 tiles per ldmatrix.
+#pragma unroll
+  for (int nd = 0; nd < kHeadDimV / 16; ++nd) {
+    uint32_t vb[4];
+    ldmatrix_x4_trans(vb, cV + (lane % 16) * kSV + nd * 16 + (lane / 16) * 8);
+    mma_16816<T>(acc[2 * nd], pa, vb[0], vb[1]);
+    mma_16816<T>(acc[2 * nd + 1], pa, vb[2], vb[3]);
+  }
+}
+
+// Merge the partial results of the warps that share query rows (warps_n of them per row tile:
+// warp = wm + wn * warps_m) through shared memory `smem` (free by now: every K/V read is done),
+// and write o and lse of the block's valid rows. Every thread of the block calls it.
+template <typename T, int kHeadDimV>
+__device__ __forceinline__ void merge_and_store(unsigned char* smem, const SelectionFwdParams& p,
+                                                int warps_m, int64_t bt, int h, int64_t g0,
+                                                const float (&m_row)[2], float (&l_row)[2],
+                                                const float (&acc)[kHeadDimV / 8][4]) {
+  constexpr int kSO = kHeadDimV + 4;
+  constexpr int kTilesV = kHeadDimV / 8;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warps_n = kWarps / warps_m;
+  const int rows_cta = 16 * warps_m;
+  const int64_t G = p.group;
+  float* sO = reinterpret_cast<float*>(smem);            // [kWarps][16][kSO]
+  float* sM = sO + kWarps * 16 * kSO;                     // [kWarps][16]
+  float* sL = sM + kWarps * 16;                           // [kWarps][16]
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 1);
+    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 2);
+  }
+  {
+    const int r = lane / 4;
+    float* o_warp = sO + warp * 16 * kSO;
+#pragma unroll
+    for (int n = 0; n < kTilesV; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+      o_warp[r * kSO + col] = acc[n][0];
+      o_warp[r * kSO + col + 1] = acc[n][1];
+      o_warp[(r + 8) * kSO + col] = acc[n][2];
+      o_warp[(r + 8) * kSO + col + 1] = acc[n][3];
+    }
+    if (lane % 4 == 0) {
+      sM[warp * 16 + r] = m_row[0];
+      sM[warp * 16 + r + 8] = m_row[1];
+      sL[warp * 16 + r] = l_row[0];
+      sL[warp * 16 + r + 8] = l_row[1];
+    }
+  }
+  __syncthreads();
+
+  T* o = static_cast<T*>(p.o);
+  for (int i = tid; i < rows_cta * (kHeadDimV / 2); i += kThreads) {
+    const int r = i / (kHeadDimV / 2);
+    const int col = 2 * (i % (kHeadDimV / 2));
+    const int64_t g = g0 + r;
+    if (g >= G) continue;
+    const int rw = r / 16, rr = r % 16;   // warp row, row within the warp's tile
+    float m_max = -INFINITY;
+    for (int n = 0; n < warps_n; ++n) m_max = fmaxf(m_max, sM[(rw + n * warps_m) * 16 + rr]);
+    float l_sum = 0.f, o0 = 0.f, o1 = 0.f;
+    if (m_max != -INFINITY) {
+      for (int n = 0; n < warps_n; ++n) {
+        const int w = rw + n * warps_m;
+        const float m_w = sM[w * 16 + rr];
+        if (m_w == -INFINITY) continue;
+        const float f = fast_exp2(m_w - m_max);
+        l_sum += sL[w * 16 + rr] * f;
+        o0 += sO[(w * 16 + rr) * kSO + col] * f;
+        o1 += sO[(w * 16 + rr) * kSO + col + 1] * f;
+      }
+    }
+    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+    const int64_t out_row = bt * p.heads_q + int64_t(h) * G + g;
+    *reinterpret_cast<uint32_t*>(o + out_row * kHeadDimV + col) = pack2<T>(o0 * inv, o1 * inv);
+    if (col == 0)
+      p.lse[out_row] = l_sum > 0.f ? m_max * kLn2 + logf(l_sum) : -INFINITY;
+  }
+}
+
+// The row's chunk count: only the query's own block (the last one, as the list is sorted) can
+// reach past pos.
+__device__ __forceinline__ int count_chunks(const int32_t* row_blocks, int num_blocks, int64_t pos,
+                                            int block_size) {
+  if (num_blocks <= 0) return 0;
+  const int chunks_per_block = block_size / kChunkKeys;
+  const int64_t last = row_blocks[num_blocks - 1];
+  const int64_t own = pos / block_size;
+  return (num_blocks - 1) * chunks_per_block +
+         (last == own ? int((pos % block_size) / kChunkKeys) + 1 : chunks_per_block);
+}
+
 template <typename T, int kHeadDimQK, int kHeadDimV, int kStages, int kMinBlocksPerSm>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     selection_fwd_mma_kernel(const SelectionFwdParams p, const int warps_m) {
@@ -183,14 +352,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   // Clamped so that a malformed count can never index past the row.
   const int num_blocks = max(0, min(p.num_blocks[row], int(p.num_selected)));
-  int total_chunks = 0;
-  if (num_blocks > 0) {
-    const int64_t last = row_blocks[num_blocks - 1];
-    const int64_t own = pos / block_size;
-    // Only the query's own block (the last one, as the list is sorted) can reach past pos.
-    total_chunks = (num_blocks - 1) * chunks_per_block +
-                   (last == own ? int((pos % block_size) / kChunkKeys) + 1 : chunks_per_block);
-  }
+  const int total_chunks = count_chunks(row_blocks, num_blocks, pos, block_size);
   const int num_stages = (total_chunks + kChunksPerStage - 1) / kChunksPerStage;
 
   const T* q = static_cast<const T*>(p.q);
@@ -283,143 +445,189 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const T* cK = bufK + c * kChunkKeys * kSQK;   // [16 keys][Dk]
       const T* cV = bufV + c * kChunkKeys * kSV;    // [16 keys][Dv]
 
-      // S [16 rows, 16 keys] = Q Kᵀ: two n8 tiles (keys 0-7, 8-15).
-      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int ks = 0; ks < kStepsQK; ++ks) {
-        uint32_t a[4];
-        if constexpr (kQInRegs) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
-        } else {
-          ldmatrix_x4(a, sQ_warp + (lane % 16) * kSQK + ks * 16 + (lane / 16) * 8);
-        }
-        uint32_t kb[4];
-        ldmatrix_x4(kb, cK + ((lane % 8) + (lane / 16) * 8) * kSQK + ks * 16 + ((lane / 8) % 2) * 8);
-        mma_16816<T>(sc[0], a, kb[0], kb[1]);
-        mma_16816<T>(sc[1], a, kb[2], kb[3]);
-      }
-
-      // Causal mask inside the chunk (all rows share the query position) and the scale.
       const int64_t j0 = chunk_start(row_blocks, chunk, total_chunks, chunks_per_block, block_size);
-      float row_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t j = j0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-          const bool visible = j0 >= 0 && j <= pos && j < key_limit;
-          sc[nt][e] = visible ? sc[nt][e] * p.scale_log2 : -INFINITY;
-          row_max[e / 2] = fmaxf(row_max[e / 2], sc[nt][e]);
-        }
-      }
-      float corr[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
-        row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
-        const float m_new = fmaxf(m_row[i], row_max[i]);
-        // A row with nothing visible yet keeps m = -inf; subtract 0 then, never -inf - -inf.
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        corr[i] = fast_exp2(m_row[i] - m_use);
-        m_row[i] = m_new;
-        row_max[i] = m_use;
-      }
-      float row_sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          sc[nt][e] = fast_exp2(sc[nt][e] - row_max[e / 2]);
-          row_sum[e / 2] += sc[nt][e];
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) l_row[i] = l_row[i] * corr[i] + row_sum[i];
-#pragma unroll
-      for (int n = 0; n < kTilesV; ++n) {
-        acc[n][0] *= corr[0];
-        acc[n][1] *= corr[0];
-        acc[n][2] *= corr[1];
-        acc[n][3] *= corr[1];
-      }
-      // P as the A operand (16 rows x 16 keys): the accumulator layout of the two n8 tiles.
-      uint32_t pa[4];
-      pa[0] = pack2<T>(sc[0][0], sc[0][1]);
-      pa[1] = pack2<T>(sc[0][2], sc[0][3]);
-      pa[2] = pack2<T>(sc[1][0], sc[1][1]);
-      pa[3] = pack2<T>(sc[1][2], sc[1][3]);
-      // O [16 rows, Dv] += P V, V [16 keys][Dv] read transposed, two n8 tiles per ldmatrix.
-#pragma unroll
-      for (int nd = 0; nd < kHeadDimV / 16; ++nd) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, cV + (lane % 16) * kSV + nd * 16 + (lane / 16) * 8);
-        mma_16816<T>(acc[2 * nd], pa, vb[0], vb[1]);
-        mma_16816<T>(acc[2 * nd + 1], pa, vb[2], vb[3]);
-      }
+      attend_chunk<T, kHeadDimQK, kHeadDimV, kSQK, kSV, kQInRegs>(
+          q_frag, sQ_warp, cK, cV, j0, pos, key_limit, p.scale_log2, lane, m_row, l_row, acc);
     }
     __syncthreads();
   }
   cp_async_wait<0>();
   __syncthreads();
 
-  // Merge the WN partial results of each row through shared memory (the K/V buffers are free).
-  constexpr int kSO = Layout::kStrideO;
-  float* sO = reinterpret_cast<float*>(smem);            // [kWarps][16][kSO]
-  float* sM = sO + kWarps * 16 * kSO;                     // [kWarps][16]
-  float* sL = sM + kWarps * 16;                           // [kWarps][16]
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 1);
-    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 2);
+  merge_and_store<T, kHeadDimV>(smem, p, warps_m, bt, h, g0, m_row, l_row, acc);
+}
+
+// Warp-pipelined variant for groups of at most 16 query heads (one row tile): each of the four
+// warps streams its own chunks (warp w takes chunks w, w + 4, ...) through its own ring of
+// kDepth shared-memory slots [16 keys][Dk | Dv] with cp.async, and waits only for its own loads
+// (cp.async.wait_group + __syncwarp), so no block-wide barrier sits in the main loop and each
+// warp keeps kDepth - 1 chunks in flight while it computes one. Same contract and outputs as
+// selection_fwd_mma_kernel; partial results are merged by merge_and_store.
+template <int kHeadDimQK, int kHeadDimV, int kDepth>
+struct WarpSmemLayout {
+  static constexpr int kStrideQK = kHeadDimQK + kRowPad;
+  static constexpr int kStrideV = kHeadDimV + kRowPad;
+  static constexpr size_t q_bytes() { return size_t(16) * kStrideQK * 2; }
+  static constexpr size_t slot_elems() { return size_t(kChunkKeys) * (kStrideQK + kStrideV); }
+  static constexpr size_t main_bytes() { return q_bytes() + size_t(kWarps) * kDepth * slot_elems() * 2; }
+  static constexpr size_t merge_bytes() {
+    return size_t(kWarps) * 16 * (kHeadDimV + 4) * 4 + 2 * size_t(kWarps) * 16 * 4;
   }
+  static constexpr size_t total_bytes() { return main_bytes() > merge_bytes() ? main_bytes() : merge_bytes(); }
+};
+
+template <typename T, int kHeadDimQK, int kHeadDimV, int kDepth, int kMinBlocksPerSm>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    selection_fwd_warp_kernel(const SelectionFwdParams p) {
+  using Layout = WarpSmemLayout<kHeadDimQK, kHeadDimV, kDepth>;
+  constexpr int kSQK = Layout::kStrideQK;
+  constexpr int kSV = Layout::kStrideV;
+  constexpr int kSegQK = kHeadDimQK / 8;
+  constexpr int kSegV = kHeadDimV / 8;
+  constexpr int kTilesV = kHeadDimV / 8;
+  constexpr bool kQInRegs = kHeadDimQK <= 64;
+  constexpr int kStepsQK = kHeadDimQK / 16;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  T* sQ = reinterpret_cast<T*>(smem);                                   // [16][kSQK]
+  T* ring = reinterpret_cast<T*>(smem + Layout::q_bytes()) +
+            size_t(warp) * kDepth * Layout::slot_elems();               // this warp's slots
+
+  const int64_t bt = blockIdx.x;
+  const int h = blockIdx.y;
+  const int64_t b = bt / p.seqlen_q;
+  const int64_t G = p.group;
+  const int64_t row = bt * p.heads_kv + h;
+  const int32_t* row_blocks = p.blocks + row * p.num_selected;
+  const int64_t pos = p.pos[bt];
+  const int64_t k_offset = p.k_offset[bt];
+  const int64_t kv_row0 = b * p.seqlen_k + k_offset;
+  const int64_t key_limit = p.seqlen_k - k_offset;
+  const int block_size = p.block_size;
+  const int chunks_per_block = block_size / kChunkKeys;
+  const int num_blocks = max(0, min(p.num_blocks[row], int(p.num_selected)));
+  const int total_chunks = count_chunks(row_blocks, num_blocks, pos, block_size);
+  // This warp's chunks: warp, warp + 4, ...
+  const int my_chunks = total_chunks > warp ? (total_chunks - warp + kWarps - 1) / kWarps : 0;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* k_seq = k + (kv_row0 * p.heads_kv + h) * kHeadDimQK;
+  const T* v_seq = v + (kv_row0 * p.heads_kv + h) * kHeadDimV;
+  const int64_t k_stride = p.heads_kv * kHeadDimQK;
+  const int64_t v_stride = p.heads_kv * kHeadDimV;
+
+  // Q [16 rows, Dk] by the whole block, zeros past the group; waited for before the loop.
   {
-    const int r = lane / 4;
-    float* o_warp = sO + warp * 16 * kSO;
-#pragma unroll
-    for (int n = 0; n < kTilesV; ++n) {
-      const int col = n * 8 + 2 * (lane % 4);
-      o_warp[r * kSO + col] = acc[n][0];
-      o_warp[r * kSO + col + 1] = acc[n][1];
-      o_warp[(r + 8) * kSO + col] = acc[n][2];
-      o_warp[(r + 8) * kSO + col + 1] = acc[n][3];
+    const T* q_rows = q + (bt * p.heads_q + int64_t(h) * G) * kHeadDimQK;
+    for (int i = tid; i < 16 * kSegQK; i += kThreads) {
+      const int r = i / kSegQK, seg = i % kSegQK;
+      const bool valid = r < G;
+      cp_async_16(sQ + r * kSQK + seg * 8, valid ? q_rows + r * kHeadDimQK + seg * 8 : q, valid);
     }
-    if (lane % 4 == 0) {
-      sM[warp * 16 + r] = m_row[0];
-      sM[warp * 16 + r + 8] = m_row[1];
-      sL[warp * 16 + r] = l_row[0];
-      sL[warp * 16 + r + 8] = l_row[1];
-    }
+    cp_async_commit();
   }
+
+  // The warp's i-th chunk -> slot i % kDepth: K rows then V rows, 16 keys each.
+  auto load_chunk = [&](int i) {
+    const int chunk = warp + i * kWarps;
+    const int64_t j0 = chunk_start(row_blocks, chunk, total_chunks, chunks_per_block, block_size);
+    T* dK = ring + (i % kDepth) * Layout::slot_elems();
+    T* dV = dK + kChunkKeys * kSQK;
+#pragma unroll
+    for (int e = 0; e < (kChunkKeys * kSegQK) / 32; ++e) {
+      const int idx = lane + e * 32;
+      const int r = idx / kSegQK, seg = idx % kSegQK;
+      const int64_t j = j0 + r;
+      const bool valid = j0 >= 0 && j <= pos && j < key_limit;
+      cp_async_16(dK + r * kSQK + seg * 8, valid ? k_seq + j * k_stride + seg * 8 : k, valid);
+    }
+#pragma unroll
+    for (int e = 0; e < (kChunkKeys * kSegV) / 32; ++e) {
+      const int idx = lane + e * 32;
+      const int r = idx / kSegV, seg = idx % kSegV;
+      const int64_t j = j0 + r;
+      const bool valid = j0 >= 0 && j <= pos && j < key_limit;
+      // Masked keys' V rows must be zeros, not stale data: P = 0 times NaN is NaN.
+      cp_async_16(dV + r * kSV + seg * 8, valid ? v_seq + j * v_stride + seg * 8 : v, valid);
+    }
+  };
+
+#pragma unroll
+  for (int i = 0; i < kDepth - 1; ++i) {
+    if (i < my_chunks) load_chunk(i);
+    cp_async_commit();
+  }
+  // Q is the oldest group of every thread: once it has landed everywhere, Q is complete.
+  cp_async_wait<kDepth - 1>();
   __syncthreads();
 
-  T* o = static_cast<T*>(p.o);
-  for (int i = tid; i < rows_cta * (kHeadDimV / 2); i += kThreads) {
-    const int r = i / (kHeadDimV / 2);
-    const int col = 2 * (i % (kHeadDimV / 2));
-    const int64_t g = g0 + r;
-    if (g >= G) continue;
-    const int rw = r / 16, rr = r % 16;   // warp row, row within the warp's tile
-    float m_max = -INFINITY;
-    for (int n = 0; n < warps_n; ++n) m_max = fmaxf(m_max, sM[(rw + n * warps_m) * 16 + rr]);
-    float l_sum = 0.f, o0 = 0.f, o1 = 0.f;
-    if (m_max != -INFINITY) {
-      for (int n = 0; n < warps_n; ++n) {
-        const int w = rw + n * warps_m;
-        const float m_w = sM[w * 16 + rr];
-        if (m_w == -INFINITY) continue;
-        const float f = fast_exp2(m_w - m_max);
-        l_sum += sL[w * 16 + rr] * f;
-        o0 += sO[(w * 16 + rr) * kSO + col] * f;
-        o1 += sO[(w * 16 + rr) * kSO + col + 1] * f;
-      }
-    }
-    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
-    const int64_t out_row = bt * p.heads_q + int64_t(h) * G + g;
-    *reinterpret_cast<uint32_t*>(o + out_row * kHeadDimV + col) = pack2<T>(o0 * inv, o1 * inv);
-    if (col == 0)
-      p.lse[out_row] = l_sum > 0.f ? m_max * kLn2 + logf(l_sum) : -INFINITY;
+  float m_row[2] = {-INFINITY, -INFINITY};
+  float l_row[2] = {0.f, 0.f};
+  float acc[kTilesV][4];
+#pragma unroll
+  for (int n = 0; n < kTilesV; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  uint32_t q_frag[kQInRegs ? kStepsQK : 1][4];
+  if constexpr (kQInRegs) {
+#pragma unroll
+    for (int ks = 0; ks < kStepsQK; ++ks)
+      ldmatrix_x4(q_frag[ks], sQ + (lane % 16) * kSQK + ks * 16 + (lane / 16) * 8);
   }
+
+  for (int i = 0; i < my_chunks; ++i) {
+    if (i + kDepth - 1 < my_chunks) load_chunk(i + kDepth - 1);
+    cp_async_commit();
+    cp_async_wait<kDepth - 1>();
+    __syncwarp();   // the other lanes' copies of chunk i are visible
+    const T* cK = ring + (i % kDepth) * Layout::slot_elems();
+    const T* cV = cK + kChunkKeys * kSQK;
+    const int64_t j0 =
+        chunk_start(row_blocks, warp + i * kWarps, total_chunks, chunks_per_block, block_size);
+    attend_chunk<T, kHeadDimQK, kHeadDimV, kSQK, kSV, kQInRegs>(
+        q_frag, sQ, cK, cV, j0, pos, key_limit, p.scale_log2, lane, m_row, l_row, acc);
+    __syncwarp();   // every lane is done with slot i % kDepth before it is refilled
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  merge_and_store<T, kHeadDimV>(smem, p, /*warps_m=*/1, bt, h, /*g0=*/0, m_row, l_row, acc);
+}
+
+}  // namespace mma_kernel
+
+namespace mma_kernel {
+
+template <typename T, int kHeadDimQK, int kHeadDimV, int kStages, int kMinBlocksPerSm>
+cudaError_t launch_cta(const SelectionFwdParams& p, cudaStream_t stream) {
+  using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kStages>;
+  const int warps_m = p.group <= 16 ? 1 : p.group <= 32 ? 2 : 4;
+  const int rows_cta = 16 * warps_m;
+  const size_t smem = Layout::total_bytes(rows_cta);
+  auto kernel = selection_fwd_mma_kernel<T, kHeadDimQK, kHeadDimV, kStages, kMinBlocksPerSm>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv),
+                  unsigned((p.group + rows_cta - 1) / rows_cta));
+  kernel<<<grid, kThreads, smem, stream>>>(p, warps_m);
+  return cudaGetLastError();
+}
+
+template <typename T, int kHeadDimQK, int kHeadDimV, int kDepth, int kMinBlocksPerSm>
+cudaError_t launch_warp(const SelectionFwdParams& p, cudaStream_t stream) {
+  const size_t smem = WarpSmemLayout<kHeadDimQK, kHeadDimV, kDepth>::total_bytes();
+  auto kernel = selection_fwd_warp_kernel<T, kHeadDimQK, kHeadDimV, kDepth, kMinBlocksPerSm>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace mma_kernel
@@ -427,27 +635,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
 cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& p, cudaStream_t stream) {
   using T = typename mma_kernel::Element<kKind>::type;
-  // Two stages: 2 x 64 keys x (Dk + Dv) stays small enough for 2-3 blocks per SM at Dk = 128.
-  constexpr int kStages = 2;
-  using Layout = mma_kernel::SmemLayout<kHeadDimQK, kHeadDimV, kStages>;
   static_assert(kHeadDimQK % 16 == 0 && kHeadDimV % 16 == 0, "head dims: multiples of 16");
-  const int warps_m = p.group <= 16 ? 1 : p.group <= 32 ? 2 : 4;
-  const int rows_cta = 16 * warps_m;
-  const size_t smem = Layout::total_bytes(rows_cta);
-  // Up to Dk = Dv = 128 three blocks fit an SM's shared memory (3 x 74 KB); capping registers
-  // at 170 lets them all be resident, so three blocks' loads are in flight.
-  constexpr int kMinBlocksPerSm = kHeadDimQK + kHeadDimV <= 256 ? 3 : 1;
-  auto kernel = mma_kernel::selection_fwd_mma_kernel<T, kHeadDimQK, kHeadDimV, kStages,
-                                                     kMinBlocksPerSm>;
-  if (smem > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
+  // Up to Dk = Dv = 128 two (warp kernel) or three (block kernel) blocks share an SM; larger
+  // head dims take one, with a shallower pipeline, so that the shared memory fits.
+  constexpr bool kSmall = kHeadDimQK + kHeadDimV <= 256;
+  // Tuning variants, compiled for bf16 128/128 only (the bench's setting), chosen by
+  // nsa_ext_cuda::_set_kernel_variant; 0 is the default everywhere.
+  if constexpr (kKind == ScalarKind::kBFloat16 && kHeadDimQK == 128 && kHeadDimV == 128) {
+    switch (p.variant) {
+      case 1: return mma_kernel::launch_cta<T, 128, 128, 2, 3>(p, stream);
+      case 2: return mma_kernel::launch_cta<T, 128, 128, 3, 2>(p, stream);
+      case 3: if (p.group <= 16) return mma_kernel::launch_warp<T, 128, 128, 4, 1>(p, stream); break;
+      case 4: if (p.group <= 16) return mma_kernel::launch_warp<T, 128, 128, 2, 3>(p, stream); break;
+      default: break;
+    }
   }
-  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv),
-                  unsigned((p.group + rows_cta - 1) / rows_cta));
-  kernel<<<grid, mma_kernel::kThreads, smem, stream>>>(p, warps_m);
-  return cudaGetLastError();
+  // One row tile (G <= 16): the warp-pipelined kernel; larger groups: the block-wide one,
+  // whose warps split the rows and share each stage.
+  if (p.group <= 16)
+    return mma_kernel::launch_warp<T, kHeadDimQK, kHeadDimV, kSmall ? 3 : 2, kSmall ? 2 : 1>(
+        p, stream);
+  return mma_kernel::launch_cta<T, kHeadDimQK, kHeadDimV, 2, kSmall ? 3 : 1>(p, stream);
 }
 
 }  // namespace nsa_ext

@@ -32,6 +32,7 @@ struct SelectionFwdParams {
   int block_size;
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): the kernels work in base 2
+  int variant;        // kernel variant for tuning (nsa_ext_cuda::_set_kernel_variant); 0: default
 };
 
 template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
