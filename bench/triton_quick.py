@@ -6,7 +6,9 @@ medians of triton.testing.do_bench; TFLOP/s = 4 * D * (attended query-key pairs 
 heads) / time. "fwd" is the backend's forward (canonical_blocks + kernel), "kernel" the launch alone
 on precomputed canonical rows; fla gets the raw rows (it needs no preprocessing for this input).
 
-    python bench/triton_quick.py [--out results.json] [--quick]
+    python bench/triton_quick.py [--out results.json] [--quick] [--bwd] [--no-fwd]
+
+Backward rows: TFLOP/s counts 2.5x the forward's flops (five products instead of two).
 """
 from __future__ import annotations
 
@@ -157,6 +159,69 @@ def bench_case(T, G, H=4, with_fla=True, with_sdpa=False):
     return out
 
 
+def bench_backward(T, G, H=4, with_sdpa=False):
+    """Backward: ours (the backend's, recomputing o and lse; and the kernel alone) vs fla's
+    parallel_nsa_bwd (given its forward's o and lse) and packed SDPA's recomputing backward."""
+    from nsa_ext.backends import triton as triton_backend
+    from triton_ref.selection_bwd import selection_bwd, selection_bwd_group_kernel
+
+    HQ = G * H
+    call = make(T, HQ, H)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    flops = 2.5 * 4 * D * attended_pairs(call, blocks)     # 5 products of the forward's 2
+    g = torch.Generator(device="cuda").manual_seed(1)
+    grad_o = torch.randn(call.q.shape, device="cuda", dtype=call.dtype, generator=g)
+    out = []
+
+    def record(name, ms, note=""):
+        out.append(dict(T=T, G=G, HQ=HQ, H=H, name=name, ms=ms,
+                        tflops=(flops / (ms * 1e-3) / 1e12) if ms else None, note=note))
+    ours = None
+    try:
+        record("bwd ours", timed(lambda: triton_backend.backward(call, grad_o, None)),
+               "incl. forward recompute + canonical_blocks")
+        o, lse, _ = kernels.selection_fwd(call.q, call.k, call.v, blocks, num_blocks,
+                                          scale=call.scale, block_size=BLOCK)
+
+        def kernel_only():
+            return selection_bwd(call.q, call.k, call.v, o, lse, grad_o, None, blocks, num_blocks,
+                                 scale=call.scale, block_size=BLOCK)
+        record("bwd ours kernel", timed(kernel_only),
+               f"best {getattr(selection_bwd_group_kernel.fn, 'best_config', None)}")
+        ours = kernel_only()
+    except Exception as err:
+        traceback.print_exc()
+        record("bwd ours", None, f"failed: {type(err).__name__}: {str(err)[:200]}")
+    try:
+        from fla.ops.nsa.parallel import parallel_nsa_bwd, parallel_nsa_fwd
+
+        idx = call.block_indices.to(torch.long)
+        o_f, lse_f = parallel_nsa_fwd(call.q, call.k, call.v, idx, S, BLOCK, call.scale)
+
+        def fla_bwd():
+            return parallel_nsa_bwd(call.q, call.k, call.v, o_f, lse_f, grad_o, idx, S, BLOCK,
+                                    call.scale)
+        ms = timed(fla_bwd)
+        note = ""
+        if ours is not None:
+            theirs = fla_bwd()
+            note = "max|ours-fla| dq,dk,dv " + " ".join(
+                f"{(a.float() - b.float()).abs().max().item():.3g}" for a, b in zip(ours, theirs))
+        record("bwd fla", ms, note + " (excl. forward)")
+    except Exception as err:
+        record("bwd fla", None, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    if with_sdpa:
+        try:
+            from nsa_ext.backends import sdpa_packed
+            record("bwd sdpa_packed", timed(lambda: sdpa_packed.backward(call, grad_o, None)))
+        except Exception as err:
+            record("bwd sdpa_packed", None, f"failed: {type(err).__name__}: {str(err)[:160]}")
+    del call
+    torch.cuda.empty_cache()
+    return out
+
+
 def versions():
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version())
@@ -170,11 +235,12 @@ def versions():
 
 def print_table(rows):
     print(f"{'T':>6} {'G':>3} {'HQ':>3} {'kernel':<14} {'ms':>9} {'TFLOP/s':>8} {'/fla':>6}  note")
-    fla = {(r["T"], r["G"]): r["ms"] for r in rows if r["name"] == "fla" and r["ms"]}
+    fla = {(r["T"], r["G"], r["name"].startswith("bwd")): r["ms"] for r in rows
+           if r["name"] in ("fla", "bwd fla") and r["ms"]}
     for r in rows:
         ms = f"{r['ms']:.3f}" if r["ms"] else "-"
         tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
-        base = fla.get((r["T"], r["G"]))
+        base = fla.get((r["T"], r["G"], r["name"].startswith("bwd")))
         rel = f"{r['ms'] / base:.2f}" if (base and r["ms"]) else "-"
         print(f"{r['T']:>6} {r['G']:>3} {r['HQ']:>3} {r['name']:<14} {ms:>9} {tf:>8} {rel:>6}  {r['note']}")
 
@@ -184,17 +250,24 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="T = 8k only")
     parser.add_argument("--sweep-T", type=int, default=8192, help="T of the G sweep")
+    parser.add_argument("--bwd", action="store_true", help="also the backward")
+    parser.add_argument("--no-fwd", action="store_true", help="skip the forward tables")
     args = parser.parse_args()
     info = versions()
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     rows = []
-    for T in ([8192] if args.quick else [8192, 32768, 65536]):
+    for T in ([] if args.no_fwd else [8192] if args.quick else [8192, 32768, 65536]):
         rows += bench_case(T, 16)
         print_table(rows[-6:])
         sys.stdout.flush()
-    for G in (1, 2, 4, 8, 3, 6):
+    for G in ([] if args.no_fwd else (1, 2, 4, 8, 3, 6)):
         rows += bench_case(args.sweep_T, G, with_sdpa=True)
         sys.stdout.flush()
+    if args.bwd:
+        for T, G in ((8192, 16), (32768, 16), (8192, 4)):
+            rows += bench_backward(T, G, with_sdpa=(T == 8192))
+            print_table(rows[-4:])
+            sys.stdout.flush()
     print()
     print(" | ".join(f"{k} {v}" for k, v in info.items()))
     print(f"bf16, D={D}, {S} blocks of {BLOCK}, H=4, prefill (TQ = TK = T), median ms")

@@ -7,51 +7,26 @@ Two lanes over one matrix:
   before) and restores the variable at once; each CPU test turns it on again for itself only,
   so other test modules see the environment they expect.
 - GPU (marked `gpu`): the same matrix in bf16, fp16 and fp32, plus large and 64-bit-offset cases,
-  CUDA-graph capture and the absence of host synchronisation.
-Plus the reasons the backend gives, and the `sel.triton.reads` log record against counts made
-here from SPEC.md's definition.
+  CUDA-graph capture and the absence of host synchronisation. Small calls would take the
+  split-KV kernel (tests/test_triton_split.py tests it); the matrix here pins the main kernels.
+Plus the backward kernel's gradients against autograd through the reference, the reasons the
+backend gives, and the `sel.triton.reads` log record against counts made here from SPEC.md.
 """
 import logging
 import math
-import os
-import sys
 
 import pytest
 import torch
 
+from common import assert_close_to_reference, import_triton_for_the_interpreter, make_case
+from nsa_ext.backends import triton as triton_backend
+from nsa_ext.call import describe_call
+from nsa_ext.config import Settings
+from nsa_ext.device import CPU, DeviceFacts
+from nsa_ext.reference import reference_forward
+
 CUDA = torch.cuda.is_available()
-
-
-def _import_triton_for_the_interpreter():
-    """True when this process can run Triton kernels on the CPU."""
-    if "triton" not in sys.modules:
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            import triton.language  # noqa: F401
-        except ImportError:
-            return False
-        finally:
-            if saved is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(tl.zeros, InterpretedFunction)
-
-
-INTERPRETER = False if CUDA else _import_triton_for_the_interpreter()
-
-from common import assert_close_to_reference, make_case  # noqa: E402
-from nsa_ext.backends import triton as triton_backend  # noqa: E402
-from nsa_ext.call import describe_call  # noqa: E402
-from nsa_ext.config import Settings  # noqa: E402
-from nsa_ext.device import CPU, DeviceFacts  # noqa: E402
-from nsa_ext.reference import reference_forward  # noqa: E402
+INTERPRETER = import_triton_for_the_interpreter()
 
 H100 = DeviceFacts("cuda", (9, 0), "NVIDIA H100 80GB HBM3", 132)
 RTX4090 = DeviceFacts("cuda", (8, 9), "NVIDIA GeForce RTX 4090", 128)
@@ -149,11 +124,13 @@ def test_interpreter_matches_reference(interpreter, monkeypatch, name, dtype, gr
 
 @pytest.fixture
 def untuned(monkeypatch):
-    """Every launch takes the untuned config: autotuning each shape of the matrix would cost
-    minutes of compilation and test nothing the tuned-path test below does not."""
+    """Every launch takes the main kernels (not split-KV) with the untuned config: autotuning
+    each shape of the matrix would cost minutes of compilation and test nothing the tuned-path
+    test below does not."""
     from triton_ref import selection_fwd as kernels
 
     monkeypatch.setattr(kernels, "LARGE_PROGRAMS", 1 << 62)
+    monkeypatch.setattr(triton_backend, "SPLIT_BELOW_WAVES", 0)
 
 
 @pytest.mark.gpu
@@ -172,6 +149,7 @@ def test_gpu_autotuned_launch_matches_reference(monkeypatch):
 
     call = build_call(GPU_MATRIX["large_G16_d128"], torch.bfloat16, "cuda", seed=3)
     monkeypatch.setattr(kernels, "LARGE_PROGRAMS", 1)
+    monkeypatch.setattr(triton_backend, "SPLIT_BELOW_WAVES", 0)
     check(call, True, monkeypatch)
     assert kernels.selection_fwd_group_kernel.fn.best_config is not None
 
@@ -193,9 +171,16 @@ def test_gpu_64bit_offsets(untuned, monkeypatch, group):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["main", "auto"])
 @pytest.mark.parametrize("group", VARIANTS)
-def test_gpu_no_host_sync_and_graph_capture(untuned, monkeypatch, group):
-    """The normal path neither synchronises nor allocates by data: a decode step replays in a graph."""
+def test_gpu_no_host_sync_and_graph_capture(monkeypatch, group, path):
+    """The normal path neither synchronises nor allocates by data: a decode step replays in a
+    graph ("main": the group/per-head kernels; "auto": what the backend picks, split-KV here)."""
+    from triton_ref import selection_fwd as kernels
+
+    monkeypatch.setattr(kernels, "LARGE_PROGRAMS", 1 << 62)
+    if path == "main":
+        monkeypatch.setattr(triton_backend, "SPLIT_BELOW_WAVES", 0)
     monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
     monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)
     call = build_call(MATRIX["decode"], torch.bfloat16, "cuda")
@@ -217,6 +202,79 @@ def test_gpu_no_host_sync_and_graph_capture(untuned, monkeypatch, group):
     torch.cuda.synchronize()
     o_ref, lse_ref = reference_forward(call)
     assert_close_to_reference(o_graph, o_ref, call.dtype, lse_graph, lse_ref)
+
+
+# --- backward -------------------------------------------------------------------------------------
+
+# (mean, max) of |g - g_ref| / max(1, |g_ref|) per gradient. fp32 as SPEC.md's forward; fp16/bf16
+# looser than the forward's: dS is rounded to the input dtype before its two products.
+GRAD_TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-2),
+                   torch.bfloat16: (1e-2, 8e-2)}
+GRAD_MATRIX = {
+    "gqa_bs8": dict(B=2, TQ=24, HQ=6, H=2, Dk=32, Dv=16, S=4, block_size=8),
+    "chunked_counts": dict(B=1, TQ=9, TK=50, HQ=2, H=1, Dk=32, S=4, block_size=8,
+                           block_counts="tensor"),
+    "varlen": dict(seqlens=[13, 1, 24], HQ=4, H=2, Dk=32, S=3, block_size=8),
+    "G80_two_tiles": dict(B=1, TQ=2, TK=70, HQ=80, H=1, Dk=32, S=3, block_size=32),
+    "d59_bs64": dict(B=1, TQ=40, TK=150, HQ=2, H=1, Dk=59, Dv=37, S=3, block_size=64),
+    "empty_rows": dict(B=1, TQ=16, HQ=4, H=2, Dk=32, S=4, block_size=16, empty_rows=0.5),
+}
+GPU_GRAD_MATRIX = {
+    "large_G16_d128": dict(B=1, TQ=1024, HQ=16, H=1, Dk=128, S=8, block_size=64),
+    "large_dk192_dv128": dict(B=1, TQ=300, HQ=8, H=2, Dk=192, Dv=128, S=6, block_size=32),
+}
+
+
+def gradients(call, with_lse, use_reference, seed=0):
+    """(o, lse, dq, dk, dv) of loss = <o, R1> + <lse, R2> (finite lse only)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (call.q, call.k, call.v))
+    call = describe_call(q, k, v, call.block_indices, call.block_size,
+                         block_counts=call.block_counts if call.block_counts is not None
+                         else call.block_count_limit, scale=call.scale,
+                         cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k,
+                         need_lse=True)
+    g = torch.Generator().manual_seed(seed)
+    grad_o = torch.randn(call.q.shape[:-1] + (call.head_dim_v,), generator=g).to(q)
+    grad_lse = (torch.randn(call.q.shape[:-1], generator=g) * 0.3).to(q.device)
+    if use_reference:
+        o, lse = reference_forward(call)
+        loss = (o.float() * grad_o.float()).sum()
+        if with_lse:
+            finite = torch.isfinite(lse)
+            loss = loss + (lse[finite] * grad_lse[finite]).sum()
+        loss.backward()
+        return q.grad, k.grad, v.grad
+    return triton_backend.backward(call, grad_o, grad_lse if with_lse else None)
+
+
+def check_gradients(call, with_lse):
+    got = gradients(call, with_lse, use_reference=False)
+    want = gradients(call, with_lse, use_reference=True)
+    mean_tol, max_tol = GRAD_TOLERANCES[call.dtype]
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert a.dtype == call.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name}: not finite"
+        err = (a.double() - b.double()).abs() / b.double().abs().clamp(min=1.0)
+        assert err.mean() <= mean_tol and err.max() <= max_tol, \
+            f"{name}: error mean {err.mean():.3g} (tol {mean_tol}), max {err.max():.3g} (tol {max_tol})"
+    assert any(w.abs().max() > 0 for w in want)
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["o", "o+lse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", GRAD_MATRIX)
+def test_interpreter_backward(interpreter, name, dtype, with_lse):
+    check_gradients(build_call(GRAD_MATRIX[name], dtype, "cpu", seed=7), with_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_lse", [False, True], ids=["o", "o+lse"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("name", [*GRAD_MATRIX, *GPU_GRAD_MATRIX])
+def test_gpu_backward(untuned, name, dtype, with_lse):
+    spec = GRAD_MATRIX.get(name) or GPU_GRAD_MATRIX[name]
+    check_gradients(build_call(spec, dtype, "cuda", seed=7), with_lse)
 
 
 # --- the reads log -------------------------------------------------------------------------------
@@ -253,8 +311,7 @@ def reads_records(caplog):
 @pytest.mark.parametrize("name", ["G3", "G80_two_tiles", "counts_tensor", "varlen_chunked", "bs4"])
 def test_reads_log(request, monkeypatch, caplog, name, group):
     device = "cuda" if CUDA else "cpu"
-    if not CUDA:
-        request.getfixturevalue("interpreter")
+    request.getfixturevalue("untuned" if CUDA else "interpreter")
     monkeypatch.setenv("NSA_DEBUG_LOG", "1")
     call = build_call(MATRIX[name], torch.float32, device)
     with caplog.at_level(logging.INFO, logger="nsa_ext"):
@@ -274,8 +331,7 @@ def test_reads_log(request, monkeypatch, caplog, name, group):
 
 
 def test_no_records_without_debug(request, monkeypatch, caplog):
-    if not CUDA:
-        request.getfixturevalue("interpreter")
+    request.getfixturevalue("untuned" if CUDA else "interpreter")
     monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
     monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)
     call = build_call(MATRIX["G1"], torch.float32, "cuda" if CUDA else "cpu")

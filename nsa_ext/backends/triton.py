@@ -10,7 +10,9 @@ slices, merged through their lse). No host synchronisation and no data-dependent
 path; with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
 `sel.triton.reads`, whose counts cost a host sync.
 
-There is no backward kernel: gradients are recomputed through a differentiable path.
+`backward` recomputes the forward (o, lse) and runs the group-centric backward kernel of
+`triton_ref/selection_bwd.py` (dk, dv through fp32 atomics: correct to fp32 rounding, last bits
+not reproducible run to run).
 """
 from __future__ import annotations
 
@@ -151,3 +153,21 @@ def forward(call: SelectionCall):
         log_event("sel.triton.reads", variant=variant, kv_tokens_read=kv_tokens_read,
                   sdpa_tokens=sdpa_tokens, reads_per_row=copies)
     return o, lse
+
+
+def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor]):
+    """(dq, dk, dv) in the inputs' dtype: recompute o and lse, then the backward kernel."""
+    from triton_ref.selection_bwd import selection_bwd
+    from triton_ref.selection_fwd import selection_fwd
+
+    settings = load_settings()
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    varlen = call.is_varlen
+    launch = dict(scale=call.scale, block_size=call.block_size,
+                  pos=geometry.pos if varlen else None,
+                  k_offset=geometry.k_offset if varlen else None,
+                  interpret=settings.triton_interpret or call.device.type != "cuda")
+    o, lse, _ = selection_fwd(call.q, call.k, call.v, blocks, num_blocks, group=True, **launch)
+    return selection_bwd(call.q, call.k, call.v, o, lse, grad_o, grad_lse, blocks, num_blocks,
+                         **launch)
