@@ -91,6 +91,18 @@ std::atomic<int>& kernel_variant() {
   return variant;
 }
 
+// Compute capability (major) of a device, read once per device.
+int device_major(int device) {
+  static std::atomic<int> cache[64] = {};
+  if (device < 0 || device >= 64) return 0;
+  int major = cache[device].load(std::memory_order_relaxed);
+  if (major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    cache[device].store(major, std::memory_order_relaxed);
+  }
+  return major;
+}
+
 void set_kernel_variant(int64_t variant) {
   TORCH_CHECK(variant >= 0 && variant < 16, "nsa_ext_cuda::_set_kernel_variant: expected 0..15, got ",
               variant);
@@ -156,6 +168,11 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
     TORCH_CHECK(has_mma_instance(Dk, Dv), "nsa_ext_cuda::selection_fwd: no kernel for Dk=", Dk,
                 ", Dv=", Dv, " in ", dtype, " (built: ", mma_head_dims(), ")");
   }
+  // 16-byte copies (cp.async, bulk copies) need 16-byte aligned rows; rows are Dk or Dv
+  // elements long, so aligned base pointers suffice (the Python backend re-allocates others).
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "nsa_ext_cuda::selection_fwd: ", name, " must start at a 16-byte aligned address");
   TORCH_CHECK(B * TQ < (int64_t(1) << 31) && H < 65536 && HQ / H < (int64_t(1) << 20),
               "nsa_ext_cuda::selection_fwd: grid too large: B*TQ=", B * TQ, ", H=", H);
 
@@ -187,6 +204,7 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.variant = kernel_variant().load(std::memory_order_relaxed);
+  p.sm_major = device_major(q.device().index());
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   cudaError_t err = cudaSuccess;

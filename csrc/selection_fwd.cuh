@@ -110,6 +110,55 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// SM 9.0: the bulk-copy engine (cp.async.bulk, completing on an mbarrier). One instruction moves
+// a whole 256-byte key row, where cp.async needs sixteen 16-byte copies.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+#endif
+}
+__device__ __forceinline__ void fence_mbarrier_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// Orders this thread's earlier generic shared-memory accesses before later bulk copies into it.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes,
+                                              uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+
 template <int kHeadDimQK, int kHeadDimV, int kStages>
 struct SmemLayout {
   static constexpr int kStrideQK = kHeadDimQK + kRowPad;   // elements per smem row of Q and K
@@ -469,14 +518,16 @@ struct WarpSmemLayout {
   static constexpr int kStrideV = kHeadDimV + kRowPad;
   static constexpr size_t q_bytes() { return size_t(16) * kStrideQK * 2; }
   static constexpr size_t slot_elems() { return size_t(kChunkKeys) * (kStrideQK + kStrideV); }
-  static constexpr size_t main_bytes() { return q_bytes() + size_t(kWarps) * kDepth * slot_elems() * 2; }
+  static constexpr size_t ring_bytes() { return size_t(kWarps) * kDepth * slot_elems() * 2; }
+  // + one mbarrier per slot (bulk-copy path)
+  static constexpr size_t main_bytes() { return q_bytes() + ring_bytes() + size_t(kWarps) * kDepth * 8; }
   static constexpr size_t merge_bytes() {
     return size_t(kWarps) * 16 * (kHeadDimV + 4) * 4 + 2 * size_t(kWarps) * 16 * 4;
   }
   static constexpr size_t total_bytes() { return main_bytes() > merge_bytes() ? main_bytes() : merge_bytes(); }
 };
 
-template <typename T, int kHeadDimQK, int kHeadDimV, int kDepth, int kMinBlocksPerSm>
+template <typename T, int kHeadDimQK, int kHeadDimV, int kDepth, int kMinBlocksPerSm, bool kBulk>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     selection_fwd_warp_kernel(const SelectionFwdParams p) {
   using Layout = WarpSmemLayout<kHeadDimQK, kHeadDimV, kDepth>;
@@ -493,6 +544,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   T* sQ = reinterpret_cast<T*>(smem);                                   // [16][kSQK]
   T* ring = reinterpret_cast<T*>(smem + Layout::q_bytes()) +
             size_t(warp) * kDepth * Layout::slot_elems();               // this warp's slots
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Layout::q_bytes() + Layout::ring_bytes()) +
+                   warp * kDepth;                                       // one per slot
 
   const int64_t bt = blockIdx.x;
   const int h = blockIdx.y;
@@ -555,14 +608,53 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
   };
 
+  // Bulk path: lanes 0-15 copy K rows 0-15 of the chunk, lanes 16-31 the V rows; the slot's
+  // mbarrier expects the bytes of the visible rows. Masked keys' V rows are zeroed with
+  // ordinary stores (P = 0 times stale NaN would be NaN); their K rows are masked in S.
+  auto issue_chunk = [&](int i) {
+    const int chunk = warp + i * kWarps;
+    const int64_t j0 = chunk_start(row_blocks, chunk, total_chunks, chunks_per_block, block_size);
+    T* dK = ring + (i % kDepth) * Layout::slot_elems();
+    T* dV = dK + kChunkKeys * kSQK;
+    uint64_t* bar = bars + (i % kDepth);
+    const int r = lane % kChunkKeys;
+    const bool is_v = lane >= kChunkKeys;
+    const int64_t j = j0 + r;
+    const bool valid = j0 >= 0 && j <= pos && j < key_limit;
+    const int rows = __popc(__ballot_sync(0xffffffffu, valid) & 0xffffu);
+    fence_proxy_async();
+    if (lane == 0) mbarrier_arrive_expect_tx(bar, uint32_t(rows) * (kHeadDimQK + kHeadDimV) * 2);
+    __syncwarp();
+    if (valid) {
+      if (is_v)
+        bulk_copy_g2s(dV + r * kSV, v_seq + j * v_stride, kHeadDimV * 2, bar);
+      else
+        bulk_copy_g2s(dK + r * kSQK, k_seq + j * k_stride, kHeadDimQK * 2, bar);
+    } else if (is_v) {
+      uint4* row_v = reinterpret_cast<uint4*>(dV + r * kSV);
 #pragma unroll
-  for (int i = 0; i < kDepth - 1; ++i) {
-    if (i < my_chunks) load_chunk(i);
-    cp_async_commit();
+      for (int e = 0; e < kSegV; ++e) row_v[e] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+
+  if constexpr (kBulk) {
+    if (lane < kDepth) mbarrier_init(bars + lane, 1);
+    fence_mbarrier_init();
+    cp_async_wait<0>();   // Q
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kDepth - 1; ++i)
+      if (i < my_chunks) issue_chunk(i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kDepth - 1; ++i) {
+      if (i < my_chunks) load_chunk(i);
+      cp_async_commit();
+    }
+    // Q is the oldest group of every thread: once it has landed everywhere, Q is complete.
+    cp_async_wait<kDepth - 1>();
+    __syncthreads();
   }
-  // Q is the oldest group of every thread: once it has landed everywhere, Q is complete.
-  cp_async_wait<kDepth - 1>();
-  __syncthreads();
 
   float m_row[2] = {-INFINITY, -INFINITY};
   float l_row[2] = {0.f, 0.f};
@@ -577,10 +669,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 
   for (int i = 0; i < my_chunks; ++i) {
-    if (i + kDepth - 1 < my_chunks) load_chunk(i + kDepth - 1);
-    cp_async_commit();
-    cp_async_wait<kDepth - 1>();
-    __syncwarp();   // the other lanes' copies of chunk i are visible
+    if constexpr (kBulk) {
+      if (i + kDepth - 1 < my_chunks) issue_chunk(i + kDepth - 1);
+      mbarrier_wait(bars + (i % kDepth), uint32_t((i / kDepth) & 1));
+    } else {
+      if (i + kDepth - 1 < my_chunks) load_chunk(i + kDepth - 1);
+      cp_async_commit();
+      cp_async_wait<kDepth - 1>();
+    }
+    __syncwarp();   // the other lanes' copies (and zeroed rows) of chunk i are visible
     const T* cK = ring + (i % kDepth) * Layout::slot_elems();
     const T* cV = cK + kChunkKeys * kSQK;
     const int64_t j0 =
@@ -616,10 +713,11 @@ cudaError_t launch_cta(const SelectionFwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int kHeadDimQK, int kHeadDimV, int kDepth, int kMinBlocksPerSm>
+template <typename T, int kHeadDimQK, int kHeadDimV, int kDepth, int kMinBlocksPerSm, bool kBulk>
 cudaError_t launch_warp(const SelectionFwdParams& p, cudaStream_t stream) {
   const size_t smem = WarpSmemLayout<kHeadDimQK, kHeadDimV, kDepth>::total_bytes();
-  auto kernel = selection_fwd_warp_kernel<T, kHeadDimQK, kHeadDimV, kDepth, kMinBlocksPerSm>;
+  auto kernel =
+      selection_fwd_warp_kernel<T, kHeadDimQK, kHeadDimV, kDepth, kMinBlocksPerSm, kBulk>;
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -636,25 +734,32 @@ template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
 cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& p, cudaStream_t stream) {
   using T = typename mma_kernel::Element<kKind>::type;
   static_assert(kHeadDimQK % 16 == 0 && kHeadDimV % 16 == 0, "head dims: multiples of 16");
-  // Up to Dk = Dv = 128 two (warp kernel) or three (block kernel) blocks share an SM; larger
-  // head dims take one, with a shallower pipeline, so that the shared memory fits.
   constexpr bool kSmall = kHeadDimQK + kHeadDimV <= 256;
   // Tuning variants, compiled for bf16 128/128 only (the bench's setting), chosen by
   // nsa_ext_cuda::_set_kernel_variant; 0 is the default everywhere.
   if constexpr (kKind == ScalarKind::kBFloat16 && kHeadDimQK == 128 && kHeadDimV == 128) {
+    const bool small_group = p.group <= 16;
     switch (p.variant) {
       case 1: return mma_kernel::launch_cta<T, 128, 128, 2, 3>(p, stream);
-      case 2: return mma_kernel::launch_cta<T, 128, 128, 3, 2>(p, stream);
-      case 3: if (p.group <= 16) return mma_kernel::launch_warp<T, 128, 128, 4, 1>(p, stream); break;
-      case 4: if (p.group <= 16) return mma_kernel::launch_warp<T, 128, 128, 2, 3>(p, stream); break;
+      case 2: if (small_group) return mma_kernel::launch_warp<T, 128, 128, 3, 2, false>(p, stream); break;
+      case 3: if (small_group) return mma_kernel::launch_warp<T, 128, 128, 2, 3, false>(p, stream); break;
+      case 4: if (small_group && p.sm_major >= 9) return mma_kernel::launch_warp<T, 128, 128, 2, 3, true>(p, stream); break;
+      case 5: if (small_group && p.sm_major >= 9) return mma_kernel::launch_warp<T, 128, 128, 3, 2, true>(p, stream); break;
       default: break;
     }
   }
-  // One row tile (G <= 16): the warp-pipelined kernel; larger groups: the block-wide one,
-  // whose warps split the rows and share each stage.
-  if (p.group <= 16)
-    return mma_kernel::launch_warp<T, kHeadDimQK, kHeadDimV, kSmall ? 3 : 2, kSmall ? 2 : 1>(
-        p, stream);
+  // One row tile (G <= 16): the warp-pipelined kernel, with bulk copies on SM 9.0 and newer;
+  // larger groups: the block-wide one, whose warps split the rows and share each stage.
+  // Up to Dk = Dv = 128 three blocks share an SM (two slots of 16 keys per warp); larger head
+  // dims take fewer, so that the shared memory fits.
+  constexpr int kDepth = 2;
+  constexpr int kWarpBlocks = kSmall ? 3 : 1;
+  if (p.group <= 16) {
+    // variant 6: cp.async everywhere (the path of SM 8.x), for tests on SM 9.0
+    if (p.sm_major >= 9 && p.variant != 6)
+      return mma_kernel::launch_warp<T, kHeadDimQK, kHeadDimV, kDepth, kWarpBlocks, true>(p, stream);
+    return mma_kernel::launch_warp<T, kHeadDimQK, kHeadDimV, kDepth, kWarpBlocks, false>(p, stream);
+  }
   return mma_kernel::launch_cta<T, kHeadDimQK, kHeadDimV, 2, kSmall ? 3 : 1>(p, stream);
 }
 

@@ -33,6 +33,7 @@ struct SelectionFwdParams {
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): the kernels work in base 2
   int variant;        // kernel variant for tuning (nsa_ext_cuda::_set_kernel_variant); 0: default
+  int sm_major;       // compute capability of the device (9: bulk copies)
 };
 
 template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>

@@ -146,6 +146,18 @@ CASES = {
 }
 
 
+# 0: the default kernels (on SM 9.0, bulk copies for G <= 16); 6: cp.async everywhere, the
+# path SM 8.x takes (csrc/selection_fwd.cuh).
+KERNEL_PATHS = [pytest.param(0, id="default"), pytest.param(6, id="cp_async")]
+
+
+@pytest.fixture
+def kernel_variant(request):
+    torch.ops.nsa_ext_cuda._set_kernel_variant(request.param)
+    yield request.param
+    torch.ops.nsa_ext_cuda._set_kernel_variant(0)
+
+
 def _run(case):
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
     reasons = cuda_backend.reasons_unsupported(call, Settings(), DeviceFacts(
@@ -161,9 +173,10 @@ def _run(case):
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("kernel_variant", KERNEL_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name", CASES)
-def test_cuda_matches_reference(name, dtype):
+def test_cuda_matches_reference(name, dtype, kernel_variant):
     case = make_case(dtype=dtype, device="cuda", seed=sum(map(ord, name)), **CASES[name])
     call, o, lse, o_ref, lse_ref = _run(case)
     assert o.shape == (call.batch, call.seqlen_q, call.num_heads_q, call.head_dim_v)
@@ -173,8 +186,9 @@ def test_cuda_matches_reference(name, dtype):
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("kernel_variant", KERNEL_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_empty_rows_give_zero_and_minus_inf(dtype):
+def test_empty_rows_give_zero_and_minus_inf(dtype, kernel_variant):
     case = make_case(B=1, TQ=48, HQ=16, H=2, Dk=128, S=4, block_size=16, dtype=dtype,
                      device="cuda", seed=3)
     case.block_indices[:, ::3] = -1                  # nothing selected
@@ -202,6 +216,41 @@ def test_repeats_and_order_do_not_matter_and_runs_are_identical():
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("variant", [1, 2, 3, 4, 5])
+def test_tuning_variants_agree_with_the_default(variant):
+    """The bench's kernel variants (bf16, 128/128) compute the same function."""
+    case = make_case(B=1, TQ=300, HQ=16, H=2, Dk=128, S=8, block_size=32, dtype=torch.bfloat16,
+                     device="cuda", seed=21)
+    call = describe_call(*case.args(), need_lse=True)
+    o0, lse0 = cuda_backend.forward(call)
+    try:
+        torch.ops.nsa_ext_cuda._set_kernel_variant(variant)
+        o1, lse1 = cuda_backend.forward(call)
+    finally:
+        torch.ops.nsa_ext_cuda._set_kernel_variant(0)
+    assert torch.equal(torch.isneginf(lse0), torch.isneginf(lse1))
+    assert (o0.float() - o1.float()).abs().max().item() <= 1e-2
+    assert (lse0 - lse1).nan_to_num(0.0).abs().max().item() <= 1e-4
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_misaligned_inputs_are_served():
+    case = make_case(B=1, TQ=64, HQ=8, H=1, Dk=64, S=4, block_size=16, dtype=torch.float16,
+                     device="cuda", seed=8)
+    flat = torch.empty(case.k.numel() + 4, device="cuda", dtype=torch.float16)
+    k = flat[4:].view_as(case.k)            # contiguous, 8 bytes past an aligned address
+    k.copy_(case.k)
+    assert k.data_ptr() % 16 != 0
+    call = describe_call(case.q, k, case.v, case.block_indices, 16, need_lse=True)
+    o, lse = cuda_backend.forward(call)
+    o_ref, lse_ref = reference_forward(describe_call(
+        case.q.float(), case.k.float(), case.v.float(), case.block_indices, 16, need_lse=True))
+    assert_close_to_reference(o, o_ref.half(), torch.float16, lse, lse_ref)
+
+
+@pytest.mark.gpu
+@needs_ext
 def test_every_output_is_written():
     """Poisoned outputs: the op allocates with empty(); fill the allocator's memory with NaN
     first so that an unwritten element would show."""
@@ -213,27 +262,35 @@ def test_every_output_is_written():
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
 
 
+def _blocks_int64(args):
+    args[3] = args[3].to(torch.int64)
+
+
+def _k_not_contiguous(args):
+    args[1] = args[1].transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _q_on_cpu(args):
+    args[0] = args[0].cpu()
+
+
+def _block_size_24(args):
+    args[7] = 24
+
+
 @pytest.mark.gpu
 @needs_ext
-def test_operator_checks_its_inputs():
+@pytest.mark.parametrize("spoil,message", [
+    (_blocks_int64, "blocks must be int32"),
+    (_k_not_contiguous, "k must be contiguous"),
+    (_q_on_cpu, "q must be a CUDA tensor"),
+    (_block_size_24, "block_size must be a power of two"),
+], ids=["blocks_int64", "k_not_contiguous", "q_on_cpu", "block_size_24"])
+def test_operator_checks_its_inputs(spoil, message):
     args = list(_op_args("cuda"))
-    op = torch.ops.nsa_ext_cuda.selection_fwd
-    bad = list(args)
-    bad[3] = args[3].to(torch.int64)
-    with pytest.raises(RuntimeError, match="blocks must be int32"):
-        op(*bad)
-    bad = list(args)
-    bad[1] = args[1].transpose(1, 2).contiguous().transpose(1, 2)
-    with pytest.raises(RuntimeError, match="k must be contiguous"):
-        op(*bad)
-    bad = list(args)
-    bad[0] = args[0].cpu()
-    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        op(*bad)
-    bad = list(args)
-    bad[7] = 24
-    with pytest.raises(RuntimeError, match="block_size must be a power of two"):
-        op(*bad)
+    spoil(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.nsa_ext_cuda.selection_fwd(*args)
 
 
 @pytest.mark.gpu

@@ -95,11 +95,16 @@ def reasons_unsupported(call: SelectionCall, settings, facts) -> List[str]:
     return reasons
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def forward(call: SelectionCall):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)."""
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks(call, geometry)
-    q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
+    # The kernel copies rows 16 bytes at a time: contiguous and 16-byte aligned.
+    q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
     pos = geometry.pos.contiguous()
     k_offset = geometry.k_offset.contiguous()
     return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
