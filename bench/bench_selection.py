@@ -428,8 +428,8 @@ def build_floor(ctx: Context, s: InputSet, which: str):
 
 def build(ctx: Context, s: InputSet, name: str):
     if name == "nsa:triton-head" and ctx.case.train and ctx.device.type == "cuda" and not ctx.full:
-        raise NotApplicable("training: same recompute backward as nsa:triton-group, only the forward "
-                            "differs (prefill rows); --full runs it")
+        raise NotApplicable("training: the Triton backward recomputes group-centric whatever the variant, "
+                            "so only the forward differs (prefill rows); --full runs it")
     if name.startswith("nsa:"):
         backend = name.split(":", 1)[1]
         backend = "triton" if backend.startswith("triton") else backend
