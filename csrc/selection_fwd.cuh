@@ -252,12 +252,16 @@ __device__ __forceinline__ void attend_chunk(const uint32_t (*q_frag)[4], const 
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) l_row[i] = l_row[i] * corr[i] + row_sum[i];
+  // Once the running maxima settle, corr is exactly 1 for every row of the warp: skip the
+  // Dv/2 multiplies per thread then (a warp-uniform branch).
+  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-  for (int n = 0; n < kTilesV; ++n) {
-    acc[n][0] *= corr[0];
-    acc[n][1] *= corr[0];
-    acc[n][2] *= corr[1];
-    acc[n][3] *= corr[1];
+    for (int n = 0; n < kTilesV; ++n) {
+      acc[n][0] *= corr[0];
+      acc[n][1] *= corr[0];
+      acc[n][2] *= corr[1];
+      acc[n][3] *= corr[1];
+    }
   }
   // P as the A operand (16 rows x 16 keys): the accumulator layout of the two n8 tiles.
   uint32_t pa[4];
@@ -718,6 +722,19 @@ cudaError_t launch_warp(const SelectionFwdParams& p, cudaStream_t stream) {
   const size_t smem = WarpSmemLayout<kHeadDimQK, kHeadDimV, kDepth>::total_bytes();
   auto kernel =
       selection_fwd_warp_kernel<T, kHeadDimQK, kHeadDimV, kDepth, kMinBlocksPerSm, kBulk>;
+  if constexpr (kBulk) {
+    // The bulk path exists only in code compiled for SM 9.0+: a build whose sm_8x PTX was
+    // JIT-compiled for this GPU takes the cp.async path instead.
+    static int binary_version = -1;
+    if (binary_version < 0) {
+      cudaFuncAttributes attr;
+      const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+      if (err != cudaSuccess) return err;
+      binary_version = attr.binaryVersion;
+    }
+    if (binary_version < 90)
+      return launch_warp<T, kHeadDimQK, kHeadDimV, kDepth, kMinBlocksPerSm, false>(p, stream);
+  }
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
