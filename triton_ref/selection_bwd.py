@@ -178,7 +178,8 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, *, scale: float
     if pos is not None:
         pos = pos.to(torch.int64).contiguous()
         k_offset = k_offset.to(torch.int64).contiguous()
-    o, do, lse = o.contiguous(), do.contiguous(), lse.contiguous()
+    # The kernel's dots take dO in the inputs' dtype (a caller may hand an fp32 gradient).
+    o, do, lse = o.contiguous(), do.to(q.dtype).contiguous(), lse.contiguous()
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     dq = torch.empty((B, TQ, HQ, Dk), dtype=q.dtype, device=q.device)
