@@ -155,8 +155,11 @@ def forward(call: SelectionCall):
     return o, lse
 
 
-def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor]):
-    """(dq, dk, dv) in the inputs' dtype: recompute o and lse, then the backward kernel."""
+def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor],
+             o: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+    """(dq, dk, dv) in the inputs' dtype. Give the forward's `o` and `lse` ([B, TQ, HQ, Dv],
+    [B, TQ, HQ] fp32) when they were kept: else they are recomputed (one forward launch,
+    ~15% of the backward's time at T = 8k)."""
     from triton_ref.selection_bwd import selection_bwd
     from triton_ref.selection_fwd import selection_fwd
 
@@ -168,6 +171,8 @@ def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch
                   pos=geometry.pos if varlen else None,
                   k_offset=geometry.k_offset if varlen else None,
                   interpret=settings.triton_interpret or call.device.type != "cuda")
-    o, lse, _ = selection_fwd(call.q, call.k, call.v, blocks, num_blocks, group=True, **launch)
+    if o is None or lse is None:
+        o, lse, _ = selection_fwd(call.q, call.k, call.v, blocks, num_blocks, group=True,
+                                  **launch)
     return selection_bwd(call.q, call.k, call.v, o, lse, grad_o, grad_lse, blocks, num_blocks,
                          **launch)
