@@ -3,7 +3,7 @@
 Prefill, bf16, D=128, 16 selected blocks of 64 per row, random causal selection: block 0, the
 query's own block, and the rest distinct random earlier blocks (-1 where fewer exist). Times are
 medians of triton.testing.do_bench; TFLOP/s = 4 * D * (attended query-key pairs summed over query
-heads) / time. "fwd" is the backend's forward (canonical_blocks + kernel), "kernel" the launch alone
+heads) / time (2 * (Dk + Dv) in place of 4 * D when they differ). "fwd" is the backend's forward (canonical_blocks + kernel), "kernel" the launch alone
 on precomputed canonical rows; fla gets the raw rows (it needs no preprocessing for this input).
 
     python bench/triton_quick.py [--out results.json] [--quick] [--bwd] [--no-fwd]
@@ -60,11 +60,11 @@ def attended_pairs(call, blocks):
     return int(visible.sum().item()) * call.group_size
 
 
-def make(T, HQ, H, device="cuda", seed=0):
+def make(T, HQ, H, device="cuda", seed=0, Dk=D, Dv=D):
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(1, T, HQ, D, device=device, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, generator=g)
+    q = torch.randn(1, T, HQ, Dk, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, T, H, Dk, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, T, H, Dv, device=device, dtype=torch.bfloat16, generator=g)
     idx = causal_selection(T, H, device, seed)
     return describe_call(q, k, v, idx, BLOCK, need_lse=True)
 
@@ -95,17 +95,17 @@ def timed(fn):
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
-def bench_case(T, G, H=4, with_fla=True, with_sdpa=False):
+def bench_case(T, G, H=4, with_fla=True, with_sdpa=False, Dk=D, Dv=D):
     HQ = G * H
-    call = make(T, HQ, H)
+    call = make(T, HQ, H, Dk=Dk, Dv=Dv)
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks(call, geometry)
     pairs = attended_pairs(call, blocks)
-    flops = 4 * D * pairs
+    flops = 2 * (Dk + Dv) * pairs
     out = []
 
     def record(name, ms, note=""):
-        out.append(dict(T=T, G=G, HQ=HQ, H=H, name=name, ms=ms,
+        out.append(dict(T=T, G=G, HQ=HQ, H=H, Dk=Dk, Dv=Dv, name=name, ms=ms,
                         tflops=(flops / (ms * 1e-3) / 1e12) if ms else None, note=note))
 
     ref = {}
@@ -175,7 +175,7 @@ def bench_backward(T, G, H=4, with_sdpa=False):
     out = []
 
     def record(name, ms, note=""):
-        out.append(dict(T=T, G=G, HQ=HQ, H=H, name=name, ms=ms,
+        out.append(dict(T=T, G=G, HQ=HQ, H=H, Dk=D, Dv=D, name=name, ms=ms,
                         tflops=(flops / (ms * 1e-3) / 1e12) if ms else None, note=note))
     ours = None
     try:
@@ -187,6 +187,9 @@ def bench_backward(T, G, H=4, with_sdpa=False):
         def kernel_only():
             return selection_bwd(call.q, call.k, call.v, o, lse, grad_o, None, blocks, num_blocks,
                                  scale=call.scale, block_size=BLOCK)
+        record("bwd ours kept", timed(lambda: triton_backend.backward(call, grad_o, None, o=o,
+                                                                     lse=lse)),
+               "given the forward's o, lse (+ canonical_blocks)")
         record("bwd ours kernel", timed(kernel_only),
                f"best {getattr(selection_bwd_group_kernel.fn, 'best_config', None)}")
         ours = kernel_only()
@@ -234,15 +237,20 @@ def versions():
 
 
 def print_table(rows):
-    print(f"{'T':>6} {'G':>3} {'HQ':>3} {'kernel':<14} {'ms':>9} {'TFLOP/s':>8} {'/fla':>6}  note")
-    fla = {(r["T"], r["G"], r["name"].startswith("bwd")): r["ms"] for r in rows
-           if r["name"] in ("fla", "bwd fla") and r["ms"]}
+    print(f"{'T':>6} {'G':>3} {'HQ':>3} {'Dk/Dv':>7} {'kernel':<15} {'ms':>9} {'TFLOP/s':>8} "
+          f"{'/fla':>6}  note")
+
+    def key(r):
+        return r["T"], r["G"], r["Dk"], r["Dv"], r["name"].startswith("bwd")
+    fla = {key(r): r["ms"] for r in rows if r["name"] in ("fla", "bwd fla") and r["ms"]}
     for r in rows:
         ms = f"{r['ms']:.3f}" if r["ms"] else "-"
         tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
-        base = fla.get((r["T"], r["G"], r["name"].startswith("bwd")))
+        base = fla.get(key(r))
         rel = f"{r['ms'] / base:.2f}" if (base and r["ms"]) else "-"
-        print(f"{r['T']:>6} {r['G']:>3} {r['HQ']:>3} {r['name']:<14} {ms:>9} {tf:>8} {rel:>6}  {r['note']}")
+        dims = f"{r['Dk']}/{r['Dv']}"
+        print(f"{r['T']:>6} {r['G']:>3} {r['HQ']:>3} {dims:>7} {r['name']:<15} {ms:>9} {tf:>8} "
+              f"{rel:>6}  {r['note']}")
 
 
 def main():
@@ -252,6 +260,8 @@ def main():
     parser.add_argument("--sweep-T", type=int, default=8192, help="T of the G sweep")
     parser.add_argument("--bwd", action="store_true", help="also the backward")
     parser.add_argument("--no-fwd", action="store_true", help="skip the forward tables")
+    parser.add_argument("--paper", action="store_true",
+                        help="also the NSA paper's head dims, Dk=192, Dv=128 (G=16)")
     args = parser.parse_args()
     info = versions()
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -263,14 +273,19 @@ def main():
     for G in ([] if args.no_fwd else (1, 2, 4, 8, 3, 6)):
         rows += bench_case(args.sweep_T, G, with_sdpa=True)
         sys.stdout.flush()
+    for T in ((8192, 32768) if args.paper else ()):
+        rows += bench_case(T, 16, Dk=192, Dv=128)
+        print_table(rows[-5:])
+        sys.stdout.flush()
     if args.bwd:
         for T, G in ((8192, 16), (32768, 16), (8192, 4)):
             rows += bench_backward(T, G, with_sdpa=(T == 8192))
-            print_table(rows[-4:])
+            print_table(rows[-5:])
             sys.stdout.flush()
     print()
     print(" | ".join(f"{k} {v}" for k, v in info.items()))
-    print(f"bf16, D={D}, {S} blocks of {BLOCK}, H=4, prefill (TQ = TK = T), median ms")
+    print(f"bf16, {S} blocks of {BLOCK}, H=4, prefill (TQ = TK = T), median ms; "
+          f"TFLOP/s = 2 (Dk + Dv) x attended pairs / time (x 2.5 for backward rows)")
     print_table(rows)
     if args.out:
         with open(args.out, "w") as f:
