@@ -60,9 +60,12 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, block_counts=N
     counts_tensor, counts_int, scale = _op_arguments(q, k, v, block_indices, block_size,
                                                      block_counts, scale, cu_seqlens_q,
                                                      cu_seqlens_k, backend)
+    # With gradients wanted, lse is computed too (kernels write it anyway): the backward then
+    # reuses the forward's o and lse instead of recomputing them.
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     o, lse = ops.selection_attention_op(q, k, v, block_indices, counts_tensor, counts_int,
                                         cu_seqlens_q, cu_seqlens_k, int(block_size), scale,
-                                        backend, bool(return_lse))
+                                        backend, bool(return_lse) or wants_grad)
     return (o, lse) if return_lse else o
 
 

@@ -80,3 +80,23 @@ def choose(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
         why = "; ".join(decision.reasons[requested])
         raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {why}\n{decision}")
     return decision
+
+
+def backward_backend(call: SelectionCall, forward_backend: str, settings: Optional[Settings] = None,
+                     facts: Optional[DeviceFacts] = None) -> str:
+    """The backend whose `backward` computes the gradients of a call `forward_backend` ran:
+    that backend itself when it has a backward, else the first backend of PRIORITY that has one
+    and can serve the call (packed SDPA always can)."""
+    if hasattr(backend_module(forward_backend), "backward"):
+        return forward_backend
+    settings = settings if settings is not None else load_settings()
+    facts = facts if facts is not None else device_facts(call.device)
+    for name in PRIORITY:
+        try:
+            module = backend_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "backward") and not module.reasons_unsupported(call, settings, facts):
+            return name
+    return "sdpa"
+

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .call import SelectionCall, describe_call
 from .config import load_settings
-from .dispatch import backend_module, choose
+from .dispatch import backend_module, backward_backend, choose
 from .logs import log_event
 
 
@@ -66,7 +66,8 @@ def _(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q, cu_seqlen
 
 
 @torch.library.custom_op("nsa_ext::selection_attention_backward", mutates_args=())
-def selection_attention_backward_op(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor,
+def selection_attention_backward_op(grad_o: Tensor, grad_lse: Optional[Tensor], o: Optional[Tensor],
+                                    lse: Optional[Tensor], q: Tensor,
                                     k: Tensor, v: Tensor, block_indices: Tensor,
                                     block_counts: Optional[Tensor], block_count: Optional[int],
                                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -74,38 +75,42 @@ def selection_attention_backward_op(grad_o: Tensor, grad_lse: Optional[Tensor], 
                                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     call, decision = plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
                           cu_seqlens_k, block_size, scale, backend, grad_lse is not None)
-    module = backend_module(decision.chosen)
-    if not hasattr(module, "backward"):
-        module = backend_module("sdpa")
+    module = backend_module(backward_backend(call, decision.chosen))
     if call.batchless:
-        grad_o = grad_o.unsqueeze(0)
-        grad_lse = None if grad_lse is None else grad_lse.unsqueeze(0)
-    dq, dk, dv = module.backward(call, grad_o.contiguous(), grad_lse)
+        grad_o, grad_lse, o, lse = (None if t is None else t.unsqueeze(0)
+                                    for t in (grad_o, grad_lse, o, lse))
+    dq, dk, dv = module.backward(call, grad_o.contiguous(), grad_lse, o=o, lse=lse)
     return tuple(_to_caller_layout(call, g) for g in (dq, dk, dv))
 
 
 @selection_attention_backward_op.register_fake
-def _(grad_o, grad_lse, q, k, v, *args):
+def _(grad_o, grad_lse, o, lse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, block_indices, block_counts, block_count, cu_seqlens_q, cu_seqlens_k,
      block_size, scale, backend, return_lse) = inputs
-    ctx.save_for_backward(q, k, v, block_indices, block_counts, cu_seqlens_q, cu_seqlens_k)
+    o, lse = output
+    # The forward's o and lse spare a kernel backward its recomputation; lse exists only when
+    # the API asked for it (it does whenever gradients are wanted).
+    ctx.save_for_backward(q, k, v, block_indices, block_counts, cu_seqlens_q, cu_seqlens_k,
+                          o if return_lse else None, lse if return_lse else None)
     ctx.static = (block_count, block_size, scale, backend, return_lse)
+    # An unused output's gradient stays None instead of a tensor of zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, block_indices, block_counts, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, block_indices, block_counts, cu_seqlens_q, cu_seqlens_k, o, lse = ctx.saved_tensors
     block_count, block_size, scale, backend, return_lse = ctx.static
     if grad_o is None:
         grad_o = q.new_zeros(*q.shape[:-1], v.shape[-1])
-    if not return_lse:
+    if not return_lse:      # the op's lse was an empty placeholder: it has no gradient
         grad_lse = None
     dq, dk, dv = selection_attention_backward_op(
-        grad_o, grad_lse, q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
-        cu_seqlens_k, block_size, scale, backend)
+        grad_o, grad_lse, o, lse, q, k, v, block_indices, block_counts, block_count,
+        cu_seqlens_q, cu_seqlens_k, block_size, scale, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 

@@ -167,8 +167,10 @@ def _chunk_gradients(call, q_sel, k_sel, v_sel, visible, grad_o, grad_lse):
     return dq, dk, dv
 
 
-def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor]):
-    """(dq, dk, dv) by recomputing each chunk; fp32 accumulation for dk, dv (index_add_)."""
+def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor],
+             o: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+    """(dq, dk, dv) by recomputing each chunk; fp32 accumulation for dk, dv (index_add_).
+    The forward's `o` and `lse` are not needed: each chunk recomputes its own."""
     settings = load_settings()
     plan = _Plan(call)
     q_rows, k_flat, v_flat = _flat_inputs(call)
