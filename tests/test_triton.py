@@ -352,6 +352,25 @@ def test_no_records_without_debug(request, monkeypatch, caplog):
     assert not reads_records(caplog)
 
 
+# --- autotuning space ---------------------------------------------------------------------------
+
+def test_autotune_space_per_launch():
+    """Small launches take one default config; large ones try the chunk sizes a block allows."""
+    from triton_ref import selection_bwd, selection_fwd
+
+    q = torch.empty(1)
+    for prune, configs in ((selection_fwd._prune, selection_fwd.TUNING_CONFIGS),
+                           (selection_bwd._prune, selection_bwd.BWD_CONFIGS)):
+        small = prune(configs, {"q": q}, BLOCK=64, K=128, V=128, LARGE=False)
+        assert len(small) == 1
+        assert prune(configs, {"q": q}, BLOCK=64, K=256, V=128, LARGE=False)[0].kwargs["BS"] == 32
+        large = prune(configs, {"q": q}, BLOCK=64, K=128, V=128, LARGE=True)
+        assert {c.kwargs["BS"] for c in large} == {32, 64} and len(large) > 2
+        tiny = prune(configs, {"q": q}, BLOCK=8, K=64, V=64, LARGE=True)
+        assert {c.kwargs["BS"] for c in tiny} == {16}
+        assert prune(configs, {"q": q}, BLOCK=8, K=64, V=64, LARGE=False)[0].kwargs["BS"] == 16
+
+
 # --- reasons -------------------------------------------------------------------------------------
 
 def small_call(dtype=torch.float16, Dk=64, Dv=None, **over):

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .selection_fwd import (LARGE_PROGRAMS, LOG2E, _python_function, default_chunk,
-                            group_tile)
+                            group_tile, untuned)
 
 BWD_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
                for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
@@ -35,7 +35,7 @@ def bwd_chunk(block_size: int, K: int, V: int) -> int:
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["BLOCK"]
-    if not args["LARGE"]:
+    if untuned(args):
         return [triton.Config({"BS": bwd_chunk(block, args["K"], args["V"])},
                               num_warps=4, num_stages=1)]
     usable = {max(16, min(block, 64))} | ({32} if block >= 64 else set())

@@ -36,7 +36,8 @@ LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernels
 
 # A call with fewer programs than this runs one fixed config instead of autotuning: small
-# launches (decode) are latency-bound anyway, and benchmarking inside a CUDA-graph capture fails.
+# launches (decode) are latency-bound anyway. A launch inside a CUDA-graph capture does too
+# (benchmarking there would fail); warm a shape up before capturing it to get its tuned config.
 LARGE_PROGRAMS = 4096
 # BS: keys per loop step (a block of more keys is streamed in BLOCK / BS chunks; one of fewer
 # than 16 is padded to 16, the smallest tl.dot operand).
@@ -60,10 +61,15 @@ def _chunk(args) -> int:
     return default_chunk(args["BLOCK"], args["K"], args["V"])
 
 
+def untuned(args) -> bool:
+    """Launch the default config: a small launch, or one being captured into a CUDA graph."""
+    return not args["LARGE"] or (args["q"].is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["BLOCK"]
-    if not args["LARGE"]:
+    if untuned(args):
         return [triton.Config({"BS": default_chunk(block, args["K"], args["V"])},
                               num_warps=4, num_stages=2)]
     # Chunks of at most one block, at least 32 keys once blocks have 64 or more.
