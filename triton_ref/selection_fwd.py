@@ -86,6 +86,29 @@ _HEURISTICS = {
 }
 
 
+@triton.jit
+def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk_scale,
+                 m_i, l_i, acc, K: tl.constexpr, V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of a query tile b_q [BG, BK] over the keys j [BS] (visible where
+    m_j): loads K [BS, BK] and V [BS, BV] (masked keys read nothing), returns the updated running
+    max m_i [BG] and sum l_i [BG] (log2 domain) and accumulator acc [BG, BV]. Shared by the
+    group-centric and the split-KV kernels."""
+    b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
+                  mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)
+    b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
+                  mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)
+    # [BG, BS]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+    b_s = tl.where(m_j[None, :], b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    b_p = tl.math.exp2(b_s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    # [BG, BV]
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.heuristics({
     **_HEURISTICS,
     "BG": lambda args: group_tile(args["G"]),
@@ -156,21 +179,8 @@ def selection_fwd_group_kernel(
         m_j = j <= p_abs
         if BS > BLOCK:
             m_j = m_j & (o_j < BLOCK)
-        # [BS, BK], [BS, BV]
-        b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
-                      mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)
-        b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
-                      mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)
-        # [BG, BS]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        b_p = tl.math.exp2(b_s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        # [BG, BV]
-        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt,
+                                     qk_scale, m_i, l_i, acc, K, V, DOT_PRECISION)
 
     # Empty rows: l_i == 0, acc == 0 -> o = 0, lse = -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import LOG2E, LN2, _chunk, group_tile
+from .selection_fwd import LOG2E, LN2, _chunk, attend_chunk, group_tile
 
 
 @triton.heuristics({
@@ -112,21 +112,9 @@ def selection_split_kernel(
                 m_j = j <= p_abs
                 if BS > BLOCK:
                     m_j = m_j & (o_j < BLOCK)
-                # [BS, BK], [BS, BV]
-                b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
-                              mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)
-                b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
-                              mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)
-                # [BG, BS]
-                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-                b_s = tl.where(m_j[None, :], b_s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(b_s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                b_p = tl.math.exp2(b_s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(b_p, 1)
-                acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None],
-                             input_precision=DOT_PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt,
+                                             stride_vt, qk_scale, m_i, l_i, acc, K, V,
+                                             DOT_PRECISION)
 
     head_rows = tok * (H * G) + heads                      # [BG] flat (b, t, hq)
     if ONE_SPLIT:
