@@ -105,7 +105,7 @@ int device_major(int device) {
 
 void set_kernel_variant(int64_t variant) {
   TORCH_CHECK(variant >= 0 && variant < 16, "nsa_ext_cuda::_set_kernel_variant: expected 0..15, got ",
-              variant);
+              std::to_string(variant));
   kernel_variant().store(int(variant), std::memory_order_relaxed);
 }
 
@@ -122,19 +122,19 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
 
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-              "nsa_ext_cuda::selection_fwd: q must be float16, bfloat16 or float32, got ", dtype);
+              "nsa_ext_cuda::selection_fwd: q must be float16, bfloat16 or float32, got ", c10::toString(dtype));
   TORCH_CHECK(k.scalar_type() == dtype, "nsa_ext_cuda::selection_fwd: k must have q's dtype (",
-              dtype, "), got ", k.scalar_type());
+              c10::toString(dtype), "), got ", c10::toString(k.scalar_type()));
   TORCH_CHECK(v.scalar_type() == dtype, "nsa_ext_cuda::selection_fwd: v must have q's dtype (",
-              dtype, "), got ", v.scalar_type());
+              c10::toString(dtype), "), got ", c10::toString(v.scalar_type()));
   TORCH_CHECK(blocks.scalar_type() == at::kInt,
-              "nsa_ext_cuda::selection_fwd: blocks must be int32, got ", blocks.scalar_type());
+              "nsa_ext_cuda::selection_fwd: blocks must be int32, got ", c10::toString(blocks.scalar_type()));
   TORCH_CHECK(num_blocks.scalar_type() == at::kInt,
-              "nsa_ext_cuda::selection_fwd: num_blocks must be int32, got ", num_blocks.scalar_type());
+              "nsa_ext_cuda::selection_fwd: num_blocks must be int32, got ", c10::toString(num_blocks.scalar_type()));
   TORCH_CHECK(pos.scalar_type() == at::kLong,
-              "nsa_ext_cuda::selection_fwd: pos must be int64, got ", pos.scalar_type());
+              "nsa_ext_cuda::selection_fwd: pos must be int64, got ", c10::toString(pos.scalar_type()));
   TORCH_CHECK(k_offset.scalar_type() == at::kLong,
-              "nsa_ext_cuda::selection_fwd: k_offset must be int64, got ", k_offset.scalar_type());
+              "nsa_ext_cuda::selection_fwd: k_offset must be int64, got ", c10::toString(k_offset.scalar_type()));
 
   TORCH_CHECK(q.dim() == 4, "nsa_ext_cuda::selection_fwd: q must be 4-d [B, TQ, HQ, Dk], got ",
               shape_of(q));
@@ -142,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
               shape_of(k));
   const int64_t B = q.size(0), TQ = q.size(1), HQ = q.size(2), Dk = q.size(3);
   const int64_t TK = k.size(1), H = k.size(2);
-  TORCH_CHECK(H > 0 && HQ % H == 0, "nsa_ext_cuda::selection_fwd: q's heads (", HQ,
-              ") must be a multiple of k's heads (", H, ")");
+  TORCH_CHECK(H > 0 && HQ % H == 0, "nsa_ext_cuda::selection_fwd: q's heads (", std::to_string(HQ),
+              ") must be a multiple of k's heads (", std::to_string(H), ")");
   check_shape(k, "k", {B, TK, H, Dk}, "[B, TK, H, Dk]");
   TORCH_CHECK(v.dim() == 4, "nsa_ext_cuda::selection_fwd: v must be 4-d [B, TK, H, Dv], got ",
               shape_of(v));
@@ -158,15 +158,16 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   check_shape(k_offset, "k_offset", {B, TQ}, "[B, TQ]");
   TORCH_CHECK(block_size >= kMinBlockSize && (block_size & (block_size - 1)) == 0 &&
                   block_size <= (int64_t(1) << 30),
-              "nsa_ext_cuda::selection_fwd: block_size must be a power of two >= ", kMinBlockSize,
-              ", got ", block_size);
+              "nsa_ext_cuda::selection_fwd: block_size must be a power of two >= ",
+              std::to_string(kMinBlockSize), ", got ", std::to_string(block_size));
   if (dtype == at::kFloat) {
     TORCH_CHECK(Dk <= kFp32MaxHeadDim && Dv <= kFp32MaxHeadDim,
-                "nsa_ext_cuda::selection_fwd: float32 head dims must be <= ", kFp32MaxHeadDim,
-                ", got Dk=", Dk, ", Dv=", Dv);
+                "nsa_ext_cuda::selection_fwd: float32 head dims must be <= ",
+                std::to_string(kFp32MaxHeadDim), ", got Dk=", std::to_string(Dk), ", Dv=",
+                std::to_string(Dv));
   } else {
-    TORCH_CHECK(has_mma_instance(Dk, Dv), "nsa_ext_cuda::selection_fwd: no kernel for Dk=", Dk,
-                ", Dv=", Dv, " in ", dtype, " (built: ", mma_head_dims(), ")");
+    TORCH_CHECK(has_mma_instance(Dk, Dv), "nsa_ext_cuda::selection_fwd: no kernel for Dk=",
+                std::to_string(Dk), ", Dv=", std::to_string(Dv), " in ", c10::toString(dtype), " (built: ", mma_head_dims(), ")");
   }
   // 16-byte copies (cp.async, bulk copies) need 16-byte aligned rows; rows are Dk or Dv
   // elements long, so aligned base pointers suffice (the Python backend re-allocates others).
@@ -174,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
                 "nsa_ext_cuda::selection_fwd: ", name, " must start at a 16-byte aligned address");
   TORCH_CHECK(B * TQ < (int64_t(1) << 31) && H < 65536 && HQ / H < (int64_t(1) << 20),
-              "nsa_ext_cuda::selection_fwd: grid too large: B*TQ=", B * TQ, ", H=", H);
+              "nsa_ext_cuda::selection_fwd: grid too large: B*TQ=", std::to_string(B * TQ), ", H=",
+              std::to_string(H));
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto o = at::empty({B, TQ, HQ, Dv}, q.options());

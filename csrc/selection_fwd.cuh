@@ -765,15 +765,15 @@ cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& p, cudaStream_t s
       default: break;
     }
   }
-  // One row tile (G <= 16): the warp-pipelined kernel, with bulk copies on SM 9.0 and newer;
-  // larger groups: the block-wide one, whose warps split the rows and share each stage.
-  // Up to Dk = Dv = 128 three blocks share an SM (two slots of 16 keys per warp); larger head
-  // dims take fewer, so that the shared memory fits.
+  // One row tile (G <= 16): the warp-pipelined kernel with cp.async; larger groups: the
+  // block-wide one, whose warps split the rows and share each stage. Up to Dk = Dv = 128 three
+  // blocks share an SM (two slots of 16 keys per warp); larger head dims take fewer, so that
+  // the shared memory fits. Bulk copies (variant 6, SM 9.0) measured slower on the H100
+  // (notes/cuda.md: 26.7 vs 25.6 ms at T = 64k), so cp.async is the default everywhere.
   constexpr int kDepth = 2;
   constexpr int kWarpBlocks = kSmall ? 3 : 1;
   if (p.group <= 16) {
-    // variant 6: cp.async everywhere (the path of SM 8.x), for tests on SM 9.0
-    if (p.sm_major >= 9 && p.variant != 6)
+    if (p.sm_major >= 9 && p.variant == 6)
       return mma_kernel::launch_warp<T, kHeadDimQK, kHeadDimV, kDepth, kWarpBlocks, true>(p, stream);
     return mma_kernel::launch_warp<T, kHeadDimQK, kHeadDimV, kDepth, kWarpBlocks, false>(p, stream);
   }
