@@ -234,7 +234,7 @@ std::string build_info_json() {
     const std::string text = NSA_EXT_ARCHS;
     size_t start = 0;
     while (start <= text.size()) {
-      const size_t end = text.find(';', start);
+      const size_t end = text.find(',', start);
       const std::string item = text.substr(start, end == std::string::npos ? end : end - start);
       if (!item.empty()) archs += (archs.empty() ? "" : ", ") + quoted(item);
       if (end == std::string::npos) break;
