@@ -15,8 +15,11 @@ from .call import BACKEND_NAMES, SelectionCall
 from .config import Settings, load_settings
 from .device import DeviceFacts, device_facts
 
-# Fastest first. "reference" is never chosen by "auto": it exists for tests.
-PRIORITY = ("cuda", "triton", "sdpa")
+# Fastest first, per the bench (H100, bf16, NSA prefill 8k-64k): the Triton group-centric kernel
+# ran at 0.82x fla's time, the CUDA extension at 1.19-1.22x, packed SDPA at ~20x (notes/*.md).
+# So CUDA serves where Triton cannot (not importable, or turned off by NSA_USE_TRITON_SEL=0).
+# "reference" is never chosen by "auto": it exists for tests.
+PRIORITY = ("triton", "cuda", "sdpa")
 _MODULES = {"cuda": "cuda", "triton": "triton", "sdpa": "sdpa_packed", "reference": "reference"}
 
 

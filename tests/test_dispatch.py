@@ -57,7 +57,7 @@ def test_kernel_path_on_sm80_and_newer(facts):
     assert not any("ADR-2025-08-M4-02" in r for rs in d.reasons.values() for r in rs)
     triton_ok = not d.reasons["triton"]
     cuda_ok = not d.reasons["cuda"]
-    expected = "cuda" if cuda_ok else ("triton" if triton_ok else "sdpa")
+    expected = "triton" if triton_ok else ("cuda" if cuda_ok else "sdpa")
     assert d.chosen == expected
     try:
         import triton  # noqa: F401
