@@ -88,11 +88,14 @@ _HEURISTICS = {
 
 @triton.jit
 def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk_scale,
-                 m_i, l_i, acc, K: tl.constexpr, V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 m_i, l_i, acc, K: tl.constexpr, V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MAY_BE_EMPTY: tl.constexpr = False):
     """One online-softmax step of a query tile b_q [BG, BK] over the keys j [BS] (visible where
     m_j): loads K [BS, BK] and V [BS, BV] (masked keys read nothing), returns the updated running
     max m_i [BG] and sum l_i [BG] (log2 domain) and accumulator acc [BG, BV]. Shared by the
-    group-centric and the split-KV kernels."""
+    group-centric and the split-KV kernels. MAY_BE_EMPTY: a step may see no key while the
+    running max is still -inf (the split kernel masks skipped entries instead of branching),
+    so -inf - -inf must not reach exp2."""
     b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
                   mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)
     b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
@@ -101,8 +104,11 @@ def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
     b_s = tl.where(m_j[None, :], b_s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    b_p = tl.math.exp2(b_s - m_new[:, None])
+    m_use = m_new
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.math.exp2(m_i - m_use)
+    b_p = tl.math.exp2(b_s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(b_p, 1)
     # [BG, BV]
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PRECISION)

@@ -10,8 +10,8 @@ raw `block_indices` entries [SP] once, and streams the K [BS, Dk] / V [BS, Dv] c
 blocks of its slice. Set semantics are applied in the kernel, with no sort and no preprocessing
 launch: an entry counts when it is within `block_counts`, 0 <= idx <= pos // BLOCK (the causal
 limit, which also implies idx < ceil(TK / BLOCK)), and no earlier counted entry of the row has
-its value (an [SP] comparison against the entry). Each block that counts holds at least one
-visible key, so the running max is finite after its first chunk.
+its value (an [SP] comparison against the entry). An entry that does not count is streamed with
+every key masked, rather than skipped by a branch, so the loop stays pipelinable.
 With NSPLIT == 1 it writes o [B, TQ, HQ, Dv] and lse [B, TQ, HQ] itself; otherwise it writes
 unnormalised partials acc [rows*G, NSPLIT, Dv], m and l [rows*G, NSPLIT] (fp32, log2 domain)
 and `selection_merge_kernel` (one program per query head row) combines them.
@@ -102,19 +102,22 @@ def selection_split_kernel(
     acc = tl.zeros([BG, BV], dtype=tl.float32)
     e_lo = i_split * EPS
     e_hi = tl.minimum(e_lo + EPS, limit)
+    # No branch in the loop, so the compiler can pipeline the loads: an entry that does not
+    # count is streamed fully masked (its loads read nothing; attend_chunk guards the empty step).
     for e in range(e_lo, e_hi):
         blk = tl.load(row_ptr + e * stride_is).to(tl.int64)
         seen_before = tl.sum((counted & (entries == blk) & (o_e < e)).to(tl.int32), 0)
-        if (blk >= 0) & (blk <= last_block) & (seen_before == 0):
-            for c in range(NC):
-                o_j = c * BS + o_s
-                j = blk * BLOCK + o_j
-                m_j = j <= p_abs
-                if BS > BLOCK:
-                    m_j = m_j & (o_j < BLOCK)
-                m_i, l_i, acc = attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt,
-                                             stride_vt, qk_scale, m_i, l_i, acc, K, V,
-                                             DOT_PRECISION)
+        keep = (blk >= 0) & (blk <= last_block) & (seen_before == 0)
+        blk = tl.where(keep, blk, 0)
+        for c in range(NC):
+            o_j = c * BS + o_s
+            j = blk * BLOCK + o_j
+            m_j = (j <= p_abs) & keep
+            if BS > BLOCK:
+                m_j = m_j & (o_j < BLOCK)
+            m_i, l_i, acc = attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt,
+                                         stride_vt, qk_scale, m_i, l_i, acc, K, V,
+                                         DOT_PRECISION, True)
 
     head_rows = tok * (H * G) + heads                      # [BG] flat (b, t, hq)
     if ONE_SPLIT:
@@ -207,7 +210,7 @@ def selection_split_fwd(q, k, v, block_indices, *, scale: float, block_size: int
         *block_indices.stride(), *counts_strides,
         scale * LOG2E, TQ, TK, S, eps,
         H=H, G=G, K=Dk, V=Dv, BLOCK=block_size, NSPLIT=num_splits,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=3,
     )
     if num_splits > 1:
         merge_kernel[(B * TQ * HQ,)](o, lse, acc_ws, m_ws, l_ws, V=Dv, NSPLIT=num_splits,
