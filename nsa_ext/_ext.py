@@ -66,8 +66,11 @@ def _load() -> _LoadResult:
         return _LoadResult(None, f"this torch ({torch.__version__}) is built without CUDA")
     files = _compiled_files()
     if not files:
-        return _LoadResult(None, "the CUDA extension nsa_ext._C is not built "
-                                 f"(pure-Python install); {_HOW_TO_BUILD}")
+        why = f"the CUDA extension nsa_ext._C is not built (pure-Python install); {_HOW_TO_BUILD}"
+        if torch.cuda.is_available():
+            # pip hides what setup.py printed; on a GPU machine say it once here too.
+            logger.warning("nsa_ext: %s. The Triton and packed-SDPA backends still work.", why)
+        return _LoadResult(None, why)
     try:
         module = _import_compiled()
         info = json.loads(torch.ops.nsa_ext_cuda.build_info())
