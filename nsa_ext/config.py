@@ -92,6 +92,11 @@ def _parse(value, kind: str, where: str):
 def config_path(environ: Mapping[str, str] = os.environ) -> Optional[Path]:
     if environ.get("NSA_CONFIG"):
         return Path(environ["NSA_CONFIG"])
+    return _default_config_path()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_config_path() -> Optional[Path]:
     for path in (REPO_CONFIG, PACKAGED_CONFIG):
         if path.is_file():
             return path
@@ -115,7 +120,26 @@ def _read_yaml(path: str, mtime: float) -> dict:
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
-    """Settings from `environ` over the YAML file over defaults. Cheap: the YAML is cached."""
+    """Settings from `environ` over the YAML file over defaults. Cheap (it is read on every
+    call): the result is cached on the relevant environment variables and the file's mtime."""
+    path = config_path(environ)
+    try:
+        mtime = path.stat().st_mtime if path is not None else None
+    except OSError:
+        mtime = None
+    env = tuple(environ.get(var) for var, _, _ in _ENV)
+    return _settings_for(env, environ.get("NSA_CONFIG"), str(path) if path else None, mtime)
+
+
+@functools.lru_cache(maxsize=32)
+def _settings_for(env: tuple, nsa_config, path_text, mtime) -> Settings:
+    environ = {var: value for (var, _, _), value in zip(_ENV, env) if value is not None}
+    if nsa_config is not None:
+        environ["NSA_CONFIG"] = nsa_config
+    return _read_settings(environ)
+
+
+def _read_settings(environ: Mapping[str, str]) -> Settings:
     values = {}
     source = "defaults"
     path = config_path(environ)
