@@ -5,7 +5,10 @@
 // torch.ops callers skip the Python validation, so every input is checked here, naming the
 // argument. The operator takes the canonical selection (nsa_ext.selection.canonical_blocks) and
 // the per-token geometry (nsa_ext.selection.row_geometry) that the Python backend computes; it
-// allocates only its outputs, never synchronises with the host and launches one kernel.
+// allocates only its outputs (and, with num_splits > 1, an fp32 workspace whose size follows from
+// the shapes alone), never synchronises with the host and launches one kernel (two when
+// splitting: the forward over slices of each row's entries, then the merge), so a call can be
+// captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -115,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
                                                       const at::Tensor& num_blocks,
                                                       const at::Tensor& pos,
                                                       const at::Tensor& k_offset,
-                                                      int64_t block_size, double scale) {
+                                                      int64_t block_size, double scale,
+                                                      int64_t num_splits) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&blocks, "blocks"},
                          {&num_blocks, "num_blocks"}, {&pos, "pos"}, {&k_offset, "k_offset"}})
     check_cuda_contiguous(*t, name, q);
@@ -177,6 +181,14 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   TORCH_CHECK(B * TQ < (int64_t(1) << 31) && H < 65536 && HQ / H < (int64_t(1) << 20),
               "nsa_ext_cuda::selection_fwd: grid too large: B*TQ=", std::to_string(B * TQ), ", H=",
               std::to_string(H));
+  TORCH_CHECK(num_splits >= 1, "nsa_ext_cuda::selection_fwd: num_splits must be >= 1, got ",
+              std::to_string(num_splits));
+  // The grid's z axis holds num_splits x the row tiles of a group (one up to G = 32, else one
+  // per 64 query heads: csrc/selection_fwd.cuh's launch_cta).
+  const int64_t row_tiles = HQ / H <= 32 ? 1 : (HQ / H + 63) / 64;
+  TORCH_CHECK(num_splits < 65536 && num_splits * row_tiles < 65536,
+              "nsa_ext_cuda::selection_fwd: num_splits too large: ", std::to_string(num_splits),
+              " slices x ", std::to_string(row_tiles), " row tiles must stay below 65536");
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto o = at::empty({B, TQ, HQ, Dv}, q.options());
@@ -207,16 +219,35 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.variant = kernel_variant().load(std::memory_order_relaxed);
   p.sm_major = device_major(q.device().index());
+  p.num_splits = int(num_splits);
+  p.entries_per_split = int(S > 0 ? (S + num_splits - 1) / num_splits : 0);
+  // Split-KV partials, fp32: [B*TQ*HQ, num_splits, Dv] and [B*TQ*HQ, num_splits] twice. Every
+  // slot is written by the forward kernel (empty slices too), so empty() suffices.
+  at::Tensor part_acc, part_m, part_l;
+  if (num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    part_acc = at::empty({B * TQ * HQ, num_splits, Dv}, f32);
+    part_m = at::empty({B * TQ * HQ, num_splits}, f32);
+    part_l = at::empty({B * TQ * HQ, num_splits}, f32);
+    p.part_acc = part_acc.data_ptr<float>();
+    p.part_m = part_m.data_ptr<float>();
+    p.part_l = part_l.data_ptr<float>();
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   cudaError_t err = cudaSuccess;
+  ScalarKind kind = ScalarKind::kFloat32;
   switch (dtype) {
-    case at::kHalf: err = launch_mma<ScalarKind::kFloat16>(p, stream); break;
-    case at::kBFloat16: err = launch_mma<ScalarKind::kBFloat16>(p, stream); break;
+    case at::kHalf: kind = ScalarKind::kFloat16; err = launch_mma<ScalarKind::kFloat16>(p, stream); break;
+    case at::kBFloat16: kind = ScalarKind::kBFloat16; err = launch_mma<ScalarKind::kBFloat16>(p, stream); break;
     default: err = launch_selection_fwd_fp32(p, stream); break;
   }
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (num_splits > 1) {
+    C10_CUDA_CHECK(launch_selection_merge(p, kind, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {o, lse};
 }
 
@@ -261,7 +292,7 @@ std::string build_info_json() {
 TORCH_LIBRARY(nsa_ext_cuda, m) {
   m.def(
       "selection_fwd(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, Tensor pos, "
-      "Tensor k_offset, int block_size, float scale) -> (Tensor o, Tensor lse)");
+      "Tensor k_offset, int block_size, float scale, int num_splits=1) -> (Tensor o, Tensor lse)");
   // Build facts through the dispatcher too, for a build without the pybind11 module.
   m.def("build_info() -> str", []() { return build_info_json(); });
   // Tuning only (bench/cuda_quick.py): which compiled kernel variant later calls use.

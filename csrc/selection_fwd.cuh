@@ -13,6 +13,11 @@
 // It writes o [Dv] (q's dtype) and lse (fp32, natural log) for each of its valid rows; a row that
 // sees no key gets o = 0 and lse = -inf.
 //
+// Split-KV (decode, p.num_splits > 1): the grid's z axis also counts slices; a thread block takes
+// only its slice's entries of the row (split_entries; the loop is the same, over fewer chunks)
+// and writes the unnormalised partials acc [Dv], m, l of each row to the fp32 workspace, which
+// launch_selection_merge (selection_merge.cu) turns into o and lse.
+//
 // Input contract (the Python backend builds it with nsa_ext.selection.canonical_blocks): each
 // row's blocks sorted ascending, de-duplicated, -1 padded, none past the query's own block.
 // Memory safety does not rest on it: every key is loaded only when 0 <= j <= pos and it lies
@@ -281,10 +286,13 @@ __device__ __forceinline__ void attend_chunk(const uint32_t (*q_frag)[4], const 
 
 // Merge the partial results of the warps that share query rows (warps_n of them per row tile:
 // warp = wm + wn * warps_m) through shared memory `smem` (free by now: every K/V read is done),
-// and write o and lse of the block's valid rows. Every thread of the block calls it.
+// and write o and lse of the block's valid rows; when splitting (p.num_splits > 1), write slice
+// `split`'s unnormalised partials (acc, m in natural log, l) to the workspace instead. Every
+// thread of the block calls it.
 template <typename T, int kHeadDimV>
 __device__ __forceinline__ void merge_and_store(unsigned char* smem, const SelectionFwdParams& p,
                                                 int warps_m, int64_t bt, int h, int64_t g0,
+                                                int split,
                                                 const float (&m_row)[2], float (&l_row)[2],
                                                 const float (&acc)[kHeadDimV / 8][4]) {
   constexpr int kSO = kHeadDimV + 4;
@@ -342,8 +350,18 @@ __device__ __forceinline__ void merge_and_store(unsigned char* smem, const Selec
         o1 += sO[(w * 16 + rr) * kSO + col + 1] * f;
       }
     }
-    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
     const int64_t out_row = bt * p.heads_q + int64_t(h) * G + g;
+    if (p.num_splits > 1) {
+      // An empty slice: m = -inf, l = 0, acc = 0 (o0, o1 were never added to).
+      const int64_t slot = out_row * p.num_splits + split;
+      *reinterpret_cast<float2*>(p.part_acc + slot * kHeadDimV + col) = make_float2(o0, o1);
+      if (col == 0) {
+        p.part_m[slot] = m_max == -INFINITY ? -INFINITY : m_max * kLn2;
+        p.part_l[slot] = l_sum;
+      }
+      continue;
+    }
+    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
     *reinterpret_cast<uint32_t*>(o + out_row * kHeadDimV + col) = pack2<T>(o0 * inv, o1 * inv);
     if (col == 0)
       p.lse[out_row] = l_sum > 0.f ? m_max * kLn2 + logf(l_sum) : -INFINITY;
@@ -393,9 +411,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int h = blockIdx.y;
   const int64_t b = bt / p.seqlen_q;
   const int64_t G = p.group;
-  const int64_t g0 = int64_t(blockIdx.z) * rows_cta;   // first group row of this block
+  // blockIdx.z = split * row_tiles + tile. The epilogue re-derives g0 and the slice from
+  // blockIdx: held across the main loop, they cost registers (spills at 128/128).
+  const int row_tiles = int(gridDim.z) / p.num_splits;
+  const int64_t g0 = int64_t(blockIdx.z % row_tiles) * rows_cta;   // first group row of this block
   const int64_t row = bt * p.heads_kv + h;             // selection row
-  const int32_t* row_blocks = p.blocks + row * p.num_selected;
   const int64_t pos = p.pos[bt];
   const int64_t k_offset = p.k_offset[bt];
   const int64_t kv_row0 = b * p.seqlen_k + k_offset;   // row of key 0 of the sequence in [B*TK]
@@ -403,8 +423,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int block_size = p.block_size;
   const int chunks_per_block = block_size / kChunkKeys;
 
-  // Clamped so that a malformed count can never index past the row.
-  const int num_blocks = max(0, min(p.num_blocks[row], int(p.num_selected)));
+  // Clamped so that a malformed count can never index past the row. This block takes the
+  // entries of its slice: row_blocks and the chunk numbers below are relative to its start.
+  const int2 entries = split_entries(p, max(0, min(p.num_blocks[row], int(p.num_selected))),
+                                     int(blockIdx.z) / row_tiles);
+  const int32_t* row_blocks = p.blocks + row * p.num_selected + entries.x;
+  const int num_blocks = entries.y - entries.x;
   const int total_chunks = count_chunks(row_blocks, num_blocks, pos, block_size);
   const int num_stages = (total_chunks + kChunksPerStage - 1) / kChunksPerStage;
 
@@ -507,7 +531,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   cp_async_wait<0>();
   __syncthreads();
 
-  merge_and_store<T, kHeadDimV>(smem, p, warps_m, bt, h, g0, m_row, l_row, acc);
+  const int tiles = int(gridDim.z) / p.num_splits;
+  merge_and_store<T, kHeadDimV>(smem, p, warps_m, bt, h, int64_t(int(blockIdx.z) % tiles) * rows_cta,
+                                int(blockIdx.z) / tiles, m_row, l_row, acc);
 }
 
 // Warp-pipelined variant for groups of at most 16 query heads (one row tile): each of the four
@@ -556,14 +582,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t b = bt / p.seqlen_q;
   const int64_t G = p.group;
   const int64_t row = bt * p.heads_kv + h;
-  const int32_t* row_blocks = p.blocks + row * p.num_selected;
   const int64_t pos = p.pos[bt];
   const int64_t k_offset = p.k_offset[bt];
   const int64_t kv_row0 = b * p.seqlen_k + k_offset;
   const int64_t key_limit = p.seqlen_k - k_offset;
   const int block_size = p.block_size;
   const int chunks_per_block = block_size / kChunkKeys;
-  const int num_blocks = max(0, min(p.num_blocks[row], int(p.num_selected)));
+  // This block's slice of the row's entries (all of them without splitting): blockIdx.z.
+  const int2 entries =
+      split_entries(p, max(0, min(p.num_blocks[row], int(p.num_selected))), int(blockIdx.z));
+  const int32_t* row_blocks = p.blocks + row * p.num_selected + entries.x;
+  const int num_blocks = entries.y - entries.x;
   const int total_chunks = count_chunks(row_blocks, num_blocks, pos, block_size);
   // This warp's chunks: warp, warp + 4, ...
   const int my_chunks = total_chunks > warp ? (total_chunks - warp + kWarps - 1) / kWarps : 0;
@@ -692,7 +721,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
   cp_async_wait<0>();
   __syncthreads();
-  merge_and_store<T, kHeadDimV>(smem, p, /*warps_m=*/1, bt, h, /*g0=*/0, m_row, l_row, acc);
+  merge_and_store<T, kHeadDimV>(smem, p, /*warps_m=*/1, bt, h, /*g0=*/0, int(blockIdx.z), m_row,
+                                l_row, acc);
 }
 
 }  // namespace mma_kernel
@@ -712,7 +742,7 @@ cudaError_t launch_cta(const SelectionFwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv),
-                  unsigned((p.group + rows_cta - 1) / rows_cta));
+                  unsigned((p.group + rows_cta - 1) / rows_cta * p.num_splits));
   kernel<<<grid, kThreads, smem, stream>>>(p, warps_m);
   return cudaGetLastError();
 }
@@ -740,7 +770,7 @@ cudaError_t launch_warp(const SelectionFwdParams& p, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv));
+  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv), unsigned(p.num_splits));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -5,7 +5,8 @@
 // in turn. A warp holds its query row in registers (Dk/32 values a lane), walks the row's
 // selected blocks key by key (j <= pos), reduces each dot product across the warp and keeps an
 // online softmax; it writes o [Dv] and lse. Keys are read from global memory (L1/L2): this path
-// is for correctness, not speed.
+// is for correctness, not speed. With p.num_splits > 1 the block takes only its slice of the row's
+// entries (blockIdx.z) and writes the partials acc, m, l to the workspace instead.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -23,10 +24,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bt = blockIdx.x;
   const int h = blockIdx.y;
+  const int split = blockIdx.z;
   const int64_t b = bt / p.seqlen_q;
   const int64_t row = bt * p.heads_kv + h;
-  const int32_t* row_blocks = p.blocks + row * p.num_selected;
-  const int num_blocks = max(0, min(p.num_blocks[row], int(p.num_selected)));
+  const int2 entries =
+      split_entries(p, max(0, min(p.num_blocks[row], int(p.num_selected))), split);
+  const int32_t* row_blocks = p.blocks + row * p.num_selected + entries.x;
+  const int num_blocks = entries.y - entries.x;
   const int64_t pos = p.pos[bt];
   const int64_t k_offset = p.k_offset[bt];
   const int64_t kv_row0 = b * p.seqlen_k + k_offset;
@@ -80,6 +84,20 @@ __global__ void __launch_bounds__(kWarps * 32)
         m = m_new;
       }
     }
+    if (p.num_splits > 1) {
+      // Unnormalised; an empty slice leaves m = -inf, l = 0, acc = 0.
+      const int64_t slot = q_row * p.num_splits + split;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int d = lane + 32 * i;
+        if (d < Dv) p.part_acc[slot * Dv + d] = acc[i];
+      }
+      if (lane == 0) {
+        p.part_m[slot] = m;
+        p.part_l[slot] = l;
+      }
+      continue;
+    }
     const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -93,7 +111,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 }  // namespace
 
 cudaError_t launch_selection_fwd_fp32(const SelectionFwdParams& p, cudaStream_t stream) {
-  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv));
+  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv), unsigned(p.num_splits));
   selection_fwd_fp32_kernel<<<grid, kWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -34,11 +34,34 @@ struct SelectionFwdParams {
   float scale_log2;   // scale * log2(e): the kernels work in base 2
   int variant;        // kernel variant for tuning (nsa_ext_cuda::_set_kernel_variant); 0: default
   int sm_major;       // compute capability of the device (9: bulk copies)
+  // Split-KV (decode): with num_splits > 1 the CTAs of slice s take the canonical entries
+  // [s * entries_per_split, min((s + 1) * entries_per_split, num_blocks[row])) of their row and
+  // write fp32 partials instead of o and lse; launch_selection_merge combines them.
+  int num_splits;          // 1: o and lse written directly, no workspace
+  int entries_per_split;   // ceil(S / num_splits)
+  float* part_acc;         // [B*TQ*HQ, num_splits, Dv]: unnormalised sum of exp(s - m) * v
+  float* part_m;           // [B*TQ*HQ, num_splits]: max scaled score (natural log), -inf if none
+  float* part_l;           // [B*TQ*HQ, num_splits]: sum of exp(s - m), 0 if none
 };
+
+#ifdef __CUDACC__
+// Entries [x, y) of a row with `row_entries` canonical entries that slice `split` takes (all of
+// them when not splitting); empty (x == y) for a slice past the row's end.
+__device__ __forceinline__ int2 split_entries(const SelectionFwdParams& p, int row_entries,
+                                              int split) {
+  if (p.num_splits <= 1) return make_int2(0, row_entries);
+  const int begin = min(split * p.entries_per_split, row_entries);
+  return make_int2(begin, min(begin + p.entries_per_split, row_entries));
+}
+#endif
 
 template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
 cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& params, cudaStream_t stream);
 
 cudaError_t launch_selection_fwd_fp32(const SelectionFwdParams& params, cudaStream_t stream);
+
+// Split-KV merge: part_acc / part_m / part_l -> o (q's dtype, `kind`) and lse.
+cudaError_t launch_selection_merge(const SelectionFwdParams& params, ScalarKind kind,
+                                   cudaStream_t stream);
 
 }  // namespace nsa_ext

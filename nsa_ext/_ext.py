@@ -115,7 +115,9 @@ def compiled_archs() -> list:
 def _register_fake() -> None:
     # Shapes only; the same for every device. Used by torch.compile, opcheck and meta tensors.
     @torch.library.register_fake(OP_NAME)
-    def _selection_fwd_fake(q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale):
+    def _selection_fwd_fake(q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
+                            num_splits=1):
+        # num_splits changes only the kernels' schedule (and a private workspace), not the outputs.
         B, TQ, HQ, _ = q.shape
         o = q.new_empty((B, TQ, HQ, v.shape[3]))
         lse = q.new_empty((B, TQ, HQ), dtype=torch.float32)

@@ -5,15 +5,22 @@ sorted, de-duplicated, -1 padded, causally trimmed) and each query's absolute po
 offset (row_geometry); this module computes both, then calls
 `torch.ops.nsa_ext_cuda.selection_fwd`. It has no backward: the dispatcher's autograd recomputes
 gradients through packed SDPA.
+
+Decode (TQ = 1, or a few, small B) has too few rows to fill the GPU: below SPLIT_BELOW_WAVES waves
+of thread blocks over the SMs the op is asked to cut each row's entries into `num_splits` slices
+(split-KV) and merge them; the count follows from shapes and the SM count only, so a decode step
+stays capturable in a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import List
+import functools
+from typing import Callable, List
 
 import torch
 
 from .. import _ext
 from ..call import SelectionCall
+from ..device import device_facts
 from ..selection import canonical_blocks, row_geometry
 
 NAME = "cuda"
@@ -99,6 +106,48 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+# Below this many waves of thread blocks over the SMs the kernel splits each row's entries
+# (the same bound as nsa_ext/backends/triton.py's).
+SPLIT_BELOW_WAVES = 4
+
+
+def _choose_num_splits_here(work_items: int, num_entries: int, sm_count: int) -> int:
+    """triton_ref.selection_split.choose_num_splits without Triton: about two waves of thread
+    blocks, at most one slice per entry, no empty slice."""
+    if num_entries <= 1 or sm_count <= 0:
+        return 1
+    wanted = -(-2 * sm_count // max(work_items, 1))
+    splits = max(1, min(wanted, num_entries))
+    return -(-num_entries // -(-num_entries // splits))
+
+
+@functools.lru_cache(maxsize=None)
+def _split_chooser() -> Callable[[int, int, int], int]:
+    try:
+        from triton_ref.selection_split import choose_num_splits
+    except ImportError:
+        return _choose_num_splits_here
+    return choose_num_splits
+
+
+def row_tiles(call: SelectionCall) -> int:
+    """Thread blocks per (query token, KV head) without splitting: the block-wide kernel
+    (G > 16) takes up to 32 query heads in one block and 64 per block past that; the warp kernel
+    (G <= 16) and the fp32 kernel one block per row."""
+    G = call.group_size
+    if call.dtype == torch.float32 or G <= 32:
+        return 1
+    return -(-G // 64)
+
+
+def num_splits(call: SelectionCall, sm_count: int) -> int:
+    """Slices per row for the op: 1 unless the grid is under SPLIT_BELOW_WAVES waves."""
+    work_items = call.batch * call.seqlen_q * call.num_heads_kv * row_tiles(call)
+    if sm_count <= 0 or work_items >= SPLIT_BELOW_WAVES * sm_count:
+        return 1
+    return _split_chooser()(work_items, call.num_selected, sm_count)
+
+
 def forward(call: SelectionCall):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)."""
     geometry = row_geometry(call)
@@ -107,6 +156,7 @@ def forward(call: SelectionCall):
     q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
     pos = geometry.pos.contiguous()
     k_offset = geometry.k_offset.contiguous()
+    splits = num_splits(call, device_facts(call.device).sm_count)
     return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                 num_blocks.contiguous(), pos, k_offset,
-                                                call.block_size, call.scale)
+                                                call.block_size, call.scale, splits)
