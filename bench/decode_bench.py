@@ -3,6 +3,9 @@
 HQ=64, H=4, D=128, 16 selected blocks of 64, bf16, B in {1, 32, 128}, TK in {8k, 64k}. Every
 time is a median from triton.testing.do_bench after warm-up; "graph" rows replay a CUDA graph of
 the same call (do_bench_cudagraph), which removes Python and launch overhead for both sides.
+"cuda graph us" is the same graph timing for the CUDA extension's path
+(`selection_attention(..., backend="cuda")`, its own split-KV choice); empty when the extension
+cannot serve the call here.
 Bytes/s counts the K/V of the selected blocks each row reads: B * H * 16 * 64 * (Dk + Dv) * 2 B.
 
     python bench/decode_bench.py [--out results.json]
@@ -48,7 +51,8 @@ def main() -> None:
     print(f"# {props.name} | torch {torch.__version__} | triton {triton.__version__} | "
           f"nsa_ext {nsa_ext.__version__} | bf16 HQ={HQ} H={H} D={D} S={S} block={BS} TQ=1")
     header = ("B", "TK", "splits", "ours kernel us", "ours API us", "ours graph us",
-              "fla us", "fla graph us", "ours graph GB/s", "fla/ours (graph)", "max |o - o_fla|")
+              "cuda graph us", "fla us", "fla graph us", "ours graph GB/s", "fla/ours (graph)",
+              "max |o - o_fla|")
     print(" | ".join(header))
     results = []
     g = torch.Generator().manual_seed(0)
@@ -73,6 +77,17 @@ def main() -> None:
                    "kernel_us": do_bench(kernel, return_mode="median") * 1e3,
                    "api_us": do_bench(api, return_mode="median") * 1e3,
                    "graph_us": do_bench_cudagraph(api, return_mode="median") * 1e3}
+
+            def cuda_api():
+                return nsa_ext.selection_attention(q, k, v, bi, BS, backend="cuda")
+
+            try:
+                cuda_api()
+                row["cuda_graph_us"] = do_bench_cudagraph(cuda_api, return_mode="median") * 1e3
+            except (ValueError, RuntimeError) as err:   # extension missing or refusing the call
+                row["cuda_error"] = str(err).splitlines()[0]
+                if len(results) == 0:
+                    print(f"CUDA extension path unavailable: {row['cuda_error']}")
             if parallel_nsa_fwd is not None:
                 def fla():
                     return parallel_nsa_fwd(q, k, v, bi, S, BS, scale)
@@ -86,7 +101,8 @@ def main() -> None:
             results.append(row)
             ratio = row.get("fla_graph_us", float("nan")) / row["graph_us"]
             print(f"{B} | {TK} | {splits} | {row['kernel_us']:.1f} | {row['api_us']:.1f} | "
-                  f"{row['graph_us']:.1f} | {row.get('fla_us', float('nan')):.1f} | "
+                  f"{row['graph_us']:.1f} | {row.get('cuda_graph_us', float('nan')):.1f} | "
+                  f"{row.get('fla_us', float('nan')):.1f} | "
                   f"{row.get('fla_graph_us', float('nan')):.1f} | {row['graph_GBps']:.0f} | "
                   f"{ratio:.2f}x | {row.get('max_abs_diff_vs_fla', float('nan')):.3g}")
             del q, k, v

@@ -3,20 +3,22 @@
 CPU: the loader's report, the operator's schema and fake implementation (opcheck on meta
 tensors), the backend's reasons. GPU (marked `gpu`): parity with the fp32 reference over SPEC.md's
 cases, the kernel's own edge cases (group sizes that need padding or several row tiles, block
-sizes 16..256, Dk != Dv, 64-row groups, empty rows), opcheck on CUDA tensors.
+sizes 16..256, Dk != Dv, 64-row groups, empty rows), opcheck on CUDA tensors, and the split-KV
+decode path (num_splits forced through the operator) against the reference.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from common import assert_close_to_reference, make_case
+from common import assert_close_to_reference, make_case, spec_errors
 from nsa_ext import _ext
 from nsa_ext.backends import cuda as cuda_backend
 from nsa_ext.call import describe_call
 from nsa_ext.config import Settings
 from nsa_ext.device import DeviceFacts
 from nsa_ext.reference import reference_forward
+from nsa_ext.selection import canonical_blocks, row_geometry
 
 needs_ext = pytest.mark.skipif(not _ext.available(),
                                reason=f"nsa_ext._C not usable: {_ext.unavailable_reason()}")
@@ -64,6 +66,39 @@ def test_fake_implementation_passes_opcheck_on_meta():
     assert lse.shape == (1, 4, 6) and lse.dtype == torch.float32
     torch.library.opcheck(torch.ops.nsa_ext_cuda.selection_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
+def test_fake_implementation_takes_num_splits():
+    args = (*_op_args("meta", Dk=192, Dv=128), 4)
+    o, lse = torch.ops.nsa_ext_cuda.selection_fwd(*args)
+    assert o.shape == (1, 4, 6, 128) and lse.shape == (1, 4, 6)
+    torch.library.opcheck(torch.ops.nsa_ext_cuda.selection_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("shape,dtype,sm_count,expected", [
+    (dict(B=1, TQ=1, TK=4096, HQ=16, H=4, S=16), torch.bfloat16, 132, 16),   # 4 rows: all 16
+    (dict(B=32, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 3),    # 128 rows: 3 slices
+    (dict(B=1, TQ=1, TK=4096, HQ=16, H=4, S=16), torch.bfloat16, 0, 1),      # SM count unknown
+    (dict(B=4, TQ=64, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 1),    # 1024 rows: enough
+    (dict(B=2, TQ=1, TK=512, HQ=16, H=4, S=1), torch.bfloat16, 132, 1),      # one entry a row
+    (dict(B=66, TQ=1, TK=512, HQ=128, H=1, S=16), torch.bfloat16, 132, 2),   # 2 row tiles a row
+    (dict(B=66, TQ=1, TK=512, HQ=128, H=1, S=16), torch.float32, 132, 4),    # fp32: one block
+])
+def test_num_splits_follows_shapes_and_sm_count(shape, dtype, sm_count, expected):
+    case = make_case(Dk=64, block_size=64, dtype=dtype, **shape)
+    call = describe_call(*case.args())
+    assert cuda_backend.num_splits(call, sm_count) == expected
+
+
+def test_num_splits_without_triton_matches_triton_ref():
+    choose = pytest.importorskip("triton_ref.selection_split").choose_num_splits
+    for work in (1, 3, 4, 64, 127, 500):
+        for entries in (0, 1, 2, 5, 16, 33):
+            for sm_count in (0, 78, 132):
+                assert cuda_backend._choose_num_splits_here(work, entries, sm_count) == \
+                    choose(work, entries, sm_count)
 
 
 @needs_ext
@@ -278,6 +313,10 @@ def _block_size_24(args):
     args[7] = 24
 
 
+def _num_splits_0(args):
+    args.append(0)
+
+
 @pytest.mark.gpu
 @needs_ext
 @pytest.mark.parametrize("spoil,message", [
@@ -285,7 +324,8 @@ def _block_size_24(args):
     (_k_not_contiguous, "k must be contiguous"),
     (_q_on_cpu, "q must be a CUDA tensor"),
     (_block_size_24, "block_size must be a power of two"),
-], ids=["blocks_int64", "k_not_contiguous", "q_on_cpu", "block_size_24"])
+    (_num_splits_0, "num_splits must be >= 1"),
+], ids=["blocks_int64", "k_not_contiguous", "q_on_cpu", "block_size_24", "num_splits_0"])
 def test_operator_checks_its_inputs(spoil, message):
     args = list(_op_args("cuda"))
     spoil(args)
@@ -297,4 +337,108 @@ def test_operator_checks_its_inputs(spoil, message):
 @needs_ext
 def test_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.nsa_ext_cuda.selection_fwd.default, _op_args("cuda"),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# --- GPU: split-KV decode -------------------------------------------------------------------
+
+# Decode shapes (TQ = 1 or 2, small B) for the forced split counts below; make_case's indices
+# carry repeats, -1, other negatives and out-of-range entries. 16 slices exceed most rows'
+# entries, so empty slices are part of every case.
+DECODE_CASES = {
+    "G1_B4_TQ1": dict(B=4, TQ=1, TK=900, HQ=2, H=2, Dk=192, Dv=128, S=8, block_size=64),
+    "G3_B2_TQ2": dict(B=2, TQ=2, TK=700, HQ=6, H=2, Dk=192, Dv=128, S=12, block_size=32),
+    "G16_B1_TQ1": dict(B=1, TQ=1, TK=4096, HQ=16, H=1, Dk=192, Dv=128, S=16, block_size=64),
+    "G16_B3_TQ2_d128": dict(B=3, TQ=2, TK=1500, HQ=32, H=2, Dk=128, S=20, block_size=16),
+    "G64_B3_TQ1": dict(B=3, TQ=1, TK=1000, HQ=64, H=1, Dk=192, Dv=128, S=8, block_size=16),
+    "G64_B2_TQ2": dict(B=2, TQ=2, TK=333, HQ=128, H=2, Dk=192, Dv=128, S=6, block_size=32),
+    "counts_tensor": dict(B=2, TQ=1, TK=800, HQ=16, H=1, Dk=192, Dv=128, S=10, block_size=32,
+                          block_counts="tensor"),
+    "varlen_decode": dict(seqlens=[1, 1, 1, 1], seqlens_k=[300, 17, 1000, 64], HQ=6, H=2,
+                          Dk=192, Dv=128, S=6, block_size=16),
+    "varlen_decode_G16": dict(seqlens=[2, 1, 1], seqlens_k=[129, 1, 700], HQ=16, H=1, Dk=64,
+                              S=9, block_size=32),
+}
+SPLITS = [1, 2, 16]
+
+
+def _run_split(case, num_splits):
+    """The operator with a forced num_splits on the backend's own inputs, and the reference."""
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    o, lse = torch.ops.nsa_ext_cuda.selection_fwd(
+        call.q.contiguous(), call.k.contiguous(), call.v.contiguous(), blocks.contiguous(),
+        num_blocks.contiguous(), geometry.pos.contiguous(), geometry.k_offset.contiguous(),
+        call.block_size, call.scale, num_splits)
+    torch.cuda.synchronize()
+    ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
+                             case.block_size, **case.kwargs(), need_lse=True)
+    o_ref, lse_ref = reference_forward(ref_call)
+    return o, lse, o_ref, lse_ref
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("num_splits", SPLITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", DECODE_CASES)
+def test_split_decode_matches_reference(name, dtype, num_splits):
+    case = make_case(dtype=dtype, device="cuda", seed=sum(map(ord, name)), **DECODE_CASES[name])
+    o, lse, o_ref, lse_ref = _run_split(case, num_splits)
+    assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
+    assert torch.isfinite(lse_ref).any()
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("num_splits", [2, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("G", [1, 16, 64])
+def test_split_empty_rows_give_zero_and_minus_inf(G, dtype, num_splits):
+    case = make_case(B=4, TQ=1, TK=600, HQ=2 * G, H=2, Dk=192, Dv=128, S=8, block_size=32,
+                     dtype=dtype, device="cuda", seed=G)
+    case.block_indices[0] = -1                          # nothing selected
+    case.block_indices[1, :, 0] = 10_000                # only out-of-range on KV head 0
+    case.block_indices[1, :, 0, 1:] = -5
+    case.block_indices[2] = 3                           # one block, repeated: one entry a row
+    junk = torch.full((1 << 22,), float("nan"), device="cuda")   # poison the allocator
+    del junk
+    o, lse, o_ref, lse_ref = _run_split(case, num_splits)
+    assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
+    assert (o[0] == 0).all() and torch.isneginf(lse[0]).all()
+    assert (o[1, :, :G] == 0).all() and torch.isneginf(lse[1, :, :G]).all()
+    assert torch.isfinite(lse[2]).all()
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("G", [3, 64])
+def test_split_runs_are_identical_and_close_to_unsplit(G):
+    case = make_case(B=2, TQ=1, TK=2000, HQ=2 * G, H=2, Dk=192, Dv=128, S=16, block_size=32,
+                     dtype=torch.bfloat16, device="cuda", seed=5)
+    o1, lse1, _, _ = _run_split(case, 1)
+    o8, lse8, _, _ = _run_split(case, 8)
+    o8b, lse8b, _, _ = _run_split(case, 8)
+    assert torch.equal(o8, o8b) and torch.equal(lse8, lse8b)
+    mean_err, max_err = spec_errors(o8, o1)     # P rounds to bf16 against other maxima
+    assert mean_err <= 2e-3 and max_err <= 2e-2, (mean_err, max_err)
+    assert (lse1 - lse8).nan_to_num(0.0).abs().max().item() <= 1e-4
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_backend_splits_decode_and_matches_reference():
+    """The backend's own choice (no forced count) on a decode step that it splits."""
+    case = make_case(B=1, TQ=1, TK=4096, HQ=16, H=4, Dk=192, Dv=128, S=16, block_size=64,
+                     dtype=torch.bfloat16, device="cuda", seed=9)
+    call, o, lse, o_ref, lse_ref = _run(case)
+    assert cuda_backend.num_splits(call, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    assert_close_to_reference(o, o_ref.to(torch.bfloat16), torch.bfloat16, lse, lse_ref)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_opcheck_on_cuda_with_splits():
+    torch.library.opcheck(torch.ops.nsa_ext_cuda.selection_fwd.default, (*_op_args("cuda"), 3),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
