@@ -296,6 +296,25 @@ def _python_function(kernel):
 _interpreted_cache = {}
 
 
+def _with_interpreted_helpers(fn):
+    """`fn` with the @triton.jit helpers it calls (attend_chunk) swapped for interpreted twins:
+    the interpreter runs a kernel's source in its module's globals, where a helper compiled for
+    the GPU cannot be called. A copy of the function gets a copy of the globals; the module's own
+    stay untouched for the GPU path."""
+    import types
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    scope = dict(fn.__globals__)
+    for name, value in fn.__globals__.items():
+        if isinstance(value, JITFunction):
+            scope[name] = InterpretedFunction(_python_function(value))
+    twin = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    twin.__kwdefaults__ = fn.__kwdefaults__
+    return twin
+
+
 def _interpreted(kernel):
     """The same kernel run by Triton's CPU interpreter, whatever TRITON_INTERPRET said at import.
 
@@ -306,7 +325,7 @@ def _interpreted(kernel):
     if kernel not in _interpreted_cache:
         from triton.runtime.interpreter import InterpretedFunction
 
-        fn = _python_function(kernel)
+        fn = _with_interpreted_helpers(_python_function(kernel))
         values = dict(kernel.values)  # the compiled kernel's heuristics
         if "BS" in inspect.signature(fn).parameters and "BS" not in values:
             values["BS"] = _chunk         # autotuned when compiled: the untuned choice here
