@@ -607,7 +607,8 @@ def fill_metrics(rows: List[Row], ctx: Context) -> None:
             continue
         seconds = r.ms * 1e-3
         dense = r.backend.startswith("dense:")
-        r.tflops = ctx.work.flops(sh.Dk, sh.Dv, dense=dense, backward=ctx.case.train) / seconds / 1e12
+        if not r.backend.startswith("floor/"):     # the floors do no arithmetic: no TFLOP/s
+            r.tflops = ctx.work.flops(sh.Dk, sh.Dv, dense=dense, backward=ctx.case.train) / seconds / 1e12
         if not dense:
             nbytes = ctx.work.tile_bytes if r.backend == "floor/tile" else ctx.work.row_bytes
             r.gbps = nbytes / seconds / 1e9
@@ -734,7 +735,8 @@ def write_plot(path: Path, rows: List[Row], cases: List[CaseSpec], env) -> Optio
                          and r.backend == name and r.status == "ok")
             if pts:
                 style = "--" if name.startswith(("floor", "dense")) else "-"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+                color = plt.get_cmap("tab20")(ROW_ORDER.index(name) % 20)   # one colour per row, every panel
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name, color=color)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (tokens)")
