@@ -244,9 +244,12 @@ def test_repeats_and_order_do_not_matter_and_runs_are_identical():
     twice = torch.cat([bi.flip(-1), bi], dim=-1)
     o1, lse1 = cuda_backend.forward(describe_call(case.q, case.k, case.v, bi, 16, need_lse=True))
     o2, lse2 = cuda_backend.forward(describe_call(case.q, case.k, case.v, twice, 16, need_lse=True))
-    o3, _ = cuda_backend.forward(describe_call(case.q, case.k, case.v, bi, 16, need_lse=True))
-    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
-    assert torch.equal(o1, o3)   # a race would show as run-to-run differences
+    o3, lse3 = cuda_backend.forward(describe_call(case.q, case.k, case.v, bi, 16, need_lse=True))
+    # Same set, so the same function; not bit-identical, since this small call is split-KV and
+    # S (6 vs 12) changes how the entries are sliced and so the order of the merge's sums.
+    assert (o1.float() - o2.float()).abs().max().item() <= 1e-2
+    assert (lse1 - lse2).nan_to_num(0.0).abs().max().item() <= 1e-4
+    assert torch.equal(o1, o3) and torch.equal(lse1, lse3)   # a race would show run to run
 
 
 @pytest.mark.gpu
