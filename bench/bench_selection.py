@@ -240,8 +240,8 @@ def build_nsa(ctx: Context, s: InputSet, backend: str):
     return step, [s.q, s.k, s.v]
 
 
-def _fla():
-    if not torch.cuda.is_available():
+def _fla(device: torch.device):
+    if device.type != "cuda":
         raise NotApplicable("fla-core's kernels need CUDA")
     try:
         from fla.ops.nsa import parallel as fla_parallel
@@ -251,7 +251,7 @@ def _fla():
 
 
 def build_fla(ctx: Context, s: InputSet):
-    fla_parallel = _fla()
+    fla_parallel = _fla(s.q.device)
     sh = ctx.shape
     block_indices = s.block_indices.long()         # fla's documented LongTensor (made untimed)
     if not ctx.case.train:
