@@ -21,12 +21,12 @@ import torch
 from .. import _ext
 from ..call import SelectionCall
 from ..device import device_facts
+from ..policy import kernel_path_reasons
 from ..selection import canonical_blocks, row_geometry
 
 NAME = "cuda"
 
 # ADR-2025-08-M4-02: the kernel paths stay off on SM 8.9 (RTX 4090) unless forced.
-_SM89 = (8, 9)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -58,18 +58,16 @@ def reasons_unsupported(call: SelectionCall, settings, facts) -> List[str]:
     info = _ext.build_info()
     if facts.kind != "cuda":
         reasons.append(f"device {facts.kind}: the CUDA backend needs a CUDA device")
-    elif facts.sm is None or tuple(facts.sm) < (8, 0):
-        reasons.append(f"compute capability {facts.sm}: the kernel needs SM 8.0 or newer "
-                       f"(mma.sync bf16, cp.async)")
+    elif facts.sm is None:
+        reasons.append("compute capability unknown: the kernel needs SM 8.0 or newer")
     else:
+        policy = kernel_path_reasons(facts, settings, "CUDA extension")
+        reasons.extend(policy)
         archs = info.get("archs", [])
-        if not _arch_served(facts.sm, archs):
+        if tuple(facts.sm) >= (8, 0) and not _arch_served(facts.sm, archs):
             reasons.append(f"built for archs {';'.join(archs)}, none runs on SM "
                            f"{facts.sm[0]}.{facts.sm[1]} ({facts.name}); rebuild with "
                            f"NSA_EXT_CUDA_ARCHS={facts.sm[0]}.{facts.sm[1]}")
-        if tuple(facts.sm) == _SM89 and not settings.triton_sel_force:
-            reasons.append("SM 8.9 (RTX 4090): kernel paths are off by ADR-2025-08-M4-02; "
-                           "set NSA_TRITON_SEL_FORCE=1 to use them")
     min_len = settings.min_len("cuda", facts.arch)
     if call.selected_len < min_len:
         reasons.append(f"selected length {call.selected_len} tokens per row is below "

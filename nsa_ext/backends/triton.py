@@ -25,6 +25,7 @@ from ..call import SelectionCall
 from ..config import Settings, load_settings
 from ..device import DeviceFacts, device_facts
 from ..logs import log_event
+from ..policy import kernel_path_reasons
 from ..selection import RowGeometry, canonical_blocks, row_geometry
 
 NAME = "triton"
@@ -52,12 +53,7 @@ def reasons_unsupported(call: SelectionCall, settings: Settings, facts: DeviceFa
     if facts.kind != "cuda" and not settings.triton_interpret:
         reasons.append(f"device is {facts.kind}: the Triton kernels need a CUDA GPU "
                        f"(or TRITON_INTERPRET=1, the CPU interpreter, for tests)")
-    if facts.kind == "cuda" and facts.sm is not None:
-        if facts.sm < (8, 0):
-            reasons.append(f"GPU {facts.describe()}: the Triton kernels need SM 8.0 or newer")
-        if facts.sm == (8, 9) and not settings.triton_sel_force:
-            reasons.append("GPU is SM 8.9: ADR-2025-08-M4-02 keeps the Triton selection kernel off "
-                           "there; set NSA_TRITON_SEL_FORCE=1 (runtime.triton_sel_force) to use it")
+    reasons.extend(kernel_path_reasons(facts, settings, "Triton kernel"))
     if not settings.use_triton_sel:
         reasons.append("the Triton selection kernel is turned off (NSA_USE_TRITON_SEL=0 or "
                        "runtime.use_triton_sel: false)")
