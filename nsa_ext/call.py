@@ -98,10 +98,6 @@ class SelectionCall:
         """Most key tokens one row can attend to: entries used per row x block_size."""
         return self.block_count_limit * self.block_size
 
-    @property
-    def requires_grad(self) -> bool:
-        return self.q.requires_grad or self.k.requires_grad or self.v.requires_grad
-
     def summary(self) -> str:
         kind = f"varlen(N={self.num_seqs})" if self.is_varlen else f"B={self.batch}"
         return (f"{kind} TQ={self.seqlen_q} TK={self.seqlen_k} HQ={self.num_heads_q} "

@@ -90,9 +90,6 @@ class _Plan:
                     self.head[rows, None]
                 yield _Chunk(rows, key_index, visible)
 
-    def empty_rows(self) -> torch.Tensor:
-        return self.order[:self.counts[0]]
-
 
 def _attend_chunk(call: SelectionCall, q_rows, k_flat, v_flat, chunk: _Chunk, need_lse: bool):
     """o [R, G, Dv] (and lse [R, G] fp32) for one chunk; differentiable in its inputs."""
