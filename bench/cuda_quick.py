@@ -22,6 +22,7 @@ import triton.testing
 
 from nsa_ext import _ext
 from nsa_ext.backends import cuda as cuda_backend
+from nsa_ext.backends import triton as triton_backend
 from nsa_ext.call import describe_call
 from nsa_ext.selection import canonical_blocks, row_geometry
 
@@ -52,8 +53,6 @@ def main():
     parser.add_argument("--T", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--out", default="bench/results/cuda_quick.json")
     parser.add_argument("--rep", type=int, default=300, help="do_bench rep (ms)")
-    parser.add_argument("--variants", type=int, nargs="*", default=[],
-                        help="also time these compiled kernel variants (csrc/selection_fwd.cuh)")
     args = parser.parse_args()
     assert _ext.available(), _ext.unavailable_reason()
     try:
@@ -86,18 +85,13 @@ def main():
 
         result = {"T": T, "pairs": pairs}
         o_cuda, lse_cuda = run_op()
-        set_variant = torch.ops.nsa_ext_cuda._set_kernel_variant
-        for variant in args.variants:
-            set_variant(variant)
-            o_var, _ = run_op()
-            result[f"variant{variant}_max_abs_diff"] = (o_var.float() - o_cuda.float()).abs().max().item()
-            result[f"variant{variant}_ms"] = triton.testing.do_bench(
-                run_op, warmup=25, rep=args.rep // 2, return_mode="median")
-        set_variant(0)
         result["cuda_ms"] = triton.testing.do_bench(run_op, warmup=50, rep=args.rep,
                                                     return_mode="median")
         result["cuda_backend_ms"] = triton.testing.do_bench(run_backend, warmup=50, rep=args.rep,
                                                             return_mode="median")
+        # The Triton backend (canonical_blocks + group kernel), the counterpart of cuda_backend.
+        result["triton_backend_ms"] = triton.testing.do_bench(
+            lambda: triton_backend.forward(call), warmup=50, rep=args.rep, return_mode="median")
         if parallel_nsa_fwd is not None:
             fla_blocks = blocks.to(torch.int64)
 
@@ -108,7 +102,7 @@ def main():
             result["max_abs_diff_vs_fla"] = (o_fla.float() - o_cuda.float()).abs().max().item()
             result["fla_ms"] = triton.testing.do_bench(run_fla, warmup=50, rep=args.rep,
                                                        return_mode="median")
-        for key in ("cuda_ms", "cuda_backend_ms", "fla_ms"):
+        for key in ("cuda_ms", "cuda_backend_ms", "triton_backend_ms", "fla_ms"):
             if key in result:
                 result[key.replace("_ms", "_tflops")] = 4 * D * pairs / (result[key] * 1e-3) / 1e12
         rows.append(result)
@@ -116,18 +110,12 @@ def main():
         torch.cuda.empty_cache()
 
     print(f"{'T':>6} | {'cuda op ms':>10} {'TFLOP/s':>7} | {'backend ms':>10} | "
-          f"{'fla ms':>8} {'TFLOP/s':>7} | {'cuda/fla':>8} | max|o-o_fla|")
+          f"{'triton backend ms':>17} | {'fla ms':>8} {'TFLOP/s':>7} | {'cuda/fla':>8} | max|o-o_fla|")
     for r in rows:
         fla_ms = r.get("fla_ms", math.nan)
         print(f"{r['T']:>6} | {r['cuda_ms']:>10.3f} {r['cuda_tflops']:>7.1f} | "
-              f"{r['cuda_backend_ms']:>10.3f} | {fla_ms:>8.3f} {r.get('fla_tflops', math.nan):>7.1f} | "
+              f"{r['cuda_backend_ms']:>10.3f} | {r['triton_backend_ms']:>17.3f} | {fla_ms:>8.3f} {r.get('fla_tflops', math.nan):>7.1f} | "
               f"{r['cuda_ms'] / fla_ms:>8.2f} | {r.get('max_abs_diff_vs_fla', math.nan):.3g}")
-    if args.variants:
-        print("kernel variants (op only), ms [max |o - o_default|]:")
-        for r in rows:
-            cells = "  ".join(f"v{v}: {r[f'variant{v}_ms']:.3f} [{r[f'variant{v}_max_abs_diff']:.2g}]"
-                              for v in args.variants)
-            print(f"{r['T']:>6} | {cells}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, "host": platform.node(), "rows": rows}, indent=1))

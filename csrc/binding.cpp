@@ -19,7 +19,6 @@
 #endif
 #include <torch/library.h>
 
-#include <atomic>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -86,30 +85,6 @@ cudaError_t launch_mma(const SelectionFwdParams& p, cudaStream_t stream) {
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_LAUNCH)
 #undef NSA_EXT_LAUNCH
   return cudaErrorInvalidValue;   // unreachable: the dims were checked
-}
-
-// Bench-only switch between compiled kernel variants (csrc/selection_fwd.cuh); 0 = default.
-std::atomic<int>& kernel_variant() {
-  static std::atomic<int> variant{0};
-  return variant;
-}
-
-// Compute capability (major) of a device, read once per device.
-int device_major(int device) {
-  static std::atomic<int> cache[64] = {};
-  if (device < 0 || device >= 64) return 0;
-  int major = cache[device].load(std::memory_order_relaxed);
-  if (major == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    cache[device].store(major, std::memory_order_relaxed);
-  }
-  return major;
-}
-
-void set_kernel_variant(int64_t variant) {
-  TORCH_CHECK(variant >= 0 && variant < 16, "nsa_ext_cuda::_set_kernel_variant: expected 0..15, got ",
-              std::to_string(variant));
-  kernel_variant().store(int(variant), std::memory_order_relaxed);
 }
 
 std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -217,8 +192,6 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   p.block_size = int(block_size);
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
-  p.variant = kernel_variant().load(std::memory_order_relaxed);
-  p.sm_major = device_major(q.device().index());
   p.num_splits = int(num_splits);
   p.entries_per_split = int(S > 0 ? (S + num_splits - 1) / num_splits : 0);
   // Split-KV partials, fp32: [B*TQ*HQ, num_splits, Dv] and [B*TQ*HQ, num_splits] twice. Every
@@ -295,8 +268,6 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
       "Tensor k_offset, int block_size, float scale, int num_splits=1) -> (Tensor o, Tensor lse)");
   // Build facts through the dispatcher too, for a build without the pybind11 module.
   m.def("build_info() -> str", []() { return build_info_json(); });
-  // Tuning only (bench/cuda_quick.py): which compiled kernel variant later calls use.
-  m.def("_set_kernel_variant(int variant) -> ()", &nsa_ext::set_kernel_variant);
 }
 
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {

@@ -32,8 +32,6 @@ struct SelectionFwdParams {
   int block_size;
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): the kernels work in base 2
-  int variant;        // kernel variant for tuning (nsa_ext_cuda::_set_kernel_variant); 0: default
-  int sm_major;       // compute capability of the device (9: bulk copies)
   // Split-KV (decode): with num_splits > 1 the CTAs of slice s take the canonical entries
   // [s * entries_per_split, min((s + 1) * entries_per_split, num_blocks[row])) of their row and
   // write fp32 partials instead of o and lse; launch_selection_merge combines them.

@@ -181,18 +181,6 @@ CASES = {
 }
 
 
-# 0: the default kernels (cp.async loads); 6: bulk copies (cp.async.bulk + mbarrier) for
-# G <= 16 on SM 9.0, the same as 0 elsewhere (csrc/selection_fwd.cuh).
-KERNEL_PATHS = [pytest.param(0, id="default"), pytest.param(6, id="bulk")]
-
-
-@pytest.fixture
-def kernel_variant(request):
-    torch.ops.nsa_ext_cuda._set_kernel_variant(request.param)
-    yield request.param
-    torch.ops.nsa_ext_cuda._set_kernel_variant(0)
-
-
 def _run(case):
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
     reasons = cuda_backend.reasons_unsupported(call, Settings(), DeviceFacts(
@@ -208,10 +196,9 @@ def _run(case):
 
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("kernel_variant", KERNEL_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name", CASES)
-def test_cuda_matches_reference(name, dtype, kernel_variant):
+def test_cuda_matches_reference(name, dtype):
     case = make_case(dtype=dtype, device="cuda", seed=sum(map(ord, name)), **CASES[name])
     call, o, lse, o_ref, lse_ref = _run(case)
     assert o.shape == (call.batch, call.seqlen_q, call.num_heads_q, call.head_dim_v)
@@ -221,9 +208,8 @@ def test_cuda_matches_reference(name, dtype, kernel_variant):
 
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("kernel_variant", KERNEL_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_empty_rows_give_zero_and_minus_inf(dtype, kernel_variant):
+def test_empty_rows_give_zero_and_minus_inf(dtype):
     case = make_case(B=1, TQ=48, HQ=16, H=2, Dk=128, S=4, block_size=16, dtype=dtype,
                      device="cuda", seed=3)
     case.block_indices[:, ::3] = -1                  # nothing selected
@@ -250,25 +236,6 @@ def test_repeats_and_order_do_not_matter_and_runs_are_identical():
     assert (o1.float() - o2.float()).abs().max().item() <= 1e-2
     assert (lse1 - lse2).nan_to_num(0.0).abs().max().item() <= 1e-4
     assert torch.equal(o1, o3) and torch.equal(lse1, lse3)   # a race would show run to run
-
-
-@pytest.mark.gpu
-@needs_ext
-@pytest.mark.parametrize("variant", [1, 2, 3, 4, 5])
-def test_tuning_variants_agree_with_the_default(variant):
-    """The bench's kernel variants (bf16, 128/128) compute the same function."""
-    case = make_case(B=1, TQ=300, HQ=16, H=2, Dk=128, S=8, block_size=32, dtype=torch.bfloat16,
-                     device="cuda", seed=21)
-    call = describe_call(*case.args(), need_lse=True)
-    o0, lse0 = cuda_backend.forward(call)
-    try:
-        torch.ops.nsa_ext_cuda._set_kernel_variant(variant)
-        o1, lse1 = cuda_backend.forward(call)
-    finally:
-        torch.ops.nsa_ext_cuda._set_kernel_variant(0)
-    assert torch.equal(torch.isneginf(lse0), torch.isneginf(lse1))
-    assert (o0.float() - o1.float()).abs().max().item() <= 1e-2
-    assert (lse0 - lse1).nan_to_num(0.0).abs().max().item() <= 1e-4
 
 
 @pytest.mark.gpu

@@ -129,13 +129,13 @@ def _split_chooser() -> Callable[[int, int, int], int]:
 
 
 def row_tiles(call: SelectionCall) -> int:
-    """Thread blocks per (query token, KV head) without splitting: the block-wide kernel
-    (G > 16) takes up to 32 query heads in one block and 64 per block past that; the warp kernel
-    (G <= 16) and the fp32 kernel one block per row."""
+    """Thread blocks per (query token, KV head) without splitting: the tensor-core kernel takes
+    up to 32 query heads in one block and 64 per block past that (32 when Dv > 128); the fp32
+    kernel one block per row."""
     G = call.group_size
     if call.dtype == torch.float32 or G <= 32:
         return 1
-    return -(-G // 64)
+    return -(-G // (64 if call.head_dim_v <= 128 else 32))
 
 
 def num_splits(call: SelectionCall, sm_count: int) -> int:

@@ -1,0 +1,97 @@
+"""Calls for compute-sanitizer: every CUDA-extension kernel path on messy selections.
+
+    compute-sanitizer --tool memcheck python scripts/sanitize_cuda.py
+    compute-sanitizer --tool racecheck python scripts/sanitize_cuda.py --small
+
+Each call mixes valid blocks, repeats, -1 padding, other negative and out-of-range entries
+(tests/common.py: messy_indices), plus rows with nothing selected; the set covers one, two and
+four row tiles per thread block (G = 3, 16, 24, 80), varlen with ragged and chunked sequences,
+block_counts, Dk=192/Dv=128, d=256, fp32, and split-KV decode with forced slice counts (empty
+slices included). Each output is also checked against the fp32 reference, so a run that the
+sanitizer passes but that computes garbage still fails (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from common import make_case, spec_errors, TOLERANCES  # noqa: E402
+from nsa_ext import _ext  # noqa: E402
+from nsa_ext.backends import cuda as cuda_backend  # noqa: E402
+from nsa_ext.call import describe_call  # noqa: E402
+from nsa_ext.reference import reference_forward  # noqa: E402
+from nsa_ext.selection import canonical_blocks, row_geometry  # noqa: E402
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+CASES = [
+    # name, make_case arguments, forced num_splits (None: the backend's choice)
+    ("G16 bf16 d128", dict(B=2, TQ=96, HQ=32, H=2, Dk=128, S=6, block_size=16, dtype=BF16), None),
+    ("G3 fp16 d64 varlen", dict(seqlens=[37, 1, 70, 13], HQ=6, H=2, Dk=64, S=5, block_size=32,
+                                dtype=FP16), None),
+    ("G24 bf16 two tiles", dict(B=1, TQ=50, HQ=48, H=2, Dk=64, S=4, block_size=16, dtype=BF16), None),
+    ("G80 bf16 four tiles x2", dict(B=1, TQ=40, HQ=80, H=1, Dk=128, S=3, block_size=16, dtype=BF16),
+     None),
+    ("dk192 dv128 counts", dict(B=2, TQ=64, HQ=8, H=2, Dk=192, Dv=128, S=6, block_size=64,
+                                dtype=BF16, block_counts="tensor"), None),
+    ("d256 fp16", dict(B=1, TQ=80, HQ=16, H=1, Dk=256, S=3, block_size=16, dtype=FP16), None),
+    ("varlen chunked", dict(seqlens=[5, 1, 20], seqlens_k=[170, 16, 20], HQ=6, H=2, Dk=64, S=5,
+                            block_size=16, dtype=BF16), None),
+    ("fp32", dict(B=1, TQ=40, HQ=8, H=2, Dk=96, S=4, block_size=16, dtype=FP32), None),
+    ("decode G16 split 5", dict(B=3, TQ=1, TK=900, HQ=32, H=2, Dk=128, S=12, block_size=32,
+                                dtype=BF16), 5),
+    ("decode G64 split 16", dict(B=2, TQ=2, TK=333, HQ=128, H=2, Dk=192, Dv=128, S=6,
+                                 block_size=32, dtype=BF16), 16),
+    ("decode fp32 split 3", dict(B=2, TQ=1, TK=500, HQ=4, H=2, Dk=64, S=8, block_size=16,
+                                 dtype=FP32), 3),
+]
+
+
+def run(case, num_splits):
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    if num_splits is None:
+        o, lse = cuda_backend.forward(call)
+    else:
+        geometry = row_geometry(call)
+        blocks, num_blocks = canonical_blocks(call, geometry)
+        o, lse = torch.ops.nsa_ext_cuda.selection_fwd(
+            call.q.contiguous(), call.k.contiguous(), call.v.contiguous(), blocks.contiguous(),
+            num_blocks.contiguous(), geometry.pos.contiguous(), geometry.k_offset.contiguous(),
+            call.block_size, call.scale, num_splits)
+    torch.cuda.synchronize()
+    ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
+                             case.block_size, **case.kwargs(), need_lse=True)
+    o_ref, _ = reference_forward(ref_call)
+    return o, o_ref
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true", help="first three cases only (racecheck is slow)")
+    args = parser.parse_args()
+    if not _ext.available():
+        print("CUDA extension not available:", _ext.unavailable_reason())
+        return 1
+    failures = 0
+    for name, kwargs, splits in CASES[:3] if args.small else CASES:
+        case = make_case(device="cuda", seed=len(name), **kwargs)
+        rows = case.block_indices.shape[1]
+        case.block_indices[:, : max(1, rows // 5)] = -1        # rows with nothing selected
+        o, o_ref = run(case, splits)
+        mean_err, max_err = spec_errors(o, o_ref.to(o.dtype))
+        mean_tol, max_tol = TOLERANCES[o.dtype]
+        ok = mean_err <= mean_tol and max_err <= max_tol
+        failures += not ok
+        print(f"{name:28s} splits={splits} mean_err={mean_err:.2e} max_err={max_err:.2e} "
+              f"{'ok' if ok else 'FAIL'}")
+    print("sanitize_cuda:", "all ok" if not failures else f"{failures} FAILED")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
