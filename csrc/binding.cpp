@@ -19,6 +19,7 @@
 #endif
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -41,24 +42,26 @@ std::string strides_of(const at::Tensor& t) {
   return s + "]";
 }
 
-void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "nsa_ext_cuda::selection_fwd: ", name, " must be a CUDA tensor, got ",
-              t.device().str());
-  TORCH_CHECK(t.device() == q.device(), "nsa_ext_cuda::selection_fwd: ", name,
-              " must be on q's device (", q.device().str(), "), got ", t.device().str());
-  TORCH_CHECK(t.is_contiguous(), "nsa_ext_cuda::selection_fwd: ", name,
+constexpr const char* kFwd = "nsa_ext_cuda::selection_fwd: ";
+
+void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& q,
+                          const char* op = kFwd) {
+  TORCH_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device().str());
+  TORCH_CHECK(t.device() == q.device(), op, name, " must be on the first input's device (",
+              q.device().str(), "), got ", t.device().str());
+  TORCH_CHECK(t.is_contiguous(), op, name,
               " must be contiguous, got shape ", shape_of(t), " with strides ", strides_of(t));
 }
 
 void check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> expected,
-                 const char* meaning) {
+                 const char* meaning, const char* op = kFwd) {
   bool ok = t.dim() == int64_t(expected.size());
   for (size_t i = 0; ok && i < expected.size(); ++i) ok = t.size(i) == expected[i];
   std::string want = "[";
   for (size_t i = 0; i < expected.size(); ++i)
     want += (i ? ", " : "") + std::to_string(expected[i]);
   want += "]";
-  TORCH_CHECK(ok, "nsa_ext_cuda::selection_fwd: ", name, " must have shape ", want, " ", meaning,
+  TORCH_CHECK(ok, op, name, " must have shape ", want, " ", meaning,
               ", got ", shape_of(t));
 }
 
@@ -159,8 +162,8 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   TORCH_CHECK(num_splits >= 1, "nsa_ext_cuda::selection_fwd: num_splits must be >= 1, got ",
               std::to_string(num_splits));
   // The grid's z axis holds num_splits x the row tiles of a group (one up to G = 32, else one
-  // per 64 query heads: csrc/selection_fwd.cuh's launch_cta).
-  const int64_t row_tiles = HQ / H <= 32 ? 1 : (HQ / H + 63) / 64;
+  // per 64 or 32 query heads: csrc/selection_fwd.cuh's launch_selection_fwd_mma); bound by 32.
+  const int64_t row_tiles = HQ / H <= 32 ? 1 : (HQ / H + 31) / 32;
   TORCH_CHECK(num_splits < 65536 && num_splits * row_tiles < 65536,
               "nsa_ext_cuda::selection_fwd: num_splits too large: ", std::to_string(num_splits),
               " slices x ", std::to_string(row_tiles), " row tiles must stay below 65536");
@@ -225,6 +228,46 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
 }
 
 }  // namespace
+// nsa_ext_cuda::canonical_blocks: the backend's canonical rows in one launch (S <= 32).
+std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indices,
+                                                         const at::Tensor& pos,
+                                                         const std::optional<at::Tensor>& counts,
+                                                         int64_t count_limit, int64_t block_size) {
+  const char* op = "nsa_ext_cuda::canonical_blocks: ";
+  TORCH_CHECK(indices.is_cuda() && indices.dim() == 4, op,
+              "block_indices must be a 4-d [B, TQ, H, S] CUDA tensor, got ", shape_of(indices),
+              " on ", indices.device().str());
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
+              "block_indices must be int32 or int64, got ", c10::toString(indices.scalar_type()));
+  const int64_t B = indices.size(0), TQ = indices.size(1), H = indices.size(2), S = indices.size(3);
+  TORCH_CHECK(S <= kCanonicalMaxSelected, op, "at most ", std::to_string(kCanonicalMaxSelected),
+              " entries per row, got S=", std::to_string(S));
+  TORCH_CHECK(block_size >= 1, op, "block_size must be positive, got ", std::to_string(block_size));
+  check_cuda_contiguous(indices, "block_indices", indices, op);
+  check_cuda_contiguous(pos, "pos", indices, op);
+  TORCH_CHECK(pos.scalar_type() == at::kLong, op, "pos must be int64");
+  check_shape(pos, "pos", {B, TQ}, "[B, TQ]", op);
+  if (counts) {
+    check_cuda_contiguous(*counts, "block_counts", indices, op);
+    TORCH_CHECK(counts->scalar_type() == at::kInt || counts->scalar_type() == at::kLong, op,
+                "block_counts must be int32 or int64");
+    check_shape(*counts, "block_counts", {B, TQ, H}, "[B, TQ, H]", op);
+  }
+  const c10::cuda::CUDAGuard guard(indices.device());
+  auto blocks = at::empty({B, TQ, H, S}, indices.options().dtype(at::kInt));
+  auto num_blocks = at::empty({B, TQ, H}, indices.options().dtype(at::kInt));
+  if (B * TQ * H == 0) return {blocks, num_blocks};
+  if (S == 0) return {blocks, num_blocks.zero_()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(indices.device().index()).stream();
+  C10_CUDA_CHECK(launch_canonical_blocks(
+      indices.data_ptr(), indices.scalar_type() == at::kLong, pos.data_ptr<int64_t>(),
+      counts ? counts->data_ptr() : nullptr, counts && counts->scalar_type() == at::kLong,
+      count_limit, B * TQ * H, H, int(S), block_size, blocks.data_ptr<int32_t>(),
+      num_blocks.data_ptr<int32_t>(), stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {blocks, num_blocks};
+}
+
 }  // namespace nsa_ext
 
 namespace {
@@ -268,10 +311,14 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
       "Tensor k_offset, int block_size, float scale, int num_splits=1) -> (Tensor o, Tensor lse)");
   // Build facts through the dispatcher too, for a build without the pybind11 module.
   m.def("build_info() -> str", []() { return build_info_json(); });
+  m.def(
+      "canonical_blocks(Tensor block_indices, Tensor pos, Tensor? block_counts, int count_limit, "
+      "int block_size) -> (Tensor blocks, Tensor num_blocks)");
 }
 
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
   m.impl("selection_fwd", &nsa_ext::selection_fwd_cuda);
+  m.impl("canonical_blocks", &nsa_ext::canonical_blocks_cuda);
 }
 
 #ifndef NSA_EXT_NO_PYTHON

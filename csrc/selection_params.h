@@ -58,6 +58,15 @@ cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& params, cudaStrea
 
 cudaError_t launch_selection_fwd_fp32(const SelectionFwdParams& params, cudaStream_t stream);
 
+// Canonical rows (selection_canonical.cu), S <= kCanonicalMaxSelected: indices [rows, S] int32
+// or int64, pos [rows / heads_kv] int64, counts [rows] int32 / int64 or null (then count_limit)
+// -> blocks [rows, S] int32 (sorted, unique, causally trimmed, -1 padded), num_blocks [rows].
+constexpr int kCanonicalMaxSelected = 32;
+cudaError_t launch_canonical_blocks(const void* indices, bool indices_int64, const int64_t* pos,
+                                    const void* counts, bool counts_int64, int64_t count_limit,
+                                    int64_t rows, int64_t heads_kv, int S, int64_t block_size,
+                                    int32_t* blocks, int32_t* num_blocks, cudaStream_t stream);
+
 // Split-KV merge: part_acc / part_m / part_l -> o (q's dtype, `kind`) and lse.
 cudaError_t launch_selection_merge(const SelectionFwdParams& params, ScalarKind kind,
                                    cudaStream_t stream);

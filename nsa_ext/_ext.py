@@ -22,6 +22,8 @@ import torch
 logger = logging.getLogger("nsa_ext")
 
 OP_NAME = "nsa_ext_cuda::selection_fwd"
+CANONICAL_OP_NAME = "nsa_ext_cuda::canonical_blocks"   # S <= CANONICAL_MAX_SELECTED
+CANONICAL_MAX_SELECTED = 32
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _HOW_TO_BUILD = ("build it with CUDA_HOME=/path/to/cuda pip install --no-build-isolation -v . "
                  "(see the build knobs in setup.py)")
@@ -122,3 +124,8 @@ def _register_fake() -> None:
         o = q.new_empty((B, TQ, HQ, v.shape[3]))
         lse = q.new_empty((B, TQ, HQ), dtype=torch.float32)
         return o, lse
+
+    @torch.library.register_fake(CANONICAL_OP_NAME)
+    def _canonical_blocks_fake(block_indices, pos, block_counts, count_limit, block_size):
+        blocks = block_indices.new_empty(block_indices.shape, dtype=torch.int32)
+        return blocks, block_indices.new_empty(block_indices.shape[:3], dtype=torch.int32)

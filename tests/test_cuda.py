@@ -412,3 +412,46 @@ def test_backend_splits_decode_and_matches_reference():
 def test_opcheck_on_cuda_with_splits():
     torch.library.opcheck(torch.ops.nsa_ext_cuda.selection_fwd.default, (*_op_args("cuda"), 3),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# --- GPU: the one-launch canonical rows ------------------------------------------------------
+
+CANONICAL_CASES = {
+    "S16_int64": dict(B=2, TQ=70, HQ=4, H=2, S=16, block_size=16),
+    "S32_int32": dict(B=1, TQ=300, HQ=2, H=1, S=32, block_size=16, index_dtype=torch.int32),
+    "S1": dict(B=3, TQ=40, HQ=2, H=2, S=1, block_size=16),
+    "S7_counts_tensor": dict(B=2, TQ=64, HQ=4, H=2, S=7, block_size=16, block_counts="tensor"),
+    "S9_counts_int": dict(B=1, TQ=64, HQ=4, H=2, S=9, block_size=32, block_counts=4),
+    "varlen": dict(seqlens=[37, 1, 130, 13], seqlens_k=[50, 16, 130, 400], HQ=4, H=2, S=12,
+                   block_size=16),
+}
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("name", CANONICAL_CASES)
+def test_canonical_op_matches_python(name):
+    """nsa_ext_cuda::canonical_blocks equals nsa_ext.selection.canonical_blocks exactly, on rows
+    with repeats, -1, other negatives, out-of-range and causally hidden entries."""
+    case = make_case(dtype=torch.bfloat16, device="cuda", seed=len(name), Dk=64, **CANONICAL_CASES[name])
+    call = describe_call(*case.args(), **case.kwargs())
+    geometry = row_geometry(call)
+    expected = canonical_blocks(call, geometry)
+    got = cuda_backend._canonical_rows(call, geometry)
+    torch.cuda.synchronize()
+    assert got[0].dtype == torch.int32 and got[1].dtype == torch.int32
+    assert torch.equal(got[1], expected[1])
+    assert torch.equal(got[0], expected[0])
+    assert (expected[1] > 0).any() and (expected[1] < call.num_selected).any()   # not trivial
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_canonical_opcheck_on_cuda():
+    case = make_case(B=1, TQ=20, HQ=2, H=1, Dk=64, S=5, block_size=16, dtype=torch.bfloat16,
+                     device="cuda", seed=1)
+    call = describe_call(*case.args())
+    pos = row_geometry(call).pos.contiguous()
+    torch.library.opcheck(torch.ops.nsa_ext_cuda.canonical_blocks.default,
+                          (case.block_indices.contiguous(), pos, None, 5, 16),
+                          test_utils=("test_schema", "test_faketensor"))
