@@ -18,7 +18,7 @@ from nsa_ext.call import describe_call
 from nsa_ext.config import Settings
 from nsa_ext.device import DeviceFacts
 from nsa_ext.reference import reference_forward
-from nsa_ext.selection import canonical_blocks, row_geometry
+from nsa_ext.selection import canonical_blocks, canonical_blocks_torch, row_geometry
 
 needs_ext = pytest.mark.skipif(not _ext.available(),
                                reason=f"nsa_ext._C not usable: {_ext.unavailable_reason()}")
@@ -431,13 +431,14 @@ CANONICAL_CASES = {
 @needs_ext
 @pytest.mark.parametrize("name", CANONICAL_CASES)
 def test_canonical_op_matches_python(name):
-    """nsa_ext_cuda::canonical_blocks equals nsa_ext.selection.canonical_blocks exactly, on rows
-    with repeats, -1, other negatives, out-of-range and causally hidden entries."""
+    """canonical_blocks on a CUDA call (the one-launch nsa_ext_cuda::canonical_blocks) equals
+    canonical_blocks_torch exactly, on rows with repeats, -1, other negatives, out-of-range and
+    causally hidden entries."""
     case = make_case(dtype=torch.bfloat16, device="cuda", seed=len(name), Dk=64, **CANONICAL_CASES[name])
     call = describe_call(*case.args(), **case.kwargs())
     geometry = row_geometry(call)
-    expected = canonical_blocks(call, geometry)
-    got = cuda_backend._canonical_rows(call, geometry)
+    expected = canonical_blocks_torch(call, geometry)
+    got = canonical_blocks(call, geometry)
     torch.cuda.synchronize()
     assert got[0].dtype == torch.int32 and got[1].dtype == torch.int32
     assert torch.equal(got[1], expected[1])

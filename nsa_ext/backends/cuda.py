@@ -146,23 +146,10 @@ def num_splits(call: SelectionCall, sm_count: int) -> int:
     return _split_chooser()(work_items, call.num_selected, sm_count)
 
 
-def _canonical_rows(call: SelectionCall, geometry):
-    """nsa_ext.selection.canonical_blocks, in one kernel launch where S <= 32 (the PyTorch
-    version is a dozen launches: ~0.2 ms at T = 8k, most of a CUDA-graph decode step)."""
-    if call.num_selected > _ext.CANONICAL_MAX_SELECTED or call.num_selected == 0:
-        return canonical_blocks(call, geometry)
-    counts = call.block_counts
-    if counts is not None and counts.dtype not in (torch.int32, torch.int64):
-        counts = counts.to(torch.int64)
-    return torch.ops.nsa_ext_cuda.canonical_blocks(
-        call.block_indices.contiguous(), geometry.pos.contiguous(),
-        None if counts is None else counts.contiguous(), call.block_count_limit, call.block_size)
-
-
 def forward(call: SelectionCall):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)."""
     geometry = row_geometry(call)
-    blocks, num_blocks = _canonical_rows(call, geometry)
+    blocks, num_blocks = canonical_blocks(call, geometry)
     # The kernel copies rows 16 bytes at a time: contiguous and 16-byte aligned.
     q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
     pos = geometry.pos.contiguous()
