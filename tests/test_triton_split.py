@@ -73,7 +73,8 @@ def test_num_splits_heuristic():
 
     assert choose_num_splits(4, 16, 132) == 16          # B=1, H=4: one entry per slice
     assert choose_num_splits(512, 16, 132) == 1         # B=128: enough rows already
-    assert 1 < choose_num_splits(128, 16, 132) < 16     # B=32: a few slices
+    assert choose_num_splits(128, 16, 132) == 1         # B=32: 128 rows nearly fill 132 SMs
+    assert choose_num_splits(32, 16, 132) == 4          # B=8: four slices, 128 programs
     assert choose_num_splits(4, 1, 132) == 1
     for work in range(1, 300, 7):
         n = choose_num_splits(work, 16, 132)

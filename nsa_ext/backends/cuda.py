@@ -110,11 +110,11 @@ SPLIT_BELOW_WAVES = 4
 
 
 def _choose_num_splits_here(work_items: int, num_entries: int, sm_count: int) -> int:
-    """triton_ref.selection_split.choose_num_splits without Triton: about two waves of thread
+    """triton_ref.selection_split.choose_num_splits without Triton: at most one wave of thread
     blocks, at most one slice per entry, no empty slice."""
     if num_entries <= 1 or sm_count <= 0:
         return 1
-    wanted = -(-2 * sm_count // max(work_items, 1))
+    wanted = sm_count // max(work_items, 1)
     splits = max(1, min(wanted, num_entries))
     return -(-num_entries // -(-num_entries // splits))
 
