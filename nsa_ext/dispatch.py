@@ -16,10 +16,10 @@ from .config import Settings, load_settings
 from .device import DeviceFacts, device_facts
 
 # Fastest first, per the bench (H100, bf16; notes/bench_h100.txt): in NSA prefill 8k-64k the
-# Triton group-centric kernel and the CUDA extension both run at 0.81-0.84x fla's time (Triton
-# 0.5-3.5% ahead except at 64k), packed SDPA at ~20x; in a CUDA-graph decode step Triton's
-# split-KV path is one kernel (5.9 us at B=1 vs the CUDA path's 29.5 us). So Triton first, CUDA
-# where Triton cannot serve (not importable, or turned off by NSA_USE_TRITON_SEL=0).
+# Triton group-centric kernel ran at 0.76-0.79x fla's time and the CUDA extension at 0.82-0.83x,
+# packed SDPA at ~20x; in a CUDA-graph decode step Triton's split-KV path is one kernel (5.9 us
+# at B=1 vs the CUDA path's 29.1 us). So Triton first, CUDA where Triton cannot serve (not
+# importable, or turned off by NSA_USE_TRITON_SEL=0).
 # "reference" is never chosen by "auto": it exists for tests.
 PRIORITY = ("triton", "cuda", "sdpa")
 _MODULES = {"cuda": "cuda", "triton": "triton", "sdpa": "sdpa_packed", "reference": "reference"}
