@@ -334,14 +334,9 @@ SPLITS = [1, 2, 16]
 
 
 def _run_split(case, num_splits):
-    """The operator with a forced num_splits on the backend's own inputs, and the reference."""
+    """The backend with a forced num_splits, and the reference."""
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
-    geometry = row_geometry(call)
-    blocks, num_blocks = canonical_blocks(call, geometry)
-    o, lse = torch.ops.nsa_ext_cuda.selection_fwd(
-        call.q.contiguous(), call.k.contiguous(), call.v.contiguous(), blocks.contiguous(),
-        num_blocks.contiguous(), geometry.pos.contiguous(), geometry.k_offset.contiguous(),
-        call.block_size, call.scale, num_splits)
+    o, lse = cuda_backend.forward(call, force_splits=num_splits)
     torch.cuda.synchronize()
     ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
                              case.block_size, **case.kwargs(), need_lse=True)

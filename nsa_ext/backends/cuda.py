@@ -14,7 +14,7 @@ stays capturable in a CUDA graph.
 from __future__ import annotations
 
 import functools
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -146,15 +146,16 @@ def num_splits(call: SelectionCall, sm_count: int) -> int:
     return _split_chooser()(work_items, call.num_selected, sm_count)
 
 
-def forward(call: SelectionCall):
-    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)."""
+def forward(call: SelectionCall, force_splits: Optional[int] = None):
+    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32). `force_splits` replaces the
+    split-KV choice (tests and scripts/sanitize_cuda.py drive every slicing through it)."""
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks(call, geometry)
     # The kernel copies rows 16 bytes at a time: contiguous and 16-byte aligned.
     q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
     pos = geometry.pos.contiguous()
     k_offset = geometry.k_offset.contiguous()
-    splits = num_splits(call, device_facts(call.device).sm_count)
+    splits = force_splits or num_splits(call, device_facts(call.device).sm_count)
     return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                 num_blocks.contiguous(), pos, k_offset,
                                                 call.block_size, call.scale, splits)
