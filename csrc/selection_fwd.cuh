@@ -157,9 +157,10 @@ struct SmemLayout {
   static constexpr size_t k_bytes() { return size_t(kStageKeys) * kHeadDimQK * 2; }
   static constexpr size_t v_bytes() { return size_t(kStageKeys) * kHeadDimV * 2; }
   static constexpr size_t p_bytes() { return size_t(kRows) * kStrideP * 2; }
-  // row maxima and sums [kWarps][kRows] fp32; chunk first keys [2][4] int64, visible keys [2][4]
+  // row maxima and sums [kWarps][kRows] fp32; per chunk [2][4]: K and V element offsets
+  // (int64) and visible keys (int32)
   static constexpr size_t misc_bytes() {
-    return 2 * size_t(kWarps) * kRows * 4 + 2 * kChunksPerStage * (8 + 4);
+    return 2 * size_t(kWarps) * kRows * 4 + 2 * kChunksPerStage * (8 + 8 + 4);
   }
   static constexpr size_t total_bytes() {
     return q_bytes() + k_bytes() + v_bytes() + p_bytes() + misc_bytes();
@@ -197,8 +198,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   T* sP = reinterpret_cast<T*>(smem + Layout::q_bytes() + Layout::k_bytes() + Layout::v_bytes());
   float* sMax = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sP) + Layout::p_bytes());
   float* sSum = sMax + kWarps * kRows;                                   // [kWarps][kRows] each
-  int64_t* sFirst = reinterpret_cast<int64_t*>(sSum + kWarps * kRows);   // [2][4]: chunk's first key
-  int* sVisible = reinterpret_cast<int*>(sFirst + 2 * kChunksPerStage);  // [2][4]: its visible keys
+  // Per chunk of the current and next stage [2][4]: offsets (elements) of its first key's K and V
+  // rows from the sequence's key 0, and its visible keys.
+  int64_t* sOffK = reinterpret_cast<int64_t*>(sSum + kWarps * kRows);
+  int64_t* sOffV = sOffK + 2 * kChunksPerStage;
+  int* sVisible = reinterpret_cast<int*>(sOffV + 2 * kChunksPerStage);
 
   const int64_t bt = blockIdx.x;             // b * TQ + t
   const int h = blockIdx.y;
@@ -228,8 +232,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t v_stride = p.heads_kv * kHeadDimV;
   // This thread's row within a chunk and first 16-byte segment of it.
   const int crow = tid / kLanesPerRow, cseg = tid % kLanesPerRow;
-  const T* k_thread = static_cast<const T*>(p.k) + (kv_row0 * p.heads_kv + h) * kHeadDimQK + cseg * 8;
-  const T* v_thread = static_cast<const T*>(p.v) + (kv_row0 * p.heads_kv + h) * kHeadDimV + cseg * 8;
+  // Key 0 of the sequence at this thread's segment, and key crow: a copy adds the chunk's offset.
+  const T* k_seg = static_cast<const T*>(p.k) + (kv_row0 * p.heads_kv + h) * kHeadDimQK + cseg * 8;
+  const T* v_seg = static_cast<const T*>(p.v) + (kv_row0 * p.heads_kv + h) * kHeadDimV + cseg * 8;
+  const T* k_thread = k_seg + crow * k_stride;
+  const T* v_thread = v_seg + crow * v_stride;
   // Row crow of every chunk has crow % 8 == crow's: one swizzled unit for all of them.
   T* sK_thread = sK + crow * kHeadDimQK + swizzle(crow, cseg) * 8;
   T* sV_thread = sV + crow * kHeadDimV + swizzle(crow, cseg) * 8;
@@ -259,20 +266,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
           visible = int(max(int64_t(0), min(int64_t(kChunkKeys), key_end - first)));
         }
       }
-      sFirst[(stage & 1) * kChunksPerStage + tid] = first;
+      sOffK[(stage & 1) * kChunksPerStage + tid] = first * k_stride;
+      sOffV[(stage & 1) * kChunksPerStage + tid] = first * v_stride;
       sVisible[(stage & 1) * kChunksPerStage + tid] = visible;
     }
   };
   // K (or V) rows of `stage` into their buffer; rows of keys that are not visible become zeros
   // (V's must: P = 0 times stale NaN would be NaN).
-  auto load_rows = [&](int stage, const T* src_thread, int64_t stride, T* dst_thread,
-                       int row_elems, auto seg_count) {
+  // A copy that is not valid reads nothing (src-size 0); it is pointed at the sequence's key 0.
+  auto load_rows = [&](int stage, const T* src_thread, const T* src_seg, const int64_t* offsets,
+                       T* dst_thread, int row_elems, auto seg_count) {
     constexpr int kSeg = decltype(seg_count)::value;
 #pragma unroll
     for (int c = 0; c < kChunksPerStage; ++c) {
       const int slot = (stage & 1) * kChunksPerStage + c;
       const bool valid = crow < sVisible[slot];
-      const T* src = src_thread + (valid ? (sFirst[slot] + crow) * stride : int64_t(0));
+      const T* src = valid ? src_thread + offsets[slot] : src_seg;
       T* dst = dst_thread + c * kChunkKeys * row_elems;
 #pragma unroll
       for (int e = 0; e < kSeg / kLanesPerRow; ++e)
@@ -280,11 +289,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
   };
   auto load_k = [&](int stage) {
-    load_rows(stage, k_thread, k_stride, sK_thread, kHeadDimQK,
+    load_rows(stage, k_thread, k_seg, sOffK, sK_thread, kHeadDimQK,
               std::integral_constant<int, kSegQK>{});
   };
   auto load_v = [&](int stage) {
-    load_rows(stage, v_thread, v_stride, sV_thread, kHeadDimV,
+    load_rows(stage, v_thread, v_seg, sOffV, sV_thread, kHeadDimV,
               std::integral_constant<int, kSegV>{});
   };
 
@@ -338,14 +347,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     for (int rt = 0; rt < kRowTiles; ++rt) {
       float part_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
-          sc[rt][nt][e] = col < visible ? sc[rt][nt][e] * p.scale_log2 : -INFINITY;
-          part_max[e / 2] = fmaxf(part_max[e / 2], sc[rt][nt][e]);
-        }
+        for (int e = 0; e < 4; ++e) sc[rt][nt][e] *= p.scale_log2;
+      if (visible < kChunkKeys) {   // the query's own block, or a chunk past the row's end
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (nt * 8 + 2 * (lane % 4) + (e & 1) >= visible) sc[rt][nt][e] = -INFINITY;
       }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part_max[e / 2] = fmaxf(part_max[e / 2], sc[rt][nt][e]);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         part_max[i] = fmaxf(part_max[i], __shfl_xor_sync(0xffffffffu, part_max[i], 1));
