@@ -1,6 +1,6 @@
-// The C++ boundary of nsa_ext._C: the operator nsa_ext_cuda::selection_fwd (TORCH_LIBRARY, CUDA
-// implementation below; the fake implementation lives in nsa_ext/_ext.py) and a small pybind11
-// module with the build's facts.
+// The C++ boundary of nsa_ext._C: the operators nsa_ext_cuda::selection_fwd and
+// nsa_ext_cuda::canonical_blocks (TORCH_LIBRARY, CUDA implementations below; the fake
+// implementations live in nsa_ext/_ext.py) and a small pybind11 module with the build's facts.
 //
 // torch.ops callers skip the Python validation, so every input is checked here, naming the
 // argument. The operator takes the canonical selection (nsa_ext.selection.canonical_blocks) and
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
     TORCH_CHECK(has_mma_instance(Dk, Dv), "nsa_ext_cuda::selection_fwd: no kernel for Dk=",
                 std::to_string(Dk), ", Dv=", std::to_string(Dv), " in ", c10::toString(dtype), " (built: ", mma_head_dims(), ")");
   }
-  // 16-byte copies (cp.async, bulk copies) need 16-byte aligned rows; rows are Dk or Dv
+  // 16-byte copies (cp.async) need 16-byte aligned rows; rows are Dk or Dv
   // elements long, so aligned base pointers suffice (the Python backend re-allocates others).
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,

@@ -4,8 +4,9 @@ Like xformers' `_cpp_lib.py`: the first call to `available()` (or any function h
 `import nsa_ext._C`; a failure is kept as a reason instead of raised, and logged once as a
 warning when a compiled module exists but cannot be loaded (a build for another torch, an
 undefined symbol). The CUDA backend turns `unavailable_reason()` into its reason for not serving
-a call. Loading the module registers the operator `torch.ops.nsa_ext_cuda.selection_fwd` (its
-`TORCH_LIBRARY` block runs at load); its fake (meta) implementation is registered here.
+a call. Loading the module registers the operators `torch.ops.nsa_ext_cuda.selection_fwd` and
+`torch.ops.nsa_ext_cuda.canonical_blocks` (its `TORCH_LIBRARY` block runs at load); their fake
+(meta) implementations are registered here.
 """
 from __future__ import annotations
 
