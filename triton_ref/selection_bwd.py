@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import (LARGE_PROGRAMS, LOG2E, _python_function, default_chunk,
-                            group_tile, untuned)
+from .selection_fwd import (LARGE_PROGRAMS, LOG2E, _python_function, _with_interpreted_helpers,
+                            default_chunk, group_tile, query_of_program, untuned)
 
 BWD_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
                for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
@@ -69,20 +69,10 @@ def selection_bwd_group_kernel(
     IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LARGE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
-    i_t = pid % TQ
-    i_bh = pid // TQ
-    i_b = i_bh // H
-    i_h = i_bh % H
-    tok = i_b * TQ + i_t
+    i_b, i_h, i_t, tok, p_abs, kv_start = query_of_program(
+        tl.program_id(0).to(tl.int64), TQ, TK, H, pos, k_offset, IS_VARLEN)
     row = tok * H + i_h
-    if IS_VARLEN:
-        p_abs = tl.load(pos + tok)
-        kv_start = tl.load(k_offset + tok)
-    else:
-        p_abs = i_t + TK - TQ
-        kv_start = i_t * 0
     n = tl.load(num_blocks + row)
     NC: tl.constexpr = (BLOCK + BS - 1) // BS
     HQ = H * G
@@ -159,7 +149,7 @@ def _interpreted(kernel):
         values = {**kernel.values,
                   "BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"])}
         _interpreted_cache[kernel] = triton.heuristics(values)(
-            InterpretedFunction(_python_function(kernel)))
+            InterpretedFunction(_with_interpreted_helpers(_python_function(kernel))))
     return _interpreted_cache[kernel]
 
 

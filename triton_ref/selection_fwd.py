@@ -87,6 +87,26 @@ _HEURISTICS = {
 
 
 @triton.jit
+def query_of_program(pid, TQ, TK, heads, pos, k_offset, IS_VARLEN: tl.constexpr):
+    """The query a program serves when its id runs over (batch, head, token), token fastest
+    (neighbouring programs share block 0 and their own block in L2): (i_b, i_h, i_t, tok, p_abs,
+    kv_start) with tok = i_b * TQ + i_t, p_abs the query's key position within its sequence and
+    kv_start the sequence's first key along k's T axis (varlen: read from pos and k_offset)."""
+    i_t = pid % TQ
+    i_bh = pid // TQ
+    i_b = i_bh // heads
+    i_h = i_bh % heads
+    tok = i_b * TQ + i_t
+    if IS_VARLEN:
+        p_abs = tl.load(pos + tok)
+        kv_start = tl.load(k_offset + tok)
+    else:
+        p_abs = i_t + TK - TQ
+        kv_start = i_t * 0
+    return i_b, i_h, i_t, tok, p_abs, kv_start
+
+
+@triton.jit
 def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk_scale,
                  m_i, l_i, acc, K: tl.constexpr, V: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  MAY_BE_EMPTY: tl.constexpr = False):
@@ -138,21 +158,10 @@ def selection_fwd_group_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
 ):
-    # Query token fastest: neighbouring programs share block 0 and their own block in L2.
-    pid = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
-    i_t = pid % TQ
-    i_bh = pid // TQ
-    i_b = i_bh // H
-    i_h = i_bh % H
-    tok = i_b * TQ + i_t
+    i_b, i_h, i_t, tok, p_abs, kv_start = query_of_program(
+        tl.program_id(0).to(tl.int64), TQ, TK, H, pos, k_offset, IS_VARLEN)
     row = tok * H + i_h
-    if IS_VARLEN:
-        p_abs = tl.load(pos + tok)
-        kv_start = tl.load(k_offset + tok)
-    else:
-        p_abs = i_t + TK - TQ
-        kv_start = i_t * 0
     n = tl.load(num_blocks + row)
     NC: tl.constexpr = (BLOCK + BS - 1) // BS      # chunks per block
 
@@ -218,20 +227,10 @@ def selection_fwd_head_kernel(
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
 ):
     # One query row has no 16 rows for tl.dot: scores and the output are row reductions in fp32.
-    pid = tl.program_id(0).to(tl.int64)
-    i_t = pid % TQ
-    i_bhq = pid // TQ
-    i_b = i_bhq // (H * G)
-    i_hq = i_bhq % (H * G)
+    i_b, i_hq, i_t, tok, p_abs, kv_start = query_of_program(
+        tl.program_id(0).to(tl.int64), TQ, TK, H * G, pos, k_offset, IS_VARLEN)
     i_h = i_hq // G
-    tok = i_b * TQ + i_t
     row = tok * H + i_h
-    if IS_VARLEN:
-        p_abs = tl.load(pos + tok)
-        kv_start = tl.load(k_offset + tok)
-    else:
-        p_abs = i_t + TK - TQ
-        kv_start = i_t * 0
     n = tl.load(num_blocks + row)
     NC: tl.constexpr = (BLOCK + BS - 1) // BS      # chunks per block
 

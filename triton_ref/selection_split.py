@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import LOG2E, LN2, _chunk, attend_chunk, group_tile
+from .selection_fwd import LOG2E, LN2, _chunk, attend_chunk, group_tile, query_of_program
 
 
 @triton.heuristics({
@@ -58,20 +58,10 @@ def selection_split_kernel(
     BG: tl.constexpr, SP: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_COUNTS: tl.constexpr,
     ONE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
     i_split = tl.program_id(1)
     i_g = tl.program_id(2)
-    i_t = pid % TQ
-    i_bh = pid // TQ
-    i_b = i_bh // H
-    i_h = i_bh % H
-    tok = i_b * TQ + i_t
-    if IS_VARLEN:
-        p_abs = tl.load(pos + tok)
-        kv_start = tl.load(k_offset + tok)
-    else:
-        p_abs = i_t + TK - TQ
-        kv_start = i_t * 0
+    i_b, i_h, i_t, tok, p_abs, kv_start = query_of_program(
+        tl.program_id(0).to(tl.int64), TQ, TK, H, pos, k_offset, IS_VARLEN)
     last_block = p_abs // BLOCK
 
     # The row's entries [SP] and which of them count (before de-duplication).
