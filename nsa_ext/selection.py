@@ -25,6 +25,7 @@ class RowGeometry:
     pos: torch.Tensor        # [B, TQ] int64: absolute key position of each query
     seqlen_k: torch.Tensor   # [B, TQ] int64: key length of the query's sequence
     k_offset: torch.Tensor   # [B, TQ] int64: index of the sequence's first key along k's T axis
+    seq: torch.Tensor | None = None   # [B, TQ] int64: the query's sequence (varlen only)
 
 
 def row_geometry(call: SelectionCall) -> RowGeometry:
@@ -43,7 +44,7 @@ def row_geometry(call: SelectionCall) -> RowGeometry:
     len_q = (cu_q[1:] - cu_q[:-1])[seq]
     len_k = (cu_k[1:] - cu_k[:-1])[seq]
     pos = (t - cu_q[seq]) + (len_k - len_q)
-    return RowGeometry(pos.unsqueeze(0), len_k.unsqueeze(0), cu_k[seq].unsqueeze(0))
+    return RowGeometry(pos.unsqueeze(0), len_k.unsqueeze(0), cu_k[seq].unsqueeze(0), seq.unsqueeze(0))
 
 
 def canonical_blocks(call: SelectionCall, geometry: RowGeometry | None = None):
