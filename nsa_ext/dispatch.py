@@ -1,9 +1,12 @@
 """The dispatcher: one priority list, each backend's reasons, one decision.
 
 Shaped like xformers' fmha dispatch: a backend can serve a call when its
-`reasons_unsupported(call, settings, facts)` is empty; "auto" takes the first such backend in
-`PRIORITY`; a named backend that has reasons raises with them (never a silent fallback).
-"Why was SDPA chosen?" is answered by printing `explain(...)`.
+`reasons_unsupported(call, settings, facts)` is empty (real incapacities: device, dtype, head
+dim, build, the SM 8.9 policy); "auto" takes the first backend in `PRIORITY` that can serve the
+call and has no `auto_preferences` against it (the length thresholds and switches of
+configs/base.yaml, which say where another backend is faster); a named backend serves every call
+it can, whatever the preferences say, and raises with its reasons otherwise (never a silent
+fallback). "Why was SDPA chosen?" is answered by printing `explain(...)`.
 """
 from __future__ import annotations
 
@@ -37,9 +40,10 @@ class BackendUnavailableError(ValueError):
 class Decision:
     chosen: Optional[str]
     requested: str
-    reasons: Dict[str, List[str]] = field(default_factory=dict)   # backend -> why not
+    reasons: Dict[str, List[str]] = field(default_factory=dict)   # backend -> why it cannot
     call_summary: str = ""
     device: str = ""
+    preferences: Dict[str, List[str]] = field(default_factory=dict)  # backend -> why auto skips it
 
     def __str__(self) -> str:
         lines = [f"nsa_ext selection_attention: {self.call_summary}",
@@ -50,7 +54,14 @@ class Decision:
                 lines.append(f"  {name}: can serve this call")
             for reason in why:
                 lines.append(f"  {name}: {reason}")
+            for preference in self.preferences.get(name, ()):
+                lines.append(f"  {name}: auto's preference, not a limit: {preference}")
         return "\n".join(lines)
+
+
+def _preferences(module, call, settings, facts) -> List[str]:
+    prefer = getattr(module, "auto_preferences", None)
+    return list(prefer(call, settings, facts)) if prefer is not None else []
 
 
 def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Settings] = None,
@@ -62,7 +73,7 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
     facts = facts if facts is not None else device_facts(call.device)
     names = PRIORITY if requested == "auto" else (requested,)
     reasons: Dict[str, List[str]] = {}
-    chosen = None
+    preferences: Dict[str, List[str]] = {}
     for name in names:
         try:
             module = backend_module(name)
@@ -70,9 +81,15 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
             reasons[name] = [f"the backend module failed to import ({type(err).__name__}: {err})"]
             continue
         reasons[name] = list(module.reasons_unsupported(call, settings, facts))
-        if not reasons[name] and chosen is None:
-            chosen = name
-    return Decision(chosen, requested, reasons, call.summary(), facts.describe())
+        preferences[name] = _preferences(module, call, settings, facts)
+    able = [name for name in names if not reasons[name]]
+    if requested == "auto":
+        # Preferences steer auto; where every able backend has one, the first able still serves.
+        preferred = [name for name in able if not preferences[name]]
+        chosen = (preferred or able or [None])[0]
+    else:
+        chosen = able[0] if able else None
+    return Decision(chosen, requested, reasons, call.summary(), facts.describe(), preferences)
 
 
 def choose(call: SelectionCall, requested: str = "auto", settings: Optional[Settings] = None,
@@ -90,8 +107,8 @@ def choose(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
 def backward_backend(call: SelectionCall, forward_backend: str, settings: Optional[Settings] = None,
                      facts: Optional[DeviceFacts] = None) -> str:
     """The backend whose `backward` computes the gradients of a call `forward_backend` ran:
-    that backend itself when it has a backward, else the first backend of PRIORITY that has one
-    and can serve the call (packed SDPA always can)."""
+    that backend itself when it has a backward, else the first backend of PRIORITY that has one,
+    can serve the call and has no auto preference against it (packed SDPA always can)."""
     if hasattr(backend_module(forward_backend), "backward"):
         return forward_backend
     settings = settings if settings is not None else load_settings()
@@ -101,7 +118,8 @@ def backward_backend(call: SelectionCall, forward_backend: str, settings: Option
             module = backend_module(name)
         except ImportError:
             continue
-        if hasattr(module, "backward") and not module.reasons_unsupported(call, settings, facts):
+        if hasattr(module, "backward") and not module.reasons_unsupported(call, settings, facts) \
+                and not _preferences(module, call, settings, facts):
             return name
     return "sdpa"
 

@@ -32,7 +32,8 @@ def plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q, cu_seq
     if settings.debug:
         log_event("sel.dispatch", backend=decision.chosen, requested=backend,
                   call=decision.call_summary, device=decision.device,
-                  reasons={n: r for n, r in decision.reasons.items() if r})
+                  reasons={n: r for n, r in decision.reasons.items() if r},
+                  preferences={n: r for n, r in decision.preferences.items() if r})
     return call, decision
 
 

@@ -143,12 +143,13 @@ def test_reasons_for_calls(kwargs, needle):
 
 
 @needs_ext
-def test_min_len_threshold_is_a_reason():
+def test_min_len_threshold_is_auto_preference_not_a_reason():
     case = make_case(TQ=8, HQ=2, H=1, Dk=64, S=2, block_size=16, dtype=torch.bfloat16)
     call = describe_call(*case.args())
-    reasons = cuda_backend.reasons_unsupported(call, Settings(sel_cuda_min_L=64), H100)
-    assert any("NSA_SEL_CUDA_MIN_L" in r for r in reasons), reasons
-    assert not cuda_backend.reasons_unsupported(call, Settings(sel_cuda_min_L=32), H100)
+    assert not cuda_backend.reasons_unsupported(call, Settings(sel_cuda_min_L=64), H100)
+    preferences = cuda_backend.auto_preferences(call, Settings(sel_cuda_min_L=64), H100)
+    assert any("NSA_SEL_CUDA_MIN_L" in r for r in preferences), preferences
+    assert not cuda_backend.auto_preferences(call, Settings(sel_cuda_min_L=32), H100)
 
 
 def test_arch_matching():

@@ -98,15 +98,100 @@ def test_length_threshold_sends_short_rows_to_sdpa():
     call = a_call(S=4, block_size=16)              # 64 selected tokens per row
     d = decide(call, settings=settings(sel_triton_min_L=65, sel_cuda_min_L=65), facts=H100)
     assert d.chosen == "sdpa"
-    assert any("NSA_SEL_TRITON_MIN_L" in r for r in d.reasons["triton"])
+    assert any("NSA_SEL_TRITON_MIN_L" in r for r in d.preferences["triton"])
+    assert any("NSA_SEL_CUDA_MIN_L" in r for r in d.preferences["cuda"])
+    assert not any("MIN_L" in r for rs in d.reasons.values() for r in rs)
     d = decide(call, settings=settings(sel_triton_min_L=64, sel_cuda_min_L=10**6), facts=H100)
-    assert not any("NSA_SEL_TRITON_MIN_L" in r for r in d.reasons["triton"])
+    assert not any("NSA_SEL_TRITON_MIN_L" in r for r in d.preferences["triton"])
 
 
-def test_triton_flag_turns_it_off():
+def test_triton_flag_turns_it_off_for_auto():
     d = decide(a_call(), settings=load_settings({"NSA_USE_TRITON_SEL": "0"}), facts=H100)
-    assert any("NSA_USE_TRITON_SEL" in r for r in d.reasons["triton"])
+    assert any("NSA_USE_TRITON_SEL" in r for r in d.preferences["triton"])
     assert d.chosen != "triton"
+
+
+# --- reasons (real incapacities) vs auto's preferences, one test per kind ------------------------
+
+def triton_importable() -> bool:
+    from nsa_ext.backends import triton as triton_backend
+
+    return triton_backend._import_error() is None
+
+
+PREFERENCES = {
+    "triton_min_len": (dict(sel_triton_min_L=10**6), "triton", "NSA_SEL_TRITON_MIN_L"),
+    "triton_switch": (dict(use_triton_sel=False), "triton", "NSA_USE_TRITON_SEL"),
+    "triton_arch_threshold": (dict(thresholds={"sm90": {"sel_triton_min_L": 10**6}}), "triton",
+                              "NSA_SEL_TRITON_MIN_L"),
+    "cuda_min_len": (dict(sel_cuda_min_L=10**6), "cuda", "NSA_SEL_CUDA_MIN_L"),
+    "cuda_arch_threshold": (dict(thresholds={"sm90": {"sel_cuda_min_L": 10**6}}), "cuda",
+                            "NSA_SEL_CUDA_MIN_L"),
+}
+
+
+@pytest.mark.parametrize("kind", PREFERENCES)
+def test_a_preference_steers_auto_but_never_refuses_a_named_backend(kind):
+    over, name, needle = PREFERENCES[kind]
+    call = a_call()
+    auto = decide(call, settings=settings(**over), facts=H100)
+    assert any(needle in p for p in auto.preferences[name]), auto.preferences
+    assert not any(needle in r for r in auto.reasons[name]), auto.reasons
+    assert auto.chosen != name
+    named = decide(call, name, settings=settings(**over), facts=H100)
+    assert not any(needle in r for r in named.reasons[name])
+    assert any(needle in p for p in named.preferences[name])
+    can_serve = triton_importable() if name == "triton" else extension_available()
+    assert named.chosen == (name if can_serve else None), named
+    assert "auto's preference, not a limit: " in str(named)
+
+
+REASONS = {
+    # (call, facts, settings, backend, words of the reason)
+    "sm89_policy": (dict(), RTX4090, dict(), "triton", "ADR-2025-08-M4-02"),
+    "old_gpu": (dict(), T4, dict(), "triton", "SM 8.0"),
+    "cpu_device": (dict(), CPU, dict(), "triton", "CUDA GPU"),
+    "dtype": (dict(dtype=torch.float64), H100, dict(), "triton", "float64"),
+    "head_dim": (dict(Dk=320), H100, dict(), "triton", "Dk=320"),
+}
+
+
+@pytest.mark.parametrize("kind", REASONS)
+def test_a_reason_refuses_the_named_backend(kind):
+    call_over, facts, over, name, needle = REASONS[kind]
+    dtype = call_over.pop("dtype", torch.float16)
+    case = make_case(B=1, TQ=32, HQ=8, H=2, Dk=call_over.get("Dk", 64), S=4, block_size=16,
+                     dtype=dtype)
+    call = describe_call(*case.args(), allowed_dtypes=(torch.float16, torch.float64))
+    named = decide(call, name, settings=settings(**over), facts=facts)
+    assert named.chosen is None
+    assert any(needle in r for r in named.reasons[name]), named.reasons
+    assert not named.preferences[name]
+
+
+def test_sm89_force_lifts_the_policy_reason_for_a_named_backend():
+    named = decide(a_call(), "triton", settings=settings(triton_sel_force=True), facts=RTX4090)
+    assert not any("ADR-2025-08-M4-02" in r for r in named.reasons["triton"])
+    assert named.chosen == ("triton" if triton_importable() else None)
+
+
+def test_auto_takes_an_able_backend_when_every_able_one_has_a_preference(monkeypatch):
+    from nsa_ext.backends import sdpa_packed
+
+    monkeypatch.setattr(sdpa_packed, "auto_preferences", lambda *a: ["a test's preference"],
+                        raising=False)
+    d = decide(a_call(), settings=settings(), facts=CPU)
+    assert d.chosen == "sdpa" and d.preferences["sdpa"] == ["a test's preference"]
+
+
+def test_explain_shows_preferences_apart_from_reasons(monkeypatch):
+    monkeypatch.setenv("NSA_SEL_TRITON_MIN_L", "1000000")
+    case = make_case(B=1, TQ=16, HQ=2, H=1, Dk=16, S=2, block_size=8)
+    text = str(nsa_ext.explain(*case.args()))
+    assert "  triton: auto's preference, not a limit: selected length 16" in text
+    reason_lines = [line for line in text.splitlines() if line.startswith("  triton: ")
+                    and "preference" not in line]
+    assert reason_lines and not any("MIN_L" in line for line in reason_lines)
 
 
 def test_named_backend_reports_only_itself_and_never_falls_back():
@@ -170,3 +255,41 @@ def test_canonical_blocks_are_the_set_of_the_spec():
                 row = blocks[b, t, h].tolist()
                 assert row[:len(want)] == want and all(x == -1 for x in row[len(want):])
                 assert num[b, t, h] == len(want)
+
+
+# --- a named backend serves a call below auto's thresholds ---------------------------------------
+
+def _no_key_case(device):
+    return make_case(B=1, TQ=8, HQ=4, H=2, Dk=16, S=4, block_size=16, dtype=torch.float16,
+                     device=device)
+
+
+def _check_no_key_output(o, lse):
+    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
+
+
+def test_block_counts_zero_runs_on_named_triton_in_the_interpreter(monkeypatch):
+    from common import import_triton_for_the_interpreter
+
+    if torch.cuda.is_available() or not import_triton_for_the_interpreter():
+        pytest.skip("needs Triton's CPU interpreter (machines without a GPU)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("NSA_SEL_TRITON_MIN_L", "64")    # auto's threshold, above 0
+    case = _no_key_case("cpu")
+    kwargs = dict(block_counts=0, return_lse=True)
+    assert nsa_ext.explain(*case.args(), **kwargs).chosen == "sdpa"
+    assert nsa_ext.explain(*case.args(), backend="triton", **kwargs).chosen == "triton"
+    _check_no_key_output(*nsa_ext.selection_attention(*case.args(), backend="triton", **kwargs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_block_counts_zero_runs_on_named_kernels_on_the_gpu(backend, monkeypatch):
+    monkeypatch.setenv("NSA_SEL_TRITON_MIN_L", "64")
+    monkeypatch.setenv("NSA_SEL_CUDA_MIN_L", "64")
+    case = _no_key_case("cuda")
+    decision = nsa_ext.explain(*case.args(), block_counts=0, backend=backend)
+    if decision.chosen is None:
+        pytest.skip(f"{backend} cannot serve here: {decision.reasons[backend]}")
+    _check_no_key_output(*nsa_ext.selection_attention(*case.args(), block_counts=0,
+                                                      backend=backend, return_lse=True))

@@ -392,11 +392,14 @@ def test_reasons_name_the_value_and_what_is_allowed():
     sm89 = triton_backend.reasons_unsupported(call, Settings(), RTX4090)
     assert any("ADR-2025-08-M4-02" in r and "NSA_TRITON_SEL_FORCE=1" in r for r in sm89)
     assert triton_backend.reasons_unsupported(call, Settings(triton_sel_force=True), RTX4090) == []
-    off = triton_backend.reasons_unsupported(call, Settings(use_triton_sel=False), H100)
+    # The switch and the length threshold are auto's preferences, not incapacities.
+    for settings in (Settings(use_triton_sel=False), Settings(sel_triton_min_L=65)):
+        assert triton_backend.reasons_unsupported(call, settings, H100) == []
+    off = triton_backend.auto_preferences(call, Settings(use_triton_sel=False), H100)
     assert any("NSA_USE_TRITON_SEL" in r for r in off)
-    short = triton_backend.reasons_unsupported(call, Settings(sel_triton_min_L=65), H100)
+    short = triton_backend.auto_preferences(call, Settings(sel_triton_min_L=65), H100)
     assert any("64" in r and "65" in r and "NSA_SEL_TRITON_MIN_L" in r for r in short)
-    assert triton_backend.reasons_unsupported(call, Settings(sel_triton_min_L=64), H100) == []
+    assert triton_backend.auto_preferences(call, Settings(sel_triton_min_L=64), H100) == []
     fp64 = triton_backend.reasons_unsupported(small_call(torch.float64), Settings(), H100)
     assert any("float64" in r and "bfloat16" in r for r in fp64)
     wide = triton_backend.reasons_unsupported(small_call(Dk=64, Dv=320), Settings(), H100)
@@ -405,4 +408,4 @@ def test_reasons_name_the_value_and_what_is_allowed():
 
 def test_measured_threshold_for_the_arch_applies():
     settings = Settings(thresholds={"sm90": {"sel_triton_min_L": 128}})
-    assert any("128" in r for r in triton_backend.reasons_unsupported(small_call(), settings, H100))
+    assert any("128" in r for r in triton_backend.auto_preferences(small_call(), settings, H100))

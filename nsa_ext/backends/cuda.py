@@ -68,10 +68,6 @@ def reasons_unsupported(call: SelectionCall, settings, facts) -> List[str]:
             reasons.append(f"built for archs {';'.join(archs)}, none runs on SM "
                            f"{facts.sm[0]}.{facts.sm[1]} ({facts.name}); rebuild with "
                            f"NSA_EXT_CUDA_ARCHS={facts.sm[0]}.{facts.sm[1]}")
-    min_len = settings.min_len("cuda", facts.arch)
-    if call.selected_len < min_len:
-        reasons.append(f"selected length {call.selected_len} tokens per row is below "
-                       f"NSA_SEL_CUDA_MIN_L={min_len} (packed SDPA is faster there)")
     if call.dtype in _HALF_DTYPES:
         pairs = [tuple(p) for p in info.get("head_dims", [])]
         if (call.head_dim_qk, call.head_dim_v) not in pairs:
@@ -98,6 +94,17 @@ def reasons_unsupported(call: SelectionCall, settings, facts) -> List[str]:
         reasons.append(f"grid too large: B*TQ={call.batch * call.seqlen_q}, "
                        f"H={call.num_heads_kv}")
     return reasons
+
+
+def auto_preferences(call: SelectionCall, settings, facts) -> List[str]:
+    """Why `auto` prefers another backend for a call the kernel can compute (a named
+    backend="cuda" runs it anyway): the length threshold only steers auto."""
+    min_len = settings.min_len("cuda", facts.arch)
+    if call.selected_len < min_len:
+        return [f"selected length {call.selected_len} tokens per row is below the CUDA threshold "
+                f"{min_len} (NSA_SEL_CUDA_MIN_L / runtime.sel_cuda_min_L): packed SDPA measured "
+                f"faster there"]
+    return []
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -54,13 +54,6 @@ def reasons_unsupported(call: SelectionCall, settings: Settings, facts: DeviceFa
         reasons.append(f"device is {facts.kind}: the Triton kernels need a CUDA GPU "
                        f"(or TRITON_INTERPRET=1, the CPU interpreter, for tests)")
     reasons.extend(kernel_path_reasons(facts, settings, "Triton kernel"))
-    if not settings.use_triton_sel:
-        reasons.append("the Triton selection kernel is turned off (NSA_USE_TRITON_SEL=0 or "
-                       "runtime.use_triton_sel: false)")
-    min_len = settings.min_len("triton", facts.arch)
-    if call.selected_len < min_len:
-        reasons.append(f"selected length {call.selected_len} tokens per row is below the Triton "
-                       f"threshold {min_len} (NSA_SEL_TRITON_MIN_L / runtime.sel_triton_min_L)")
     if call.dtype not in DTYPES:
         reasons.append(f"dtype {str(call.dtype).replace('torch.', '')} is not served: "
                        f"float16, bfloat16 or float32")
@@ -71,6 +64,21 @@ def reasons_unsupported(call: SelectionCall, settings: Settings, facts: DeviceFa
     if programs > MAX_PROGRAMS:
         reasons.append(f"B * TQ * HQ = {programs} exceeds the grid limit {MAX_PROGRAMS}")
     return reasons
+
+
+def auto_preferences(call: SelectionCall, settings: Settings, facts: DeviceFacts) -> list[str]:
+    """Why `auto` prefers another backend for a call the kernels can compute (a named
+    backend="triton" runs it anyway): the switch and the length threshold only steer auto."""
+    preferences = []
+    if not settings.use_triton_sel:
+        preferences.append("the Triton selection kernel is turned off for auto "
+                           "(NSA_USE_TRITON_SEL=0 or runtime.use_triton_sel: false)")
+    min_len = settings.min_len("triton", facts.arch)
+    if call.selected_len < min_len:
+        preferences.append(f"selected length {call.selected_len} tokens per row is below the "
+                           f"Triton threshold {min_len} (NSA_SEL_TRITON_MIN_L / "
+                           f"runtime.sel_triton_min_L): packed SDPA measured faster there")
+    return preferences
 
 
 def _reads(call: SelectionCall, geometry: RowGeometry, blocks, num_blocks, group: bool):
