@@ -29,6 +29,7 @@ class Settings:
     use_triton_sel: bool = True        # NSA_USE_TRITON_SEL
     triton_sel_force: bool = False     # NSA_TRITON_SEL_FORCE: kernel paths on SM 8.9 too
     sel_triton_group: bool = True      # NSA_SEL_TRITON_GROUP: group-centric Triton variant
+    sel_schedule: str = "auto"         # NSA_SEL_SCHEDULE: Triton forward schedule (SCHEDULES)
     sel_triton_min_L: int = 0          # NSA_SEL_TRITON_MIN_L: min selected tokens per row, Triton
     sel_cuda_min_L: int = 0            # NSA_SEL_CUDA_MIN_L: same for the CUDA extension
     sdpa_gather_budget_mb: int = 512   # NSA_SDPA_GATHER_BUDGET_MB
@@ -57,6 +58,7 @@ _ENV = (
     ("NSA_USE_TRITON_SEL", "use_triton_sel", "bool"),
     ("NSA_TRITON_SEL_FORCE", "triton_sel_force", "bool"),
     ("NSA_SEL_TRITON_GROUP", "sel_triton_group", "bool"),
+    ("NSA_SEL_SCHEDULE", "sel_schedule", "schedule"),
     ("NSA_SEL_TRITON_MIN_L", "sel_triton_min_L", "int"),
     ("NSA_SEL_CUDA_MIN_L", "sel_cuda_min_L", "int"),
     ("NSA_SDPA_GATHER_BUDGET_MB", "sdpa_gather_budget_mb", "int"),
@@ -64,11 +66,17 @@ _ENV = (
     ("NSA_DEBUG_LOG", "debug_log", "bool"),
     ("TRITON_INTERPRET", "triton_interpret", "bool"),
 )
+SCHEDULES = ("auto", "row", "tile", "kv")   # nsa_ext/schedules: the Triton forward schedules
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
 def _parse(value, kind: str, where: str):
+    if kind == "schedule":
+        text = str(value).strip().lower()
+        if text not in SCHEDULES:
+            raise ConfigError(f"{where}: expected one of {', '.join(SCHEDULES)}, got {value!r}")
+        return text
     if kind == "bool":
         if isinstance(value, bool):
             return value
