@@ -1,17 +1,27 @@
-"""Selection attention, backward: a group-centric Triton kernel and its launcher.
+"""Selection attention, backward: deterministic Triton kernels (no atomics) and their launcher.
 
-One program per (query token, KV head, tile of up to 64 of that head's G query heads), the forward's
-schedule (selection_fwd.py). It loads the tile's q [BG, Dk], dO [BG, Dv], O [BG, Dv] and lse [BG]
-once, then for each selected chunk of BS keys recomputes P = exp(scale * q k^T - lse) and
-dS = P * (dO v^T - delta + dlse), with delta = rowsum(dO * O) and dlse the gradient of lse (0
-without one), and
-- accumulates dq [BG, Dk] += dS k in registers (written once, scaled, at the end);
-- adds dk [BS, Dk] += scale * dS^T q and dv [BS, Dv] += P^T dO into fp32 buffers with relaxed
-  atomics, since many rows select the same block. The sums are exact up to fp32 rounding, but
-  their order (and so the last bits of dk, dv) can change from run to run.
+Three launches, each output element written by exactly one program, every sum in a fixed order,
+so dq, dk, dv are bitwise the same on every run (SPEC.md, "determinism"):
 
-It reads the canonical rows as the forward does (sorted, de-duplicated, causally trimmed), so every
-row it visits has a finite lse; padded heads get lse = +inf, making their P exactly 0.
+1. `selection_bwd_dq_kernel`, query-outer (the forward's group-centric schedule): one program per
+   (query token, KV head, tile of up to 64 of its G query heads). It loads q [BG, Dk], dO and O
+   [BG, Dv], computes delta = rowsum(dO * O) - dlse (dlse: the gradient of lse, 0 without one)
+   and stores it for pass 2, then streams the row's canonical blocks in chunks of BS keys,
+   recomputing P = exp(scale q k^T - lse) and dS = P (dO v^T - delta), and accumulates
+   dq [BG, Dk] += dS k in registers, written once.
+2. `selection_bwd_dkdv_kernel`, KV-outer over the inverse index (nsa_ext/inverse_index.py): one
+   program per (work item, chunk of BN keys of the item's block). A work item is a fixed slice
+   of the ascending list of query tokens that chose one (batch, KV head, block). The program
+   loads its K [BN, Dk] and V [BN, Dv] once, then walks the slice's (token, head) pairs BM at a
+   time: gathers q [BM, Dk], dO [BM, Dv], lse and delta [BM], recomputes P and dS [BM, BN] with
+   the causal mask j <= pos of each pair's query, and accumulates dv [BN, Dv] += P^T dO and
+   dk [BN, Dk] += scale dS^T q in registers. A bucket served by one item stores dk, dv directly;
+   one cut into several items stores fp32 partials to scratch.
+3. `selection_bwd_dkdv_merge_kernel`: per (bucket, key chunk) cut into several items, sums the
+   partials in item order and stores dk, dv.
+
+It reads the canonical rows as the forward does (sorted, de-duplicated, causally trimmed), so
+every listed query has a finite lse; padded heads get lse = +inf, making their P exactly 0.
 """
 from __future__ import annotations
 
@@ -22,17 +32,36 @@ import triton.language as tl
 from .selection_fwd import (LARGE_PROGRAMS, LOG2E, _python_function, _with_interpreted_helpers,
                             default_chunk, group_tile, query_of_program, untuned)
 
-BWD_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
-               for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
+DQ_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
+              for bs in (32, 64) for w in (4, 8) for st in (1, 2, 3)]
+DKDV_CONFIGS = [triton.Config({"BM": bm}, num_warps=w, num_stages=st)
+                for bm in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]
 LOG2E_C = tl.constexpr(LOG2E)
+# (token, head) pairs one dK/dV work item walks, at least: long enough that K/V loads and the
+# item's write are amortised, short enough that the block every query chose (block 0 in NSA)
+# is cut into as many items as the average block (see dkdv_tokens_per_item).
+PAIRS_PER_ITEM = 4096
 
 
 def bwd_chunk(block_size: int, K: int, V: int) -> int:
-    """BS of the untuned config: the forward's, capped at 32 (the backward holds more tiles)."""
+    """BS of the untuned dQ config: the forward's, capped at 32 (the backward holds more tiles)."""
     return min(32, default_chunk(block_size, K, V))
 
 
-def _prune(configs, named_args, **kwargs):
+def dkdv_keys(block_size: int, K: int, V: int) -> int:
+    """BN, keys per dK/dV program: a whole block up to 64 keys (32 beside a head wider than 128:
+    dk and dv accumulate in registers, [BN, Dk] + [BN, Dv] fp32); at least 16 for tl.dot."""
+    widest = max(triton.next_power_of_2(K), triton.next_power_of_2(V))
+    return max(16, min(triton.next_power_of_2(block_size), 64 if widest <= 128 else 32))
+
+
+def dkdv_tokens_per_item(G: int, capacity: int, sm_count: int) -> int:
+    """Query tokens per dK/dV work item: PAIRS_PER_ITEM pairs, or more once the call has enough
+    work to fill the GPU many times over (fewer items: less scratch, fewer partial merges)."""
+    return max(-(-PAIRS_PER_ITEM // G), -(-capacity // (16 * max(1, sm_count))), 1)
+
+
+def _prune_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["BLOCK"]
     if untuned(args):
@@ -40,6 +69,14 @@ def _prune(configs, named_args, **kwargs):
                               num_warps=4, num_stages=1)]
     usable = {max(16, min(block, 64))} | ({32} if block >= 64 else set())
     return [c for c in configs if c.kwargs["BS"] in usable]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    if untuned(args):
+        return [triton.Config({"BM": 64}, num_warps=4, num_stages=1)]
+    wide = max(args["BK"], args["BV"]) > 128
+    return [c for c in configs if not (wide and c.kwargs["BM"] > 64)]
 
 
 @triton.heuristics({
@@ -51,13 +88,13 @@ def _prune(configs, named_args, **kwargs):
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["num_blocks"].numel() >= LARGE_PROGRAMS,
 })
-@triton.autotune(configs=BWD_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["dk", "dv"])
+@triton.autotune(configs=DQ_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G"])
-def selection_bwd_group_kernel(
+def selection_bwd_dq_kernel(
     q, k, v, o, do, lse, dlse,       # o, do: [B, TQ, HQ, Dv] contiguous; lse, dlse: [B, TQ, HQ] fp32
     dq,                              # [B, TQ, HQ, Dk] contiguous, q's dtype
-    dk, dv,                          # [B, TK, H, Dk] / [B, TK, H, Dv] contiguous fp32, zeroed
+    delta,                           # [B, TQ, HQ] fp32, written: rowsum(dO * O) - dlse
     blocks, num_blocks, pos, k_offset,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -92,16 +129,15 @@ def selection_bwd_group_kernel(
     p_ov = (tok * HQ + heads)[:, None] * V + o_v[None, :]
     b_do = tl.load(do + p_ov, mask=m_ov, other=0.0)
     b_o = tl.load(o + p_ov, mask=m_ov, other=0.0)
-    delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(dlse + tok * HQ + heads, mask=m_g, other=0.0)
+        b_delta -= tl.load(dlse + tok * HQ + heads, mask=m_g, other=0.0)
+    tl.store(delta + tok * HQ + heads, b_delta, mask=m_g)
     # lse in the log2 domain; +inf on padded heads makes their P exactly 0.
     lse2 = tl.load(lse + tok * HQ + heads, mask=m_g, other=float("inf")) * LOG2E_C
 
     k_base = k + i_b * stride_kb + kv_start * stride_kt + i_h * stride_kh
     v_base = v + i_b * stride_vb + kv_start * stride_vt + i_h * stride_vh
-    dk_base = dk + ((i_b * TK + kv_start) * H + i_h) * K
-    dv_base = dv + ((i_b * TK + kv_start) * H + i_h) * V
     row_blocks = blocks + row * S
 
     dq_acc = tl.zeros([BG, BK], dtype=tl.float32)
@@ -116,69 +152,208 @@ def selection_bwd_group_kernel(
         m_j = j <= p_abs
         if BS > BLOCK:
             m_j = m_j & (o_j < BLOCK)
-        m_k = m_j[:, None] & (o_k < K)[None, :]
-        m_v = m_j[:, None] & (o_v < V)[None, :]
         # [BS, BK], [BS, BV]
-        b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :], mask=m_k, other=0.0)
-        b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :], mask=m_v, other=0.0)
+        b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
+                      mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)
+        b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
+                      mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)
         # [BG, BS]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_p = tl.where(m_j[None, :], tl.math.exp2(b_s - lse2[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-        b_ds = b_p * (b_dp - delta[:, None])
+        b_ds = b_p * (b_dp - b_delta[:, None])
         # [BG, BK]
         dq_acc = tl.dot(b_ds.to(b_k.dtype), b_k, dq_acc, input_precision=DOT_PRECISION)
-        # [BS, BK], [BS, BV]
-        b_dk = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=DOT_PRECISION) * scale
-        b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)
-        tl.atomic_add(dk_base + j[:, None] * (H * K) + o_k[None, :], b_dk, mask=m_k, sem="relaxed")
-        tl.atomic_add(dv_base + j[:, None] * (H * V) + o_v[None, :], b_dv, mask=m_v, sem="relaxed")
 
     tl.store(dq + (tok * HQ + heads)[:, None] * K + o_k[None, :],
              (dq_acc * scale).to(dq.dtype.element_ty), mask=m_qk)
 
 
+@triton.heuristics({
+    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
+    "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
+    "BN": lambda args: dkdv_keys(args["BLOCK"], args["K"], args["V"]),
+    "IS_VARLEN": lambda args: args["pos"] is not None,
+    "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
+    "LARGE": lambda args: args["item_bucket"].numel() >= 256,
+})
+@triton.autotune(configs=DKDV_CONFIGS, key=["BLOCK", "BK", "BV", "BN", "LARGE"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
+@triton.jit(do_not_specialize=["TQ", "TK", "H", "G", "num_buckets", "slots"])
+def selection_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta,         # do [B, TQ, HQ, Dv] contiguous; lse, delta [B, TQ, HQ] fp32
+    dk, dv,                          # [B, TK, H, Dk] / [B, TK, H, Dv] contiguous, k's / v's dtype
+    dk_part, dv_part,                # [max_items, NKC, BN, Dk] / [.., Dv] fp32 scratch
+    tokens, item_bucket, item_start, item_end, num_items,   # the inverse index and its items
+    slot_key_start, slot_key_end, slot_seq_start, pos,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    qk_scale, scale,
+    TQ, TK, H, G, num_buckets, slots,
+    K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
+):
+    i_item = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1)
+    NKC: tl.constexpr = (BLOCK + BN - 1) // BN
+    bucket = tl.load(item_bucket + i_item).to(tl.int64)
+    if bucket < num_buckets:         # items past the end of the bound-sized grid do nothing
+        slot = bucket % slots
+        i_h = (bucket // slots) % H
+        i_b = bucket // (slots * H)
+        HQ = H * G
+        o_n = tl.arange(0, BN)
+        o_k = tl.arange(0, BK)
+        o_v = tl.arange(0, BV)
+        # [BN]: the chunk's keys along k's T axis, and their positions within the sequence
+        keys = tl.load(slot_key_start + slot) + i_c * BN + o_n
+        m_n = (keys < tl.load(slot_key_end + slot)) & (i_c * BN + o_n < BLOCK)
+        j_seq = keys - tl.load(slot_seq_start + slot)
+        # [BN, BK], [BN, BV]
+        b_k = tl.load(k + i_b * stride_kb + keys[:, None] * stride_kt + i_h * stride_kh + o_k[None, :],
+                      mask=m_n[:, None] & (o_k < K)[None, :], other=0.0)
+        b_v = tl.load(v + i_b * stride_vb + keys[:, None] * stride_vt + i_h * stride_vh + o_v[None, :],
+                      mask=m_n[:, None] & (o_v < V)[None, :], other=0.0)
+
+        start = tl.load(item_start + i_item)
+        pairs = (tl.load(item_end + i_item) - start) * G
+        dk_acc = tl.zeros([BN, BK], dtype=tl.float32)
+        dv_acc = tl.zeros([BN, BV], dtype=tl.float32)
+        o_m = tl.arange(0, BM)
+        for r0 in range(0, pairs, BM):
+            # [BM]: pair r is head r % G of the item's (r // G)-th token (tokens ascending)
+            r = r0 + o_m
+            m_r = r < pairs
+            t = tl.load(tokens + start + r // G, mask=m_r, other=0).to(tl.int64)
+            head = i_h * G + r % G
+            if IS_VARLEN:
+                p_abs = tl.load(pos + t, mask=m_r, other=0)
+            else:
+                p_abs = t + (TK - TQ)
+            row = (i_b * TQ + t) * HQ + head
+            # [BM, BK], [BM, BV]
+            b_q = tl.load(q + i_b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh
+                          + o_k[None, :], mask=m_r[:, None] & (o_k < K)[None, :], other=0.0)
+            b_do = tl.load(do + row[:, None] * V + o_v[None, :],
+                           mask=m_r[:, None] & (o_v < V)[None, :], other=0.0)
+            lse2 = tl.load(lse + row, mask=m_r, other=float("inf")) * LOG2E_C
+            b_delta = tl.load(delta + row, mask=m_r, other=0.0)
+            # [BM, BN]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+            visible = m_n[None, :] & (j_seq[None, :] <= p_abs[:, None])
+            b_p = tl.where(visible, tl.math.exp2(b_s - lse2[:, None]), 0.0)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            # [BN, BV], [BN, BK]
+            dv_acc = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, dv_acc, input_precision=DOT_PRECISION)
+            dk_acc = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, dk_acc, input_precision=DOT_PRECISION)
+        dk_acc = dk_acc * scale
+
+        m_dk = m_n[:, None] & (o_k < K)[None, :]
+        m_dv = m_n[:, None] & (o_v < V)[None, :]
+        if tl.load(num_items + bucket) == 1:
+            kv_row = (i_b * TK + keys) * H + i_h
+            tl.store(dk + kv_row[:, None] * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=m_dk)
+            tl.store(dv + kv_row[:, None] * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_dv)
+        else:
+            part = (i_item * NKC + i_c) * BN + o_n
+            tl.store(dk_part + part[:, None] * K + o_k[None, :], dk_acc, mask=m_dk)
+            tl.store(dv_part + part[:, None] * V + o_v[None, :], dv_acc, mask=m_dv)
+
+
+@triton.heuristics({
+    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
+    "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
+    "BN": lambda args: dkdv_keys(args["BLOCK"], args["K"], args["V"]),
+})
+@triton.jit(do_not_specialize=["TK", "H", "slots"])
+def selection_bwd_dkdv_merge_kernel(
+    dk, dv, dk_part, dv_part, first_item, num_items, slot_key_start, slot_key_end,
+    TK, H, slots,
+    K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+):
+    """Per (bucket, key chunk): dk, dv = the sum of the bucket's item partials, in item order."""
+    bucket = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1)
+    NKC: tl.constexpr = (BLOCK + BN - 1) // BN
+    n = tl.load(num_items + bucket)
+    if n > 1:
+        slot = bucket % slots
+        i_h = (bucket // slots) % H
+        i_b = bucket // (slots * H)
+        o_n = tl.arange(0, BN)
+        o_k = tl.arange(0, BK)
+        o_v = tl.arange(0, BV)
+        keys = tl.load(slot_key_start + slot) + i_c * BN + o_n
+        m_n = (keys < tl.load(slot_key_end + slot)) & (i_c * BN + o_n < BLOCK)
+        m_dk = m_n[:, None] & (o_k < K)[None, :]
+        m_dv = m_n[:, None] & (o_v < V)[None, :]
+        first = tl.load(first_item + bucket)
+        dk_acc = tl.zeros([BN, BK], dtype=tl.float32)
+        dv_acc = tl.zeros([BN, BV], dtype=tl.float32)
+        for it in range(n):
+            part = ((first + it) * NKC + i_c) * BN + o_n
+            dk_acc += tl.load(dk_part + part[:, None] * K + o_k[None, :], mask=m_dk, other=0.0)
+            dv_acc += tl.load(dv_part + part[:, None] * V + o_v[None, :], mask=m_dv, other=0.0)
+        kv_row = (i_b * TK + keys) * H + i_h
+        tl.store(dk + kv_row[:, None] * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=m_dk)
+        tl.store(dv + kv_row[:, None] * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_dv)
+
+
 _interpreted_cache = {}
 
 
-def _interpreted(kernel):
-    """The CPU-interpreter twin (see selection_fwd._interpreted)."""
+def _interpreted(kernel, untuned_values):
+    """The CPU-interpreter twin (see selection_fwd._interpreted), with the untuned config."""
     if kernel not in _interpreted_cache:
         from triton.runtime.interpreter import InterpretedFunction
 
-        values = {**kernel.values,
-                  "BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"])}
-        _interpreted_cache[kernel] = triton.heuristics(values)(
-            InterpretedFunction(_with_interpreted_helpers(_python_function(kernel))))
+        values = {**getattr(kernel, "values", {}), **untuned_values}
+        fn = InterpretedFunction(_with_interpreted_helpers(_python_function(kernel)))
+        _interpreted_cache[kernel] = triton.heuristics(values)(fn) if values else fn
     return _interpreted_cache[kernel]
 
 
-def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, *, scale: float,
+def _kernel(kernel, interpret, untuned_values):
+    return _interpreted(kernel, untuned_values) if interpret else kernel
+
+
+def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *, scale: float,
                   block_size: int, pos=None, k_offset=None, interpret: bool = False):
     """(dq, dk, dv) in the inputs' dtype, from the forward's o and lse and the gradients do, dlse.
 
     Shapes as in selection_fwd.selection_fwd; o, do [B, TQ, HQ, Dv]; lse, dlse [B, TQ, HQ] fp32
-    (dlse may be None).
+    (dlse may be None); `index` the call's InverseIndex and `items` its WorkItems
+    (nsa_ext/inverse_index.py). Scratch: fp32 partials of dk/dv, items.max_items x
+    ceil(block_size / BN) x BN x (Dk + Dv) x 4 bytes, allocated only when an item can share its
+    bucket (the caching allocator hands it back at once).
     """
     B, TQ, HQ, Dk = q.shape
     _, TK, H, Dv = v.shape
     G = HQ // H
     S = blocks.shape[-1]
+    device = q.device
     blocks, num_blocks = blocks.contiguous(), num_blocks.contiguous()
     if pos is not None:
         pos = pos.to(torch.int64).contiguous()
         k_offset = k_offset.to(torch.int64).contiguous()
-    # The kernel's dots take dO in the inputs' dtype (a caller may hand an fp32 gradient).
+    # The kernels' dots take dO in the inputs' dtype (a caller may hand an fp32 gradient).
     o, do, lse = o.contiguous(), do.to(q.dtype).contiguous(), lse.contiguous()
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    dq = torch.empty((B, TQ, HQ, Dk), dtype=q.dtype, device=q.device)
-    dk = torch.zeros((B, TK, H, Dk), dtype=torch.float32, device=q.device)
-    dv = torch.zeros((B, TK, H, Dv), dtype=torch.float32, device=q.device)
-    kernel = _interpreted(selection_bwd_group_kernel) if interpret else selection_bwd_group_kernel
-    grid = (TQ * B * H, triton.cdiv(G, group_tile(G)))
-    kernel[grid](
-        q, k, v, o, do, lse, dlse, dq, dk, dv, blocks, num_blocks, pos, k_offset,
+    dq = torch.empty((B, TQ, HQ, Dk), dtype=q.dtype, device=device)
+    delta = torch.empty((B, TQ, HQ), dtype=torch.float32, device=device)
+    # Keys of buckets nobody chose keep these zeros (no program owns them).
+    dk = torch.zeros((B, TK, H, Dk), dtype=k.dtype, device=device)
+    dv = torch.zeros((B, TK, H, Dv), dtype=v.dtype, device=device)
+
+    kernel = _kernel(selection_bwd_dq_kernel, interpret,
+                     {"BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"])})
+    kernel[(TQ * B * H, triton.cdiv(G, group_tile(G)))](
+        q, k, v, o, do, lse, dlse, dq, delta, blocks, num_blocks, pos, k_offset,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -186,4 +361,31 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, *, scale: float
         TQ, TK, S, H, G,
         K=Dk, V=Dv, BLOCK=block_size,
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+    BN = dkdv_keys(block_size, Dk, Dv)
+    NKC = triton.cdiv(block_size, BN)
+    if items.per_item < TQ:          # a bucket lists each token at most once: TQ at most
+        dk_part = torch.empty((items.max_items, NKC, BN, Dk), dtype=torch.float32, device=device)
+        dv_part = torch.empty((items.max_items, NKC, BN, Dv), dtype=torch.float32, device=device)
+    else:                            # every bucket is one item: no partials
+        dk_part = dv_part = dk
+    kernel = _kernel(selection_bwd_dkdv_kernel, interpret, {"BM": lambda args: 64})
+    kernel[(items.max_items, NKC)](
+        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part,
+        index.tokens, items.bucket, items.start, items.end, items.num_items,
+        index.slot_key_start, index.slot_key_end, index.slot_seq_start, pos,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        scale * LOG2E, scale,
+        TQ, TK, H, G, index.num_buckets, index.slots,
+        K=Dk, V=Dv, BLOCK=block_size,
+    )
+    if dk_part is not dk:
+        kernel = _kernel(selection_bwd_dkdv_merge_kernel, interpret, {})
+        kernel[(index.num_buckets, NKC)](
+            dk, dv, dk_part, dv_part, items.first_item, items.num_items,
+            index.slot_key_start, index.slot_key_end, TK, H, index.slots,
+            K=Dk, V=Dv, BLOCK=block_size,
+        )
+    return dq, dk, dv

@@ -10,7 +10,7 @@ Memory stays bounded: a bucket is cut into chunks whose gathered K/V (plus the f
 lse) fit `Settings.sdpa_gather_budget_mb`, so a 64k-token prefill never gathers everything at once.
 
 Gradients: `backward` recomputes each chunk (attention backward written out in fp32) and
-scatters dk/dv back with index_add_, so the backward pass is bounded by the same budget. Other backends without a backward
+adds dk/dv back in a fixed order (a sort-based index_put_, deterministic on CUDA), so the backward pass is bounded by the same budget. Other backends without a backward
 kernel use it too (through nsa_ext.ops).
 """
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _chunk_gradients(call, q_sel, k_sel, v_sel, visible, grad_o, grad_lse):
 
 def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor],
              o: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
-    """(dq, dk, dv) by recomputing each chunk; fp32 accumulation for dk, dv (index_add_).
+    """(dq, dk, dv) by recomputing each chunk; fp32 accumulation for dk, dv in a fixed order.
     The forward's `o` and `lse` are not needed: each chunk recomputes its own."""
     settings = load_settings()
     plan = _Plan(call)
@@ -186,8 +186,11 @@ def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch
             v_flat[flat_index].reshape(R, L, -1), chunk.visible, grad_o_rows[chunk.rows],
             None if grad_lse_rows is None else grad_lse_rows[chunk.rows])
         dq.index_copy_(0, chunk.rows, dq_sel.to(call.dtype))
-        # Clamped (masked) tokens have zero gradient, so adding them is harmless.
-        dk.index_add_(0, flat_index, dk_sel.reshape(R * L, -1))
-        dv.index_add_(0, flat_index, dv_sel.reshape(R * L, -1))
+        # Clamped (masked) tokens have zero gradient, so adding them is harmless. index_put_ with
+        # accumulate=True sorts the indices and adds each index's values in that fixed order on
+        # CUDA (index_add_ would use atomics there: last bits varying run to run); chunks run in
+        # order on the stream, so the whole sum is deterministic.
+        dk.index_put_((flat_index,), dk_sel.reshape(R * L, -1), accumulate=True)
+        dv.index_put_((flat_index,), dv_sel.reshape(R * L, -1), accumulate=True)
     return (dq.reshape(call.q.shape), dk.to(call.dtype).reshape(call.k.shape),
             dv.to(call.dtype).reshape(call.v.shape))

@@ -10,9 +10,9 @@ slices, merged through their lse). No host synchronisation and no data-dependent
 path; with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
 `sel.triton.reads`, whose counts cost a host sync.
 
-`backward` recomputes the forward (o, lse) and runs the group-centric backward kernel of
-`triton_ref/selection_bwd.py` (dk, dv through fp32 atomics: correct to fp32 rounding, last bits
-not reproducible run to run).
+`backward` runs the deterministic kernels of `triton_ref/selection_bwd.py` (no atomics: dq
+query-outer, dk/dv KV-outer over the inverse index of `nsa_ext/inverse_index.py`), reusing the
+forward's o and lse when they were kept.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from ..call import SelectionCall
 from ..config import Settings, load_settings
 from ..device import DeviceFacts, device_facts
 from ..logs import log_event
+from ..inverse_index import build_inverse_index, work_items
 from ..policy import kernel_path_reasons
 from ..selection import RowGeometry, canonical_blocks, row_geometry
 
@@ -161,22 +162,25 @@ def forward(call: SelectionCall):
 
 def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor],
              o: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
-    """(dq, dk, dv) in the inputs' dtype. Give the forward's `o` and `lse` ([B, TQ, HQ, Dv],
-    [B, TQ, HQ] fp32) when they were kept: else they are recomputed (one forward launch,
-    ~15% of the backward's time at T = 8k)."""
-    from triton_ref.selection_bwd import selection_bwd
+    """(dq, dk, dv) in the inputs' dtype, bitwise the same on every run (no atomics: see
+    triton_ref/selection_bwd.py). Give the forward's `o` and `lse` ([B, TQ, HQ, Dv], [B, TQ, HQ]
+    fp32) when they were kept: else they are recomputed (one forward launch)."""
+    from triton_ref.selection_bwd import dkdv_tokens_per_item, selection_bwd
     from triton_ref.selection_fwd import selection_fwd
 
     settings = load_settings()
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks(call, geometry)
+    index = build_inverse_index(call, geometry, blocks, num_blocks)
+    interpret = settings.triton_interpret or call.device.type != "cuda"
+    sm_count = 1 if interpret else device_facts(call.device).sm_count
+    items = work_items(index, dkdv_tokens_per_item(call.group_size, index.capacity, sm_count))
     varlen = call.is_varlen
     launch = dict(scale=call.scale, block_size=call.block_size,
                   pos=geometry.pos if varlen else None,
-                  k_offset=geometry.k_offset if varlen else None,
-                  interpret=settings.triton_interpret or call.device.type != "cuda")
+                  k_offset=geometry.k_offset if varlen else None, interpret=interpret)
     if o is None or lse is None:
         o, lse, _ = selection_fwd(call.q, call.k, call.v, blocks, num_blocks, group=True,
                                   **launch)
     return selection_bwd(call.q, call.k, call.v, o, lse, grad_o, grad_lse, blocks, num_blocks,
-                         **launch)
+                         index, items, **launch)
