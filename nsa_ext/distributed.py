@@ -1,0 +1,358 @@
+"""Context-parallel selection attention over torch.distributed.
+
+Each rank of a process group holds one contiguous shard of the sequence: rank r (rank order =
+sequence order) has the queries, keys and values at absolute positions r*T_local ..
+(r+1)*T_local - 1, and `block_indices` that name blocks of the whole sequence. Rank r's causal
+queries can reach only keys 0 .. (r+1)*T_local - 1, so once K/V are all-gathered, rank r's share
+of the work is exactly SPEC.md's `TQ < TK` call ("queries are the last TQ of TK keys") with
+TQ = T_local and TK = (r+1)*T_local: the public `nsa_ext.selection_attention` on the gathered
+prefix computes it, through the normal dispatcher, with no new contract. Blocks past the prefix
+are out of range for that call and ignored, which is what causality does to them in the whole
+sequence's call; the set semantics (first occurrence, -1 padding, block_counts) are per row and
+do not care where the row lives.
+
+Backward: the local call's dK/dV cover the gathered prefix; zero-padded to the whole gathered
+length they are reduce-scattered (sum) back to the ranks that own those keys. NSA's selection
+suits this layout: every query does the same work (S blocks), so equal contiguous shards are
+balanced without the zig-zag orders dense causal attention needs, and K/V are 1/G of Q, so
+moving them is cheap next to the queries' work.
+
+Every collective is one of torch.distributed's (NCCL on GPUs, gloo on CPUs). Before the first
+collective that could block, the ranks exchange a small description of their call (shapes,
+dtype, options, and any local error text) in one all-gather, so a bad input on any rank raises
+the same ValueError on every rank instead of leaving the others waiting.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .api import selection_attention as _selection_attention
+from .call import BACKEND_NAMES, describe_call
+
+__all__ = ["selection_attention"]
+
+# Newer torch names these collectives *_single and deprecates the old names. Both are called
+# here with the concatenated form ([world * n, ...] <-> [n, ...]), which every backend takes.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# Which device types a process-group backend's collectives are used with here.
+_BACKEND_DEVICE_TYPES = {"nccl": ("cuda",), "gloo": ("cpu",), "xccl": ("xpu",)}
+
+_DTYPE_IDS = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+
+# The per-rank description exchanged before any other collective: int64 fields, then the
+# local error text (utf-8, cut to _MESSAGE_BYTES).
+_FIELDS = ("error", "B", "T_local", "HQ", "H", "Dk", "Dv", "S", "block_size", "dtype",
+           "block_counts_kind", "block_counts_int", "scale_bits", "backend", "grad_flags")
+_MESSAGE_BYTES = 1024
+_PREFIX = "nsa_ext.distributed.selection_attention"
+
+# A field that differs between ranks, and the argument to blame for it.
+_MUST_MATCH = (
+    ("T_local", "q", "shard length T_local"),
+    ("B", "q", "batch size B"),
+    ("HQ", "q", "query heads HQ"),
+    ("H", "k", "KV heads H"),
+    ("Dk", "q", "head dim Dk"),
+    ("Dv", "v", "head dim Dv"),
+    ("S", "block_indices", "selection width S"),
+    ("dtype", "q", "dtype"),
+    ("block_size", "block_size", "block_size"),
+    ("block_counts_kind", "block_counts", "kind of block_counts (None, int or tensor)"),
+    ("block_counts_int", "block_counts", "int block_counts"),
+    ("scale", "scale", "scale"),
+    ("backend", "backend", "backend"),
+    ("grad_flags", "q/k/v", "which of (q, k, v) require grad, as bits,"),
+)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the autograd function needs besides tensors."""
+
+    group: object          # the ProcessGroup
+    rank: int              # rank in the group = index of this shard in the sequence
+    world: int
+    T_local: int
+    block_size: int
+    block_counts_int: Optional[int]
+    scale: Optional[float]
+    backend: str
+
+
+def _resolve_group(group):
+    """A ProcessGroup (None = the default group) from a ProcessGroup or a 1-d DeviceMesh."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{_PREFIX}: group: torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - old torch
+        DeviceMesh = ()
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"{_PREFIX}: group: expected a 1-d DeviceMesh (the context-parallel "
+                             f"dimension, e.g. mesh['cp']), got one of shape {tuple(group.shape)}")
+        group = group.get_group()
+    if group is None:
+        group = dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{_PREFIX}: group: this process (global rank {dist.get_rank()}) is not "
+                         "a member of the group")
+    return group
+
+
+def _group_device_types(group) -> tuple:
+    """Device types the group's backend serves, from its name ("nccl", "cpu:gloo,cuda:nccl")."""
+    name = str(dist.get_backend(group)).lower()
+    types = []
+    for part in name.split(","):
+        device, _, backend = part.rpartition(":")
+        if device:
+            types.append(device.strip())
+        else:
+            types.extend(_BACKEND_DEVICE_TYPES.get(backend.strip(), ()))
+    if not types:   # a backend this module has no entry for: ask the group itself
+        types = [d.type for d in getattr(group, "_device_types", ())]
+    return tuple(dict.fromkeys(types))
+
+
+def _exchange_device(device_types, q) -> torch.device:
+    """The device for the metadata all-gather: q's when the backend serves it, else one it does."""
+    if isinstance(q, torch.Tensor) and q.device.type in device_types:
+        return q.device
+    if "cuda" in device_types and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _local_description(q, k, v, block_indices, block_size, block_counts, scale, backend,
+                       cu_seqlens_q, cu_seqlens_k, device_types, backend_name):
+    """(fields, error message or "") of this rank's call. Never raises for bad tensors: the
+    error travels to every rank first."""
+    fields = dict.fromkeys(_FIELDS, 0)
+    try:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_q: variable-length batches across ranks are not supported "
+                             "yet; pass the dense layout [B, T_local, ...]")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
+        for name, t in (("q", q), ("k", k), ("v", v), ("block_indices", block_indices)):
+            if isinstance(t, torch.Tensor) and t.device.type not in device_types:
+                raise ValueError(f"{name}: a tensor on {t.device}, but the process group's backend "
+                                 f"({backend_name}) serves {', '.join(device_types) or 'no device'}")
+        call = describe_call(q, k, v, block_indices, block_size, block_counts=block_counts,
+                             scale=scale)
+        B, T_local, HQ, Dk = q.shape
+        if k.shape[1] != T_local:
+            raise ValueError(f"k: expected the shard length of q (T_local={T_local}), got "
+                             f"{list(k.shape)}")
+        if T_local % call.block_size:
+            raise ValueError(f"q: shard length T_local={T_local} is not a multiple of "
+                             f"block_size={call.block_size}")
+        counts_kind = (0 if block_counts is None
+                       else 2 if isinstance(block_counts, torch.Tensor) else 1)
+        grad = torch.is_grad_enabled()
+        fields.update(
+            B=B, T_local=T_local, HQ=HQ, H=k.shape[2], Dk=Dk, Dv=v.shape[3],
+            S=block_indices.shape[3], block_size=call.block_size, dtype=_DTYPE_IDS[q.dtype],
+            block_counts_kind=counts_kind,
+            block_counts_int=int(block_counts) if counts_kind == 1 else 0,
+            scale_bits=struct.unpack("<q", struct.pack("<d", call.scale))[0],
+            backend=BACKEND_NAMES.index(backend),
+            grad_flags=sum(1 << i for i, t in enumerate((q, k, v)) if grad and t.requires_grad))
+        return fields, ""
+    except (ValueError, TypeError) as e:
+        fields["error"] = 1
+        return fields, str(e)
+
+
+def _exchange_and_check(fields: dict, message: str, group, rank: int, world: int,
+                        device) -> None:
+    """All-gather every rank's description; raise the same ValueError on every rank when any
+    rank's call is bad or the ranks' calls disagree."""
+    head = torch.tensor([fields[f] for f in _FIELDS], dtype=torch.int64)
+    text = message.encode("utf-8")[:_MESSAGE_BYTES]
+    mine = torch.zeros(head.numel() * 8 + _MESSAGE_BYTES, dtype=torch.uint8)
+    mine[:head.numel() * 8] = head.view(torch.uint8)
+    if text:
+        mine[head.numel() * 8:head.numel() * 8 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    everyone = torch.empty(world * mine.numel(), dtype=torch.uint8, device=device)
+    _all_gather(everyone, mine.to(device), group=group)
+    everyone = everyone.cpu().view(world, mine.numel())
+    heads = everyone[:, :head.numel() * 8].contiguous().view(torch.int64)
+    table = [dict(zip(_FIELDS, row.tolist())) for row in heads]
+    for row in table:
+        row["scale"] = row.pop("scale_bits")
+
+    problems = []
+    for r in range(world):
+        if table[r]["error"]:
+            text = bytes(everyone[r, head.numel() * 8:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+            problems.append(f"rank {r}: {text}")
+    good = [r for r in range(world) if not table[r]["error"]]
+    if good:
+        first = good[0]
+        for key, argument, what in _MUST_MATCH:
+            for r in good[1:]:
+                if table[r][key] != table[first][key]:
+                    mine_value, theirs = table[r][key], table[first][key]
+                    if key == "scale":
+                        mine_value, theirs = (struct.unpack("<d", struct.pack("<q", x))[0]
+                                              for x in (mine_value, theirs))
+                    if key == "dtype":
+                        names = {i: str(d).replace("torch.", "") for d, i in _DTYPE_IDS.items()}
+                        mine_value, theirs = names[mine_value], names[theirs]
+                    if key == "backend":
+                        mine_value, theirs = BACKEND_NAMES[mine_value], BACKEND_NAMES[theirs]
+                    problems.append(f"rank {r}: {argument}: {what} is {mine_value}, rank "
+                                    f"{first}'s is {theirs} (every rank passes an equal shard "
+                                    "of one call)")
+            if len(problems) > 8:
+                break
+    if problems:
+        raise ValueError(f"{_PREFIX} (raised on every rank; this is rank {rank} of {world}): "
+                         + "; ".join(problems))
+
+
+def gather_kv_prefix(k: torch.Tensor, v: torch.Tensor, rank: int, world: int, group):
+    """All-gather K and V (both issued before either is waited on) and return the prefix rank
+    `rank`'s causal queries can reach: [B, (rank+1)*T_local, H, D] each. With B == 1 the prefix
+    is a view of the gathered buffer; otherwise it is one copy of the prefix."""
+    works, stacks = [], []
+    for t in (k, v):
+        stack = t.new_empty(world, *t.shape)               # [world, B, T_local, H, D]
+        # the concatenated form [world * B, ...] (gloo takes no other), same memory
+        works.append(_all_gather(stack.flatten(0, 1), t.contiguous(), group=group, async_op=True))
+        stacks.append(stack)
+    for work in works:
+        work.wait()
+    B, T_local, H = k.shape[:3]
+    return tuple(s[:rank + 1].transpose(0, 1).reshape(B, (rank + 1) * T_local, H, s.shape[-1])
+                 for s in stacks)
+
+
+def reduce_scatter_prefix(grads, rank: int, world: int, group):
+    """Sum the prefix gradients [B, (rank+1)*T_local, H, D] of every rank into each owner's
+    shard [B, T_local, H, D]: zero-pad to the whole gathered length and reduce-scatter (one
+    collective per tensor, issued together). The sum is the backend's reduce-scatter, in a fixed
+    order for a fixed group, so gradients are the same from run to run."""
+    works, outs = [], []
+    for g in grads:
+        B, prefix, H, D = g.shape
+        T_local = prefix // (rank + 1)
+        padded = g.new_zeros(world, B, T_local, H, D)       # chunk i goes to rank i
+        padded[:rank + 1].copy_(g.view(B, rank + 1, T_local, H, D).transpose(0, 1))
+        out = g.new_empty(B, T_local, H, D)
+        works.append(_reduce_scatter(out, padded.flatten(0, 1), group=group, async_op=True))
+        outs.append(out)
+    for work in works:
+        work.wait()
+    return outs
+
+
+class _ContextParallelSelection(torch.autograd.Function):
+    """Gather K/V, run the public call on this rank's prefix, keep its autograd graph for the
+    backward (torch.autograd.grad through the public op), reduce-scatter dK/dV."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, block_counts, plan: _Plan, need_grad: bool):
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        k_prefix, v_prefix = gather_kv_prefix(k, v, plan.rank, plan.world, plan.group)
+        counts = block_counts if block_counts is not None else plan.block_counts_int
+        kwargs = dict(block_counts=counts, scale=plan.scale, backend=plan.backend, return_lse=True)
+        if not need_grad:
+            ctx.graph = None
+            return _selection_attention(q, k_prefix, v_prefix, block_indices, plan.block_size,
+                                        **kwargs)
+        with torch.enable_grad():
+            leaves = (q.detach().requires_grad_(ctx.needs_input_grad[0]),
+                      k_prefix.detach().requires_grad_(ctx.needs_input_grad[1]),
+                      v_prefix.detach().requires_grad_(ctx.needs_input_grad[2]))
+            o, lse = _selection_attention(*leaves, block_indices, plan.block_size, **kwargs)
+        ctx.graph = (o, lse, leaves)
+        return o.detach(), lse.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_o, grad_lse):
+        plan = ctx.plan
+        o, lse, leaves = ctx.graph
+        ctx.graph = None
+        outputs = [t for t, g in ((o, grad_o), (lse, grad_lse)) if g is not None]
+        grads_out = [g for g in (grad_o, grad_lse) if g is not None]
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grads = torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True) \
+            if outputs else [None] * len(wanted)
+        by_leaf = dict(zip(map(id, wanted), grads))
+        dq, dk_prefix, dv_prefix = (None if not leaf.requires_grad
+                                    else by_leaf[id(leaf)] if by_leaf[id(leaf)] is not None
+                                    else torch.zeros_like(leaf) for leaf in leaves)
+        # Every rank takes part in the reduce-scatter even when its own contribution is zero
+        # (the exchange made sure the ranks agree on which of k and v need gradients).
+        kv = [g for g in (dk_prefix, dv_prefix) if g is not None]
+        reduced = iter(reduce_scatter_prefix(kv, plan.rank, plan.world, plan.group) if kv else ())
+        dk = next(reduced) if dk_prefix is not None else None
+        dv = next(reduced) if dv_prefix is not None else None
+        return dq, dk, dv, None, None, None, None
+
+
+def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, block_counts=None,
+                        scale=None, backend="auto", return_lse=False, cu_seqlens_q=None,
+                        cu_seqlens_k=None):
+    """Context-parallel NSA selection attention: `nsa_ext.selection_attention` (SPEC.md) where
+    each rank of `group` passes its contiguous shard of the sequence.
+
+    Call it on every rank of the group with the same arguments except the shards. Rank r of the
+    group (rank order = sequence order) holds the tokens r*T_local .. (r+1)*T_local - 1.
+
+    Args:
+        q: [B, T_local, HQ, Dk] this rank's queries (fp16/bf16/fp32).
+        k: [B, T_local, H, Dk] this rank's keys; v: [B, T_local, H, Dv] its values.
+        block_indices: [B, T_local, H, S] int32/int64, **global** block numbers of the whole
+            sequence (a set per row: -1 padding, out-of-range entries and repeats ignored).
+        block_size: tokens per block, a positive power of two; T_local must be a multiple of it.
+        group: a ProcessGroup (None: the default group) or a 1-d DeviceMesh (its group).
+            NCCL for CUDA tensors, gloo for CPU tensors.
+        block_counts: None, an int, or this rank's [B, T_local, H] integer tensor.
+        scale, backend: as in `nsa_ext.selection_attention` (the local call goes through the
+            normal dispatcher; backend="auto" may pick differently per rank).
+        return_lse: also return this rank's lse [B, T_local, HQ] float32 (differentiable).
+        cu_seqlens_q, cu_seqlens_k: variable-length batches across ranks are not supported yet;
+            passing either raises ValueError.
+
+    Returns:
+        This rank's shard of o [B, T_local, HQ, Dv] (and lse with return_lse=True).
+
+    Every rank all-gathers K and V (each keeps the prefix its queries can reach, for the
+    backward too) and the backward reduce-scatters dK/dV, so every rank must run the forward
+    and, when gradients are wanted, the backward through its output. Bad input on any rank
+    (unequal shard lengths, a shard length that is not a multiple of block_size, tensors on a
+    device the group's backend does not serve, differing shapes, dtypes or options, varlen)
+    raises the same ValueError, naming the rank and the argument, on every rank.
+    Not traceable by torch.compile (eager collectives): call it outside compiled regions.
+    """
+    group = _resolve_group(group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    device_types = _group_device_types(group)
+    fields, message = _local_description(q, k, v, block_indices, block_size, block_counts, scale,
+                                         backend, cu_seqlens_q, cu_seqlens_k, device_types,
+                                         str(dist.get_backend(group)))
+    _exchange_and_check(fields, message, group, rank, world, _exchange_device(device_types, q))
+
+    counts_tensor = block_counts if isinstance(block_counts, torch.Tensor) else None
+    counts_int = None if block_counts is None or counts_tensor is not None else int(block_counts)
+    plan = _Plan(group=group, rank=rank, world=world, T_local=q.shape[1],
+                 block_size=int(block_size), block_counts_int=counts_int,
+                 scale=None if scale is None else float(scale), backend=backend)
+    need_grad = fields["grad_flags"] != 0
+    o, lse = _ContextParallelSelection.apply(q, k, v, block_indices, counts_tensor, plan,
+                                             need_grad)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,322 @@
+"""nsa_ext.distributed.selection_attention: each rank's shard of o, lse, dq, dk, dv against one
+process running nsa_ext.selection_attention on the whole sequence; bad input raises the same
+ValueError on every rank (no hang); DeviceMesh and sub-groups.
+
+The ranks are real processes (torch.multiprocessing, spawn) in a gloo group on 127.0.0.1 (NCCL
+on GPUs, test marked `gpu`); a launch that does not finish in time fails the test. Each launch
+runs several cases, since starting the processes costs more than the cases.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nsa_ext
+import nsa_ext.distributed
+from common import assert_close_to_reference, make_case
+
+LAUNCH_TIMEOUT_S = 180          # a hung collective fails the test instead of the CI job
+GROUP_TIMEOUT_S = 60
+# The device machine leaves NVLink multicast off; processes this test starts keep it off too.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+# ---------------------------------------------------------------------------- the launcher
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, backend, job, args, result_dir):
+    os.environ.update(NO_MULTICAST_ENV)
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    result = None
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+        result = ("ok", JOBS[job](rank, world, *args))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the test
+        result = ("error", traceback.format_exc())
+    finally:
+        with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world: int, job: str, *args, backend: str = "gloo"):
+    """Run JOBS[job](rank, world, *args) on `world` new processes of one process group; return
+    the per-rank results. A rank that raises, exits or hangs fails the calling test."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as result_dir:
+        procs = [ctx.Process(target=_worker, args=(r, world, port, backend, job, args, result_dir))
+                 for r in range(world)]
+        saved = {k: os.environ.get(k) for k in NO_MULTICAST_ENV}
+        os.environ.update(NO_MULTICAST_ENV)
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            for k, val in saved.items():
+                if val is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = val
+        for p in procs:
+            p.join(LAUNCH_TIMEOUT_S)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in hung:
+            procs[r].kill()
+            procs[r].join()
+        assert not hung, f"ranks {hung} still running after {LAUNCH_TIMEOUT_S}s (a hang)"
+        results = []
+        for r in range(world):
+            path = os.path.join(result_dir, f"{r}.pkl")
+            assert os.path.exists(path), f"rank {r} exited with code {procs[r].exitcode} and no result"
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            assert status == "ok", f"rank {r} failed:\n{value}"
+            results.append(value)
+        return results
+
+
+# ---------------------------------------------------------------------------- the cases
+
+def causal_indices(g, B, T, H, S, block_size):
+    """[B, T, H, S] random blocks each query can see (its own block included), with repeats."""
+    reachable = (torch.arange(T) // block_size + 1).view(1, T, 1, 1)
+    return (torch.rand(B, T, H, S, generator=g) * reachable).long()
+
+
+def full_case(spec: dict, world: int, device="cpu"):
+    """The whole sequence's inputs, and the gradients fed back for o and lse."""
+    T = world * spec["T_local"]
+    case = make_case(B=spec.get("B", 1), TQ=T, HQ=spec["HQ"], H=spec["H"], Dk=spec["Dk"],
+                     Dv=spec.get("Dv"), S=spec["S"], block_size=spec["block_size"],
+                     block_counts=spec.get("block_counts"), seed=spec["seed"],
+                     dtype=spec.get("dtype", torch.float32))
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    if spec.get("indices") == "causal":
+        case.block_indices = causal_indices(g, case.q.shape[0], T, spec["H"], spec["S"],
+                                            spec["block_size"])
+    B, _, HQ, _ = case.q.shape
+    grad_o = torch.randn(B, T, HQ, case.v.shape[-1], generator=g).to(case.q.dtype)
+    grad_lse = torch.randn(B, T, HQ, generator=g) * 0.3
+    moved = {name: getattr(case, name).to(device) for name in ("q", "k", "v", "block_indices")}
+    counts = case.block_counts
+    if isinstance(counts, torch.Tensor):
+        counts = counts.to(device)
+    return moved, counts, grad_o.to(device), grad_lse.to(device)
+
+
+def loss_of(o, lse, grad_o, grad_lse):
+    finite = torch.isfinite(lse)
+    return (o * grad_o).sum() + (lse[finite] * grad_lse[finite]).sum()
+
+
+def one_process(spec, world, device="cpu"):
+    """nsa_ext.selection_attention on the whole sequence: o, lse, dq, dk, dv."""
+    t, counts, grad_o, grad_lse = full_case(spec, world, device)
+    q, k, v = (t[n].detach().clone().requires_grad_() for n in "qkv")
+    o, lse = nsa_ext.selection_attention(q, k, v, t["block_indices"], spec["block_size"],
+                                         block_counts=counts, backend=spec["backend"],
+                                         return_lse=True)
+    loss_of(o, lse, grad_o, grad_lse).backward()
+    return [x.detach().cpu() for x in (o, lse, q.grad, k.grad, v.grad)]
+
+
+def shard(x, rank, T_local):
+    return x[:, rank * T_local:(rank + 1) * T_local]
+
+
+def _sharded_call(spec, rank, world, group=None, device="cpu"):
+    """This rank's o, lse, dq, dk, dv from the distributed call."""
+    t, counts, grad_o, grad_lse = full_case(spec, world, device)
+    T_local = spec["T_local"]
+    q, k, v = (shard(t[n], rank, T_local).detach().clone().requires_grad_() for n in "qkv")
+    if isinstance(counts, torch.Tensor):
+        counts = shard(counts, rank, T_local)
+    o, lse = nsa_ext.distributed.selection_attention(
+        q, k, v, shard(t["block_indices"], rank, T_local), spec["block_size"], group=group,
+        block_counts=counts, backend=spec["backend"], return_lse=True)
+    loss_of(o, lse, shard(grad_o, rank, T_local), shard(grad_lse, rank, T_local)).backward()
+    return [x.detach().cpu() for x in (o, lse, q.grad, k.grad, v.grad)]
+
+
+def job_sharded(rank, world, specs, device_kind="cpu"):
+    device = f"cuda:{rank}" if device_kind == "cuda" else "cpu"
+    results = []
+    for spec in specs:
+        first = _sharded_call(spec, rank, world, device=device)
+        if spec.get("repeat"):   # run to run: bitwise the same (SPEC.md, determinism)
+            again = _sharded_call(spec, rank, world, device=device)
+            assert all(torch.equal(a, b) for a, b in zip(first, again)), spec
+        results.append(first)
+    return results
+
+
+def job_errors(rank, world, cases):
+    """Each bad call must raise ValueError on every rank; a good call afterwards must still
+    work (the ranks did not fall out of step)."""
+    messages = []
+    for kind in cases:
+        T_local, block_size, extra = 32, 16, {}
+        device = "cpu"
+        if kind == "unequal" and rank == world - 1:
+            T_local = 16
+        if kind == "not_multiple":
+            T_local = 24
+        if kind == "device" and rank == 0:
+            device = "meta"
+        if kind == "varlen":
+            extra = dict(cu_seqlens_q=torch.tensor([0, T_local], dtype=torch.int32))
+        if kind == "dtype" and rank == 1:
+            extra = dict(dtype=torch.float16)
+        dtype = extra.pop("dtype", torch.float32)
+        q = torch.randn(1, T_local, 4, 16, dtype=dtype, device=device)
+        k = torch.randn(1, T_local, 2, 16, dtype=dtype, device=device)
+        v = torch.randn(1, T_local, 2, 16, dtype=dtype, device=device)
+        block_indices = torch.zeros(1, T_local, 2, 2, dtype=torch.long, device=device)
+        try:
+            nsa_ext.distributed.selection_attention(q, k, v, block_indices, block_size, **extra)
+        except ValueError as e:
+            messages.append(str(e))
+        else:
+            messages.append(None)
+    _sharded_call(dict(T_local=32, HQ=4, H=2, Dk=16, S=2, block_size=16, seed=3,
+                       backend="sdpa"), rank, world)
+    return messages
+
+
+def job_mesh_and_subgroup(rank, world, spec):
+    """A 1-d slice of a 2-d DeviceMesh over all ranks, then a sub-group of the last two ranks
+    (so the group's rank 0 is global rank 1, and global rank 0 sits out)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
+    with_mesh = _sharded_call(spec, rank, world, group=mesh["cp"])
+    members = list(range(1, world))
+    sub = dist.new_group(members)
+    with_sub = None
+    if rank in members:
+        with_sub = _sharded_call(spec, rank - 1, len(members), group=sub)
+    try:
+        nsa_ext.distributed.selection_attention(*(torch.zeros(1, 16, 1, 8),) * 3,
+                                                torch.zeros(1, 16, 1, 1, dtype=torch.long), 16,
+                                                group=mesh)
+    except ValueError as e:
+        mesh_error = str(e)
+    else:
+        mesh_error = None
+    return with_mesh, with_sub, mesh_error
+
+
+JOBS = {"sharded": job_sharded, "errors": job_errors, "mesh": job_mesh_and_subgroup}
+
+
+# ---------------------------------------------------------------------------- the tests
+
+def base(**kw):
+    spec = dict(T_local=32, HQ=4, H=2, Dk=16, S=3, block_size=8, seed=0, backend="sdpa")
+    spec.update(kw)
+    return spec
+
+
+CASES = {
+    2: [base(indices="causal", repeat=True),                              # random valid blocks
+        base(seed=1),                                                     # -1, repeats, out of range
+        base(HQ=16, H=1, Dk=32, Dv=16, S=4, seed=2, block_counts="tensor"),   # G = 16
+        base(B=2, HQ=3, H=3, seed=4, block_counts=2, backend="reference"),    # G = 1, B = 2
+        ],
+    3: [base(indices="causal", T_local=16, seed=5),
+        base(HQ=16, H=1, S=5, block_size=16, seed=6, block_counts="tensor"),
+        base(HQ=2, H=2, Dk=24, Dv=40, seed=7, repeat=True),                   # G = 1, Dv != Dk
+        ],
+}
+
+
+def check_against_one_process(spec, world, per_rank, device="cpu"):
+    o, lse, dq, dk, dv = one_process(spec, world, device)
+    T_local = spec["T_local"]
+    assert dk.abs().max() > 0 and dq.abs().max() > 0
+    for rank, (o_r, lse_r, dq_r, dk_r, dv_r) in enumerate(per_rank):
+        dtype = o_r.dtype
+        assert_close_to_reference(o_r, shard(o, rank, T_local), dtype, lse_r,
+                                  shard(lse, rank, T_local))
+        atol, rtol = (2e-5, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
+        for name, got, want in (("dq", dq_r, dq), ("dk", dk_r, dk), ("dv", dv_r, dv)):
+            want = shard(want, rank, T_local)
+            assert got.shape == want.shape, (name, got.shape, want.shape)
+            assert torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol), \
+                (spec, rank, name, (got.float() - want.float()).abs().max())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_match_one_process(world):
+    results = run_ranks(world, "sharded", CASES[world])
+    for i, spec in enumerate(CASES[world]):
+        check_against_one_process(spec, world, [results[r][i] for r in range(world)])
+
+
+ERROR_CASES = {
+    "unequal": ("rank 1", "q:", "T_local"),
+    "not_multiple": ("rank 0", "rank 1", "q:", "multiple of block_size"),
+    "device": ("rank 0", "q:", "meta", "gloo"),
+    "varlen": ("cu_seqlens_q", "not supported"),
+    "dtype": ("rank 1", "q:", "dtype"),
+}
+
+
+def test_bad_input_raises_on_every_rank():
+    cases = list(ERROR_CASES)
+    messages = run_ranks(2, "errors", cases)
+    for rank, per_case in enumerate(messages):
+        for kind, message in zip(cases, per_case):
+            assert message is not None, f"rank {rank}: {kind} did not raise"
+            for needle in ERROR_CASES[kind]:
+                assert needle in message, (rank, kind, message)
+    # every rank raised the same error, apart from which rank it says it is
+    for kind_index in range(len(cases)):
+        texts = {m[kind_index].split("this is rank")[0] for m in messages}
+        assert len(texts) == 1, texts
+
+
+def test_device_mesh_and_subgroup():
+    world = 3
+    spec = base(indices="causal", T_local=16, seed=8)
+    results = run_ranks(world, "mesh", spec)
+    check_against_one_process(spec, world, [r[0] for r in results])
+    check_against_one_process(spec, world - 1, [r[1] for r in results[1:]])
+    assert results[0][1] is None
+    for r in results:
+        assert r[2] is not None and "1-d DeviceMesh" in r[2]
+
+
+@pytest.mark.gpu
+def test_nccl_two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    specs = [base(indices="causal", T_local=256, HQ=16, H=1, Dk=64, S=4, block_size=64,
+                  backend="auto", repeat=True),
+             base(T_local=256, HQ=16, H=1, Dk=128, S=8, block_size=64, seed=1,
+                  block_counts="tensor", backend="sdpa"),
+             base(indices="causal", T_local=1024, HQ=64, H=4, Dk=128, S=16, block_size=64,
+                  seed=2, backend="auto", dtype=torch.bfloat16, repeat=True)]
+    results = run_ranks(2, "sharded", specs, "cuda", backend="nccl")
+    for i, spec in enumerate(specs):
+        check_against_one_process(spec, 2, [results[r][i] for r in range(2)], device="cuda")
