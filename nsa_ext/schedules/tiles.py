@@ -1,0 +1,69 @@
+"""Query tiles: the union of each tile's canonical rows, and the overlap statistic made from it.
+
+A tile is QT consecutive query tokens (along q's T axis) of one KV head. Its union is the sorted
+list of the distinct blocks any of its rows chose, each named by its first key along k's T axis
+(`k_offset + block * block_size`): blocks of different varlen sequences never share a name, so a
+tile may straddle a sequence boundary. The tile schedule streams this list; the chooser reads the
+statistic `union blocks / selections` (1.0: no two rows of a tile share a block; 1/QT: all
+chose the same) to decide whether loading each distinct block once pays for the masked rows.
+
+PyTorch ops on the call's device, sizes from shapes only (no host synchronisation, no
+data-dependent allocation): one sort of B * TQ * H * S int64 keys in segments of QT * S, a
+cumulative sum and a scatter. Memory: the union is as large as the canonical rows in int64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..call import SelectionCall
+from ..selection import RowGeometry
+
+_NONE = torch.iinfo(torch.int64).max     # sorts after every real key
+
+
+@dataclass(frozen=True)
+class TileUnion:
+    starts: torch.Tensor   # [B, NT, H, U] int64: first keys of the union's blocks, ascending
+    counts: torch.Tensor   # [B, NT, H] int32: union size per tile
+    tokens_per_tile: int   # QT
+
+    @property
+    def num_tiles(self) -> int:
+        return self.starts.shape[1]
+
+
+def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
+                tokens_per_tile: int) -> TileUnion:
+    """The union of every tile of `tokens_per_tile` tokens' canonical rows `blocks [B, TQ, H, S]`."""
+    B, TQ, H, S = blocks.shape
+    QT = tokens_per_tile
+    NT = -(-TQ // QT)
+    width = QT * S
+    if S == 0:
+        return TileUnion(torch.zeros(B, NT, H, 1, dtype=torch.int64, device=blocks.device),
+                         torch.zeros(B, NT, H, dtype=torch.int32, device=blocks.device), QT)
+    blk = blocks.to(torch.int64)
+    start = torch.where(blk >= 0, geometry.k_offset[:, :, None, None] + blk * call.block_size,
+                        _NONE)
+    if NT * QT != TQ:
+        pad = torch.full((B, NT * QT - TQ, H, S), _NONE, dtype=torch.int64, device=blk.device)
+        start = torch.cat([start, pad], dim=1)
+    keys = start.reshape(B, NT, QT, H, S).permute(0, 1, 3, 2, 4).reshape(B, NT, H, width)
+    keys = keys.sort(dim=-1).values
+    keep = keys != _NONE
+    keep[..., 1:] &= keys[..., 1:] != keys[..., :-1]          # first of each value
+    slot = torch.where(keep, keep.cumsum(-1) - 1, width)      # dropped ones go past the end
+    union = torch.full((B, NT, H, width + 1), _NONE, dtype=torch.int64, device=blk.device)
+    union.scatter_(-1, slot, keys)
+    counts = keep.sum(-1, dtype=torch.int32)
+    return TileUnion(union[..., :width].contiguous(), counts, QT)
+
+
+def overlap_ratio(union: TileUnion, num_blocks: torch.Tensor) -> torch.Tensor:
+    """Union blocks over selections, summed over the call (0-d fp32 tensor on the device; 1.0
+    where nothing was selected). Reading it costs a host synchronisation."""
+    selections = num_blocks.sum(dtype=torch.int64)
+    unions = union.counts.sum(dtype=torch.int64)
+    return torch.where(selections > 0, unions / selections.clamp(min=1), 1.0).float()
