@@ -20,10 +20,25 @@ Build knobs (environment variables, read here and nowhere else):
 Where the extension cannot be built (no torch, torch without CUDA, no nvcc, no cmake/ninja/
 pybind11, or skipped) the install still succeeds and prints one message saying why; the CUDA
 backend then reports the same through `nsa_ext._ext.unavailable_reason()`.
+
+CMake and Ninja are looked for in the running interpreter's environment first (the `cmake` and
+`ninja` pip packages put their binaries next to `sys.executable`, in `sysconfig`'s scripts folder
+and in their own package folders), then on PATH: `venv/bin/python -m pip install .` works with
+the venv not activated and an older CMake first on PATH. A CMake older than the one
+CMakeLists.txt asks for fails the build with one line saying which version was found, which is
+needed and `pip install cmake`.
+
+With build isolation (a plain `pip install .`), torch is not importable in pip's temporary
+build environment; the facts the build needs (torch's CMake files, pybind11, the pip CUDA
+headers) are then read from the interpreter's own environment (`python -I`), which is the torch
+the package will run with, so the extension is built all the same.
 """
 from __future__ import annotations
 
+import ast
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,60 +77,170 @@ def _cuda_home() -> str | None:
     return None
 
 
-def _pip_nvidia_dir() -> Path | None:
-    """site-packages/nvidia/cu13 (or cu12): CUDA library headers and nvrtc from pip's wheels,
-    which a bare toolkit may lack and Torch's CMake config asks for."""
-    try:
-        import nvidia  # noqa: F401  (namespace package of the nvidia-* wheels)
-    except ImportError:
-        return None
-    for base in getattr(sys.modules["nvidia"], "__path__", []):
-        for sub in ("cu13", "cu12", "cuda_runtime", "cuda_nvrtc"):
-            folder = Path(base) / sub
-            if (folder / "include").is_dir():
-                return folder
-    return None
+def environment_facts() -> dict:
+    """What the build needs from the Python environment, as plain data: torch (version, CUDA,
+    CMake files), pybind11's CMake files, and the CUDA headers and nvrtc of pip's nvidia-*
+    wheels (which a bare toolkit may lack and Torch's CMake config asks for). Self-contained:
+    `_facts_of_the_interpreter` runs its source in the interpreter's own environment."""
+    import sys as _sys
+    from pathlib import Path as _Path
 
-
-def _pip_nvrtc() -> str | None:
-    try:
-        import nvidia  # noqa: F401
-    except ImportError:
-        return None
-    for base in getattr(sys.modules["nvidia"], "__path__", []):
-        found = sorted(Path(base).glob("*/lib/libnvrtc.so*"))
-        found = [p for p in found if "builtins" not in p.name and "alt" not in p.name]
-        if found:
-            return str(found[0])
-    return None
-
-
-def cuda_build_blocker() -> tuple[str | None, dict]:
-    """(why the extension cannot be built or None, facts for the build)."""
-    if _flag("NSA_EXT_SKIP_CUDA_BUILD"):
-        return "NSA_EXT_SKIP_CUDA_BUILD=1", {}
+    facts = {}
+    for tool in ("cmake", "ninja"):
+        try:   # the cmake and ninja pip packages say where their real binaries are
+            module = __import__(tool)
+            facts[f"{tool}_bin_dir"] = str(module.CMAKE_BIN_DIR if tool == "cmake" else module.BIN_DIR)
+        except (ImportError, AttributeError):
+            pass
     try:
         import torch
         import torch.utils
     except ImportError:
-        return ("torch is not importable in the build environment "
-                "(install torch first and use pip install --no-build-isolation)"), {}
-    if torch.version.cuda is None:
-        return f"this torch ({torch.__version__}) has no CUDA support", {}
+        return facts
+    facts.update(torch_version=torch.__version__, torch_cuda=torch.version.cuda,
+                 torch_cmake_prefix_path=torch.utils.cmake_prefix_path)
+    try:
+        import pybind11
+        facts["pybind11_dir"] = pybind11.get_cmake_dir()
+    except ImportError:
+        pass
+    try:
+        import nvidia  # noqa: F401  (namespace package of the nvidia-* wheels)
+    except ImportError:
+        return facts
+    bases = [_Path(b) for b in getattr(_sys.modules["nvidia"], "__path__", [])]
+    for base in bases:
+        for sub in ("cu13", "cu12", "cuda_runtime", "cuda_nvrtc"):
+            if (base / sub / "include").is_dir() and "pip_nvidia_include" not in facts:
+                facts["pip_nvidia_include"] = str(base / sub / "include")
+        found = [p for p in sorted(base.glob("*/lib/libnvrtc.so*"))
+                 if "builtins" not in p.name and "alt" not in p.name]
+        if found and "pip_nvrtc" not in facts:
+            facts["pip_nvrtc"] = str(found[0])
+    return facts
+
+
+def _facts_of_the_interpreter() -> dict:
+    """environment_facts() in the interpreter's own environment: `python -I` ignores the
+    PYTHONPATH through which pip's build isolation hides the installed packages."""
+    # The function's own source (setuptools runs this file through exec(), where
+    # inspect.getsource cannot find it).
+    text = (ROOT / "setup.py").read_text()
+    node = next(n for n in ast.parse(text).body
+                if isinstance(n, ast.FunctionDef) and n.name == "environment_facts")
+    code = ast.get_source_segment(text, node) + \
+        "\nimport json\nprint(json.dumps(environment_facts()))\n"
+    try:
+        out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# CMake and Ninja: the environment's own first, then PATH
+
+def cmake_minimum(cmakelists: Path = ROOT / "CMakeLists.txt") -> tuple:
+    """The version `cmake_minimum_required(VERSION x.y.z)` of CMakeLists.txt asks for."""
+    found = re.search(r"cmake_minimum_required\s*\(\s*VERSION\s+([0-9.]+)", cmakelists.read_text())
+    return parse_version(found.group(1)) if found else (3, 0)
+
+
+def parse_version(text: str) -> tuple:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def version_text(version: tuple) -> str:
+    return ".".join(str(part) for part in version)
+
+
+def _tool_dirs_of_the_environment(tool: str, facts: dict) -> list:
+    """Folders where the running interpreter's environment keeps `tool`'s binary: the pip
+    package's own binary folder first (its entry point in bin/ is a Python script, which pip's
+    build isolation breaks), then the folder of sys.executable and sysconfig's scripts folder."""
+    dirs = [Path(facts[f"{tool}_bin_dir"])] if facts.get(f"{tool}_bin_dir") else []
+    return dirs + [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+
+
+def tool_candidates(tool: str, facts: dict | None = None) -> list:
+    """Every distinct `tool` executable, the environment's first, then PATH's order."""
+    found = []
+    facts = environment_facts() if facts is None else facts
+    paths = [str(d / tool) for d in _tool_dirs_of_the_environment(tool, facts)]
+    paths += [str(Path(d) / tool) for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    for path in paths:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            real = os.path.realpath(path)
+            if real not in [os.path.realpath(p) for p in found]:
+                found.append(path)
+    return found
+
+
+def cmake_version(cmake: str) -> tuple | None:
+    try:
+        out = subprocess.run([cmake, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"version\s+([0-9][0-9.]*)", out)
+    return parse_version(found.group(1)) if found else None
+
+
+class CMakeTooOld(RuntimeError):
+    """Every CMake found is older than CMakeLists.txt needs; the message is one line."""
+
+
+def find_cmake(needed: tuple | None = None, facts: dict | None = None) -> str | None:
+    """The first CMake (environment first, then PATH) at least `needed`; None when there is no
+    CMake at all; CMakeTooOld when there are only older ones."""
+    needed = needed or cmake_minimum()
+    seen = []
+    for path in tool_candidates("cmake", facts):
+        version = cmake_version(path)
+        if version is not None and version >= needed:
+            return path
+        seen.append(f"{version_text(version) if version else 'of unknown version'} ({path})")
+    if not seen:
+        return None
+    raise CMakeTooOld(
+        f"nsa_ext: CMake {seen[0]} is too old: the CUDA extension needs CMake >= "
+        f"{version_text(needed)} (CMakeLists.txt; nvcc's C++20 dialect); "
+        f"`{sys.executable} -m pip install cmake` (or set NSA_EXT_SKIP_CUDA_BUILD=1)"
+        + (f"; also found {', '.join(seen[1:])}" if len(seen) > 1 else ""))
+
+
+def find_ninja(facts: dict | None = None) -> str | None:
+    found = tool_candidates("ninja", facts)
+    return found[0] if found else None
+
+
+def cuda_build_blocker() -> tuple[str | None, dict]:
+    """(why the extension cannot be built or None, facts for the build). Raises CMakeTooOld."""
+    if _flag("NSA_EXT_SKIP_CUDA_BUILD"):
+        return "NSA_EXT_SKIP_CUDA_BUILD=1", {}
+    facts = environment_facts()
+    if "torch_version" not in facts:
+        # pip's build isolation hides the environment's torch; the interpreter's own has it.
+        facts = _facts_of_the_interpreter()
+    if "torch_version" not in facts:
+        return ("torch is not importable, neither in the build environment nor in "
+                f"{sys.executable}'s (install torch first)"), {}
+    if facts["torch_cuda"] is None:
+        return f"this torch ({facts['torch_version']}) has no CUDA support", {}
     cuda_home = _cuda_home()
     nvcc = Path(cuda_home, "bin", "nvcc") if cuda_home else None
     if nvcc is None or not nvcc.is_file():
         return ("nvcc was not found (set CUDA_HOME to a CUDA toolkit with bin/nvcc, "
-                f"version matching torch's CUDA {torch.version.cuda})"), {}
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not on PATH (pip install {tool})", {}
-    try:
-        import pybind11
-    except ImportError:
-        return "pybind11 is not importable (pip install pybind11)", {}
-    return None, {"torch": torch, "cuda_home": cuda_home, "nvcc": str(nvcc),
-                  "pybind11_dir": pybind11.get_cmake_dir()}
+                f"version matching torch's CUDA {facts['torch_cuda']})"), {}
+    ninja = find_ninja(facts)
+    if ninja is None:
+        return f"ninja was not found (`{sys.executable} -m pip install ninja`)", {}
+    cmake = find_cmake(facts=facts)
+    if cmake is None:
+        return f"cmake was not found (`{sys.executable} -m pip install cmake`)", {}
+    if "pybind11_dir" not in facts:
+        return f"pybind11 is not importable (`{sys.executable} -m pip install pybind11`)", {}
+    return None, dict(facts, cuda_home=cuda_home, nvcc=str(nvcc), cmake=cmake, ninja=ninja)
 
 
 class CMakeExtension(Extension):
@@ -127,7 +252,14 @@ class CMakeBuild(build_ext):
     """Builds each CMakeExtension with CMake + Ninja; skips (with one message) where it cannot."""
 
     def run(self):
-        blocker, facts = cuda_build_blocker()
+        try:
+            blocker, facts = cuda_build_blocker()
+        except CMakeTooOld as err:
+            if _flag("NSA_EXT_ALLOW_NO_CUDA"):
+                _say(f"the CUDA backend is NOT built: {err}. NSA_EXT_ALLOW_NO_CUDA=1, so "
+                     "installing pure Python.")
+                return
+            raise SystemExit(str(err)) from None
         if blocker is not None:
             _say(f"the CUDA backend is NOT built: {blocker}. Installing pure Python; "
                  "the Triton and SDPA backends still work.")
@@ -153,7 +285,6 @@ class CMakeBuild(build_ext):
             self.copy_extensions_to_source()
 
     def build_cmake(self, ext: CMakeExtension, facts: dict) -> None:
-        torch = facts["torch"]
         archs = (os.environ.get("NSA_EXT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
                  or DEFAULT_ARCHS).replace(",", ";").replace(" ", ";")
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
@@ -161,9 +292,10 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, CUDA_HOME=facts["cuda_home"], TORCH_CUDA_ARCH_LIST=archs)
         args = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            facts["cmake"], "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={facts['ninja']}",
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_PREFIX_PATH={facts['torch_cmake_prefix_path']}",
             f"-Dpybind11_DIR={facts['pybind11_dir']}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_CUDA_COMPILER={facts['nvcc']}",
@@ -175,22 +307,22 @@ class CMakeBuild(build_ext):
             f"-DNSA_EXT_NVCC_THREADS={os.environ.get('NVCC_THREADS', '1')}",
             f"-DNSA_EXT_PTXAS_VERBOSE={'ON' if _flag('NSA_EXT_PTXAS_VERBOSE') else 'OFF'}",
         ]
-        pip_nvidia = _pip_nvidia_dir()
-        if pip_nvidia is not None:
+        if facts.get("pip_nvidia_include"):
             # Library headers (cusparse.h, cublas_v2.h ...) that Torch's headers may include and
             # a bare toolkit lacks.
-            args.append(f"-DNSA_EXT_EXTRA_INCLUDE_DIRS={pip_nvidia / 'include'}")
+            args.append(f"-DNSA_EXT_EXTRA_INCLUDE_DIRS={facts['pip_nvidia_include']}")
         # nvrtc, which Torch's CMake config insists on finding (the kernels do not use it).
         cuda_home = Path(facts["cuda_home"])
         toolkit_nvrtc = list(cuda_home.glob("lib*/libnvrtc.so*")) + \
             list(cuda_home.glob("targets/*/lib/libnvrtc.so*"))
-        pip_nvrtc = _pip_nvrtc()
+        pip_nvrtc = facts.get("pip_nvrtc")
         if not toolkit_nvrtc and pip_nvrtc:
             args.append(f"-DCUDA_nvrtc_LIBRARY={pip_nvrtc}")
-        _say(f"building the CUDA extension for archs {archs} (torch {torch.__version__}, "
-             f"CUDA {torch.version.cuda}, nvcc {facts['nvcc']})")
+        _say(f"building the CUDA extension for archs {archs} (torch {facts['torch_version']}, "
+             f"CUDA {facts['torch_cuda']}, nvcc {facts['nvcc']}, cmake {facts['cmake']}, "
+             f"ninja {facts['ninja']})")
         subprocess.run(args, cwd=ROOT, env=env, check=True)
-        build = ["cmake", "--build", str(build_dir)]
+        build = [facts["cmake"], "--build", str(build_dir)]
         if os.environ.get("MAX_JOBS"):
             build += ["--", f"-j{int(os.environ['MAX_JOBS'])}"]
         subprocess.run(build, cwd=ROOT, env=env, check=True)
@@ -209,7 +341,8 @@ class BuildPy(build_py):
             self.copy_file(str(source), str(target))
 
 
-setup(
-    ext_modules=[CMakeExtension("nsa_ext._C")],
-    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
-)
+if __name__ == "__main__":   # tests import the helpers above without running setup()
+    setup(
+        ext_modules=[CMakeExtension("nsa_ext._C")],
+        cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
+    )
