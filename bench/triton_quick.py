@@ -160,10 +160,12 @@ def bench_case(T, G, H=4, with_fla=True, with_sdpa=False, Dk=D, Dv=D):
 
 
 def bench_backward(T, G, H=4, with_sdpa=False):
-    """Backward: ours (the backend's, recomputing o and lse; and the kernel alone) vs fla's
-    parallel_nsa_bwd (given its forward's o and lse) and packed SDPA's recomputing backward."""
+    """Backward: ours (the backend's, recomputing o and lse; given them; and its stages: the
+    inverse index, the dQ kernel, the dK/dV kernels) vs fla's parallel_nsa_bwd (given its
+    forward's o and lse) and packed SDPA's recomputing backward."""
     from nsa_ext.backends import triton as triton_backend
-    from triton_ref.selection_bwd import selection_bwd, selection_bwd_group_kernel
+    from nsa_ext.inverse_index import build_inverse_index, work_items
+    from triton_ref import selection_bwd as bwd
 
     HQ = G * H
     call = make(T, HQ, H)
@@ -180,19 +182,31 @@ def bench_backward(T, G, H=4, with_sdpa=False):
     ours = None
     try:
         record("bwd ours", timed(lambda: triton_backend.backward(call, grad_o, None)),
-               "incl. forward recompute + canonical_blocks")
+               "incl. forward recompute + canonical_blocks + index")
         o, lse, _ = kernels.selection_fwd(call.q, call.k, call.v, blocks, num_blocks,
                                           scale=call.scale, block_size=BLOCK)
-
-        def kernel_only():
-            return selection_bwd(call.q, call.k, call.v, o, lse, grad_o, None, blocks, num_blocks,
-                                 scale=call.scale, block_size=BLOCK)
         record("bwd ours kept", timed(lambda: triton_backend.backward(call, grad_o, None, o=o,
                                                                      lse=lse)),
-               "given the forward's o, lse (+ canonical_blocks)")
-        record("bwd ours kernel", timed(kernel_only),
-               f"best {getattr(selection_bwd_group_kernel.fn, 'best_config', None)}")
+               "given the forward's o, lse (+ canonical_blocks + index)")
+        sm = torch.cuda.get_device_properties(0).multi_processor_count
+
+        def index():
+            ix = build_inverse_index(call, geometry, blocks, num_blocks)
+            return ix, work_items(ix, bwd.dkdv_tokens_per_item(G, ix.capacity, sm))
+        ix, items = index()
+        record("bwd index", timed(index), f"{ix.capacity} entries, {items.max_items} items max, "
+               f"{items.per_item} tokens/item")
+
+        def kernel_only():
+            return bwd.selection_bwd(call.q, call.k, call.v, o, lse, grad_o, None, blocks,
+                                     num_blocks, ix, items, scale=call.scale, block_size=BLOCK)
+        record("bwd ours kernels", timed(kernel_only),
+               f"dq {getattr(bwd.selection_bwd_dq_kernel.fn, 'best_config', None)} "
+               f"dkdv {getattr(bwd.selection_bwd_dkdv_kernel.fn, 'best_config', None)}")
         ours = kernel_only()
+        runs = [kernel_only() for _ in range(2)]
+        same = all(torch.equal(a, b) for r in runs for a, b in zip(ours, r))
+        out[-1]["note"] += f" | bitwise equal over 3 runs: {same}"
     except Exception as err:
         traceback.print_exc()
         record("bwd ours", None, f"failed: {type(err).__name__}: {str(err)[:200]}")
@@ -278,9 +292,9 @@ def main():
         print_table(rows[-5:])
         sys.stdout.flush()
     if args.bwd:
-        for T, G in ((8192, 16), (32768, 16), (8192, 4)):
-            rows += bench_backward(T, G, with_sdpa=(T == 8192))
-            print_table(rows[-5:])
+        for T, G in ((8192, 16), (32768, 16), (32768, 4), (32768, 1)):
+            rows += bench_backward(T, G, with_sdpa=False)
+            print_table(rows[-6:])
             sys.stdout.flush()
     print()
     print(" | ".join(f"{k} {v}" for k, v in info.items()))
