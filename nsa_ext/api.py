@@ -2,12 +2,15 @@
 operator (nsa_ext/ops.py), so the call is one opaque node under torch.compile."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import torch
 
 from .call import BACKEND_NAMES, describe_call
-from .dispatch import Decision, decide
+from .config import load_settings
+from .device import device_facts
+from .dispatch import Decision, backend_module, decide
 from . import ops
 
 
@@ -79,4 +82,11 @@ def explain(q, k, v, block_indices, block_size=64, *, block_counts=None, scale=N
     call = describe_call(q, k, v, block_indices, block_size, block_counts=block_counts,
                          scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          need_lse=return_lse)
-    return decide(call, backend)
+    decision = decide(call, backend)
+    describe = getattr(backend_module(decision.chosen), "explain_schedule", None) \
+        if decision.chosen else None
+    if describe is not None:          # the chosen backend's schedule and why (may sync)
+        settings, facts = load_settings(), device_facts(call.device)
+        decision = dataclasses.replace(decision,
+                                       details={decision.chosen: describe(call, settings, facts)})
+    return decision

@@ -44,6 +44,7 @@ class Decision:
     call_summary: str = ""
     device: str = ""
     preferences: Dict[str, List[str]] = field(default_factory=dict)  # backend -> why auto skips it
+    details: Dict[str, List[str]] = field(default_factory=dict)  # backend -> how it would run (explain)
 
     def __str__(self) -> str:
         lines = [f"nsa_ext selection_attention: {self.call_summary}",
@@ -56,6 +57,8 @@ class Decision:
                 lines.append(f"  {name}: {reason}")
             for preference in self.preferences.get(name, ()):
                 lines.append(f"  {name}: auto's preference, not a limit: {preference}")
+            for detail in self.details.get(name, ()):
+                lines.append(f"  {name}: {detail}")
         return "\n".join(lines)
 
 

@@ -92,6 +92,8 @@ def build_call(spec, dtype, device, seed=0):
 
 
 def run_variant(call, group, monkeypatch):
+    # The row schedule's two variants (the other schedules: tests/test_schedules.py).
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", "row")
     monkeypatch.setenv("NSA_SEL_TRITON_GROUP", "1" if group else "0")
     return triton_backend.forward(call)
 
@@ -280,6 +282,7 @@ def test_gpu_backward(untuned, name, dtype, with_lse):
 def test_backward_takes_the_forwards_outputs(request):
     """Given the forward's o and lse, the backward skips its recomputation: same gradients."""
     request.getfixturevalue("untuned" if CUDA else "interpreter")
+    request.getfixturevalue("monkeypatch").setenv("NSA_SEL_SCHEDULE", "row")   # the backward's
     call = build_call(GRAD_MATRIX["varlen"], torch.float32, "cuda" if CUDA else "cpu", seed=3)
     grad_o = torch.randn(call.q.shape[:-1] + (call.head_dim_v,), device=call.device)
     recomputed = triton_backend.backward(call, grad_o, None)

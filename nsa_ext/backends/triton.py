@@ -1,13 +1,16 @@
 """The Triton backend: the selection kernels of `triton_ref/selection_fwd.py`.
 
 Preprocessing is `canonical_blocks` (sorted, de-duplicated, causally trimmed rows with their
-counts), so the kernels stream exactly the set SPEC.md defines. Two schedules: group-centric
-(one program per query token and KV head, K/V read once for the G query heads; the default,
-`NSA_SEL_TRITON_GROUP=1`) and per-head (one program per query token and query head,
-`NSA_SEL_TRITON_GROUP=0`). Calls with too few rows to fill the GPU (decode, small batches) take
-the split-KV kernel of `triton_ref/selection_split.py` instead (each row's entries cut into
-slices, merged through their lse). No host synchronisation and no data-dependent allocation on the normal
-path; with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
+counts), so the kernels stream exactly the set SPEC.md defines. The forward has three schedules
+(nsa_ext/schedules, chosen per call by its chooser or forced by `NSA_SEL_SCHEDULE`): `row`, the
+group-centric kernel (one program per query token and KV head, K/V read once for the G query
+heads; per-head with `NSA_SEL_TRITON_GROUP=0`), `tile` (neighbouring queries load each block of
+their union once) and `kv` (KV-outer partials over the inverse index, merged in a fixed order).
+Calls with too few rows to fill the GPU (decode, small batches) take the row schedule's split-KV
+kernel of `triton_ref/selection_split.py` (each row's entries cut into slices, merged through
+their lse), decided from shapes alone. No data-dependent allocation; no host synchronisation on the split-KV path
+or with a forced schedule (auto reads the overlap statistic once per prefill call, outside CUDA-graph
+capture); with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
 `sel.triton.reads`, whose counts cost a host sync.
 
 `backward` runs the deterministic kernels of `triton_ref/selection_bwd.py` (no atomics: dq
@@ -123,13 +126,43 @@ def _num_splits(call: SelectionCall, interpret: bool) -> int:
     return choose_num_splits(work, call.num_selected, sm_count)
 
 
+def _prepare(call: SelectionCall, settings: Settings, geometry: Optional[RowGeometry],
+             interpret: bool):
+    from ..schedules import Prepared
+
+    geometry = geometry or row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    return Prepared(call, settings, geometry, blocks, num_blocks, interpret)
+
+
+def explain_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts) -> list[str]:
+    """Which forward schedule (nsa_ext/schedules) would run this call, and why not the others.
+    Computes the canonical rows and, under auto, the overlap statistic (a host sync)."""
+    from ..schedules.chooser import ScheduleUnavailableError, choose_schedule
+
+    interpret = settings.triton_interpret or call.device.type != "cuda"
+    split = settings.sel_schedule in ("auto", "row") and bool(_num_splits(call, interpret))
+    prep = None if split else _prepare(call, settings, None, interpret)
+    try:
+        return choose_schedule(call, settings, facts, prep, split).lines()
+    except ScheduleUnavailableError as err:
+        return [f"schedule: none ({err})"]
+
+
 def forward(call: SelectionCall):
-    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)."""
+    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32).
+
+    The schedule (nsa_ext/schedules: row, tile, kv) is `NSA_SEL_SCHEDULE`'s, or under auto the
+    chooser's; the row schedule takes the split-KV kernel for calls too small to fill the GPU."""
+    from ..schedules import schedule_module
+    from ..schedules.chooser import choose_schedule
+
     settings = load_settings()
     interpret = settings.triton_interpret or call.device.type != "cuda"
-    splits = _num_splits(call, interpret)
+    splits = _num_splits(call, interpret) if settings.sel_schedule in ("auto", "row") else 0
     varlen = call.is_varlen
     geometry = row_geometry(call) if (varlen or settings.debug or not splits) else None
+    prep = schedule = launch = None
     if splits:
         from triton_ref.selection_split import selection_split_fwd
 
@@ -139,24 +172,25 @@ def forward(call: SelectionCall):
             count_limit=call.block_count_limit, pos=geometry.pos if varlen else None,
             k_offset=geometry.k_offset if varlen else None, num_splits=splits)
         variant, grid, group = "split", (call.batch * call.seqlen_q * call.num_heads_kv, splits), True
+        chosen = "row"
     else:
-        from triton_ref.selection_fwd import selection_fwd
-
-        group = settings.sel_triton_group
-        blocks, num_blocks = canonical_blocks(call, geometry)
-        o, lse, grid = selection_fwd(
-            call.q, call.k, call.v, blocks, num_blocks, scale=call.scale,
-            block_size=call.block_size, pos=geometry.pos if varlen else None,
-            k_offset=geometry.k_offset if varlen else None, group=group, interpret=interpret)
-        variant = "group" if group else "head"
+        prep = _prepare(call, settings, geometry, interpret)
+        chosen = choose_schedule(call, settings, device_facts(call.device), prep).chosen
+        schedule = schedule_module(chosen)
+        o, lse, launch = schedule.forward(prep)
+        variant, grid, group = launch.variant, launch.grid, launch.variant != "head"
     if settings.debug:
-        log_event("sel.triton.launch", variant=variant, grid=grid,
+        log_event("sel.triton.launch", variant=variant, schedule=chosen, grid=grid,
                   rows=call.batch * call.seqlen_q * call.num_heads_kv, G=call.group_size,
                   dtype=str(call.dtype).replace("torch.", ""))
         blocks, num_blocks = canonical_blocks(call, geometry)
         kv_tokens_read, sdpa_tokens, copies = _reads(call, geometry, blocks, num_blocks, group)
-        log_event("sel.triton.reads", variant=variant, kv_tokens_read=kv_tokens_read,
-                  sdpa_tokens=sdpa_tokens, reads_per_row=copies)
+        if schedule is not None and chosen != "row":
+            visible = kv_tokens_read // max(copies, 1)
+            kv_tokens_read = schedule.reads(prep, launch)
+            copies = round(kv_tokens_read / visible, 4) if visible else 0.0
+        log_event("sel.triton.reads", variant=variant, schedule=chosen,
+                  kv_tokens_read=kv_tokens_read, sdpa_tokens=sdpa_tokens, reads_per_row=copies)
     return o, lse
 
 

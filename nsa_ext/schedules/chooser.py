@@ -1,0 +1,177 @@
+"""Which forward schedule runs a call, and why (readable through `nsa_ext.explain`).
+
+Forced (`NSA_SEL_SCHEDULE` / `runtime.sel_schedule` = row | tile | kv): that schedule, or
+`ScheduleUnavailableError` naming why it cannot serve the call (no silent fallback, as for a
+named backend). `auto`:
+
+1. Calls too small to fill the GPU (decode) take the row schedule's split-KV kernel: decided by
+   the backend from shapes alone, so a CUDA-graph decode step never reads device values here.
+2. Otherwise each schedule that can serve the call gets a predicted time from a cost model of
+   what it moves and computes (below), and the smallest wins. The model needs two counts from
+   the device: the selections (sum of the canonical rows' lengths) and the tile unions' sizes
+   (the overlap statistic, `tiles.overlap_ratio`). Reading them is one host synchronisation,
+   taken only here and only outside CUDA-graph capture; during a capture the counts are the
+   shape bounds (every row full, no overlap), so `tile` is not chosen there.
+
+The cost model (per call; bytes and flops are exact counts, the rates are per-architecture
+constants that `configs/base.yaml` `runtime.thresholds.<arch>` may override as integers:
+`sel_l2_gbps`, `sel_hbm_gbps`, `sel_mma_tflops`):
+- row: each (row, selected block) pair loads the block (2 * BLOCK * D bytes from L2) and runs
+  its dots on max(16, G) padded rows;
+- tile: each (tile, union block) loads the block once and runs the dots on all the tile's rows
+  (masked ones too), plus the union pre-pass;
+- kv: each (row, selected block) pair moves G query rows in and G fp32 partial rows out and
+  back (HBM), each work item loads its block once and runs dots on all its rows, plus the
+  inverse-index pre-pass.
+Time = max(bytes / bandwidth, flops / MMA rate) + pre-pass. Crude, but it ranks the schedules
+by the quantities that decide them (G, overlap, head dims); measured crossovers refine the
+rates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from ..call import SelectionCall
+from ..config import Settings
+from ..device import DeviceFacts
+from . import SCHEDULES, Prepared, schedule_module
+
+# Rates (H100/H200 class, bf16): effective L2 -> SM gather bandwidth, HBM bandwidth, mma.sync
+# throughput of a Triton kernel with 64-row tiles. fp32 (ieee dots) runs at ~1/16 the MMA rate.
+DEFAULT_RATES = {"sel_l2_gbps": 8000, "sel_hbm_gbps": 3500, "sel_mma_tflops": 250}
+
+
+class ScheduleUnavailableError(ValueError):
+    """The forced schedule cannot serve this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    chosen: str
+    requested: str                                      # auto | row | tile | kv
+    why: str
+    reasons: Dict[str, List[str]] = field(default_factory=dict)   # schedule -> why not
+    predicted_ms: Dict[str, float] = field(default_factory=dict)
+    stats: Dict[str, float] = field(default_factory=dict)
+
+    def lines(self) -> List[str]:
+        out = [f"schedule: {self.chosen} ({self.why})"]
+        if self.stats:
+            out.append("  statistics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)
+                                                    else f"{k} {v}" for k, v in self.stats.items()))
+        for name in SCHEDULES:
+            if name == self.chosen:
+                continue
+            for reason in self.reasons.get(name, []):
+                out.append(f"  {name}: {reason}")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _rates(settings: Settings, facts: DeviceFacts) -> Dict[str, float]:
+    measured = settings.thresholds.get(facts.arch or "", {})
+    return {key: float(measured.get(key, value)) for key, value in DEFAULT_RATES.items()}
+
+
+def _may_sync(call: SelectionCall) -> bool:
+    return not (call.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def predicted_ms(call: SelectionCall, selections: float, unions: Optional[float],
+                 rates: Dict[str, float]) -> Dict[str, float]:
+    """Predicted time of each schedule in ms (see the module docstring)."""
+    from triton_ref.selection_fwd import group_tile
+    from triton_ref.selection_kv import item_shape
+    from triton_ref.selection_tile import rows_block, tile_shape
+
+    G, bs = call.group_size, call.block_size
+    Dk, Dv = call.head_dim_qk, call.head_dim_v
+    elem = call.q.element_size()
+    l2 = rates["sel_l2_gbps"] * 1e9
+    hbm = rates["sel_hbm_gbps"] * 1e9
+    mma = rates["sel_mma_tflops"] * 1e12 / (16 if call.dtype == torch.float32 else 1)
+    block_bytes = bs * (Dk + Dv) * elem
+    block_flops = 2.0 * bs * (Dk + Dv)          # per query row
+    entries = call.batch * call.seqlen_q * call.num_heads_kv * call.num_selected
+    out = {}
+
+    BG = group_tile(G)
+    copies = -(-G // BG)
+    out["row"] = max(selections * copies * block_bytes / l2,
+                     selections * copies * BG * block_flops / mma)
+
+    if unions is not None:
+        QT, GT = tile_shape(G)
+        tiles = -(-G // GT)
+        prepass = entries * 8 * 6 / hbm               # a segmented sort, cumsum and scatter
+        out["tile"] = max(unions * tiles * block_bytes / l2,
+                          unions * tiles * rows_block(QT, GT) * block_flops / mma) + prepass
+
+    per_item, GT = item_shape(G)
+    tiles = -(-G // GT)
+    items = selections / per_item + call.num_heads_kv * call.batch * -(-call.seqlen_k // bs)
+    moved = selections * G * (Dk * elem + 2 * (Dv + 1) * 4)
+    prepass = entries * 8 * 10 / hbm                  # the index's sort and two searches
+    out["kv"] = max(items * tiles * block_bytes / l2 + moved / hbm,
+                    items * tiles * rows_block(per_item, GT) * block_flops / mma) + prepass
+    return {name: seconds * 1e3 for name, seconds in out.items()}
+
+
+def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
+                    prep: Optional[Prepared] = None, split: bool = False) -> ScheduleChoice:
+    """The schedule for `call` (see the module docstring). `prep` gives the canonical rows for
+    the statistics (without it, auto uses the shape bounds); `split`: the backend will run the
+    split-KV kernel (a small call), which belongs to the row schedule."""
+    requested = settings.sel_schedule
+    reasons = {name: list(schedule_module(name).reasons_unsupported(call, settings, facts))
+               for name in SCHEDULES}
+    source = ("NSA_SEL_SCHEDULE" if "sel_schedule" in settings.from_env
+              else "runtime.sel_schedule")
+    if requested != "auto":
+        if reasons[requested]:
+            raise ScheduleUnavailableError(
+                f"schedule {requested!r} ({source}) cannot serve this call: "
+                + "; ".join(reasons[requested]))
+        why = f"forced by {source}={requested}"
+        others = {name: [f"not requested ({source}={requested})"]
+                  for name in SCHEDULES if name != requested}
+        return ScheduleChoice(requested, requested, why, others)
+    if split:
+        why = "too few rows to fill the GPU: the split-KV kernel, no statistics read"
+        return ScheduleChoice("row", "auto", why,
+                              {name: reasons[name] or ["a small call takes split-KV"]
+                               for name in SCHEDULES if name != "row"})
+
+    stats: Dict[str, float] = {}
+    bound = float(call.batch * call.seqlen_q * call.num_heads_kv * call.block_count_limit)
+    selections, unions = bound, None
+    if prep is not None and _may_sync(call):
+        from triton_ref.selection_tile import tile_shape
+
+        QT, _ = tile_shape(call.group_size)
+        union = prep.union(QT)
+        counts = torch.stack([prep.num_blocks.sum(dtype=torch.int64),
+                              union.counts.sum(dtype=torch.int64)]).tolist()   # one sync
+        selections, unions = float(counts[0]), float(counts[1])
+        stats = {"selections": int(selections), "tile_union_blocks": int(unions),
+                 "tokens_per_tile": QT,
+                 "union/selections": unions / selections if selections else 1.0}
+    elif prep is not None:
+        reasons["tile"] = reasons["tile"] + ["its overlap statistic costs a host sync, not "
+                                             "taken during CUDA-graph capture"]
+    times = predicted_ms(call, selections, unions, _rates(settings, facts))
+    candidates = {name: ms for name, ms in times.items() if not reasons[name]}
+    chosen = min(candidates, key=lambda name: (candidates[name], SCHEDULES.index(name)))
+    for name in SCHEDULES:
+        if name != chosen and not reasons[name] and name in times:
+            reasons[name] = [f"predicted {times[name]:.3g} ms vs {times[chosen]:.3g} ms"]
+        elif name != chosen and name not in times and not reasons[name]:
+            reasons[name] = ["no overlap statistic for this call"]
+    why = f"auto: predicted {times[chosen]:.3g} ms, the least"
+    return ScheduleChoice(chosen, "auto", why, {n: r for n, r in reasons.items() if n != chosen},
+                          times, stats)
