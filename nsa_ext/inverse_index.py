@@ -85,20 +85,20 @@ def build_inverse_index(call: SelectionCall, geometry: RowGeometry, blocks: torc
     device = blocks.device
     slots, key_start, key_end, seq_start, first_slot = _slots(call)
     num_buckets = B * H * slots
-    blk = blocks.to(torch.int64)
-    valid = blk >= 0
+    # Sort keys bucket * TQ + token; 32-bit where they fit (a radix sort of half the passes).
+    key_dtype = torch.int32 if (num_buckets + 1) * TQ < 2 ** 31 else torch.int64
+    blk = blocks.to(key_dtype)
     if first_slot is not None:       # varlen: block n of a token's sequence -> its slot
-        blk = blk + first_slot[geometry.seq.reshape(B, TQ)][:, :, None, None]
-    b = torch.arange(B, device=device, dtype=torch.int64)[:, None, None, None]
-    h = torch.arange(H, device=device, dtype=torch.int64)[None, None, :, None]
-    t = torch.arange(TQ, device=device, dtype=torch.int64)[None, :, None, None]
-    bucket = (b * H + h) * slots + blk
-    sort_key = torch.where(valid, bucket * TQ + t, num_buckets * TQ).reshape(-1)
+        blk = blk + first_slot.to(key_dtype)[geometry.seq.reshape(B, TQ)][:, :, None, None]
+    # [B, TQ, H, 1]: (b * H + h) * slots * TQ + t, the part of the key that is not the block
+    base = ((torch.arange(B, device=device, dtype=key_dtype)[:, None, None] * H
+             + torch.arange(H, device=device, dtype=key_dtype)[None, None, :]) * (slots * TQ)
+            + torch.arange(TQ, device=device, dtype=key_dtype)[None, :, None]).unsqueeze(-1)
+    sort_key = torch.where(blocks >= 0, base + blk * TQ, num_buckets * TQ).reshape(-1)
     sort_key = sort_key.sort().values        # unique keys: one order whatever the algorithm
-    bucket_sorted = sort_key // TQ
-    tokens = (sort_key - bucket_sorted * TQ).to(torch.int32)
-    offsets = torch.searchsorted(bucket_sorted,
-                                 torch.arange(num_buckets + 1, device=device, dtype=torch.int64))
+    tokens = (sort_key % TQ).to(torch.int32)
+    offsets = torch.searchsorted(
+        sort_key, torch.arange(0, (num_buckets + 1) * TQ, TQ, device=device, dtype=key_dtype))
     return InverseIndex(offsets, tokens, key_start, key_end, seq_start, B, H, slots)
 
 
@@ -123,21 +123,34 @@ class WorkItems:
         return self.bucket.numel()
 
 
-def work_items(index: InverseIndex, per_item: int) -> WorkItems:
-    """Cut each bucket's list into items of `per_item` tokens. At most
+def work_items(index: InverseIndex, per_item: int, interpret: bool = False) -> WorkItems:
+    """Cut each bucket's list into items of `per_item` tokens: one Triton launch
+    (triton_ref/inverse_index.py; interpreted on the CPU). At most
     `ceil(capacity / per_item) + num_buckets` items (each bucket adds at most one partial item)."""
+    import triton_ref.inverse_index as kernels
+
     device = index.offsets.device
-    counts = index.offsets[1:] - index.offsets[:-1]
-    num_items = (counts + per_item - 1) // per_item
-    item_end = torch.cumsum(num_items, 0)
-    first_item = item_end - num_items
     max_items = -(-index.capacity // per_item) + index.num_buckets
-    i = torch.arange(max_items, device=device, dtype=torch.int64)
-    bucket = torch.searchsorted(item_end, i, right=True)
-    used = bucket < index.num_buckets
-    bc = bucket.clamp(max=index.num_buckets - 1)
-    start = index.offsets[bc] + (i - first_item[bc]) * per_item
-    end = torch.minimum(start + per_item, index.offsets[bc + 1])
-    zero = torch.zeros_like(i)
-    return WorkItems(bucket.to(torch.int32), torch.where(used, start, zero),
-                     torch.where(used, end, zero), first_item, num_items, per_item)
+    first_item = torch.empty(index.num_buckets, device=device, dtype=torch.int64)
+    num_items = torch.empty_like(first_item)
+    bucket = torch.empty(max_items, device=device, dtype=torch.int32)
+    start = torch.empty(max_items, device=device, dtype=torch.int64)
+    end = torch.empty_like(start)
+    kernel = kernels.work_items_kernel
+    if interpret or device.type != "cuda":
+        kernel = _interpreted(kernel)
+    kernel[(1,)](index.offsets, first_item, num_items, bucket, start, end, index.num_buckets,
+                 max_items, per_item, CHUNK=1024)
+    return WorkItems(bucket, start, end, first_item, num_items, per_item)
+
+
+_interpreted_kernels = {}
+
+
+def _interpreted(kernel):
+    """The kernel run by Triton's CPU interpreter, whatever TRITON_INTERPRET said at import."""
+    if kernel not in _interpreted_kernels:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _interpreted_kernels[kernel] = InterpretedFunction(kernel.fn)
+    return _interpreted_kernels[kernel]

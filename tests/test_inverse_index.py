@@ -3,10 +3,24 @@ canonical rows, and its work items against the lists they cut."""
 import pytest
 import torch
 
-from common import make_case
+from common import import_triton_for_the_interpreter, make_case
 from nsa_ext.call import describe_call
 from nsa_ext.inverse_index import build_inverse_index, work_items
 from nsa_ext.selection import canonical_blocks_torch, row_geometry
+
+
+INTERPRETER = import_triton_for_the_interpreter()
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def kernels_here(monkeypatch):
+    """Work items are one Triton launch: on the GPU, or interpreted on a CPU machine."""
+    if not CUDA:
+        if not INTERPRETER:
+            pytest.skip("Triton cannot interpret kernels in this process")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cuda" if CUDA else "cpu"
 
 
 def _call(case):
@@ -80,13 +94,15 @@ def test_index_matches_python_construction(kw):
 
 
 @pytest.mark.parametrize("per_item", [1, 3, 16])
-def test_work_items_cut_every_list_in_order(per_item):
-    case = make_case(B=2, TQ=40, TK=40, HQ=4, H=2, Dk=8, S=6, block_size=8, seed=3)
+def test_work_items_cut_every_list_in_order(kernels_here, per_item):
+    case = make_case(B=2, TQ=40, TK=40, HQ=4, H=2, Dk=8, S=6, block_size=8, seed=3,
+                     device=kernels_here)
     call = _call(case)
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks_torch(call, geometry)
     index = build_inverse_index(call, geometry, blocks, num_blocks)
     items = work_items(index, per_item)
+    assert items.max_items == -(-index.capacity // per_item) + index.num_buckets
     for bucket in range(index.num_buckets):
         lo, hi = index.offsets[bucket].item(), index.offsets[bucket + 1].item()
         first, n = items.first_item[bucket].item(), items.num_items[bucket].item()

@@ -208,7 +208,8 @@ def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch
     index = build_inverse_index(call, geometry, blocks, num_blocks)
     interpret = settings.triton_interpret or call.device.type != "cuda"
     sm_count = 1 if interpret else device_facts(call.device).sm_count
-    items = work_items(index, dkdv_tokens_per_item(call.group_size, index.capacity, sm_count))
+    items = work_items(index, dkdv_tokens_per_item(call.group_size, index.capacity, sm_count),
+                       interpret=interpret)
     varlen = call.is_varlen
     launch = dict(scale=call.scale, block_size=call.block_size,
                   pos=geometry.pos if varlen else None,
