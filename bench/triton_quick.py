@@ -159,6 +159,25 @@ def bench_case(T, G, H=4, with_fla=True, with_sdpa=False, Dk=D, Dv=D):
     return out
 
 
+def kernel_times(fn, reps=5):
+    """Device time per launch of each kernel fn runs, from the profiler (ms, mean of reps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA" or getattr(event, "device_time_total", 0):
+            total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            if total:
+                times[event.key[:40]] = total / reps / 1e3
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:6])
+
+
 def bench_backward(T, G, H=4, with_sdpa=False):
     """Backward: ours (the backend's, recomputing o and lse; given them; and its stages: the
     inverse index, the dQ kernel, the dK/dV kernels) vs fla's parallel_nsa_bwd (given its
@@ -203,6 +222,10 @@ def bench_backward(T, G, H=4, with_sdpa=False):
         record("bwd ours kernels", timed(kernel_only),
                f"dq {getattr(bwd.selection_bwd_dq_kernel.fn, 'best_config', None)} "
                f"dkdv {getattr(bwd.selection_bwd_dkdv_kernel.fn, 'best_config', None)}")
+        record("bwd ours serial", timed(lambda: bwd.selection_bwd(
+            call.q, call.k, call.v, o, lse, grad_o, None, blocks, num_blocks, ix, items,
+            scale=call.scale, block_size=BLOCK, overlap=False)), "dQ and dK/dV on one stream")
+        out[-1]["note"] += " | " + kernel_times(kernel_only)
         ours = kernel_only()
         runs = [kernel_only() for _ in range(2)]
         same = all(torch.equal(a, b) for r in runs for a, b in zip(ours, r))

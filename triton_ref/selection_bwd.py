@@ -1,12 +1,13 @@
 """Selection attention, backward: deterministic Triton kernels (no atomics) and their launcher.
 
-Three launches, each output element written by exactly one program, every sum in a fixed order,
+Four launches, each output element written by exactly one program, every sum in a fixed order,
 so dq, dk, dv are bitwise the same on every run (SPEC.md, "determinism"):
 
+0. `selection_bwd_delta_kernel`: delta = rowsum(dO * O) - dlse per (query, head) (dlse: the
+   gradient of lse, 0 without one), read by both passes.
 1. `selection_bwd_dq_kernel`, query-outer (the forward's group-centric schedule): one program per
-   (query token, KV head, tile of up to 64 of its G query heads). It loads q [BG, Dk], dO and O
-   [BG, Dv], computes delta = rowsum(dO * O) - dlse (dlse: the gradient of lse, 0 without one)
-   and stores it for pass 2, then streams the row's canonical blocks in chunks of BS keys,
+   (query token, KV head, tile of up to 64 of its G query heads). It loads q [BG, Dk], dO
+   [BG, Dv] and delta, then streams the row's canonical blocks in chunks of BS keys,
    recomputing P = exp(scale q k^T - lse) and dS = P (dO v^T - delta), and accumulates
    dq [BG, Dk] += dS k in registers, written once.
 2. `selection_bwd_dkdv_kernel`, KV-outer over the inverse index (nsa_ext/inverse_index.py): one
@@ -84,7 +85,6 @@ def _prune_dkdv(configs, named_args, **kwargs):
     "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
     "BG": lambda args: group_tile(args["G"]),
     "IS_VARLEN": lambda args: args["pos"] is not None,
-    "HAS_DLSE": lambda args: args["dlse"] is not None,
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["num_blocks"].numel() >= LARGE_PROGRAMS,
 })
@@ -92,9 +92,8 @@ def _prune_dkdv(configs, named_args, **kwargs):
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G"])
 def selection_bwd_dq_kernel(
-    q, k, v, o, do, lse, dlse,       # o, do: [B, TQ, HQ, Dv] contiguous; lse, dlse: [B, TQ, HQ] fp32
+    q, k, v, do, lse, delta,         # do: [B, TQ, HQ, Dv] contiguous; lse, delta: [B, TQ, HQ] fp32
     dq,                              # [B, TQ, HQ, Dk] contiguous, q's dtype
-    delta,                           # [B, TQ, HQ] fp32, written: rowsum(dO * O) - dlse
     blocks, num_blocks, pos, k_offset,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -103,8 +102,7 @@ def selection_bwd_dq_kernel(
     TQ, TK, S, H, G,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    LARGE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
 ):
     i_g = tl.program_id(1)
     i_b, i_h, i_t, tok, p_abs, kv_start = query_of_program(
@@ -126,13 +124,8 @@ def selection_bwd_dq_kernel(
     # [BG, BK], [BG, BV], [BG]
     b_q = tl.load(q + i_b * stride_qb + i_t * stride_qt + heads[:, None] * stride_qh + o_k[None, :],
                   mask=m_qk, other=0.0)
-    p_ov = (tok * HQ + heads)[:, None] * V + o_v[None, :]
-    b_do = tl.load(do + p_ov, mask=m_ov, other=0.0)
-    b_o = tl.load(o + p_ov, mask=m_ov, other=0.0)
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
-    if HAS_DLSE:
-        b_delta -= tl.load(dlse + tok * HQ + heads, mask=m_g, other=0.0)
-    tl.store(delta + tok * HQ + heads, b_delta, mask=m_g)
+    b_do = tl.load(do + (tok * HQ + heads)[:, None] * V + o_v[None, :], mask=m_ov, other=0.0)
+    b_delta = tl.load(delta + tok * HQ + heads, mask=m_g, other=0.0)
     # lse in the log2 domain; +inf on padded heads makes their P exactly 0.
     lse2 = tl.load(lse + tok * HQ + heads, mask=m_g, other=float("inf")) * LOG2E_C
 
@@ -167,6 +160,23 @@ def selection_bwd_dq_kernel(
 
     tl.store(dq + (tok * HQ + heads)[:, None] * K + o_k[None, :],
              (dq_acc * scale).to(dq.dtype.element_ty), mask=m_qk)
+
+
+@triton.heuristics({"HAS_DLSE": lambda args: args["dlse"] is not None})
+@triton.jit
+def selection_bwd_delta_kernel(o, do, dlse, delta, rows, V: tl.constexpr, BV: tl.constexpr,
+                               BR: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta [rows] = rowsum(dO * O) - dlse over BR rows of o, do [rows, V] (contiguous), fp32."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_v = tl.arange(0, BV)
+    m_r = r < rows
+    mask = m_r[:, None] & (o_v < V)[None, :]
+    b_o = tl.load(o + r[:, None] * V + o_v[None, :], mask=mask, other=0.0).to(tl.float32)
+    b_do = tl.load(do + r[:, None] * V + o_v[None, :], mask=mask, other=0.0).to(tl.float32)
+    b_delta = tl.sum(b_o * b_do, 1)
+    if HAS_DLSE:
+        b_delta -= tl.load(dlse + r, mask=m_r, other=0.0)
+    tl.store(delta + r, b_delta, mask=m_r)
 
 
 @triton.heuristics({
@@ -321,8 +331,18 @@ def _kernel(kernel, interpret, untuned_values):
     return _interpreted(kernel, untuned_values) if interpret else kernel
 
 
+_side_streams = {}
+
+
+def _side_stream(device):
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
 def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *, scale: float,
-                  block_size: int, pos=None, k_offset=None, interpret: bool = False):
+                  block_size: int, pos=None, k_offset=None, interpret: bool = False,
+                  overlap: bool = True):
     """(dq, dk, dv) in the inputs' dtype, from the forward's o and lse and the gradients do, dlse.
 
     Shapes as in selection_fwd.selection_fwd; o, do [B, TQ, HQ, Dv]; lse, dlse [B, TQ, HQ] fp32
@@ -330,6 +350,11 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
     (nsa_ext/inverse_index.py). Scratch: fp32 partials of dk/dv, items.max_items x
     ceil(block_size / BN) x BN x (Dk + Dv) x 4 bytes, allocated only when an item can share its
     bucket (the caching allocator hands it back at once).
+
+    `overlap` (CUDA): the dQ kernel runs on a side stream beside the dK/dV kernels. They share
+    only read-only inputs and write disjoint outputs, and one is bound by gathering K/V, the
+    other by its four products, so an SM can run programs of both at once. The caller's stream
+    waits for the side stream before returning (CUDA-graph capture allowed: fork and join).
     """
     B, TQ, HQ, Dk = q.shape
     _, TK, H, Dv = v.shape
@@ -349,18 +374,28 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
     # Keys of buckets nobody chose keep these zeros (no program owns them).
     dk = torch.zeros((B, TK, H, Dk), dtype=k.dtype, device=device)
     dv = torch.zeros((B, TK, H, Dv), dtype=v.dtype, device=device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
 
-    kernel = _kernel(selection_bwd_dq_kernel, interpret,
-                     {"BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"])})
-    kernel[(TQ * B * H, triton.cdiv(G, group_tile(G)))](
-        q, k, v, o, do, lse, dlse, dq, delta, blocks, num_blocks, pos, k_offset,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        scale * LOG2E, scale,
-        TQ, TK, S, H, G,
-        K=Dk, V=Dv, BLOCK=block_size,
-    )
+    rows, BR = B * TQ * HQ, 32
+    _kernel(selection_bwd_delta_kernel, interpret, {})[(triton.cdiv(rows, BR),)](
+        o, do, dlse, delta, rows, V=Dv, BV=max(16, triton.next_power_of_2(Dv)), BR=BR)
+
+    def launch_dq():
+        kernel = _kernel(selection_bwd_dq_kernel, interpret,
+                         {"BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"])})
+        kernel[(TQ * B * H, triton.cdiv(G, group_tile(G)))](
+            q, k, v, do, lse, delta, dq, blocks, num_blocks, pos, k_offset, *strides,
+            scale * LOG2E, scale, TQ, TK, S, H, G, K=Dk, V=Dv, BLOCK=block_size)
+
+    side = None
+    if overlap and device.type == "cuda" and not interpret:
+        side = _side_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            launch_dq()
+    else:
+        launch_dq()
 
     BN = dkdv_keys(block_size, Dk, Dv)
     NKC = triton.cdiv(block_size, BN)
@@ -373,12 +408,8 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
     kernel[(items.max_items, NKC)](
         q, k, v, do, lse, delta, dk, dv, dk_part, dv_part,
         index.tokens, items.bucket, items.start, items.end, items.num_items,
-        index.slot_key_start, index.slot_key_end, index.slot_seq_start, pos,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        scale * LOG2E, scale,
-        TQ, TK, H, G, index.num_buckets, index.slots,
+        index.slot_key_start, index.slot_key_end, index.slot_seq_start, pos, *strides,
+        scale * LOG2E, scale, TQ, TK, H, G, index.num_buckets, index.slots,
         K=Dk, V=Dv, BLOCK=block_size,
     )
     if dk_part is not dk:
@@ -388,4 +419,6 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
             index.slot_key_start, index.slot_key_end, TK, H, index.slots,
             K=Dk, V=Dv, BLOCK=block_size,
         )
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
     return dq, dk, dv
