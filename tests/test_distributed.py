@@ -42,12 +42,15 @@ def _free_port() -> int:
 def _worker(rank, world, port, backend, job, args, result_dir):
     os.environ.update(NO_MULTICAST_ENV)
     torch.set_num_threads(1)
+    extra = {}
     if backend == "nccl":
         torch.cuda.set_device(rank)
+        extra = dict(device_id=torch.device("cuda", rank))
     result = None
     try:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+                                world_size=world, timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+                                **extra)
         result = ("ok", JOBS[job](rank, world, *args))
     except BaseException:  # noqa: BLE001 - every failure goes back to the test
         result = ("error", traceback.format_exc())

@@ -1,0 +1,271 @@
+"""Context-parallel selection attention: weak scaling of nsa_ext.distributed.selection_attention.
+
+W GPUs on a W*T-token sequence (each rank T tokens) beside 1 GPU on T tokens (plain
+nsa_ext.selection_attention, measured on rank 0 in the same launch while the other ranks wait),
+forward and forward+backward, with the pieces of the distributed call timed on their own: the
+K/V all-gather, the local kernel on the reachable prefix (TQ = T, TK = (rank+1)*T; the slowest
+rank), the dK/dV reduce-scatter (with its zero padding). bf16, HQ=64, H=4, D=128, 16 selected
+blocks of 64 (bench/common.py's `random` causal selection) unless told otherwise. Times are
+medians over iterations that start together on every rank (a barrier before each); a W-GPU time
+is the slowest rank's. Peak memory is torch.cuda.max_memory_allocated per rank over the timed
+calls (the largest rank's).
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        torchrun --standalone --nproc_per_node=2 bench/cp_bench.py --T 131072 262144 --out cp.json
+    # the longest sequence that trains: one launch per length (an out-of-memory rank would leave
+    # the others waiting in a collective), --modes train --no-baseline, doubling T until it fails
+    # a CPU smoke run of the script itself (gloo):
+    torchrun --standalone --nproc_per_node=2 bench/cp_bench.py --device cpu --T 512 --HQ 4 --D 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+# The 2xH200 device machine leaves NVLink multicast off; keep it off in these processes too.
+for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nsa_ext  # noqa: E402
+import nsa_ext.distributed as cp  # noqa: E402
+from common import Shape, environment, make_block_indices, make_qkv  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Clock:
+    """Milliseconds of one call: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn, clock: Clock, iters: int, warmup: int, together: bool) -> float:
+    """Median time of fn; with together=True every iteration starts after a barrier, and the
+    result is the slowest rank's median."""
+    for _ in range(warmup):
+        fn()
+    clock.sync()
+    times = []
+    for _ in range(iters):
+        if together:
+            dist.barrier()
+            clock.sync()
+        times.append(clock.time(fn))
+    med = statistics.median(times)
+    if together:
+        med = slowest(med)
+    return med
+
+
+def slowest(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=DEVICE)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def peak_gib(fn, clock: Clock, together: bool) -> float:
+    """Peak allocated memory of one call (the largest rank's), GiB; nan on a CPU."""
+    if not clock.cuda:
+        return float("nan")
+    clock.sync()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    clock.sync()
+    peak = torch.cuda.max_memory_allocated() / (1 << 30)
+    return slowest(peak) if together else peak
+
+
+def inputs(args, TQ: int, TK: int, seed: int, requires_grad: bool):
+    shape = Shape(B=1, TQ=TQ, TK=TK, HQ=args.HQ, H=args.H, Dk=args.D, Dv=args.D, S=args.S,
+                  block_size=args.block_size)
+    q, k, v = make_qkv(shape, DTYPES[args.dtype], DEVICE, seed=seed)
+    # the queries are the last TQ of TK keys: keep only this rank's own keys for the
+    # distributed call (the caller slices), all TK for the plain one
+    block_indices = make_block_indices(shape, "random", device=DEVICE, seed=seed)
+    grad_o = torch.randn_like(q)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, block_indices, grad_o
+
+
+def step(call, q, k, v, grad_o, train: bool):
+    def run():
+        if train:
+            q.grad = k.grad = v.grad = None
+            call(q, k, v).backward(grad_o)
+        else:
+            with torch.no_grad():
+                call(q, k, v)
+    return run
+
+
+def main() -> None:
+    global DEVICE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--T", type=int, nargs="+", default=[131072, 262144],
+                        help="tokens per GPU (the W-GPU run has W*T)")
+    parser.add_argument("--modes", nargs="+", default=["fwd", "train"], choices=["fwd", "train"])
+    parser.add_argument("--no-baseline", action="store_true", help="skip the 1-GPU rows")
+    parser.add_argument("--no-parts", action="store_true", help="skip the per-piece timings")
+    parser.add_argument("--HQ", type=int, default=64)
+    parser.add_argument("--H", type=int, default=4)
+    parser.add_argument("--D", type=int, default=128)
+    parser.add_argument("--S", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--out", default=None, help="JSON file (written by rank 0)")
+    args = parser.parse_args()
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        DEVICE = torch.device("cuda", local_rank)
+    else:
+        DEVICE = torch.device("cpu")
+    if args.device == "cuda":
+        dist.init_process_group("nccl", timeout=timedelta(minutes=30), device_id=DEVICE)
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    clock = Clock(DEVICE)
+    env = environment(DEVICE)
+    env.update(world_size=world, backend=str(dist.get_backend()),
+               multicast_env={k: os.environ.get(k) for k in
+                              ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                               "NVSHMEM_DISABLE_NVLS")})
+    if rank == 0:
+        print(f"# {env.get('gpu', env.get('cpu'))} x{world} | torch {env['torch']} | "
+              f"nsa_ext {env['nsa_ext']} | {args.dtype} HQ={args.HQ} H={args.H} D={args.D} "
+              f"S={args.S} block={args.block_size} backend={args.backend} | commit {env['git_commit']}")
+    bs = args.block_size
+    rows = []
+
+    def plain(block_indices):
+        return lambda q, k, v: nsa_ext.selection_attention(q, k, v, block_indices, bs,
+                                                           backend=args.backend)
+
+    for T in args.T:
+        for mode in args.modes:
+            train = mode == "train"
+            row = {"T_per_gpu": T, "mode": mode, "world": world, "T_total": world * T}
+            if not args.no_baseline:
+                # 1 GPU on T tokens, on rank 0; the others wait at the barrier below
+                if rank == 0:
+                    q, k, v, bi, go = inputs(args, T, T, seed=T, requires_grad=train)
+                    run = step(plain(bi), q, k, v, go, train)
+                    row["one_gpu_ms"] = median_ms(run, clock, args.iters, args.warmup, False)
+                    row["one_gpu_peak_gib"] = peak_gib(run, clock, False)
+                    del q, k, v, bi, go, run
+                    if clock.cuda:
+                        torch.cuda.empty_cache()
+                dist.barrier()
+            # W GPUs on W*T tokens: this rank's shard
+            q, k_all, v_all, bi, go = inputs(args, T, (rank + 1) * T, seed=T + 1 + rank,
+                                             requires_grad=False)
+            k, v = (t[:, rank * T:].contiguous() for t in (k_all, v_all))
+            del k_all, v_all
+            for t in (q, k, v):
+                t.requires_grad_(train)
+
+            def distributed(q, k, v):
+                return cp.selection_attention(q, k, v, bi, bs, backend=args.backend)
+
+            run = step(distributed, q, k, v, go, train)
+            row["world_ms"] = median_ms(run, clock, args.iters, args.warmup, True)
+            row["world_peak_gib"] = peak_gib(run, clock, True)
+            if not args.no_parts:
+                group = dist.group.WORLD
+                kd, vd = k.detach(), v.detach()
+                row["all_gather_ms"] = median_ms(
+                    lambda: cp.gather_kv_prefix(kd, vd, rank, world, group), clock, args.iters,
+                    args.warmup, True)
+                k_prefix, v_prefix = (t.detach().clone() for t in
+                                      cp.gather_kv_prefix(kd, vd, rank, world, group))
+                for t in (k_prefix, v_prefix):
+                    t.requires_grad_(train)
+                qd = q.detach().requires_grad_(train)
+                row["local_kernel_ms"] = median_ms(
+                    step(lambda q_, k_, v_: plain(bi)(q_, k_prefix, v_prefix), qd, k_prefix,
+                         v_prefix, go, train), clock, args.iters, args.warmup, True)
+                if train:
+                    dk, dv = (torch.randn_like(t) for t in (k_prefix, v_prefix))
+                    row["reduce_scatter_ms"] = median_ms(
+                        lambda: cp.reduce_scatter_prefix([dk, dv], rank, world, group), clock,
+                        args.iters, args.warmup, True)
+                    del dk, dv
+                del k_prefix, v_prefix, qd
+            if not args.no_baseline:    # rank 0's numbers, on every rank
+                one = torch.tensor([row.get("one_gpu_ms", 0.0), row.get("one_gpu_peak_gib", 0.0)],
+                                   dtype=torch.float64, device=DEVICE)
+                dist.broadcast(one, 0)
+                row["one_gpu_ms"], row["one_gpu_peak_gib"] = one.tolist()
+                row["ratio"] = row["world_ms"] / row["one_gpu_ms"]
+            rows.append(row)
+            del q, k, v, bi, go, run
+            if clock.cuda:
+                torch.cuda.empty_cache()
+            if rank == 0:
+                print_row(row)
+
+    if rank == 0 and args.out:
+        Path(args.out).write_text(json.dumps({"environment": env, "args": vars(args),
+                                              "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
+    dist.destroy_process_group()
+
+
+def print_row(row: dict) -> None:
+    def ms(key):
+        return f"{row[key]:.3f}" if key in row else "-"
+
+    def gib(key):
+        return f"{row[key]:.2f}" if key in row else "-"
+
+    if not hasattr(print_row, "header"):
+        print_row.header = True
+        print("| T/GPU | mode | 1 GPU on T, ms | W GPUs on W*T, ms | ratio | all-gather ms | "
+              "local kernel ms (slowest rank) | reduce-scatter ms | peak GiB 1 GPU | "
+              "peak GiB/rank W GPUs |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    ratio = f"{row['ratio']:.3f}" if "ratio" in row else "-"
+    print(f"| {row['T_per_gpu']} | {row['mode']} | {ms('one_gpu_ms')} | {ms('world_ms')} "
+          f"(W={row['world']}) | {ratio} | {ms('all_gather_ms')} | {ms('local_kernel_ms')} | "
+          f"{ms('reduce_scatter_ms')} | {gib('one_gpu_peak_gib')} | {gib('world_peak_gib')} |",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
