@@ -1,0 +1,424 @@
+"""The Triton forward schedules (nsa_ext/schedules: row, tile, kv), each forced, against the fp32
+reference; the cases that stress each one; the reads they log; the chooser and its reasons.
+
+CPU lane: Triton's interpreter, fp16 and fp32 (its bf16 tl.dot is wrong), small shapes. GPU lane
+(marked `gpu`): bf16 too, larger shapes, bitwise run-to-run equality of `kv`, no host sync.
+"""
+import logging
+import math
+
+import pytest
+import torch
+
+import nsa_ext
+from common import assert_close_to_reference, import_triton_for_the_interpreter, make_case
+from nsa_ext.backends import triton as triton_backend
+from nsa_ext.call import describe_call
+from nsa_ext.config import Settings
+from nsa_ext.device import DeviceFacts
+from nsa_ext.reference import reference_forward
+from nsa_ext.schedules import chooser
+from test_parity import MATRIX as PARITY_MATRIX
+from test_triton import MATRIX as TRITON_MATRIX, build_call, counted_reads
+
+CUDA = torch.cuda.is_available()
+INTERPRETER = import_triton_for_the_interpreter()
+SCHEDULES = ["row", "tile", "kv"]
+DEVICE = "cuda" if CUDA else "cpu"
+H200 = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
+
+# The parity matrix, plus the Triton matrix's cases it lacks (G = 64 and 80, empty rows, strided
+# views, blocks of 4).
+EXTRA = {name: TRITON_MATRIX[name] for name in ("G64", "G80_two_tiles", "bs4", "empty_rows",
+                                                  "strided")}
+CASES = {**PARITY_MATRIX, **EXTRA}
+
+
+@pytest.fixture
+def device_lane(monkeypatch):
+    """The interpreter on a CPU machine; on a GPU, the main kernels (never split-KV)."""
+    if CUDA:
+        from triton_ref import selection_fwd as kernels
+
+        monkeypatch.setattr(kernels, "LARGE_PROGRAMS", 1 << 62)
+        monkeypatch.setattr(triton_backend, "SPLIT_BELOW_WAVES", 0)
+        return "cuda"
+    if not INTERPRETER:
+        pytest.skip("Triton cannot interpret kernels in this process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
+def run_schedule(call, schedule, monkeypatch):
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", schedule)
+    return triton_backend.forward(call)
+
+
+def check(call, schedule, monkeypatch):
+    o, lse = run_schedule(call, schedule, monkeypatch)
+    o_ref, lse_ref = reference_forward(call)
+    assert_close_to_reference(o, o_ref, call.dtype, lse, lse_ref)
+    return o, lse
+
+
+def spec_call(spec, dtype, device, seed=0):
+    return build_call(spec, dtype, device, seed=seed)
+
+
+# --- the matrix, each schedule forced ----------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["tile", "kv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", CASES)
+def test_schedule_matches_reference(device_lane, monkeypatch, name, dtype, schedule):
+    check(spec_call(CASES[name], dtype, device_lane, seed=sum(map(ord, name))), schedule,
+          monkeypatch)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES + ["auto"])
+def test_public_api_with_each_schedule(device_lane, monkeypatch, schedule):
+    """Through nsa_ext.selection_attention (backend="triton"), both varlen layouts."""
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", schedule)
+    for spec in (PARITY_MATRIX["varlen_batchless"], PARITY_MATRIX["varlen_chunked"],
+                 PARITY_MATRIX["counts_tensor"]):
+        case = make_case(**spec, device=device_lane, seed=11)
+        o, lse = nsa_ext.selection_attention(*case.args(), **case.kwargs(), backend="triton",
+                                             return_lse=True)
+        o_ref, lse_ref = nsa_ext.selection_attention(*case.args(), **case.kwargs(),
+                                                     backend="reference", return_lse=True)
+        assert_close_to_reference(o, o_ref, case.q.dtype, lse, lse_ref)
+
+
+# --- stress cases ----------------------------------------------------------------------------
+
+def _call(q_len, k_len, HQ, H, D, block_indices, block_size, dtype, device, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, q_len, HQ, D, generator=g).to(dtype).to(device)
+    k = torch.randn(1, k_len, H, D, generator=g).to(dtype).to(device)
+    v = torch.randn(1, k_len, H, D, generator=g).to(dtype).to(device)
+    return describe_call(q, k, v, block_indices.to(device), block_size, need_lse=True, **kw)
+
+
+def disjoint_tile(device, dtype=torch.float32):
+    """G = 4 (16 tokens per tile): each of a tile's 16 queries chose 3 blocks no other chose."""
+    TQ, TK, bs, S = 16, 1024, 16, 3
+    t = torch.arange(TQ)
+    blocks = (t[:, None] * S + torch.arange(S)[None, :])            # 48 distinct blocks < 63
+    return _call(TQ, TK, 4, 1, 32, blocks[None, :, None, :], bs, dtype, device)
+
+
+def shared_tile(device, dtype=torch.float32):
+    """G = 4: all 16 queries of the tile chose the same 3 blocks (and one chose none)."""
+    TQ, TK, bs = 16, 1024, 16
+    blocks = torch.tensor([2, 40, 63]).expand(1, TQ, 1, 3).clone()
+    blocks[0, 5] = -1
+    return _call(TQ, TK, 4, 1, 32, blocks, bs, dtype, device)
+
+
+def popular_block(device, dtype=torch.float32):
+    """G = 1, 300 queries: block 0 chosen by all (cut into 5 work items of 64), block 1 by
+    none, the rest random; KV head 1 chose only block 0."""
+    TQ, bs, S = 300, 16, 3
+    g = torch.Generator().manual_seed(2)
+    own = torch.arange(TQ) // bs
+    rest = (torch.rand(TQ, 2, generator=g) * own[:, None]).long()
+    rest = torch.where(rest == 1, 0, rest)
+    head0 = torch.cat([torch.zeros(TQ, 1, dtype=torch.long), rest], dim=-1)
+    head1 = torch.tensor([0, -1, -1]).expand(TQ, 3)
+    blocks = torch.stack([head0, head1], dim=1)[None]               # [1, TQ, 2, 3]
+    return _call(TQ, TQ, 2, 2, 32, blocks, bs, dtype, device)
+
+
+def varlen_tiles(device, dtype=torch.float32):
+    """G = 4: sequences of 5, 3, 9, 1 and 14 queries, so 16-token tiles straddle boundaries."""
+    case = make_case(seqlens=[5, 3, 9, 1, 14], seqlens_k=[40, 3, 30, 17, 14], HQ=8, H=2, Dk=32,
+                     S=4, block_size=8, dtype=dtype, device=device, seed=4)
+    return describe_call(*case.args(), **case.kwargs(), need_lse=True)
+
+
+def decode(device, dtype=torch.float32):
+    case = make_case(B=3, TQ=1, TK=333, HQ=8, H=2, Dk=64, S=6, block_size=32, dtype=dtype,
+                     device=device, seed=6)
+    return describe_call(*case.args(), **case.kwargs(), need_lse=True)
+
+
+STRESS = {"disjoint_tile": disjoint_tile, "shared_tile": shared_tile,
+          "popular_block": popular_block, "varlen_tiles": varlen_tiles, "decode_TQ1": decode}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", STRESS)
+def test_stress(device_lane, monkeypatch, name, schedule):
+    o, lse = check(STRESS[name](device_lane), schedule, monkeypatch)
+    if name == "shared_tile":
+        assert (o[0, 5] == 0).all() and torch.isneginf(lse[0, 5]).all()
+
+
+def test_tile_statistic_spans_its_range(device_lane):
+    from nsa_ext.schedules.tiles import overlap_ratio, tile_unions
+    from nsa_ext.selection import canonical_blocks, row_geometry
+
+    for make, union_size, ratio in ((disjoint_tile, 48, 1.0), (shared_tile, 3, 3 / 45)):
+        call = make(device_lane)
+        geometry = row_geometry(call)
+        blocks, num_blocks = canonical_blocks(call, geometry)
+        union = tile_unions(call, geometry, blocks, 16)
+        assert union.counts.flatten().tolist() == [union_size]
+        starts = union.starts[0, 0, 0, :union_size].tolist()
+        assert starts == sorted(set(starts)) and all(s % 16 == 0 for s in starts)
+        assert overlap_ratio(union, num_blocks).item() == pytest.approx(ratio)
+
+
+def test_popular_block_is_cut_into_items(device_lane):
+    from nsa_ext.schedules import Prepared, kv
+    from nsa_ext.selection import canonical_blocks, row_geometry
+
+    call = popular_block(device_lane)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    index, items, positions = kv._parts(Prepared(call, Settings(), geometry, blocks, num_blocks,
+                                                 True))
+    assert index.offsets[1].item() - index.offsets[0].item() == 300       # block 0, head 0
+    assert index.offsets[2].item() == index.offsets[1].item()             # block 1: nobody
+    assert (items.bucket == 0).sum().item() == math.ceil(300 / items.per_item) > 1
+    # Every canonical entry finds itself in the index.
+    valid = blocks >= 0
+    t = torch.arange(call.seqlen_q, device=blocks.device)[None, :, None, None].expand_as(blocks)
+    assert torch.equal(index.tokens[positions[valid]].long(), t[valid])
+
+
+def test_kv_is_deterministic(device_lane, monkeypatch):
+    call = spec_call(PARITY_MATRIX["varlen"], torch.float32, device_lane, seed=3)
+    first = run_schedule(call, "kv", monkeypatch)
+    again = run_schedule(call, "kv", monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# --- the reads each schedule logs ---------------------------------------------------------------
+
+def _rows(call):
+    """(b, t, p, kv0, TK of the sequence, sequence) per query token, from SPEC.md."""
+    if call.is_varlen:
+        cu_q, cu_k = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
+        return [(0, t, t - cu_q[i] + (cu_k[i + 1] - cu_k[i]) - (cu_q[i + 1] - cu_q[i]), cu_k[i],
+                 cu_k[i + 1] - cu_k[i], i)
+                for i in range(len(cu_q) - 1) for t in range(cu_q[i], cu_q[i + 1])]
+    return [(b, t, call.seqlen_k - call.seqlen_q + t, 0, call.seqlen_k, b)
+            for b in range(call.batch) for t in range(call.seqlen_q)]
+
+
+def _sets(call):
+    """{(b, t, h): set of chosen blocks with a visible key}, SPEC.md's set semantics."""
+    bs = call.block_size
+    indices = call.block_indices.tolist()
+    counts = call.block_counts.tolist() if call.block_counts is not None else None
+    sets = {}
+    for b, t, p, _, _, _ in _rows(call):
+        for h in range(call.num_heads_kv):
+            limit = counts[b][t][h] if counts is not None else call.block_count_limit
+            sets[(b, t, h)] = {i for i in indices[b][t][h][:max(limit, 0)] if 0 <= i <= p // bs}
+    return sets
+
+
+def expected_reads(call, schedule):
+    bs, G = call.block_size, call.group_size
+    rows = {(b, t): (p, kv0, tk, seq) for b, t, p, kv0, tk, seq in _rows(call)}
+    sets = _sets(call)
+    total = 0
+    if schedule == "tile":
+        from triton_ref.selection_tile import tile_shape
+
+        QT, GT = tile_shape(G)
+        for b in range(call.batch):
+            for t0 in range(0, call.seqlen_q, QT):
+                toks = [t for t in range(t0, min(t0 + QT, call.seqlen_q))]
+                lim = max(rows[(b, t)][1] + rows[(b, t)][0] for t in toks)
+                for h in range(call.num_heads_kv):
+                    starts = {rows[(b, t)][1] + n * bs for t in toks for n in sets[(b, t, h)]}
+                    total += sum(max(0, min(bs, lim - s + 1)) for s in starts)
+        return total * math.ceil(G / GT)
+    from triton_ref.selection_kv import item_shape
+
+    per_item, GT = item_shape(G)
+    buckets = {}
+    for (b, t, h), chosen in sets.items():
+        for n in chosen:
+            buckets.setdefault((b, h, rows[(b, t)][3], n), []).append(t)
+    for (b, h, seq, n), toks in buckets.items():
+        toks.sort()
+        for i in range(0, len(toks), per_item):
+            p, kv0, tk, _ = rows[(b, toks[min(i + per_item, len(toks)) - 1])]
+            total += max(0, min(bs, p - n * bs + 1, tk - n * bs))
+    return total * math.ceil(G / GT)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", ["G3", "G80_two_tiles", "counts_tensor", "varlen_chunked", "bs4"])
+def test_reads_log(device_lane, monkeypatch, caplog, name, schedule):
+    monkeypatch.setenv("NSA_DEBUG_LOG", "1")
+    call = build_call(TRITON_MATRIX[name], torch.float32, device_lane)
+    with caplog.at_level(logging.INFO, logger="nsa_ext"):
+        run_schedule(call, schedule, monkeypatch)
+    events = {r.nsa_event: r.nsa_fields for r in caplog.records
+              if getattr(r, "nsa_event", "").startswith("sel.triton.")}
+    launch, reads = events["sel.triton.launch"], events["sel.triton.reads"]
+    assert launch["schedule"] == reads["schedule"] == schedule
+    visible, selected = counted_reads(TRITON_MATRIX[name], call)
+    assert reads["sdpa_tokens"] == selected
+    if schedule == "row":
+        assert reads["kv_tokens_read"] == visible * math.ceil(call.group_size / 64)
+    else:
+        assert launch["variant"] == schedule
+        assert reads["kv_tokens_read"] == expected_reads(call, schedule)
+
+
+def test_shared_tile_reads_each_block_once(device_lane, monkeypatch, caplog):
+    monkeypatch.setenv("NSA_DEBUG_LOG", "1")
+    call = shared_tile(device_lane)
+    found = {}
+    for schedule in SCHEDULES:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nsa_ext"):
+            run_schedule(call, schedule, monkeypatch)
+        found[schedule] = next(r.nsa_fields["kv_tokens_read"] for r in caplog.records
+                               if getattr(r, "nsa_event", "") == "sel.triton.reads")
+    assert found["tile"] == 3 * 16                          # 3 blocks of 16 keys, once
+    assert found["kv"] == 3 * 16                            # one item per block
+    assert found["row"] >= 10 * found["tile"]               # once per query that chose them
+
+
+# --- the chooser --------------------------------------------------------------------------------
+
+def meta_call(T, G, H=4, D=128, S=16, dtype=torch.bfloat16):
+    q = torch.empty(1, T, G * H, D, dtype=dtype, device="meta")
+    k = torch.empty(1, T, H, D, dtype=dtype, device="meta")
+    bi = torch.empty(1, T, H, S, dtype=torch.int32, device="meta")
+    return describe_call(q, k, k, bi, 64)
+
+
+@pytest.mark.parametrize("G,overlap,expected", [(16, "random", "row"), (16, "model", "tile"),
+                                                (1, "random", "kv"), (4, "random", "kv"),
+                                                (8, "model", "tile")])
+def test_cost_model_ranks_the_schedules(G, overlap, expected):
+    """H200-sized calls (T = 32k, H = 4, D = 128, 16 blocks of 64): the model's ranking."""
+    from triton_ref.selection_tile import tile_shape
+
+    call = meta_call(32768, G)
+    selections = 32768 * 4 * 16.0
+    QT, _ = tile_shape(G)
+    tiles = selections / 16 / QT
+    unions = tiles * (min(QT * 16, 256) if overlap == "random" else 16 + 1.5 * QT)
+    times = chooser.predicted_ms(call, selections, unions, dict(chooser.DEFAULT_RATES))
+    assert min(times, key=times.get) == expected, times
+
+
+def test_forced_schedule_that_cannot_serve_raises(monkeypatch, device_lane):
+    from nsa_ext.schedules import kv
+
+    monkeypatch.setattr(kv, "KV_SCRATCH_LIMIT", 0)
+    call = spec_call(PARITY_MATRIX["G1"], torch.float32, device_lane)
+    with pytest.raises(chooser.ScheduleUnavailableError, match="kv.*NSA_SEL_SCHEDULE.*scratch"):
+        run_schedule(call, "kv", monkeypatch)
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", "auto")
+    o, lse = triton_backend.forward(call)                 # auto takes another schedule
+    assert_close_to_reference(o, reference_forward(call)[0], call.dtype)
+
+
+def test_explain_names_the_schedule_and_why(device_lane, monkeypatch):
+    case = make_case(B=1, TQ=128, HQ=4, H=1, Dk=32, S=4, block_size=16, device=device_lane)
+    text = str(nsa_ext.explain(*case.args(), backend="triton"))
+    assert "triton: schedule: " in text and "predicted" in text and "union/selections" in text
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", "tile")
+    text = str(nsa_ext.explain(*case.args(), backend="triton"))
+    assert "schedule: tile (forced by NSA_SEL_SCHEDULE=tile)" in text
+    assert "kv: not requested" in text
+
+
+def test_chooser_without_statistics_skips_tile():
+    call = meta_call(4096, 16)
+    choice = chooser.choose_schedule(call, Settings(), H200, prep=None)
+    assert choice.chosen in ("row", "kv") and not choice.stats
+    assert any("no overlap statistic" in r for r in choice.reasons["tile"])
+    split = chooser.choose_schedule(call, Settings(), H200, prep=None, split=True)
+    assert split.chosen == "row" and "split-KV" in split.why
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    "large_G16_d128": dict(B=1, TQ=2048, HQ=16, H=1, Dk=128, S=16, block_size=64),
+    "large_G1": dict(B=1, TQ=2048, HQ=2, H=2, Dk=128, S=16, block_size=64),
+    "large_G64_dk192_dv128": dict(B=1, TQ=512, HQ=64, H=1, Dk=192, Dv=128, S=8, block_size=64),
+    "large_G8_d256": dict(B=2, TQ=512, HQ=16, H=2, Dk=256, S=8, block_size=32),
+    "large_G5_bs128": dict(B=1, TQ=1500, HQ=10, H=2, Dk=80, S=6, block_size=128),
+    "large_varlen": dict(seqlens=[1000, 1, 640, 333], HQ=16, H=2, Dk=128, S=12, block_size=64),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("name", [*CASES, *GPU_CASES])
+def test_gpu_schedule_matches_reference(device_lane, monkeypatch, name, dtype, schedule):
+    spec = CASES.get(name) or GPU_CASES[name]
+    check(spec_call(spec, dtype, "cuda", seed=5), schedule, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", STRESS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpu_stress_bf16(device_lane, monkeypatch, name, schedule):
+    check(STRESS[name]("cuda", torch.bfloat16), schedule, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_kv_bitwise_run_to_run(device_lane, monkeypatch, dtype):
+    call = spec_call(GPU_CASES["large_varlen"], dtype, "cuda", seed=1)
+    first = run_schedule(call, "kv", monkeypatch)
+    for _ in range(3):
+        again = run_schedule(call, "kv", monkeypatch)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["tile", "kv"])
+def test_gpu_forced_schedules_do_not_sync_and_capture(device_lane, monkeypatch, schedule):
+    monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
+    monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)
+    call = spec_call(GPU_CASES["large_G1"], torch.bfloat16, "cuda")
+    o_first, _ = run_schedule(call, schedule, monkeypatch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, _ = triton_backend.forward(call)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(o, o_first)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o_graph, lse_graph = triton_backend.forward(call)
+    call.q.copy_(torch.randn_like(call.q))
+    graph.replay()
+    torch.cuda.synchronize()
+    o_ref, lse_ref = reference_forward(call)
+    assert_close_to_reference(o_graph, o_ref, call.dtype, lse_graph, lse_ref)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_captures_without_the_statistic(device_lane, monkeypatch):
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", "auto")
+    call = spec_call(GPU_CASES["large_G16_d128"], torch.bfloat16, "cuda")
+    triton_backend.forward(call)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o_graph, lse_graph = triton_backend.forward(call)
+    graph.replay()
+    torch.cuda.synchronize()
+    o_ref, lse_ref = reference_forward(call)
+    assert_close_to_reference(o_graph, o_ref, call.dtype, lse_graph, lse_ref)
