@@ -132,6 +132,10 @@ def loss_of(o, lse, grad_o, grad_lse):
     return (o * grad_o).sum() + (lse[finite] * grad_lse[finite]).sum()
 
 
+def grads_of(*tensors):
+    return [None if x is None else x.detach().cpu() for x in tensors]
+
+
 def one_process(spec, world, device="cpu"):
     """nsa_ext.selection_attention on the whole sequence: o, lse, dq, dk, dv."""
     t, counts, grad_o, grad_lse = full_case(spec, world, device)
@@ -140,7 +144,7 @@ def one_process(spec, world, device="cpu"):
                                          block_counts=counts, backend=spec["backend"],
                                          return_lse=True)
     loss_of(o, lse, grad_o, grad_lse).backward()
-    return [x.detach().cpu() for x in (o, lse, q.grad, k.grad, v.grad)]
+    return grads_of(o, lse, q.grad, k.grad, v.grad)
 
 
 def shard(x, rank, T_local):
@@ -148,17 +152,24 @@ def shard(x, rank, T_local):
 
 
 def _sharded_call(spec, rank, world, group=None, device="cpu"):
-    """This rank's o, lse, dq, dk, dv from the distributed call."""
+    """This rank's o, lse, dq, dk, dv from the distributed call (None for a tensor that does
+    not require grad: spec["grad_of"] names those that do, default "qkv")."""
     t, counts, grad_o, grad_lse = full_case(spec, world, device)
     T_local = spec["T_local"]
-    q, k, v = (shard(t[n], rank, T_local).detach().clone().requires_grad_() for n in "qkv")
+    grad_of = spec.get("grad_of", "qkv")
+    q, k, v = (shard(t[n], rank, T_local).detach().clone().requires_grad_(n in grad_of)
+               for n in "qkv")
     if isinstance(counts, torch.Tensor):
         counts = shard(counts, rank, T_local)
-    o, lse = nsa_ext.distributed.selection_attention(
-        q, k, v, shard(t["block_indices"], rank, T_local), spec["block_size"], group=group,
-        block_counts=counts, backend=spec["backend"], return_lse=True)
-    loss_of(o, lse, shard(grad_o, rank, T_local), shard(grad_lse, rank, T_local)).backward()
-    return [x.detach().cpu() for x in (o, lse, q.grad, k.grad, v.grad)]
+    with torch.set_grad_enabled(bool(grad_of)):
+        o, lse = nsa_ext.distributed.selection_attention(
+            q, k, v, shard(t["block_indices"], rank, T_local), spec["block_size"], group=group,
+            block_counts=counts, backend=spec["backend"], return_lse=True)
+    if grad_of:
+        loss_of(o, lse, shard(grad_o, rank, T_local), shard(grad_lse, rank, T_local)).backward()
+    else:
+        assert o.grad_fn is None and lse.grad_fn is None
+    return grads_of(o, lse, q.grad, k.grad, v.grad)
 
 
 def job_sharded(rank, world, specs, device_kind="cpu"):
@@ -168,7 +179,7 @@ def job_sharded(rank, world, specs, device_kind="cpu"):
         first = _sharded_call(spec, rank, world, device=device)
         if spec.get("repeat"):   # run to run: bitwise the same (SPEC.md, determinism)
             again = _sharded_call(spec, rank, world, device=device)
-            assert all(torch.equal(a, b) for a, b in zip(first, again)), spec
+            assert all(a is b is None or torch.equal(a, b) for a, b in zip(first, again)), spec
         results.append(first)
     return results
 
@@ -245,6 +256,8 @@ CASES = {
         base(seed=1),                                                     # -1, repeats, out of range
         base(HQ=16, H=1, Dk=32, Dv=16, S=4, seed=2, block_counts="tensor"),   # G = 16
         base(B=2, HQ=3, H=3, seed=4, block_counts=2, backend="reference"),    # G = 1, B = 2
+        base(seed=9, grad_of="q"),                                        # no dK/dV exchange
+        base(seed=10, grad_of=""),                                        # inference
         ],
     3: [base(indices="causal", T_local=16, seed=5),
         base(HQ=16, H=1, S=5, block_size=16, seed=6, block_counts="tensor"),
@@ -263,6 +276,9 @@ def check_against_one_process(spec, world, per_rank, device="cpu"):
                                   shard(lse, rank, T_local))
         atol, rtol = (2e-5, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
         for name, got, want in (("dq", dq_r, dq), ("dk", dk_r, dk), ("dv", dv_r, dv)):
+            if name[1] not in spec.get("grad_of", "qkv"):
+                assert got is None, (spec, rank, name)
+                continue
             want = shard(want, rank, T_local)
             assert got.shape == want.shape, (name, got.shape, want.shape)
             assert torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol), \
