@@ -37,6 +37,8 @@ from .selection import RowGeometry
 class InverseIndex:
     offsets: torch.Tensor         # [B * H * slots + 1] int64: bucket i holds tokens[offsets[i]:offsets[i+1]]
     tokens: torch.Tensor          # [B * TQ * H * S] int32: query tokens along q's T axis, ascending per bucket
+    entries: torch.Tensor         # [B * TQ * H * S] int32/64: where each listed (token, block) sits in
+                                  # the canonical rows, ((b * TQ + t) * H + h) * S + s
     slot_key_start: torch.Tensor  # [slots] int64: first key of the slot's block along k's T axis
     slot_key_end: torch.Tensor    # [slots] int64: one past the block's last key (its sequence's end)
     slot_seq_start: torch.Tensor  # [slots] int64: first key of the slot's sequence
@@ -95,11 +97,15 @@ def build_inverse_index(call: SelectionCall, geometry: RowGeometry, blocks: torc
              + torch.arange(H, device=device, dtype=key_dtype)[None, None, :]) * (slots * TQ)
             + torch.arange(TQ, device=device, dtype=key_dtype)[None, :, None]).unsqueeze(-1)
     sort_key = torch.where(blocks >= 0, base + blk * TQ, num_buckets * TQ).reshape(-1)
-    sort_key = sort_key.sort().values        # unique keys: one order whatever the algorithm
+    # Unique keys (past offsets[-1] only the unused sentinels repeat): one order whatever the
+    # algorithm, so `entries` is fixed too.
+    sort_key, entries = sort_key.sort()
     tokens = (sort_key % TQ).to(torch.int32)
+    if entries.numel() < 2 ** 31:
+        entries = entries.to(torch.int32)
     offsets = torch.searchsorted(
         sort_key, torch.arange(0, (num_buckets + 1) * TQ, TQ, device=device, dtype=key_dtype))
-    return InverseIndex(offsets, tokens, key_start, key_end, seq_start, B, H, slots)
+    return InverseIndex(offsets, tokens, entries, key_start, key_end, seq_start, B, H, slots)
 
 
 @dataclass(frozen=True)

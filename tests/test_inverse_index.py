@@ -74,7 +74,7 @@ def test_index_matches_python_construction(kw):
     blocks, num_blocks = canonical_blocks_torch(call, geometry)
     index = build_inverse_index(call, geometry, blocks, num_blocks)
     lists, keys = _python_index(call, blocks)
-    B, H = blocks.shape[0], blocks.shape[2]
+    B, TQ, H, S = blocks.shape
     assert index.capacity == blocks.numel()
     assert index.offsets[-1].item() == int(num_blocks.sum())
     nonempty = 0
@@ -82,8 +82,17 @@ def test_index_matches_python_construction(kw):
         for h in range(H):
             for slot in range(index.slots):
                 i = (b * H + h) * index.slots + slot
-                got = index.tokens[index.offsets[i]:index.offsets[i + 1]].tolist()
+                lo, hi = index.offsets[i].item(), index.offsets[i + 1].item()
+                got = index.tokens[lo:hi].tolist()
                 assert got == lists.get((b, h, slot), []), (b, h, slot)
+                for e in range(lo, hi):    # each entry points back at its place in the rows
+                    flat = index.entries[e].item()
+                    t, s = (flat // S) // H % TQ, flat % S
+                    assert (flat // S) // H // TQ == b and (flat // S) % H == h
+                    assert t == index.tokens[e].item()
+                    assert blocks[b, t, h, s].item() >= 0
+                    if not call.is_varlen:
+                        assert blocks[b, t, h, s].item() == slot
                 nonempty += bool(got)
     assert nonempty == len(lists)
     for slot in range(index.slots):

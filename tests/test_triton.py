@@ -220,6 +220,7 @@ GRAD_MATRIX = {
     "G80_two_tiles": dict(B=1, TQ=2, TK=70, HQ=80, H=1, Dk=32, S=3, block_size=32),
     "d59_bs64": dict(B=1, TQ=40, TK=150, HQ=2, H=1, Dk=59, Dv=37, S=3, block_size=64),
     "empty_rows": dict(B=1, TQ=16, HQ=4, H=2, Dk=32, S=4, block_size=16, empty_rows=0.5),
+    "bs128_key_chunks": dict(B=1, TQ=20, TK=300, HQ=4, H=2, Dk=32, S=3, block_size=128),
 }
 GPU_GRAD_MATRIX = {
     "large_G16_d128": dict(B=1, TQ=1024, HQ=16, H=1, Dk=128, S=8, block_size=64),
@@ -292,15 +293,19 @@ def test_backward_takes_the_forwards_outputs(request):
         assert torch.equal(a, b), name      # the same forward kernel, no atomics: bitwise
 
 
+@pytest.mark.parametrize("dq_path", ["partials", "kernel"])
 @pytest.mark.parametrize("tokens_per_item", [1, 3])
 @pytest.mark.parametrize("name", ["gqa_bs8", "varlen", "d59_bs64", "G80_two_tiles"])
-def test_backward_with_buckets_cut_into_items(request, monkeypatch, name, tokens_per_item):
+def test_backward_with_buckets_cut_into_items(request, monkeypatch, name, tokens_per_item,
+                                              dq_path):
     """Long query lists cut into several dK/dV work items (partials merged in item order) give
-    the reference's gradients: the path the block every query chose takes at scale."""
+    the reference's gradients: the path the block every query chose takes at scale. dq either
+    from the dK/dV kernel's per-block partials or from the dQ kernel, each forced."""
     request.getfixturevalue("untuned" if CUDA else "interpreter")
     import triton_ref.selection_bwd as bwd
 
     monkeypatch.setattr(bwd, "dkdv_tokens_per_item", lambda G, capacity, sm: tokens_per_item)
+    monkeypatch.setattr(bwd, "DQ_PARTIALS_MAX_G", 1000 if dq_path == "partials" else 0)
     check_gradients(build_call(GRAD_MATRIX[name], torch.float32, "cuda" if CUDA else "cpu",
                                seed=5), with_lse=True)
 

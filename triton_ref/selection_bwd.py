@@ -44,6 +44,24 @@ LOG2E_C = tl.constexpr(LOG2E)
 PAIRS_PER_ITEM = 4096
 
 
+# dq from per-(pair, block) partials written by the dK/dV kernel (one more product there, then a
+# fixed-order sum per row) instead of the dQ kernel's second gather of every selected K/V block:
+# the partials move 8 * G * Dk bytes per (token, KV head, block) through HBM where the dQ kernel
+# pulls 64 keys x (Dk + Dv) x 2 bytes from L2, so they pay below G ~ 16 (G / 32 of the bytes, at
+# about half the bandwidth); taken up to G = 8, and while the partials fit a sixteenth of the
+# GPU's memory (T = 32k, G = 4, D = 128: 4 GiB).
+DQ_PARTIALS_MAX_G = 8
+
+
+def dq_partials_fit(G: int, num_key_chunks: int, nbytes: int, device) -> bool:
+    """Whether dq comes from the dK/dV kernel's partials (see DQ_PARTIALS_MAX_G)."""
+    if G > DQ_PARTIALS_MAX_G or num_key_chunks != 1:
+        return False         # a block cut into key chunks would need a partial per chunk
+    if device.type != "cuda":
+        return True
+    return nbytes <= torch.cuda.get_device_properties(device).total_memory // 16
+
+
 def bwd_chunk(block_size: int, K: int, V: int) -> int:
     """BS of the untuned dQ config: the forward's, capped at 32 (the backward holds more tiles)."""
     return min(32, default_chunk(block_size, K, V))
@@ -186,15 +204,17 @@ def selection_bwd_delta_kernel(o, do, dlse, delta, rows, V: tl.constexpr, BV: tl
     "IS_VARLEN": lambda args: args["pos"] is not None,
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["item_bucket"].numel() >= 256,
+    "DQ_PARTIALS": lambda args: args["dq_part"] is not None,
 })
-@triton.autotune(configs=DKDV_CONFIGS, key=["BLOCK", "BK", "BV", "BN", "LARGE"],
+@triton.autotune(configs=DKDV_CONFIGS, key=["BLOCK", "BK", "BV", "BN", "LARGE", "DQ_PARTIALS"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit(do_not_specialize=["TQ", "TK", "H", "G", "num_buckets", "slots"])
 def selection_bwd_dkdv_kernel(
     q, k, v, do, lse, delta,         # do [B, TQ, HQ, Dv] contiguous; lse, delta [B, TQ, HQ] fp32
     dk, dv,                          # [B, TK, H, Dk] / [B, TK, H, Dv] contiguous, k's / v's dtype
     dk_part, dv_part,                # [max_items, NKC, BN, Dk] / [.., Dv] fp32 scratch
-    tokens, item_bucket, item_start, item_end, num_items,   # the inverse index and its items
+    dq_part,                         # [B * TQ * H * S * G, Dk] fp32, or None (see selection_bwd)
+    tokens, entries, item_bucket, item_start, item_end, num_items,   # the inverse index, its items
     slot_key_start, slot_key_end, slot_seq_start, pos,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -204,6 +224,7 @@ def selection_bwd_dkdv_kernel(
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
+    DQ_PARTIALS: tl.constexpr,
 ):
     i_item = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1)
@@ -259,6 +280,12 @@ def selection_bwd_dkdv_kernel(
             # [BN, BV], [BN, BK]
             dv_acc = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, dv_acc, input_precision=DOT_PRECISION)
             dk_acc = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, dk_acc, input_precision=DOT_PRECISION)
+            if DQ_PARTIALS:
+                # [BM, BK]: this block's share of each pair's dq, at the pair's canonical entry
+                b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION) * scale
+                entry = tl.load(entries + start + r // G, mask=m_r, other=0).to(tl.int64)
+                tl.store(dq_part + (entry * G + r % G)[:, None] * K + o_k[None, :], b_dq,
+                         mask=m_r[:, None] & (o_k < K)[None, :])
         dk_acc = dk_acc * scale
 
         m_dk = m_n[:, None] & (o_k < K)[None, :]
@@ -283,18 +310,20 @@ def selection_bwd_dkdv_merge_kernel(
     dk, dv, dk_part, dv_part, first_item, num_items, slot_key_start, slot_key_end,
     TK, H, slots,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
-    """Per (bucket, key chunk): dk, dv = the sum of the bucket's item partials, in item order."""
+    """Per (bucket, BR keys of a key chunk): dk, dv = the sum of the bucket's item partials, in
+    item order. BR < BN: more, smaller programs (a bucket's partials are a few 100 KiB)."""
     bucket = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1)
+    i_c = tl.program_id(1) // (BN // BR)
+    i_r = tl.program_id(1) % (BN // BR)
     NKC: tl.constexpr = (BLOCK + BN - 1) // BN
     n = tl.load(num_items + bucket)
     if n > 1:
         slot = bucket % slots
         i_h = (bucket // slots) % H
         i_b = bucket // (slots * H)
-        o_n = tl.arange(0, BN)
+        o_n = i_r * BR + tl.arange(0, BR)
         o_k = tl.arange(0, BK)
         o_v = tl.arange(0, BV)
         keys = tl.load(slot_key_start + slot) + i_c * BN + o_n
@@ -302,8 +331,8 @@ def selection_bwd_dkdv_merge_kernel(
         m_dk = m_n[:, None] & (o_k < K)[None, :]
         m_dv = m_n[:, None] & (o_v < V)[None, :]
         first = tl.load(first_item + bucket)
-        dk_acc = tl.zeros([BN, BK], dtype=tl.float32)
-        dv_acc = tl.zeros([BN, BV], dtype=tl.float32)
+        dk_acc = tl.zeros([BR, BK], dtype=tl.float32)
+        dv_acc = tl.zeros([BR, BV], dtype=tl.float32)
         for it in range(n):
             part = ((first + it) * NKC + i_c) * BN + o_n
             dk_acc += tl.load(dk_part + part[:, None] * K + o_k[None, :], mask=m_dk, other=0.0)
@@ -311,6 +340,28 @@ def selection_bwd_dkdv_merge_kernel(
         kv_row = (i_b * TK + keys) * H + i_h
         tl.store(dk + kv_row[:, None] * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=m_dk)
         tl.store(dv + kv_row[:, None] * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_dv)
+
+
+@triton.heuristics({
+    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
+    "BG": lambda args: group_tile(args["G"]),
+})
+@triton.jit(do_not_specialize=["S", "G"])
+def selection_bwd_dq_merge_kernel(dq, dq_part, num_blocks, S, G, K: tl.constexpr,
+                                  BK: tl.constexpr, BG: tl.constexpr):
+    """Per (query token and KV head = row, tile of BG heads): dq = the sum of the row's per-block
+    partials in canonical order (entries 0 .. num_blocks - 1), written once."""
+    row = tl.program_id(0).to(tl.int64)
+    o_g = tl.program_id(1) * BG + tl.arange(0, BG)
+    o_k = tl.arange(0, BK)
+    mask = (o_g < G)[:, None] & (o_k < K)[None, :]
+    acc = tl.zeros([BG, BK], dtype=tl.float32)
+    for s in range(tl.load(num_blocks + row)):
+        acc += tl.load(dq_part + ((row * S + s) * G + o_g)[:, None] * K + o_k[None, :],
+                       mask=mask, other=0.0)
+    # dq [B, TQ, HQ, Dk] contiguous: row * G + head is the (token, query head) row
+    tl.store(dq + (row * G + o_g)[:, None] * K + o_k[None, :], acc.to(dq.dtype.element_ty),
+             mask=mask)
 
 
 _interpreted_cache = {}
@@ -381,6 +432,13 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
     _kernel(selection_bwd_delta_kernel, interpret, {})[(triton.cdiv(rows, BR),)](
         o, do, dlse, delta, rows, V=Dv, BV=max(16, triton.next_power_of_2(Dv)), BR=BR)
 
+    BN = dkdv_keys(block_size, Dk, Dv)
+    NKC = triton.cdiv(block_size, BN)
+    dq_part = None
+    if dq_partials_fit(G, NKC, blocks.numel() * G * Dk * 4, device):
+        # Rows past a row's num_blocks are never read: no need to zero the scratch.
+        dq_part = torch.empty((blocks.numel() * G, Dk), dtype=torch.float32, device=device)
+
     def launch_dq():
         kernel = _kernel(selection_bwd_dq_kernel, interpret,
                          {"BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"])})
@@ -389,7 +447,9 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
             scale * LOG2E, scale, TQ, TK, S, H, G, K=Dk, V=Dv, BLOCK=block_size)
 
     side = None
-    if overlap and device.type == "cuda" and not interpret:
+    if dq_part is not None:
+        pass                         # dq after the dK/dV kernel, from its partials
+    elif overlap and device.type == "cuda" and not interpret:
         side = _side_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -397,8 +457,6 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
     else:
         launch_dq()
 
-    BN = dkdv_keys(block_size, Dk, Dv)
-    NKC = triton.cdiv(block_size, BN)
     if items.per_item < TQ:          # a bucket lists each token at most once: TQ at most
         dk_part = torch.empty((items.max_items, NKC, BN, Dk), dtype=torch.float32, device=device)
         dv_part = torch.empty((items.max_items, NKC, BN, Dv), dtype=torch.float32, device=device)
@@ -406,18 +464,22 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
         dk_part = dv_part = dk
     kernel = _kernel(selection_bwd_dkdv_kernel, interpret, {"BM": lambda args: 64})
     kernel[(items.max_items, NKC)](
-        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part,
-        index.tokens, items.bucket, items.start, items.end, items.num_items,
+        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, dq_part,
+        index.tokens, index.entries, items.bucket, items.start, items.end, items.num_items,
         index.slot_key_start, index.slot_key_end, index.slot_seq_start, pos, *strides,
         scale * LOG2E, scale, TQ, TK, H, G, index.num_buckets, index.slots,
         K=Dk, V=Dv, BLOCK=block_size,
     )
+    if dq_part is not None:
+        _kernel(selection_bwd_dq_merge_kernel, interpret, {})[
+            (B * TQ * H, triton.cdiv(G, group_tile(G)))](dq, dq_part, num_blocks, S, G, K=Dk)
     if dk_part is not dk:
         kernel = _kernel(selection_bwd_dkdv_merge_kernel, interpret, {})
-        kernel[(index.num_buckets, NKC)](
+        BR = 16
+        kernel[(index.num_buckets, NKC * BN // BR)](
             dk, dv, dk_part, dv_part, items.first_item, items.num_items,
             index.slot_key_start, index.slot_key_end, TK, H, index.slots,
-            K=Dk, V=Dv, BLOCK=block_size,
+            K=Dk, V=Dv, BLOCK=block_size, BR=BR,
         )
     if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
