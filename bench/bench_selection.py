@@ -5,11 +5,15 @@ all measured in the same run.
     python bench/bench_selection.py --quick         # a few cases
     python bench/bench_selection.py --cases prefill,decode --patterns random --out /tmp/b
     python bench/bench_selection.py --full          # more sizes (G = 3, 6, 16; T = 128k; ...)
+    python bench/bench_selection.py --schedules     # the Triton forward schedules (~3 GPU minutes)
 
 Rows of each case (bf16 on a GPU):
-  nsa:cuda, nsa:triton-group, nsa:triton-head, nsa:sdpa
-        nsa_ext.selection_attention(..., backend=NAME); the Triton variant through
-        NSA_SEL_TRITON_GROUP=1/0. The per-architecture thresholds are set to 0 for these rows
+  nsa:cuda, nsa:triton, nsa:triton-row, nsa:triton-tile, nsa:triton-kv, nsa:triton-head, nsa:sdpa
+        nsa_ext.selection_attention(..., backend=NAME). nsa:triton is the Triton backend with its
+        forward schedule chosen per call (NSA_SEL_SCHEDULE=auto; the case line says which);
+        nsa:triton-row / -tile / -kv force one schedule (NSA_SEL_SCHEDULE=row|tile|kv: prefill
+        and chunked rows only, decode and training rows are n/a); nsa:triton-head is the row
+        schedule's per-head variant (NSA_SEL_TRITON_GROUP=0). The per-architecture thresholds are set to 0 for these rows
         (NSA_SEL_TRITON_MIN_L=0, NSA_SEL_CUDA_MIN_L=0) so a named backend is measured wherever it
         can run; the case line says what backend="auto" would pick with the configured thresholds.
         A backend that cannot serve the case shows "n/a: <its reasons from nsa_ext.explain>".
@@ -67,7 +71,10 @@ from bench.common import Shape, Work, environ, fmt_tokens, short_error  # noqa: 
 
 CASE_GROUPS = ("prefill", "groups", "dk192", "decode", "chunked", "train")
 GROUP_PRIORITY = ("prefill", "decode", "groups", "chunked", "dk192", "train")   # run order
-NSA_ROWS = ("nsa:cuda", "nsa:triton-group", "nsa:triton-head", "nsa:sdpa")
+NSA_ROWS = ("nsa:cuda", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
+            "nsa:triton-head", "nsa:sdpa")
+SCHEDULE_ROWS = {"nsa:triton": "auto", "nsa:triton-row": "row", "nsa:triton-tile": "tile",
+                 "nsa:triton-kv": "kv", "nsa:triton-head": "row"}
 ANCHOR_ROWS = ("fla", "dense:cudnn", "dense:flash", "flex")
 FLOOR_ROWS = ("floor/row", "floor/tile")
 # Measured in this order (floors and fla first, so the ratios exist), printed in ROW_ORDER.
@@ -117,9 +124,18 @@ def _prefill_shape(T, HQ=64, H=4, D=128, S=16, Dv=None, B=1):
     return Shape(B=B, TQ=T, TK=T, HQ=HQ, H=H, Dk=D, Dv=Dv or D, S=S)
 
 
-def gpu_cases(full: bool, quick: bool) -> List[CaseSpec]:
+SCHEDULE_PRESET_ROWS = ("fla", "floor/row", "floor/tile", "nsa:triton", "nsa:triton-row",
+                        "nsa:triton-tile", "nsa:triton-kv")
+
+
+def gpu_cases(full: bool, quick: bool, schedules: bool = False) -> List[CaseSpec]:
     k = 1024
     cases: List[CaseSpec] = []
+    if schedules:
+        # The forward schedules (issue 12): G = 16 at 8k and 32k, G = 1, 4, 8 at 32k.
+        return ([CaseSpec("prefill", f"prefill T={T}k", _prefill_shape(T * k), x=T * k) for T in (8, 32)]
+                + [CaseSpec("groups", f"G={G} T=32k", _prefill_shape(32 * k, HQ=4 * G), x=32 * k)
+                   for G in (1, 4, 8)])
     if quick:
         return [
             CaseSpec("prefill", "prefill T=8k", _prefill_shape(8 * k), x=8 * k),
@@ -145,10 +161,14 @@ def gpu_cases(full: bool, quick: bool) -> List[CaseSpec]:
     return cases
 
 
-def cpu_cases(full: bool, quick: bool) -> List[CaseSpec]:
+def cpu_cases(full: bool, quick: bool, schedules: bool = False) -> List[CaseSpec]:
     """Small shapes: the whole default CPU run stays well under 2 minutes on 2 cores."""
     def pre(T, HQ=16, H=2, D=64, Dv=None):
         return Shape(1, T, T, HQ, H, D, Dv or D, 8)
+
+    if schedules:
+        return [CaseSpec("prefill", "prefill T=256", Shape(1, 256, 256, 8, 2, 32, 32, 4, 16), x=256),
+                CaseSpec("groups", "G=1 T=256", Shape(1, 256, 256, 2, 2, 32, 32, 4, 16), x=256)]
 
     if quick:
         return [CaseSpec("prefill", "prefill T=512", pre(512), x=512),
@@ -434,6 +454,10 @@ def build(ctx: Context, s: InputSet, name: str):
     if name == "nsa:triton-head" and ctx.case.train and ctx.device.type == "cuda" and not ctx.full:
         raise NotApplicable("training: the Triton backward recomputes group-centric whatever the variant, "
                             "so only the forward differs (prefill rows); --full runs it")
+    if name in ("nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv") and \
+            (ctx.case.train or ctx.shape.TQ < 64):
+        raise NotApplicable("forced forward schedules are prefill rows (decode takes split-KV under "
+                            "auto; training's time is mostly the backward)")
     if name.startswith("nsa:"):
         backend = name.split(":", 1)[1]
         backend = "triton" if backend.startswith("triton") else backend
@@ -456,9 +480,10 @@ def build(ctx: Context, s: InputSet, name: str):
 
 def row_env(name: str) -> Dict[str, Optional[str]]:
     env = dict(THRESHOLD_ENV)
-    if name == "nsa:triton-group":
+    if name in SCHEDULE_ROWS:
+        env["NSA_SEL_SCHEDULE"] = SCHEDULE_ROWS[name]
         env["NSA_SEL_TRITON_GROUP"] = "1"
-    elif name == "nsa:triton-head":
+    if name == "nsa:triton-head":
         env["NSA_SEL_TRITON_GROUP"] = "0"
     return env
 
@@ -494,12 +519,33 @@ def auto_choice(ctx: Context, original_env: Dict[str, Optional[str]]) -> str:
         s = ctx.sets[0]
         with environ(**original_env):
             decision = nsa_ext.explain(s.q, s.k, s.v, s.block_indices, ctx.shape.block_size)
-        return str(getattr(decision, "chosen", None) or "none")
+        chosen = str(getattr(decision, "chosen", None) or "none")
+    except Exception as err:
+        return f"unknown ({short_error(err, 60)})"
+    return f"{chosen}; nsa:triton's schedule: {triton_schedule(ctx)}"
+
+
+def triton_schedule(ctx: Context) -> str:
+    """The forward schedule the nsa:triton row runs (auto's choice) and the overlap statistic."""
+    try:
+        import nsa_ext
+
+        s = ctx.sets[0]
+        with environ(**row_env("nsa:triton")):
+            decision = nsa_ext.explain(s.q, s.k, s.v, s.block_indices, ctx.shape.block_size,
+                                       backend="triton")
+        lines = getattr(decision, "details", {}).get("triton", [])
+        if not lines:
+            return "n/a"
+        chosen = lines[0].split("(")[0].replace("schedule:", "").strip()
+        stats = [line.split("statistics:", 1)[1].strip() for line in lines if "statistics:" in line]
+        ratio = [part for part in (stats[0].split(", ") if stats else []) if "union/selections" in part]
+        return chosen + (f" ({ratio[0]})" if ratio else "")
     except Exception as err:
         return f"unknown ({short_error(err, 60)})"
 
 
-CHECKED = ("nsa:cuda", "nsa:triton-group", "nsa:triton-head", "nsa:reference", "fla", "flex")
+CHECKED = ("nsa:cuda", *SCHEDULE_ROWS, "nsa:reference", "fla", "flex")
 
 
 def check_output(ctx: Context, name: str, result) -> str:
@@ -528,7 +574,7 @@ def check_output(ctx: Context, name: str, result) -> str:
 
 # Decode rows also timed as a CUDA-graph replay (launch overhead gone): the rows whose call has no
 # host synchronisation. Packed SDPA syncs (its bucketing) and is not captured.
-GRAPH_ROWS = ("nsa:cuda", "nsa:triton-group", "nsa:triton-head", "fla", "dense:cudnn", "dense:flash")
+GRAPH_ROWS = ("nsa:cuda", "nsa:triton", "nsa:triton-head", "fla", "dense:cudnn", "dense:flash")
 
 
 def graph_time(fn: Callable, timer: common.Timer):
@@ -642,7 +688,8 @@ def case_line(ctx: Context, auto: str) -> str:
     return (f"== {ctx.case.label} | {ctx.pattern} | B={sh.B} TQ={sh.TQ} TK={sh.TK} HQ={sh.HQ} H={sh.H} "
             f"G={sh.G} Dk={sh.Dk} Dv={sh.Dv} S={sh.S}x{sh.block_size} | pairs {_si(w.pairs)}, "
             f"K/V read per row {_si(w.row_bytes)}B, per tile {_si(w.tile_bytes)}B "
-            f"(union {w.mean_union:.1f} blocks) | sets {len(ctx.sets)} | auto -> {auto}")
+            f"(union {w.mean_union:.1f} blocks, adjacent rows' Jaccard {w.jaccard:.2f}) | "
+            f"sets {len(ctx.sets)} | auto -> {auto}")
 
 
 HEADER_COLS = (f"{'backend':<17}{'mode':<8}{'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'vs fla':>7} "
@@ -687,7 +734,8 @@ def header_text(env: Dict[str, object], copy_bw, args, device) -> str:
 
 def summary_text(rows: List[Row], contexts: List[tuple]) -> str:
     names = [n for n in ROW_ORDER if any(r.backend == n for r in rows)]
-    short = {"nsa:triton-group": "trit-grp", "nsa:triton-head": "trit-head", "nsa:reference": "ref",
+    short = {"nsa:triton": "triton", "nsa:triton-row": "trit-row", "nsa:triton-tile": "trit-tile",
+             "nsa:triton-kv": "trit-kv", "nsa:triton-head": "trit-head", "nsa:reference": "ref",
              "dense:cudnn": "cudnn", "dense:flash": "flash", "dense:cpu": "dense", "floor/row": "fl/row",
              "floor/tile": "fl/tile"}
     head = f"{'case':<22}{'pattern':<10}" + "".join(f"{short.get(n, n.replace('nsa:', '')):>10}" for n in names)
@@ -759,6 +807,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cases only")
     parser.add_argument("--full", action="store_true", help="more sizes (G=3,6,16; T=128k; ...)")
+    parser.add_argument("--schedules", action="store_true",
+                        help="the Triton forward schedules: T=8k/32k and G=1,4,8 at 32k, every pattern, "
+                             "rows " + ",".join(SCHEDULE_PRESET_ROWS) + " (unless --backends)")
     parser.add_argument("--cases", default=",".join(CASE_GROUPS),
                         help=f"comma list of case groups: {','.join(CASE_GROUPS)}")
     parser.add_argument("--patterns", default=None,
@@ -812,7 +863,8 @@ def main(argv=None) -> int:
             print("--triton-interpret is for CPU runs; ignored on CUDA", file=sys.stderr)
         else:
             os.environ["TRITON_INTERPRET"] = "1"     # before Triton kernels are defined
-    original_env = {k: os.environ.get(k) for k in list(THRESHOLD_ENV) + ["NSA_SEL_TRITON_GROUP"]}
+    original_env = {k: os.environ.get(k)
+                    for k in list(THRESHOLD_ENV) + ["NSA_SEL_TRITON_GROUP", "NSA_SEL_SCHEDULE"]}
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -827,11 +879,14 @@ def main(argv=None) -> int:
     header = header_text(env, copy_bw, args, device)
     print(header, flush=True)
 
-    all_cases = gpu_cases(args.full, args.quick) if device.type == "cuda" else cpu_cases(args.full, args.quick)
+    all_cases = (gpu_cases(args.full, args.quick, args.schedules) if device.type == "cuda"
+                 else cpu_cases(args.full, args.quick, args.schedules))
+    if args.schedules and not args.backends:
+        args.backends = list(SCHEDULE_PRESET_ROWS)
     cases = [c for c in all_cases if c.group in args.cases]
     # One query per row (decode): a tile is one query, so `clustered` would equal `random`.
     work_items = [(c, p) for c in cases for p in args.patterns if not (p == "clustered" and c.shape.TQ < 64)]
-    if device.type == "cuda" and args.default_patterns and not args.full:
+    if device.type == "cuda" and args.default_patterns and not (args.full or args.schedules):
         # The one-call GPU budget: clustered for the prefill cases only (--patterns or --full for all).
         work_items = [(c, p) for c, p in work_items if p == "random" or c.group == "prefill"]
     # Random first (the issues' targets), in GROUP_PRIORITY order; then clustered.
