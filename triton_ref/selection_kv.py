@@ -31,7 +31,9 @@ import triton
 import triton.language as tl
 
 from .selection_fwd import LOG2E, LN2, _interpreted, group_tile
-from .selection_tile import attend_chunk_rows, chunk_size, launch_warps, rows_block
+from .selection_fwd import LARGE_PROGRAMS
+from .selection_tile import (ROWS_CONFIGS, attend_chunk_rows, chunk_size, prune_rows_configs,
+                             rows_block)
 
 ITEM_ROWS = 64       # (token, head) rows per KV-outer program: the M of its dots
 
@@ -50,7 +52,10 @@ def item_shape(G: int, rows: int = ITEM_ROWS):
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
     "IS_VARLEN": lambda args: args["pos"] is not None,
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
+    "LARGE": lambda args: args["item_bucket"].numel() >= LARGE_PROGRAMS,
 })
+@triton.autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
+                 prune_configs_by={"early_config_prune": prune_rows_configs})
 @triton.jit(do_not_specialize=["TQ", "TK", "H", "G", "SLOTS", "NUM_BUCKETS"])
 def selection_kv_kernel(
     q, k, v, o_part, lse_part,
@@ -66,7 +71,7 @@ def selection_kv_kernel(
     TQ, TK, H, G, SLOTS, NUM_BUCKETS,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr, PER_ITEM: tl.constexpr,
     GT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
 ):
     i_item = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
@@ -215,7 +220,6 @@ def selection_kv_fwd(q, k, v, num_blocks, entry_pos, tokens, items, slot_key_sta
             scale * LOG2E,
             TQ, TK, H, G, slots, num_buckets,
             K=Dk, V=Dv, BLOCK=block_size, PER_ITEM=items.per_item, GT=GT,
-            num_warps=launch_warps(rows_block(items.per_item, GT)), num_stages=2,
         )
     merge = _interpreted(selection_kv_merge_kernel) if interpret else selection_kv_merge_kernel
     merge[(B * TQ * H, triton.cdiv(G, group_tile(G)))](

@@ -31,9 +31,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import LOG2E, LN2, _interpreted
+from .selection_fwd import LOG2E, LN2, LARGE_PROGRAMS, _interpreted
 
 TILE_ROWS = 64       # (token, head) rows per tile program: the M of its dots
+# Large launches try 4 and 8 warps (ptxas for sm_90, BM = 64, D = 128: 255 registers either
+# way, 32 bytes of spills with 4 warps and none with 8); small ones and launches inside a
+# CUDA-graph capture take the first config, untuned.
+ROWS_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2),
+                triton.Config({}, num_warps=8, num_stages=2)]
+
+
+def prune_rows_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    q = args["q"]
+    if not args["LARGE"] or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return configs[:1]
+    return configs
 
 
 def tile_shape(G: int, rows: int = TILE_ROWS):
@@ -52,10 +65,6 @@ def chunk_size(block_size: int, K: int, V: int) -> int:
     """BS: keys per step; a whole block up to 64 keys (32 beside a 256-wide head tile)."""
     widest = max(triton.next_power_of_2(K), triton.next_power_of_2(V))
     return max(16, min(block_size, 64 if widest <= 128 else 32))
-
-
-def launch_warps(BM: int) -> int:
-    return 8 if BM >= 128 else 4
 
 
 @triton.jit
@@ -113,7 +122,10 @@ def tile_rows(i_b, t0, i_g, TQ, TK, QT: tl.constexpr, GT: tl.constexpr, G, BM: t
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
     "IS_VARLEN": lambda args: args["pos"] is not None,
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
+    "LARGE": lambda args: args["union_count"].numel() >= LARGE_PROGRAMS,
 })
+@triton.autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
+                 prune_configs_by={"early_config_prune": prune_rows_configs})
 @triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G", "U", "NT"])
 def selection_tile_kernel(
     q, k, v, o, lse,
@@ -130,7 +142,7 @@ def selection_tile_kernel(
     TQ, TK, S, H, G, U, NT,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr, QT: tl.constexpr, GT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)       # (batch, KV head, tile), tile fastest
     i_g = tl.program_id(1)
@@ -235,7 +247,6 @@ def selection_tile_fwd(q, k, v, blocks, num_blocks, union, union_count, *, scale
         scale * LOG2E,
         TQ, TK, S, H, G, U, NT,
         K=Dk, V=Dv, BLOCK=block_size, QT=QT, GT=GT,
-        num_warps=launch_warps(rows_block(QT, GT)), num_stages=2,
     )
     return o, lse, grid
 
