@@ -124,7 +124,11 @@ def _group_device_types(group) -> tuple:
 
 
 def _exchange_device(device_types, q) -> torch.device:
-    """The device for the metadata all-gather: q's when the backend serves it, else one it does."""
+    """The device for the metadata all-gather: the CPU where the group serves it (gloo, or
+    "cpu:gloo,cuda:nccl"), since reading the result back from a GPU waits for all the GPU work
+    queued before it; else q's device when the group serves it, else one it does."""
+    if "cpu" in device_types:
+        return torch.device("cpu")
     if isinstance(q, torch.Tensor) and q.device.type in device_types:
         return q.device
     if "cuda" in device_types and torch.cuda.is_available():
@@ -242,7 +246,7 @@ def reduce_scatter_prefix(grads, rank: int, world: int, group):
     """Sum the prefix gradients [B, (rank+1)*T_local, H, D] of every rank into each owner's
     shard [B, T_local, H, D]: zero-pad to the whole gathered length and reduce-scatter (one
     collective per tensor, issued together). The sum is the backend's reduce-scatter, in a fixed
-    order for a fixed group, so gradients are the same from run to run."""
+    order fixed by the group and the message size, so gradients are the same from run to run."""
     works, outs = [], []
     for g in grads:
         B, prefix, H, D = g.shape
@@ -337,6 +341,9 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
     (unequal shard lengths, a shard length that is not a multiple of block_size, tensors on a
     device the group's backend does not serve, differing shapes, dtypes or options, varlen)
     raises the same ValueError, naming the rank and the argument, on every rank.
+    With an NCCL-only group the rank check reads a small GPU all-gather back to the host, which
+    waits for the GPU work queued before the call; a group made with
+    init_process_group("cpu:gloo,cuda:nccl") runs the check on the CPU instead.
     Not traceable by torch.compile (eager collectives): call it outside compiled regions.
     """
     group = _resolve_group(group)

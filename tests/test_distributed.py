@@ -326,6 +326,16 @@ def test_device_mesh_and_subgroup():
         assert r[2] is not None and "1-d DeviceMesh" in r[2]
 
 
+@pytest.mark.parametrize("name,types", [("gloo", ("cpu",)), ("nccl", ("cuda",)),
+                                        ("cpu:gloo,cuda:nccl", ("cpu", "cuda"))])
+def test_group_device_types(monkeypatch, name, types):
+    """Which devices a group's backend serves (bad-device errors, where the rank check runs)."""
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: name)
+    assert nsa_ext.distributed._group_device_types(None) == types
+    if "cpu" in types:   # the rank check stays off the GPU wherever the group serves the CPU
+        assert nsa_ext.distributed._exchange_device(types, torch.zeros(1)).type == "cpu"
+
+
 @pytest.mark.gpu
 def test_nccl_two_gpus():
     if torch.cuda.device_count() < 2:
