@@ -13,7 +13,9 @@ calls (the largest rank's).
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         torchrun --standalone --nproc_per_node=2 bench/cp_bench.py --T 131072 262144 --out cp.json
     # the longest sequence that trains: one launch per length (an out-of-memory rank would leave
-    # the others waiting in a collective), --modes train --no-baseline, doubling T until it fails
+    # the others waiting in a collective), doubling T until it fails:
+    #   2 GPUs: torchrun --nproc_per_node=2 ... --T $T --modes train --no-baseline --no-parts
+    #   1 GPU:  torchrun --nproc_per_node=1 ... --T $T --modes train --only-baseline
     # a CPU smoke run of the script itself (gloo):
     torchrun --standalone --nproc_per_node=2 bench/cp_bench.py --device cpu --T 512 --HQ 4 --D 32
 """
@@ -135,6 +137,8 @@ def main() -> None:
                         help="tokens per GPU (the W-GPU run has W*T)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "train"], choices=["fwd", "train"])
     parser.add_argument("--no-baseline", action="store_true", help="skip the 1-GPU rows")
+    parser.add_argument("--only-baseline", action="store_true",
+                        help="only the 1-GPU rows (with --nproc_per_node=1: the 1-GPU length limit)")
     parser.add_argument("--no-parts", action="store_true", help="skip the per-piece timings")
     parser.add_argument("--HQ", type=int, default=64)
     parser.add_argument("--H", type=int, default=4)
@@ -192,6 +196,11 @@ def main() -> None:
                     if clock.cuda:
                         torch.cuda.empty_cache()
                 dist.barrier()
+            if args.only_baseline:
+                rows.append(row)
+                if rank == 0:
+                    print_row(row)
+                continue
             # W GPUs on W*T tokens: this rank's shard
             q, k_all, v_all, bi, go = inputs(args, T, (rank + 1) * T, seed=T + 1 + rank,
                                              requires_grad=False)
