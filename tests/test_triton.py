@@ -486,9 +486,9 @@ def test_gpu_backward_64bit_offsets(untuned, G):
     assert torch.allclose(dq.float(), want_dq, atol=2e-2, rtol=2e-2)
     assert torch.allclose(dk[:, keys].float(), want_dk, atol=2e-2, rtol=2e-2)
     assert torch.allclose(dv[:, keys].float(), want_dv, atol=2e-2, rtol=2e-2)
-    rest = torch.ones(TK, dtype=torch.bool, device="cuda")
-    rest[keys] = False
-    assert not dk[:, rest].any() and not dv[:, rest].any()
+    # Nothing outside the chosen blocks (counted without copying 4 GiB tensors).
+    for grad in (dk, dv):
+        assert torch.count_nonzero(grad) == torch.count_nonzero(grad[:, keys])
 
 
 def gradients_of(call, grad_o):
