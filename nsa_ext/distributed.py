@@ -252,7 +252,7 @@ def reduce_scatter_prefix(grads, rank: int, world: int, group):
         B, prefix, H, D = g.shape
         T_local = prefix // (rank + 1)
         padded = g.new_zeros(world, B, T_local, H, D)       # chunk i goes to rank i
-        padded[:rank + 1].copy_(g.view(B, rank + 1, T_local, H, D).transpose(0, 1))
+        padded[:rank + 1].copy_(g.reshape(B, rank + 1, T_local, H, D).transpose(0, 1))
         out = g.new_empty(B, T_local, H, D)
         works.append(_reduce_scatter(out, padded.flatten(0, 1), group=group, async_op=True))
         outs.append(out)
