@@ -221,6 +221,9 @@ GRAD_MATRIX = {
     "d59_bs64": dict(B=1, TQ=40, TK=150, HQ=2, H=1, Dk=59, Dv=37, S=3, block_size=64),
     "empty_rows": dict(B=1, TQ=16, HQ=4, H=2, Dk=32, S=4, block_size=16, empty_rows=0.5),
     "bs128_key_chunks": dict(B=1, TQ=20, TK=300, HQ=4, H=2, Dk=32, S=3, block_size=128),
+    "G1": dict(B=2, TQ=24, HQ=2, H=2, Dk=32, S=4, block_size=8),
+    "G16_dk192_dv128": dict(B=1, TQ=12, HQ=16, H=1, Dk=192, Dv=128, S=3, block_size=16),
+    "G64_chunked": dict(B=1, TQ=3, TK=70, HQ=64, H=1, Dk=32, S=4, block_size=16),
 }
 GPU_GRAD_MATRIX = {
     "large_G16_d128": dict(B=1, TQ=1024, HQ=16, H=1, Dk=128, S=8, block_size=64),
