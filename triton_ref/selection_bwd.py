@@ -17,7 +17,10 @@ so dq, dk, dv are bitwise the same on every run (SPEC.md, "determinism"):
    time: gathers q [BM, Dk], dO [BM, Dv], lse and delta [BM], recomputes P and dS [BM, BN] with
    the causal mask j <= pos of each pair's query, and accumulates dv [BN, Dv] += P^T dO and
    dk [BN, Dk] += scale dS^T q in registers. A bucket served by one item stores dk, dv directly;
-   one cut into several items stores fp32 partials to scratch.
+   one cut into several items stores fp32 partials to scratch. For G <= 8 the same kernel runs
+   a second time in its DQ_PARTIALS variant, storing each pair's dq share dS k [BM, Dk] at the
+   pair's canonical entry; `selection_bwd_dq_merge_kernel` sums a row's shares in canonical
+   order. It replaces the dQ kernel there (see DQ_PARTIALS_MAX_G).
 3. `selection_bwd_dkdv_merge_kernel`: per (bucket, key chunk) cut into several items, sums the
    partials in item order and stores dk, dv.
 
@@ -204,16 +207,20 @@ def selection_bwd_delta_kernel(o, do, dlse, delta, rows, V: tl.constexpr, BV: tl
     "IS_VARLEN": lambda args: args["pos"] is not None,
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["item_bucket"].numel() >= 256,
+    "DKDV": lambda args: args["dk"] is not None,
     "DQ_PARTIALS": lambda args: args["dq_part"] is not None,
 })
-@triton.autotune(configs=DKDV_CONFIGS, key=["BLOCK", "BK", "BV", "BN", "LARGE", "DQ_PARTIALS"],
+@triton.autotune(configs=DKDV_CONFIGS, key=["BLOCK", "BK", "BV", "BN", "LARGE", "DKDV", "DQ_PARTIALS"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit(do_not_specialize=["TQ", "TK", "H", "G", "num_buckets", "slots"])
 def selection_bwd_dkdv_kernel(
     q, k, v, do, lse, delta,         # do [B, TQ, HQ, Dv] contiguous; lse, delta [B, TQ, HQ] fp32
     dk, dv,                          # [B, TK, H, Dk] / [B, TK, H, Dv] contiguous, k's / v's dtype
     dk_part, dv_part,                # [max_items, NKC, BN, Dk] / [.., Dv] fp32 scratch
-    dq_part,                         # [B * TQ * H * S * G, Dk] fp32, or None (see selection_bwd)
+    dq_part,                         # [B * TQ * H * S * G, Dk] fp32
+    # DKDV: accumulate and write dk, dv (dk is not None); DQ_PARTIALS: write each pair's share
+    # of dq (dq_part is not None). Launched once per output: the dK/dV accumulators and the dq
+    # tile together cost registers (spills) that each variant alone does not.
     tokens, entries, item_bucket, item_start, item_end, num_items,   # the inverse index, its items
     slot_key_start, slot_key_end, slot_seq_start, pos,
     stride_qb, stride_qt, stride_qh,
@@ -224,7 +231,7 @@ def selection_bwd_dkdv_kernel(
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
-    DQ_PARTIALS: tl.constexpr,
+    DKDV: tl.constexpr, DQ_PARTIALS: tl.constexpr,
 ):
     i_item = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1)
@@ -277,27 +284,32 @@ def selection_bwd_dkdv_kernel(
             b_p = tl.where(visible, tl.math.exp2(b_s - lse2[:, None]), 0.0)
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])
-            # [BN, BV], [BN, BK]
-            dv_acc = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, dv_acc, input_precision=DOT_PRECISION)
-            dk_acc = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, dk_acc, input_precision=DOT_PRECISION)
+            if DKDV:
+                # [BN, BV], [BN, BK]
+                dv_acc = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, dv_acc,
+                                input_precision=DOT_PRECISION)
+                dk_acc = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, dk_acc,
+                                input_precision=DOT_PRECISION)
             if DQ_PARTIALS:
                 # [BM, BK]: this block's share of each pair's dq, at the pair's canonical entry
                 b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION) * scale
                 entry = tl.load(entries + start + r // G, mask=m_r, other=0).to(tl.int64)
                 tl.store(dq_part + (entry * G + r % G)[:, None] * K + o_k[None, :], b_dq,
                          mask=m_r[:, None] & (o_k < K)[None, :])
-        dk_acc = dk_acc * scale
-
-        m_dk = m_n[:, None] & (o_k < K)[None, :]
-        m_dv = m_n[:, None] & (o_v < V)[None, :]
-        if tl.load(num_items + bucket) == 1:
-            kv_row = (i_b * TK + keys) * H + i_h
-            tl.store(dk + kv_row[:, None] * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=m_dk)
-            tl.store(dv + kv_row[:, None] * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_dv)
-        else:
-            part = (i_item * NKC + i_c) * BN + o_n
-            tl.store(dk_part + part[:, None] * K + o_k[None, :], dk_acc, mask=m_dk)
-            tl.store(dv_part + part[:, None] * V + o_v[None, :], dv_acc, mask=m_dv)
+        if DKDV:
+            dk_acc = dk_acc * scale
+            m_dk = m_n[:, None] & (o_k < K)[None, :]
+            m_dv = m_n[:, None] & (o_v < V)[None, :]
+            if tl.load(num_items + bucket) == 1:
+                kv_row = (i_b * TK + keys) * H + i_h
+                tl.store(dk + kv_row[:, None] * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty),
+                         mask=m_dk)
+                tl.store(dv + kv_row[:, None] * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty),
+                         mask=m_dv)
+            else:
+                part = (i_item * NKC + i_c) * BN + o_n
+                tl.store(dk_part + part[:, None] * K + o_k[None, :], dk_acc, mask=m_dk)
+                tl.store(dv_part + part[:, None] * V + o_v[None, :], dv_acc, mask=m_dv)
 
 
 @triton.heuristics({
@@ -463,13 +475,15 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
     else:                            # every bucket is one item: no partials
         dk_part = dv_part = dk
     kernel = _kernel(selection_bwd_dkdv_kernel, interpret, {"BM": lambda args: 64})
-    kernel[(items.max_items, NKC)](
-        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, dq_part,
-        index.tokens, index.entries, items.bucket, items.start, items.end, items.num_items,
-        index.slot_key_start, index.slot_key_end, index.slot_seq_start, pos, *strides,
-        scale * LOG2E, scale, TQ, TK, H, G, index.num_buckets, index.slots,
-        K=Dk, V=Dv, BLOCK=block_size,
-    )
+    for outputs in ((dk, dv, dk_part, dv_part, None),) + (
+            ((None, None, None, None, dq_part),) if dq_part is not None else ()):
+        kernel[(items.max_items, NKC)](
+            q, k, v, do, lse, delta, *outputs,
+            index.tokens, index.entries, items.bucket, items.start, items.end, items.num_items,
+            index.slot_key_start, index.slot_key_end, index.slot_seq_start, pos, *strides,
+            scale * LOG2E, scale, TQ, TK, H, G, index.num_buckets, index.slots,
+            K=Dk, V=Dv, BLOCK=block_size,
+        )
     if dq_part is not None:
         _kernel(selection_bwd_dq_merge_kernel, interpret, {})[
             (B * TQ * H, triton.cdiv(G, group_tile(G)))](dq, dq_part, num_blocks, S, G, K=Dk)
