@@ -12,6 +12,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 
@@ -80,8 +81,9 @@ def run_ranks(world: int, job: str, *args, backend: str = "gloo"):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = val
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         for p in procs:
-            p.join(LAUNCH_TIMEOUT_S)
+            p.join(max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for r in hung:
             procs[r].kill()
