@@ -298,7 +298,7 @@ def meta_call(T, G, H=4, D=128, S=16, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("G,overlap,expected", [(16, "random", "row"), (16, "model", "tile"),
                                                 (1, "random", "kv"), (4, "random", "kv"),
-                                                (8, "model", "tile")])
+                                                (8, "model", "tile"), (1, "model", "tile")])
 def test_cost_model_ranks_the_schedules(G, overlap, expected):
     """H200-sized calls (T = 32k, H = 4, D = 128, 16 blocks of 64): the model's ranking."""
     from triton_ref.selection_tile import tile_shape
@@ -307,9 +307,10 @@ def test_cost_model_ranks_the_schedules(G, overlap, expected):
     selections = 32768 * 4 * 16.0
     QT, _ = tile_shape(G)
     tiles = selections / 16 / QT
-    unions = tiles * (min(QT * 16, 256) if overlap == "random" else 16 + 1.5 * QT)
-    times = chooser.predicted_ms(call, selections, unions, dict(chooser.DEFAULT_RATES))
-    assert min(times, key=times.get) == expected, times
+    unions = tiles * (min(QT * 16, 256) if overlap == "random" else 16 + QT / 4)
+    rates = dict(chooser.DEFAULT_RATES)
+    times = chooser.predicted_ms(call, selections, unions, rates)
+    assert chooser.pick(times, chooser.SCHEDULES, rates["sel_row_margin_pct"]) == expected, times
 
 
 def test_forced_schedule_that_cannot_serve_raises(monkeypatch, device_lane):

@@ -15,7 +15,8 @@ named backend). `auto`:
 
 The cost model (per call; bytes and flops are exact counts, the rates are per-architecture
 constants that `configs/base.yaml` `runtime.thresholds.<arch>` may override as integers:
-`sel_l2_gbps`, `sel_hbm_gbps`, `sel_mma_tflops`):
+`sel_l2_gbps`, `sel_hbm_gbps`, `sel_mma_tflops` (tiles of fewer than 64 rows: mma.sync),
+`sel_wgmma_tflops` (64 rows or more on SM 9.0, where Triton issues wgmma)):
 - row: each (row, selected block) pair loads the block (2 * BLOCK * D bytes from L2) and runs
   its dots on max(16, G) padded rows;
 - tile: each (tile, union block) loads the block once and runs the dots on all the tile's rows
@@ -25,7 +26,9 @@ constants that `configs/base.yaml` `runtime.thresholds.<arch>` may override as i
   inverse-index pre-pass.
 Time = max(bytes / bandwidth, flops / MMA rate) + pre-pass. Crude, but it ranks the schedules
 by the quantities that decide them (G, overlap, head dims); measured crossovers refine the
-rates.
+rates. The row schedule is measured at its floor while the others' times are predictions, so
+another schedule must be predicted faster than row by a margin (`sel_row_margin_pct`, default
+85: at most 85% of row's time) to be chosen.
 """
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ from ..config import Settings
 from ..device import DeviceFacts
 from . import SCHEDULES, Prepared, schedule_module
 
-# Rates (H100/H200 class, bf16): effective L2 -> SM gather bandwidth, HBM bandwidth, mma.sync
-# throughput of a Triton kernel with 64-row tiles. fp32 (ieee dots) runs at ~1/16 the MMA rate.
-DEFAULT_RATES = {"sel_l2_gbps": 8000, "sel_hbm_gbps": 3500, "sel_mma_tflops": 250}
+# Rates (H100/H200 class, bf16): effective L2 -> SM gather bandwidth, HBM bandwidth, the MMA
+# throughput of a Triton kernel with 16-row tiles (mma.sync) and with 64-row tiles on SM 9.0
+# (wgmma). fp32 (ieee dots) runs at ~1/16 the MMA rate.
+DEFAULT_RATES = {"sel_l2_gbps": 8000, "sel_hbm_gbps": 3500, "sel_mma_tflops": 250,
+                 "sel_wgmma_tflops": 450, "sel_row_margin_pct": 85}
 
 
 class ScheduleUnavailableError(ValueError):
@@ -83,7 +88,7 @@ def _may_sync(call: SelectionCall) -> bool:
 
 
 def predicted_ms(call: SelectionCall, selections: float, unions: Optional[float],
-                 rates: Dict[str, float]) -> Dict[str, float]:
+                 rates: Dict[str, float], wgmma: bool = True) -> Dict[str, float]:
     """Predicted time of each schedule in ms (see the module docstring)."""
     from triton_ref.selection_fwd import group_tile
     from triton_ref.selection_kv import item_shape
@@ -94,7 +99,12 @@ def predicted_ms(call: SelectionCall, selections: float, unions: Optional[float]
     elem = call.q.element_size()
     l2 = rates["sel_l2_gbps"] * 1e9
     hbm = rates["sel_hbm_gbps"] * 1e9
-    mma = rates["sel_mma_tflops"] * 1e12 / (16 if call.dtype == torch.float32 else 1)
+    slow = 16 if call.dtype == torch.float32 else 1
+    mma16 = rates["sel_mma_tflops"] * 1e12 / slow
+    mma64 = (rates["sel_wgmma_tflops"] if wgmma else rates["sel_mma_tflops"]) * 1e12 / slow
+
+    def mma(rows):
+        return mma64 if rows >= 64 else mma16
     block_bytes = bs * (Dk + Dv) * elem
     block_flops = 2.0 * bs * (Dk + Dv)          # per query row
     entries = call.batch * call.seqlen_q * call.num_heads_kv * call.num_selected
@@ -103,23 +113,35 @@ def predicted_ms(call: SelectionCall, selections: float, unions: Optional[float]
     BG = group_tile(G)
     copies = -(-G // BG)
     out["row"] = max(selections * copies * block_bytes / l2,
-                     selections * copies * BG * block_flops / mma)
+                     selections * copies * BG * block_flops / mma(BG))
 
     if unions is not None:
         QT, GT = tile_shape(G)
         tiles = -(-G // GT)
         prepass = entries * 8 * 6 / hbm               # a segmented sort, cumsum and scatter
+        BM = rows_block(QT, GT)
         out["tile"] = max(unions * tiles * block_bytes / l2,
-                          unions * tiles * rows_block(QT, GT) * block_flops / mma) + prepass
+                          unions * tiles * BM * block_flops / mma(BM)) + prepass
 
     per_item, GT = item_shape(G)
     tiles = -(-G // GT)
     items = selections / per_item + call.num_heads_kv * call.batch * -(-call.seqlen_k // bs)
     moved = selections * G * (Dk * elem + 2 * (Dv + 1) * 4)
     prepass = entries * 8 * 10 / hbm                  # the index's sort and two searches
+    BM = rows_block(per_item, GT)
     out["kv"] = max(items * tiles * block_bytes / l2 + moved / hbm,
-                    items * tiles * rows_block(per_item, GT) * block_flops / mma) + prepass
+                    items * tiles * BM * block_flops / mma(BM)) + prepass
     return {name: seconds * 1e3 for name, seconds in out.items()}
+
+
+def pick(times: Dict[str, float], able, margin_pct: float) -> str:
+    """The schedule to run given predicted `times` (ms) for the `able` ones: the fastest, where
+    a schedule other than row must be predicted at most `margin_pct`% of row's time."""
+    able = [name for name in SCHEDULES if name in able and name in times]
+    best = min(able, key=lambda name: (times[name], SCHEDULES.index(name)))
+    if best != "row" and "row" in able and times[best] > times["row"] * margin_pct / 100:
+        return "row"
+    return best
 
 
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
@@ -164,14 +186,19 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     elif prep is not None:
         reasons["tile"] = reasons["tile"] + ["its overlap statistic costs a host sync, not "
                                              "taken during CUDA-graph capture"]
-    times = predicted_ms(call, selections, unions, _rates(settings, facts))
-    candidates = {name: ms for name, ms in times.items() if not reasons[name]}
-    chosen = min(candidates, key=lambda name: (candidates[name], SCHEDULES.index(name)))
+    rates = _rates(settings, facts)
+    times = predicted_ms(call, selections, unions, rates,
+                         wgmma=facts.sm is not None and facts.sm >= (9, 0))
+    margin = rates["sel_row_margin_pct"]
+    chosen = pick(times, [name for name in SCHEDULES if not reasons[name]], margin)
     for name in SCHEDULES:
         if name != chosen and not reasons[name] and name in times:
             reasons[name] = [f"predicted {times[name]:.3g} ms vs {times[chosen]:.3g} ms"]
         elif name != chosen and name not in times and not reasons[name]:
             reasons[name] = ["no overlap statistic for this call"]
     why = f"auto: predicted {times[chosen]:.3g} ms, the least"
+    if chosen == "row" and min(times.values()) < times["row"]:
+        why = (f"auto: predicted {times['row']:.3g} ms; no other schedule predicted at most "
+               f"{margin:.0f}% of it")
     return ScheduleChoice(chosen, "auto", why, {n: r for n, r in reasons.items() if n != chosen},
                           times, stats)
