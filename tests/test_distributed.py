@@ -242,7 +242,13 @@ def job_mesh_and_subgroup(rank, world, spec):
     return with_mesh, with_sub, mesh_error
 
 
-JOBS = {"sharded": job_sharded, "errors": job_errors, "mesh": job_mesh_and_subgroup}
+def job_parts(rank, world, parts):
+    """Several jobs in one launch: {name: result}."""
+    return {name: JOBS[name](rank, world, *args) for name, args in parts}
+
+
+JOBS = {"sharded": job_sharded, "errors": job_errors, "mesh": job_mesh_and_subgroup,
+        "parts": job_parts}
 
 
 # ---------------------------------------------------------------------------- the tests
@@ -287,13 +293,6 @@ def check_against_one_process(spec, world, per_rank, device="cpu"):
                 (spec, rank, name, (got.float() - want.float()).abs().max())
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_shards_match_one_process(world):
-    results = run_ranks(world, "sharded", CASES[world])
-    for i, spec in enumerate(CASES[world]):
-        check_against_one_process(spec, world, [results[r][i] for r in range(world)])
-
-
 ERROR_CASES = {
     "unequal": ("rank 1", "q:", "T_local"),
     "not_multiple": ("rank 0", "rank 1", "q:", "multiple of block_size"),
@@ -303,9 +302,41 @@ ERROR_CASES = {
 }
 
 
-def test_bad_input_raises_on_every_rank():
+MESH_SPEC = base(indices="causal", T_local=16, seed=8)
+
+# One launch per group size (starting the processes costs more than the cases); the tests below
+# read their parts of it.
+LAUNCHES = {2: [("sharded", (CASES[2],)), ("errors", (list(ERROR_CASES),))],
+            3: [("sharded", (CASES[3],)), ("mesh", (MESH_SPEC,))]}
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """launched(world, part) -> that part's per-rank results; each launch runs once."""
+    done = {}
+
+    def get(world, part):
+        if world not in done:
+            try:
+                done[world] = run_ranks(world, "parts", LAUNCHES[world])
+            except AssertionError as e:   # every test of this launch fails with the cause
+                done[world] = e
+        if isinstance(done[world], AssertionError):
+            raise done[world]
+        return [per_rank[part] for per_rank in done[world]]
+    return get
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_match_one_process(launched, world):
+    results = launched(world, "sharded")
+    for i, spec in enumerate(CASES[world]):
+        check_against_one_process(spec, world, [results[r][i] for r in range(world)])
+
+
+def test_bad_input_raises_on_every_rank(launched):
     cases = list(ERROR_CASES)
-    messages = run_ranks(2, "errors", cases)
+    messages = launched(2, "errors")
     for rank, per_case in enumerate(messages):
         for kind, message in zip(cases, per_case):
             assert message is not None, f"rank {rank}: {kind} did not raise"
@@ -317,10 +348,9 @@ def test_bad_input_raises_on_every_rank():
         assert len(texts) == 1, texts
 
 
-def test_device_mesh_and_subgroup():
-    world = 3
-    spec = base(indices="causal", T_local=16, seed=8)
-    results = run_ranks(world, "mesh", spec)
+def test_device_mesh_and_subgroup(launched):
+    world, spec = 3, MESH_SPEC
+    results = launched(world, "mesh")
     check_against_one_process(spec, world, [r[0] for r in results])
     check_against_one_process(spec, world - 1, [r[1] for r in results[1:]])
     assert results[0][1] is None
