@@ -68,7 +68,7 @@ _MUST_MATCH = (
     ("block_counts_int", "block_counts", "int block_counts"),
     ("scale", "scale", "scale"),
     ("backend", "backend", "backend"),
-    ("grad_flags", "q/k/v", "which of (q, k, v) require grad, as bits,"),
+    ("grad_flags", "q/k/v", "tensors that require grad"),
 )
 
 
@@ -79,7 +79,6 @@ class _Plan:
     group: object          # the ProcessGroup
     rank: int              # rank in the group = index of this shard in the sequence
     world: int
-    T_local: int
     block_size: int
     block_counts_int: Optional[int]
     scale: Optional[float]
@@ -215,9 +214,11 @@ def _exchange_and_check(fields: dict, message: str, group, rank: int, world: int
                         mine_value, theirs = names[mine_value], names[theirs]
                     if key == "backend":
                         mine_value, theirs = BACKEND_NAMES[mine_value], BACKEND_NAMES[theirs]
-                    problems.append(f"rank {r}: {argument}: {what} is {mine_value}, rank "
-                                    f"{first}'s is {theirs} (every rank passes an equal shard "
-                                    "of one call)")
+                    if key == "grad_flags":   # every rank must take part in the backward
+                        mine_value, theirs = (", ".join(n for i, n in enumerate("qkv") if x >> i & 1)
+                                              or "none" for x in (mine_value, theirs))
+                    problems.append(f"rank {r}: {argument}: {what}: {mine_value}, on rank "
+                                    f"{first}: {theirs} (every rank passes its shard of one call)")
             if len(problems) > 8:
                 break
     if problems:
@@ -356,9 +357,9 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
 
     counts_tensor = block_counts if isinstance(block_counts, torch.Tensor) else None
     counts_int = None if block_counts is None or counts_tensor is not None else int(block_counts)
-    plan = _Plan(group=group, rank=rank, world=world, T_local=q.shape[1],
-                 block_size=int(block_size), block_counts_int=counts_int,
-                 scale=None if scale is None else float(scale), backend=backend)
+    plan = _Plan(group=group, rank=rank, world=world, block_size=int(block_size),
+                 block_counts_int=counts_int, scale=None if scale is None else float(scale),
+                 backend=backend)
     need_grad = fields["grad_flags"] != 0
     o, lse = _ContextParallelSelection.apply(q, k, v, block_indices, counts_tensor, plan,
                                              need_grad)

@@ -208,6 +208,8 @@ def job_errors(rank, world, cases):
         k = torch.randn(1, T_local, 2, 16, dtype=dtype, device=device)
         v = torch.randn(1, T_local, 2, 16, dtype=dtype, device=device)
         block_indices = torch.zeros(1, T_local, 2, 2, dtype=torch.long, device=device)
+        if kind == "grad" and rank == 1:     # rank 1 would wait in a backward rank 0 never runs
+            q.requires_grad_()
         try:
             nsa_ext.distributed.selection_attention(q, k, v, block_indices, block_size, **extra)
         except ValueError as e:
@@ -299,6 +301,7 @@ ERROR_CASES = {
     "device": ("rank 0", "q:", "meta", "gloo"),
     "varlen": ("cu_seqlens_q", "not supported"),
     "dtype": ("rank 1", "q:", "dtype"),
+    "grad": ("rank 1", "q/k/v", "require grad"),
 }
 
 
