@@ -65,6 +65,16 @@ def _worker(rank, world, port, backend, job, args, result_dir):
 def run_ranks(world: int, job: str, *args, backend: str = "gloo"):
     """Run JOBS[job](rank, world, *args) on `world` new processes of one process group; return
     the per-rank results. A rank that raises, exits or hangs fails the calling test."""
+    try:
+        return _launch(world, job, args, backend)
+    except AssertionError as e:
+        # the free port was taken between _free_port() and rank 0's bind: once more, another port
+        if "address already in use" not in str(e).lower():
+            raise
+    return _launch(world, job, args, backend)
+
+
+def _launch(world, job, args, backend):
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as result_dir:
