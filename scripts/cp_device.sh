@@ -9,8 +9,10 @@
 # NVLink multicast stays off, as that machine sets it, in every process started here.
 # Every step runs even when an earlier one fails; the exit status is the first failure's.
 #
-# Knobs: PYTHON (default python3), NSA_CP_OUT (default bench/results/cp), NSA_CP_LENGTHS
-# (tokens per GPU tried for the length limit, default "524288 1048576 2097152 4194304").
+# Knobs: PYTHON (default python3), NSA_CP_OUT (default bench/results/cp), NSA_CP_STEPS (which of
+# "tests scaling length" to run, default all three: one call each where a command's time is
+# capped), NSA_CP_LENGTHS (tokens per GPU tried for the length limit, default
+# "524288 1048576 2097152 4194304").
 # The package is installed pure-Python (NSA_EXT_SKIP_CUDA_BUILD=1) when it is not importable:
 # backend="auto" takes the Triton kernels on SM 9.0, so the extension's build is not needed here.
 set -uo pipefail
@@ -18,6 +20,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${NSA_CP_OUT:-bench/results/cp}
 LENGTHS=${NSA_CP_LENGTHS:-524288 1048576 2097152 4194304}
+STEPS=" ${NSA_CP_STEPS:-tests scaling length} "
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$OUT"
 status=0
@@ -31,14 +35,19 @@ if ! $PYTHON -c "import nsa_ext" 2>/dev/null; then
   NSA_EXT_SKIP_CUDA_BUILD=1 $PYTHON -m pip install -q --no-build-isolation -e . || fail "install" $?
 fi
 
-step "tests/test_distributed.py"
-$PYTHON -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || fail "tests" 1
+if wants tests; then
+  step "tests/test_distributed.py"
+  $PYTHON -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || fail "tests" 1
+fi
 
-step "weak scaling"
-$RUN --nproc_per_node=2 bench/cp_bench.py --T 131072 262144 --out "$OUT/weak_scaling.json" \
-  2>&1 | tee "$OUT/weak_scaling.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || fail "weak scaling" 1
+if wants scaling; then
+  step "weak scaling"
+  $RUN --nproc_per_node=2 bench/cp_bench.py --T 131072 262144 --out "$OUT/weak_scaling.json" \
+    2>&1 | tee "$OUT/weak_scaling.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || fail "weak scaling" 1
+fi
+wants length || exit "$status"
 
 step "longest training sequence, 2 GPUs (tokens per GPU; the sequence has twice as many)"
 for T in $LENGTHS; do
