@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,12 +99,25 @@ class SelectionCall:
         """Most key tokens one row can attend to: entries used per row x block_size."""
         return self.block_count_limit * self.block_size
 
+    def dispatch_key(self) -> tuple:
+        """Everything about the call except tensor values: shape, strides, dtype and device of
+        every tensor, and the scalar arguments. The dispatcher caches its decision on it, so a
+        backend's reasons and preferences may read nothing else of the call."""
+        return (_metadata(self.q), _metadata(self.k), _metadata(self.v),
+                _metadata(self.block_indices), _metadata(self.block_counts),
+                _metadata(self.cu_seqlens_q), _metadata(self.cu_seqlens_k),
+                self.block_count_limit, self.block_size, self.scale, self.batchless, self.need_lse)
+
     def summary(self) -> str:
         kind = f"varlen(N={self.num_seqs})" if self.is_varlen else f"B={self.batch}"
         return (f"{kind} TQ={self.seqlen_q} TK={self.seqlen_k} HQ={self.num_heads_q} "
                 f"H={self.num_heads_kv} G={self.group_size} Dk={self.head_dim_qk} "
                 f"Dv={self.head_dim_v} S={self.num_selected} block_size={self.block_size} "
                 f"dtype={str(self.dtype).replace('torch.', '')} device={self.device}")
+
+
+def _metadata(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -130,7 +144,38 @@ def _is_tracing(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: int) -> None:
+# The values of cu_seqlens (start at 0, non-decreasing, end at the packed length, TQ <= TK per
+# sequence) can only be read through a host synchronisation, which would cost every eager call a
+# GPU round trip. They are checked once per tensor: each checked (cu_seqlens_q, cu_seqlens_k)
+# pair (the last 64) is remembered by weak reference with its version counters, which every
+# in-place PyTorch op bumps, so the same tensors passed again unchanged (each layer of a model, each
+# step of a loop) skip the check, and new or modified tensors are checked. What a caller loses:
+# a write the version counter does not see (through `.data`, DLPack, or a raw kernel writing
+# into the tensor's memory) is not checked, and wrong values then give wrong output or reads out
+# of bounds instead of a ValueError. Inference tensors have no version counter: checked each call.
+_CHECKED_CU: dict = {}
+
+
+def _cu_values_known_good(cu_q: torch.Tensor, cu_k: torch.Tensor, totals) -> bool:
+    entry = _CHECKED_CU.get((id(cu_q), id(cu_k)))
+    if entry is None or entry[0]() is not cu_q or entry[1]() is not cu_k:
+        return False
+    if cu_q.is_inference() or cu_k.is_inference():
+        return False
+    return entry[2] == (cu_q._version, cu_k._version, totals)
+
+
+def _remember_cu_values(cu_q: torch.Tensor, cu_k: torch.Tensor, totals) -> None:
+    """`totals`: (TQ, TK), which the last entries were checked against."""
+    if cu_q.is_inference() or cu_k.is_inference():
+        return
+    if len(_CHECKED_CU) >= 64:
+        _CHECKED_CU.clear()
+    _CHECKED_CU[(id(cu_q), id(cu_k))] = (weakref.ref(cu_q), weakref.ref(cu_k),
+                                         (cu_q._version, cu_k._version, totals))
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device) -> None:
     _check_tensor(name, cu)
     if cu.dtype not in INDEX_DTYPES:
         raise NSAInputDtypeError(f"{name}: expected int32 or int64, got {_dtype_name(cu.dtype)}")
@@ -138,8 +183,9 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: 
         raise ValueError(f"{name}: expected shape [N+1] with N >= 1, got {_shape(cu)}")
     if cu.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (q's device), got {cu.device}")
-    if _is_tracing(cu):
-        return
+
+
+def _check_cu_values(name: str, cu: torch.Tensor, total: int) -> None:
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}: must start at 0, got {values[0]}")
@@ -230,19 +276,25 @@ def describe_call(q, k, v, block_indices, block_size=64, *, block_counts=None, s
                              f"got q {_shape(q)}")
         if cu_seqlens_k is None:
             cu_seqlens_k = cu_seqlens_q
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, TQ)
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, TK)
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries like cu_seqlens_q, "
                              f"got {cu_seqlens_k.numel()}")
-        if not _is_tracing(cu_seqlens_q) and cu_seqlens_k is not cu_seqlens_q:
-            lq = torch.diff(cu_seqlens_q).tolist()
-            lk = torch.diff(cu_seqlens_k).tolist()
-            bad = [i for i, (a, b) in enumerate(zip(lq, lk)) if a > b]
-            if bad:
-                i = bad[0]
-                raise ValueError(f"cu_seqlens_q/cu_seqlens_k: sequence {i} has {lq[i]} queries but only "
-                                 f"{lk[i]} keys (queries are the last TQ positions, so TQ <= TK)")
+        if not (_is_tracing(cu_seqlens_q) or _is_tracing(cu_seqlens_k)
+                or _cu_values_known_good(cu_seqlens_q, cu_seqlens_k, (TQ, TK))):
+            _check_cu_values("cu_seqlens_q", cu_seqlens_q, TQ)
+            _check_cu_values("cu_seqlens_k", cu_seqlens_k, TK)
+            if cu_seqlens_k is not cu_seqlens_q:
+                lq = torch.diff(cu_seqlens_q).tolist()
+                lk = torch.diff(cu_seqlens_k).tolist()
+                bad = [i for i, (a, b) in enumerate(zip(lq, lk)) if a > b]
+                if bad:
+                    i = bad[0]
+                    raise ValueError(f"cu_seqlens_q/cu_seqlens_k: sequence {i} has {lq[i]} queries "
+                                     f"but only {lk[i]} keys (queries are the last TQ positions, "
+                                     f"so TQ <= TK)")
+            _remember_cu_values(cu_seqlens_q, cu_seqlens_k, (TQ, TK))
     elif TQ > TK:
         raise ValueError(f"q/k: TQ must be <= TK (queries are the last TQ key positions), "
                          f"got TQ={TQ}, TK={TK}")

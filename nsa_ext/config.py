@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Optional
@@ -127,9 +128,38 @@ def _read_yaml(path: str, mtime: float) -> dict:
     return runtime
 
 
+# CPython's os.environ keeps its variables encoded in `_data`, which every set and del through
+# os.environ updates: reading the relevant keys there costs ~0.1 us each, against ~1 us through
+# os.environ.get (which encodes the key and decodes the value), and load_settings runs on every
+# call. Elsewhere (or for another mapping) the plain path below reads `environ` itself.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEYS = tuple(os.environ.encodekey(var) for var in [var for var, _, _ in _ENV] + ["NSA_CONFIG"])
+except AttributeError:
+    _ENV_DATA = _ENV_KEYS = None
+_RECHECK_FILE_S = 1.0     # a cached Settings re-reads the YAML file's mtime at most this often
+_FAST: dict = {}          # raw environment values -> (Settings, when the file was last checked)
+
+
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
-    """Settings from `environ` over the YAML file over defaults. Cheap (it is read on every
-    call): the result is cached on the relevant environment variables and the file's mtime."""
+    """Settings from `environ` over the YAML file over defaults. Cheap (it runs on every call):
+    cached on the relevant environment variables (a changed flag is seen at the next call) and
+    the YAML file's mtime (an edited file is seen within _RECHECK_FILE_S seconds)."""
+    if environ is os.environ and _ENV_DATA is not None:
+        key = tuple(map(_ENV_DATA.get, _ENV_KEYS))
+        hit = _FAST.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < _RECHECK_FILE_S:
+            return hit[0]
+        settings = _load_settings(environ)
+        if len(_FAST) > 64:
+            _FAST.clear()
+        _FAST[key] = (settings, now)
+        return settings
+    return _load_settings(environ)
+
+
+def _load_settings(environ: Mapping[str, str]) -> Settings:
     path = config_path(environ)
     try:
         mtime = path.stat().st_mtime if path is not None else None

@@ -28,8 +28,14 @@ PRIORITY = ("triton", "cuda", "sdpa")
 _MODULES = {"cuda": "cuda", "triton": "triton", "sdpa": "sdpa_packed", "reference": "reference"}
 
 
+_LOADED: dict = {}
+
+
 def backend_module(name: str):
-    return importlib.import_module(f"nsa_ext.backends.{_MODULES[name]}")
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(f"nsa_ext.backends.{_MODULES[name]}")
+    return module
 
 
 class BackendUnavailableError(ValueError):
@@ -95,10 +101,30 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
     return Decision(chosen, requested, reasons, call.summary(), facts.describe(), preferences)
 
 
+# Decisions of earlier calls, keyed on the call's metadata (SelectionCall.dispatch_key), the
+# requested backend, the Settings object and the device facts: every call runs `choose`, and
+# asking every backend for its reasons and preferences again costs ~10 us of host time. The
+# Settings object is the one load_settings caches per environment, so a changed flag or config
+# file gives another object, hence another key.
+_DECISIONS: dict = {}
+_MAX_DECISIONS = 512
+
+
 def choose(call: SelectionCall, requested: str = "auto", settings: Optional[Settings] = None,
            facts: Optional[DeviceFacts] = None) -> Decision:
-    """Like `decide`, but raises BackendUnavailableError when no backend can serve the call."""
-    decision = decide(call, requested, settings, facts)
+    """Like `decide` (cached on the call's metadata, the settings and the device facts), but
+    raises BackendUnavailableError when no backend can serve the call."""
+    settings = settings if settings is not None else load_settings()
+    facts = facts if facts is not None else device_facts(call.device)
+    key = (call.dispatch_key(), requested, id(settings), facts)
+    cached = _DECISIONS.get(key)
+    if cached is not None and cached[0] is settings:
+        decision = cached[1]
+    else:
+        decision = decide(call, requested, settings, facts)
+        if len(_DECISIONS) >= _MAX_DECISIONS:
+            _DECISIONS.clear()
+        _DECISIONS[key] = (settings, decision)     # the object keeps id(settings) unique
     if decision.chosen is None:
         if requested == "auto":
             raise BackendUnavailableError(f"backend='auto': no backend can serve this call\n{decision}")

@@ -41,17 +41,26 @@ def _to_caller_layout(call: SelectionCall, t: Tensor) -> Tensor:
     return (t.squeeze(0) if call.batchless else t).contiguous()
 
 
+def run_forward(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q, cu_seqlens_k,
+                block_size, scale, backend, return_lse):
+    """What the operator computes: validate, dispatch, run the chosen backend. The API calls it
+    directly, without the operator, where the operator would only add its dispatch cost
+    (eager calls that need no gradient, see api.selection_attention)."""
+    call, decision = plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
+                          cu_seqlens_k, block_size, scale, backend, return_lse)
+    o, lse = backend_module(decision.chosen).forward(call)
+    lse = _to_caller_layout(call, lse) if return_lse else lse.new_empty(0)
+    return _to_caller_layout(call, o), lse
+
+
 @torch.library.custom_op("nsa_ext::selection_attention", mutates_args=())
 def selection_attention_op(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor,
                            block_counts: Optional[Tensor], block_count: Optional[int],
                            cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                            block_size: int, scale: Optional[float], backend: str,
                            return_lse: bool) -> Tuple[Tensor, Tensor]:
-    call, decision = plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
-                          cu_seqlens_k, block_size, scale, backend, return_lse)
-    o, lse = backend_module(decision.chosen).forward(call)
-    lse = _to_caller_layout(call, lse) if return_lse else lse.new_empty(0)
-    return _to_caller_layout(call, o), lse
+    return run_forward(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
+                       cu_seqlens_k, block_size, scale, backend, return_lse)
 
 
 @selection_attention_op.register_fake

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .call import SelectionCall
 
@@ -28,15 +29,45 @@ class RowGeometry:
     seq: torch.Tensor | None = None   # [B, TQ] int64: the query's sequence (varlen only)
 
 
+# The geometry of a dense call depends on (B, TQ, TK, device) only: small ones (decode, chunks,
+# where eager calls are bound by host time) are kept, so a repeated shape costs no tensor op.
+# Consumers only read these tensors. Neither kept nor handed out while tracing or while a CUDA
+# graph is captured: a graph's tensors come from its own pool, which outlives this cache.
+_DENSE_GEOMETRY: dict = {}
+_KEEP_ROWS = 1 << 16          # B * TQ up to this: at most 1.5 MiB of int64 per geometry
+_KEEP_GEOMETRIES = 16
+
+
+def _dense_geometry(B: int, TQ: int, TK: int, device: torch.device) -> RowGeometry:
+    t = torch.arange(TQ, device=device, dtype=torch.int64)
+    pos = (t + (TK - TQ)).expand(B, TQ)
+    seqlen_k = torch.full((B, TQ), TK, device=device, dtype=torch.int64)
+    k_offset = torch.zeros((B, TQ), device=device, dtype=torch.int64)
+    return RowGeometry(pos, seqlen_k, k_offset)
+
+
+def _may_keep(device: torch.device) -> bool:
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
 def row_geometry(call: SelectionCall) -> RowGeometry:
     B, TQ, TK = call.batch, call.seqlen_q, call.seqlen_k
     device = call.device
-    t = torch.arange(TQ, device=device, dtype=torch.int64)
     if not call.is_varlen:
-        pos = (t + (TK - TQ)).expand(B, TQ)
-        seqlen_k = torch.full((B, TQ), TK, device=device, dtype=torch.int64)
-        k_offset = torch.zeros((B, TQ), device=device, dtype=torch.int64)
-        return RowGeometry(pos, seqlen_k, k_offset)
+        if B * TQ > _KEEP_ROWS or not _may_keep(device):
+            return _dense_geometry(B, TQ, TK, device)
+        key = (B, TQ, TK, device)
+        geometry = _DENSE_GEOMETRY.get(key)
+        if geometry is None:
+            with torch.inference_mode(False):     # usable outside inference mode later on
+                geometry = _dense_geometry(B, TQ, TK, device)
+            if len(_DENSE_GEOMETRY) >= _KEEP_GEOMETRIES:
+                _DENSE_GEOMETRY.clear()
+            _DENSE_GEOMETRY[key] = geometry
+        return geometry
+    t = torch.arange(TQ, device=device, dtype=torch.int64)
     cu_q = call.cu_seqlens_q.to(torch.int64)
     cu_k = call.cu_seqlens_k.to(torch.int64)
     # Sequence of each packed query token; empty sequences are skipped by right=True.

@@ -66,3 +66,31 @@ def test_measured_thresholds_are_per_architecture(tmp_path):
     # An explicit environment variable still wins over a measured threshold.
     s = load_settings({"NSA_CONFIG": str(cfg), "NSA_SEL_TRITON_MIN_L": "7"})
     assert s.min_len("triton", "sm90") == 7
+
+
+def test_cached_settings_see_a_changed_env_flag_at_once(monkeypatch):
+    monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
+    assert load_settings() is load_settings()            # the common path is a cache hit
+    assert not load_settings().debug_log
+    monkeypatch.setenv("NSA_DEBUG_LOG", "1")
+    assert load_settings().debug_log
+    monkeypatch.setenv("NSA_SEL_TRITON_MIN_L", "123")
+    assert load_settings().sel_triton_min_L == 123
+    monkeypatch.delenv("NSA_SEL_TRITON_MIN_L")
+    assert "sel_triton_min_L" not in load_settings().from_env
+
+
+def test_cached_settings_see_an_edited_yaml_file(tmp_path, monkeypatch):
+    import os
+
+    from nsa_ext import config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("runtime:\n  sel_triton_min_L: 100\n")
+    monkeypatch.setenv("NSA_CONFIG", str(cfg))
+    assert load_settings().sel_triton_min_L == 100
+    cfg.write_text("runtime:\n  sel_triton_min_L: 200\n")
+    stat = cfg.stat()
+    os.utime(cfg, (stat.st_atime, stat.st_mtime + 5))   # a later mtime, whatever the clock
+    monkeypatch.setattr(config, "_RECHECK_FILE_S", 0.0)  # the file is re-checked every call
+    assert load_settings().sel_triton_min_L == 200

@@ -257,6 +257,39 @@ def test_canonical_blocks_are_the_set_of_the_spec():
                 assert num[b, t, h] == len(want)
 
 
+# --- the cached decision sees every change of metadata and of the environment ------------------
+
+def test_choose_caches_and_sees_env_and_metadata_changes(monkeypatch):
+    from nsa_ext.dispatch import choose
+
+    monkeypatch.delenv("NSA_SEL_TRITON_MIN_L", raising=False)
+    monkeypatch.delenv("NSA_USE_TRITON_SEL", raising=False)
+    call = a_call()
+    first = choose(call, facts=H100)
+    assert choose(a_call(), facts=H100) is first          # same metadata: the cached decision
+    monkeypatch.setenv("NSA_SEL_TRITON_MIN_L", str(10**6))
+    short = choose(call, facts=H100)
+    assert short is not first and short.chosen != "triton"
+    assert any("NSA_SEL_TRITON_MIN_L" in p for p in short.preferences["triton"])
+    monkeypatch.delenv("NSA_SEL_TRITON_MIN_L")
+    assert choose(call, facts=H100).chosen == first.chosen
+    wide = a_call(Dk=320)                                  # another head dim: decided anew
+    decision = choose(wide, facts=H100)
+    assert decision is not first and any("Dk=320" in r for r in decision.reasons["triton"])
+    assert choose(call, facts=RTX4090).chosen == "sdpa"    # other device facts: decided anew
+
+
+def test_choose_keys_on_strides_too():
+    from nsa_ext.call import describe_call as describe
+    from nsa_ext.dispatch import choose
+
+    case = make_case(B=1, TQ=32, HQ=8, H=2, Dk=64, S=4, block_size=16, dtype=torch.float16)
+    q_strided = case.q.transpose(1, 2).contiguous().transpose(1, 2)   # same shape, other strides
+    a = choose(describe(*case.args()), facts=H100)
+    b = choose(describe(q_strided, *case.args()[1:]), facts=H100)
+    assert a.call_summary == b.call_summary and a is not b
+
+
 # --- a named backend serves a call below auto's thresholds ---------------------------------------
 
 def _no_key_case(device):

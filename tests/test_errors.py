@@ -82,6 +82,30 @@ def test_cu_seqlens_on_another_device():
         call(base(**VAR), cu_seqlens_q=CU.to("meta"))
 
 
+def test_cu_seqlens_values_are_checked_once_per_tensor_and_version(monkeypatch):
+    from nsa_ext import call as call_module
+
+    checked = []
+    real = call_module._check_cu_values
+    monkeypatch.setattr(call_module, "_check_cu_values",
+                        lambda name, cu, total: (checked.append(name), real(name, cu, total)))
+    args = base(**VAR)
+    cu = torch.tensor([0, 10, 32], dtype=torch.int32)
+    call(args, cu_seqlens_q=cu)
+    assert checked == ["cu_seqlens_q", "cu_seqlens_k"]
+    call(args, cu_seqlens_q=cu)                       # the same tensor, unchanged: no re-read
+    assert len(checked) == 2
+    cu[1] = 40                                        # an in-place write bumps its version
+    with pytest.raises(ValueError, match="cu_seqlens_q: must be non-decreasing"):
+        call(args, cu_seqlens_q=cu)
+    cu[1] = 10
+    shorter = dict(args, q=args["q"][:, :20], block_indices=args["block_indices"][:, :20])
+    with pytest.raises(ValueError, match="cu_seqlens_q: last entry must equal the packed length 20"):
+        call(shorter, cu_seqlens_q=cu)                # the same values against another total
+    with pytest.raises(ValueError, match="cu_seqlens_q: must start at 0"):
+        call(args, cu_seqlens_q=torch.tensor([2, 10, 32]))
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_named_backend_that_cannot_serve_raises_with_reasons(backend):
     with pytest.raises(ValueError, match=f"backend='{backend}' cannot serve this call: .+"):

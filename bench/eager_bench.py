@@ -1,0 +1,261 @@
+"""Eager calls (no CUDA graph): what one `selection_attention` call costs the host and the GPU.
+
+Two rows, bf16, HQ=64, H=4, D=128, 16 selected blocks of 64 (block 0, the own block, 14 random
+earlier ones): decode B=1 TQ=1 TK=64k, and chunked prefill B=1 TQ=512 TK=32k. Per row, for
+nsa_ext through `auto`, `triton` and `cuda` named, and fla's `parallel_nsa_fwd` (fla-core, when
+importable) in the same run:
+
+  - eager us/call: wall time of N back-to-back calls with one synchronisation at the end, / N
+    (what a model running eagerly pays per call: the larger of host and GPU time);
+  - host us/call: the same N calls timed until the last one returns, before the
+    synchronisation (the host's enqueue cost; N is small enough that the launch queue never
+    fills, so the host is not waiting for the GPU).
+
+`--stages` adds the host-time breakdown of one call (each stage timed in a loop of its own:
+argument checks, describe_call, load_settings, device_facts, choose, the backend's forward
+enqueue, the custom op's dispatch) and `--profile` a torch.profiler table of 20 calls.
+On a machine without a GPU it runs small CPU shapes (packed SDPA), plainly labelled.
+`--stub-forward` replaces every backend's forward by one returning preallocated outputs: the
+rows then time only the package's Python around the kernels (the GPU rows' shapes on any device;
+notes/eager.md's CPU table).
+
+    python bench/eager_bench.py [--stages] [--profile] [--stub-forward] [--out eager.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nsa_ext  # noqa: E402
+from nsa_ext import api, ops  # noqa: E402
+from nsa_ext.call import describe_call  # noqa: E402
+from nsa_ext.config import load_settings  # noqa: E402
+from nsa_ext.device import device_facts  # noqa: E402
+from nsa_ext.dispatch import backend_module, choose  # noqa: E402
+
+HQ, H, D, S, BS = 64, 4, 128, 16, 64
+ROWS = {"decode B=1 TK=64k": (1, 1, 65536), "chunk TQ=512 TK=32k": (1, 512, 32768)}
+CPU_ROWS = {"cpu decode B=1 TK=1k": (1, 1, 1024), "cpu chunk TQ=16 TK=1k": (1, 16, 1024)}
+BACKENDS = ("auto", "triton", "cuda")
+
+
+def make_inputs(B: int, TQ: int, TK: int, device, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, TQ, HQ, D, generator=g).to(device, dtype)
+    k = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
+    v = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
+    # Block 0, the query's own block and S - 2 distinct earlier ones (fla counts a repeat twice).
+    pos = torch.arange(TQ) + (TK - TQ)
+    own = pos // BS
+    rows = []
+    for t in range(TQ):
+        earlier = torch.randperm(max(int(own[t]) - 1, 1), generator=g)[:S - 2] + 1
+        row = torch.cat([torch.tensor([0, int(own[t])]), earlier])
+        row = torch.unique(row)
+        rows.append(torch.cat([row, row.new_full((S - row.numel(),), -1)]))
+    block_indices = torch.stack(rows)[None, :, None, :].expand(B, TQ, H, S)
+    return q, k, v, block_indices.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eager_times(fn: Callable, device, calls: int, repeats: int = 5) -> Dict[str, float]:
+    """(eager us/call, host us/call): best of `repeats` runs of `calls` calls each."""
+    for _ in range(min(10, calls)):
+        fn()
+    _sync(device)
+    eager, host = [], []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        enqueued = time.perf_counter()
+        _sync(device)
+        done = time.perf_counter()
+        host.append((enqueued - start) / calls * 1e6)
+        eager.append((done - start) / calls * 1e6)
+    return {"eager_us": min(eager), "host_us": min(host)}
+
+
+def loop_us(fn: Callable, device, calls: int = 2000) -> float:
+    """Host time of one stage: best of 3 loops of `calls` calls, no synchronisation inside."""
+    for _ in range(min(50, calls)):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        _sync(device)
+    return best
+
+
+def stages(q, k, v, block_indices, backend: str, device, calls: int) -> Dict[str, float]:
+    """Host time of each stage of one call (us); the stages that launch kernels run `calls`
+    times a loop, the others 2000 times."""
+    call = describe_call(q, k, v, block_indices, BS)
+    settings = load_settings()
+    facts = device_facts(call.device)
+    decision = choose(call, backend, settings, facts)
+    module = backend_module(decision.chosen)
+    out = {
+        "argument checks (api._op_arguments)": loop_us(
+            lambda: api._op_arguments(q, k, v, block_indices, BS, None, None, None, None, backend),
+            device),
+        "describe_call (validation)": loop_us(lambda: describe_call(q, k, v, block_indices, BS),
+                                              device),
+        "load_settings": loop_us(load_settings, device),
+        "device_facts": loop_us(lambda: device_facts(call.device), device),
+        "choose (dispatch, cached)": loop_us(lambda: choose(call, backend, settings, facts), device),
+        "plain-eager check (api._plain_eager)": loop_us(
+            lambda: api._plain_eager(q, k, v, block_indices, None, None, None), device),
+        f"{decision.chosen} forward (enqueue)": loop_us(lambda: module.forward(call), device, calls),
+        "run_forward (all of the above but the checks)": loop_us(
+            lambda: ops.run_forward(q, k, v, block_indices, None, None, None, None, BS, None,
+                                    backend, False), device, calls),
+        "custom op (run_forward + op dispatch)": loop_us(
+            lambda: ops.selection_attention_op(q, k, v, block_indices, None, None, None, None, BS,
+                                               None, backend, False), device, calls),
+        "selection_attention (the whole call)": loop_us(
+            lambda: nsa_ext.selection_attention(q, k, v, block_indices, BS, backend=backend),
+            device, calls),
+    }
+    return out
+
+
+class _StubBackend:
+    """A backend whose forward returns preallocated outputs of the call's shapes."""
+    outputs: Dict[tuple, tuple] = {}
+
+    @classmethod
+    def forward(cls, call):
+        key = (call.q.shape, call.v.shape[-1], call.dtype, call.device)
+        if key not in cls.outputs:
+            cls.outputs[key] = (call.q.new_empty(*call.q.shape[:-1], call.v.shape[-1]),
+                                call.q.new_empty(call.q.shape[:-1], dtype=torch.float32))
+        return cls.outputs[key]
+
+
+@contextlib.contextmanager
+def stubbed_forwards():
+    """Every backend's forward returns preallocated outputs (the dispatcher still decides)."""
+    global backend_module
+    saved = ops.backend_module, backend_module
+    ops.backend_module = backend_module = lambda name: _StubBackend
+    try:
+        yield
+    finally:
+        ops.backend_module, backend_module = saved
+
+
+def fla_forward() -> Optional[Callable]:
+    try:
+        from fla.ops.nsa.parallel import parallel_nsa_fwd
+    except Exception as err:        # not installed, or failing at import
+        print(f"# fla-core is not importable ({type(err).__name__}: {err}): its column is empty")
+        return None
+    return parallel_nsa_fwd
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed run")
+    parser.add_argument("--stages", action="store_true", help="host-time breakdown per stage")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of 20 calls")
+    parser.add_argument("--stub-forward", action="store_true",
+                        help="backends return preallocated outputs: host path only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu or args.stub_forward else torch.float32
+    rows = ROWS if gpu or args.stub_forward else CPU_ROWS
+    where = (torch.cuda.get_device_name(device) if gpu
+             else "CPU (small shapes, packed SDPA only: not the GPU numbers)")
+    if args.stub_forward:
+        where = (f"{torch.cuda.get_device_name(device) if gpu else 'CPU'}, the backends' "
+                 f"forward stubbed: host path only")
+    with stubbed_forwards() if args.stub_forward else contextlib.nullcontext():
+        return run(args, device, dtype, rows, where)
+
+
+def run(args, device, dtype, rows, where) -> dict:
+    gpu = device.type == "cuda"
+    print(f"# eager calls on {where} | torch {torch.__version__} | nsa_ext {nsa_ext.__version__} | "
+          f"{str(dtype).replace('torch.', '')} HQ={HQ} H={H} D={D} S={S} block={BS} | "
+          f"{args.calls} calls per run, best of 5")
+    fla = fla_forward() if gpu and not args.stub_forward else None
+    results = {"device": where, "rows": []}
+    print("| row | path | eager us/call | host us/call | chosen |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, (B, TQ, TK) in rows.items():
+        q, k, v, block_indices = make_inputs(B, TQ, TK, device, dtype)
+        scale = D ** -0.5
+        for backend in BACKENDS if gpu or args.stub_forward else ("auto",):
+            decision = nsa_ext.explain(q, k, v, block_indices, BS, backend=backend)
+            if decision.chosen is None:
+                why = "; ".join(decision.reasons[backend])[:120]
+                print(f"| {label} | {backend} | n/a | n/a | {why} |")
+                results["rows"].append({"row": label, "path": backend, "error": why})
+                continue
+
+            def call(backend=backend):
+                return nsa_ext.selection_attention(q, k, v, block_indices, BS, backend=backend)
+
+            times = eager_times(call, device, args.calls)
+            print(f"| {label} | {backend} | {times['eager_us']:.1f} | {times['host_us']:.1f} | "
+                  f"{decision.chosen} |")
+            entry = {"row": label, "path": backend, "chosen": decision.chosen, **times}
+            if args.stages:
+                entry["stages_us"] = stages(q, k, v, block_indices, backend, device, args.calls)
+            results["rows"].append(entry)
+        if fla is not None:
+            def fla_call():
+                return fla(q, k, v, block_indices, S, BS, scale)
+
+            times = eager_times(fla_call, device, args.calls)
+            print(f"| {label} | fla parallel_nsa_fwd | {times['eager_us']:.1f} | "
+                  f"{times['host_us']:.1f} | fla |")
+            results["rows"].append({"row": label, "path": "fla", **times})
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+            with profile(activities=activities) as prof:
+                for _ in range(20):
+                    nsa_ext.selection_attention(q, k, v, block_indices, BS)
+                _sync(device)
+            print(f"\n# torch.profiler, 20 auto calls, {label}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        del q, k, v, block_indices
+        if gpu:
+            torch.cuda.empty_cache()
+    if args.stages:
+        for entry in results["rows"]:
+            if "stages_us" in entry:
+                print(f"\n# host us per stage, {entry['row']}, backend={entry['path']} "
+                      f"(each stage timed in its own loop; nested stages include the ones above)")
+                for stage, us in entry["stages_us"].items():
+                    print(f"  {stage:52s} {us:8.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
