@@ -401,7 +401,7 @@ def test_autotune_space_per_launch():
 
     q = torch.empty(1)
     for prune, configs in ((selection_fwd._prune, selection_fwd.TUNING_CONFIGS),
-                           (selection_bwd._prune, selection_bwd.BWD_CONFIGS)):
+                           (selection_bwd._prune_dq, selection_bwd.DQ_CONFIGS)):
         small = prune(configs, {"q": q}, BLOCK=64, K=128, V=128, LARGE=False)
         assert len(small) == 1
         assert prune(configs, {"q": q}, BLOCK=64, K=256, V=128, LARGE=False)[0].kwargs["BS"] == 32
@@ -410,6 +410,11 @@ def test_autotune_space_per_launch():
         tiny = prune(configs, {"q": q}, BLOCK=8, K=64, V=64, LARGE=True)
         assert {c.kwargs["BS"] for c in tiny} == {16}
         assert prune(configs, {"q": q}, BLOCK=8, K=64, V=64, LARGE=False)[0].kwargs["BS"] == 16
+    prune, configs = selection_bwd._prune_dkdv, selection_bwd.DKDV_CONFIGS
+    assert len(prune(configs, {"q": q}, BK=128, BV=128, LARGE=False)) == 1
+    large = prune(configs, {"q": q}, BK=128, BV=128, LARGE=True)
+    assert {c.kwargs["BM"] for c in large} == {32, 64, 128}
+    assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=256, BV=128, LARGE=True)} == {32, 64}
 
 
 # --- reasons -------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .selection_fwd import (LARGE_PROGRAMS, LOG2E, _python_function, _with_inter
                             default_chunk, group_tile, query_of_program, untuned)
 
 DQ_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
-              for bs in (32, 64) for w in (4, 8) for st in (1, 2, 3)]
+              for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)]
 DKDV_CONFIGS = [triton.Config({"BM": bm}, num_warps=w, num_stages=st)
                 for bm in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]
 LOG2E_C = tl.constexpr(LOG2E)
