@@ -847,7 +847,7 @@ def parse_args(argv=None):
         setattr(args, name, values)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.budget_s is None:
-        args.budget_s = 400.0 if args.device == "cuda" else 100.0
+        args.budget_s = (170.0 if args.schedules else 400.0) if args.device == "cuda" else 100.0
     return args
 
 
@@ -891,6 +891,11 @@ def main(argv=None) -> int:
         work_items = [(c, p) for c, p in work_items if p == "random" or c.group == "prefill"]
     # Random first (the issues' targets), in GROUP_PRIORITY order; then clustered.
     work_items.sort(key=lambda cp: (common.PATTERNS.index(cp[1]), GROUP_PRIORITY.index(cp[0].group)))
+    if args.schedules:
+        # Case by case (every pattern of a case together), the G sweep on random and model only.
+        if args.default_patterns:
+            work_items = [(c, p) for c, p in work_items if not (c.group == "groups" and p == "clustered")]
+        work_items.sort(key=lambda cp: (cases.index(cp[0]), common.PATTERNS.index(cp[1])))
     plan = [(c, p, [n for n in rows_for(c, device) if not args.backends or n in args.backends])
             for c, p in work_items]
     progress = common.Progress(sum(len(r) for _, _, r in plan), enabled=not args.no_progress)
