@@ -63,6 +63,9 @@ def row_geometry(call: SelectionCall) -> RowGeometry:
         if geometry is None:
             with torch.inference_mode(False):     # usable outside inference mode later on
                 geometry = _dense_geometry(B, TQ, TK, device)
+                # Kept contiguous, so kernels that need it (.contiguous()) copy nothing per call.
+                geometry = RowGeometry(geometry.pos.contiguous(), geometry.seqlen_k,
+                                       geometry.k_offset)
             if len(_DENSE_GEOMETRY) >= _KEEP_GEOMETRIES:
                 _DENSE_GEOMETRY.clear()
             _DENSE_GEOMETRY[key] = geometry
