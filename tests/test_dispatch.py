@@ -169,6 +169,23 @@ def test_a_reason_refuses_the_named_backend(kind):
     assert not named.preferences[name]
 
 
+def test_grid_limit_is_a_reason():
+    # Expanded (zero-stride) tensors: the shapes of a huge call without its memory.
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16).expand(1, 2 ** 27, 32, 16)
+    k = torch.zeros(1, 1, 1, 16, dtype=torch.float16).expand(1, 2 ** 27, 1, 16)
+    block_indices = torch.zeros(1, 1, 1, 1, dtype=torch.int32).expand(1, 2 ** 27, 1, 1)
+    named = decide(describe_call(q, k, k, block_indices, 16), "triton", settings=settings(),
+                   facts=H100)
+    assert named.chosen is None
+    assert any("grid limit" in r for r in named.reasons["triton"]), named.reasons
+
+
+def test_packed_sdpa_reason_off_cpu_and_cuda():
+    named = decide(a_call(), "sdpa", settings=settings(), facts=DeviceFacts("xpu", name="xpu"))
+    assert named.chosen is None and any("xpu" in r for r in named.reasons["sdpa"])
+    assert not named.preferences["sdpa"]
+
+
 def test_sm89_force_lifts_the_policy_reason_for_a_named_backend():
     named = decide(a_call(), "triton", settings=settings(triton_sel_force=True), facts=RTX4090)
     assert not any("ADR-2025-08-M4-02" in r for r in named.reasons["triton"])
