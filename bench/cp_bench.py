@@ -39,10 +39,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nsa_ext  # noqa: E402
 import nsa_ext.distributed as cp  # noqa: E402
-from common import Shape, environment, make_block_indices, make_qkv  # noqa: E402
+from bench.common import Shape, environment, make_block_indices, make_qkv  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -8,13 +8,17 @@ runs several cases, since starting the processes costs more than the cases.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,6 +386,25 @@ def test_group_device_types(monkeypatch, name, types):
     assert nsa_ext.distributed._group_device_types(None) == types
     if "cpu" in types:   # the rank check stays off the GPU wherever the group serves the CPU
         assert nsa_ext.distributed._exchange_device(types, torch.zeros(1)).type == "cpu"
+
+
+def test_cp_bench_runs_on_cpu(tmp_path):
+    """bench/cp_bench.py under torchrun, 2 gloo ranks, a tiny shape: it runs and writes its rows
+    (no timing assertions), so a GPU run does not find a broken script."""
+    out = tmp_path / "cp.json"
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "bench" / "cp_bench.py"), "--device", "cpu", "--dtype", "fp32",
+           "--T", "64", "--HQ", "2", "--H", "1", "--D", "16", "--S", "2", "--block-size", "16",
+           "--iters", "1", "--warmup", "0", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S["gloo"],
+                         env={**os.environ, **NO_MULTICAST_ENV, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["world"], r["T_total"]) for r in rows] == [("fwd", 2, 128), ("train", 2, 128)]
+    for key in ("one_gpu_ms", "world_ms", "ratio", "all_gather_ms", "local_kernel_ms"):
+        assert all(r[key] > 0 for r in rows), key
+    assert rows[1]["reduce_scatter_ms"] > 0
 
 
 @pytest.mark.gpu
