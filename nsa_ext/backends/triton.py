@@ -185,7 +185,7 @@ def forward(call: SelectionCall):
                   dtype=str(call.dtype).replace("torch.", ""))
         blocks, num_blocks = canonical_blocks(call, geometry)
         kv_tokens_read, sdpa_tokens, copies = _reads(call, geometry, blocks, num_blocks, group)
-        if schedule is not None and chosen != "row":
+        if schedule is not None:          # what the schedule loads, per visible key
             visible = kv_tokens_read // max(copies, 1)
             kv_tokens_read = schedule.reads(prep, launch)
             copies = round(kv_tokens_read / visible, 4) if visible else 0.0
