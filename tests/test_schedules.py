@@ -380,6 +380,22 @@ def test_gpu_stress_bf16(device_lane, monkeypatch, name, schedule):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["tile", "kv"])
+def test_gpu_64bit_offsets(device_lane, monkeypatch, schedule):
+    """K and V of more than 2^31 elements: blocks near the end are addressed correctly."""
+    TK, D, block_size = (1 << 25) + 100, 64, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 2, 2, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, TK, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, TK, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    assert k.numel() > 2 ** 31
+    last = (TK - 1) // block_size
+    block_indices = torch.tensor([[[[0, last, last - 1, last // 2, -1]],
+                                   [[last, 3, last - 2, -1, -1]]]], device="cuda")
+    check(describe_call(q, k, v, block_indices, block_size, need_lse=True), schedule, monkeypatch)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_kv_bitwise_run_to_run(device_lane, monkeypatch, dtype):
     call = spec_call(GPU_CASES["large_varlen"], dtype, "cuda", seed=1)
