@@ -12,7 +12,7 @@ tokens by `work_items`):
   block's normalised partial output o_part [capacity, G, Dv] fp32 and its log2-domain lse
   lse_part [capacity, G] fp32, at the entry's position in the index. Every row of an item chose
   the block, and a canonical row's block holds a key its query sees, so every stored partial has
-  a finite lse. Unused items (the grid is sized by the bound) store nothing.
+  a finite lse. Unused items (the grid is sized by the bound) return at once.
 - `selection_kv_merge_kernel`: one program per (query token, KV head, tile of query heads). It
   walks the row's canonical blocks in their order (ascending), reads each block's partial at the
   entry position `entry_pos [B, TQ, H, S]` (the entry's place in the index), and combines them
@@ -76,8 +76,8 @@ def selection_kv_kernel(
     i_item = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
     bucket = tl.load(item_bucket + i_item).to(tl.int64)
-    used = bucket < NUM_BUCKETS
-    bucket = tl.minimum(bucket, NUM_BUCKETS - 1)
+    if bucket >= NUM_BUCKETS:          # an unused item (the grid is sized by the bound)
+        return
     slot = bucket % SLOTS
     i_bh = bucket // SLOTS
     i_h = i_bh % H
@@ -91,7 +91,7 @@ def selection_kv_kernel(
     r_tok = r // GT
     g = i_g * GT + r % GT
     e = e0 + r_tok
-    valid = used & (r_tok < PER_ITEM) & (e < e1) & (g < G)
+    valid = (r_tok < PER_ITEM) & (e < e1) & (g < G)
     t = tl.load(tokens + e, mask=valid, other=0).to(tl.int64)
     tok = i_b * TQ + t
     if IS_VARLEN:
