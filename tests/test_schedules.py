@@ -155,10 +155,10 @@ def test_stress(device_lane, monkeypatch, name, schedule):
 
 
 def test_tile_statistic_spans_its_range(device_lane):
-    from nsa_ext.schedules.tiles import overlap_ratio, tile_unions
+    from nsa_ext.schedules.tiles import overlap_ratio, sampled_overlap, tile_unions
     from nsa_ext.selection import canonical_blocks, row_geometry
 
-    for make, union_size, ratio in ((disjoint_tile, 48, 1.0), (shared_tile, 3, 3 / 45)):
+    for make, union_size, selected in ((disjoint_tile, 48, 48), (shared_tile, 3, 45)):
         call = make(device_lane)
         geometry = row_geometry(call)
         blocks, num_blocks = canonical_blocks(call, geometry)
@@ -166,7 +166,32 @@ def test_tile_statistic_spans_its_range(device_lane):
         assert union.counts.flatten().tolist() == [union_size]
         starts = union.starts[0, 0, 0, :union_size].tolist()
         assert starts == sorted(set(starts)) and all(s % 16 == 0 for s in starts)
-        assert overlap_ratio(union, num_blocks).item() == pytest.approx(ratio)
+        assert overlap_ratio(union, num_blocks).item() == pytest.approx(union_size / selected)
+        assert sampled_overlap(call, geometry, blocks, num_blocks, 16).tolist() == \
+            [selected, union_size, selected]
+
+
+@pytest.mark.parametrize("pattern", ["random", "model"])
+def test_sampled_statistic_tracks_the_full_one(pattern):
+    """Every k-th tile's overlap (what auto reads) against every tile's (what tile streams)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import common
+    from nsa_ext.schedules.tiles import overlap_ratio, sampled_overlap, tile_unions
+    from nsa_ext.selection import canonical_blocks_torch, row_geometry
+
+    shape = common.Shape(1, 8192, 8192, 8, 2, 16, 16, 16, 64)
+    q, k, v = common.make_qkv(shape, torch.float32, "cpu")
+    call = describe_call(q, k, v, common.make_block_indices(shape, pattern, seed=3), 64)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks_torch(call, geometry)
+    full = overlap_ratio(tile_unions(call, geometry, blocks, 16), num_blocks).item()
+    total, union, selected = sampled_overlap(call, geometry, blocks, num_blocks, 16,
+                                             sample_tiles=64).tolist()
+    assert total == num_blocks.sum().item() and selected < total / 4
+    assert union / selected == pytest.approx(full, rel=0.15)
 
 
 def test_popular_block_is_cut_into_items(device_lane):

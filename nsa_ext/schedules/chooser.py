@@ -9,7 +9,8 @@ named backend). `auto`:
 2. Otherwise each schedule that can serve the call gets a predicted time from a cost model of
    what it moves and computes (below), and the smallest wins. The model needs two counts from
    the device: the selections (sum of the canonical rows' lengths) and the tile unions' sizes
-   (the overlap statistic, `tiles.overlap_ratio`). Reading them is one host synchronisation,
+   relative to their selections, measured on a sample of ~256 tiles per KV head (the overlap
+   statistic, `tiles.sampled_overlap`). Reading them is one host synchronisation,
    taken only here and only outside CUDA-graph capture; during a capture the counts are the
    shape bounds (every row full, no overlap), so `tile` is not chosen there.
 
@@ -175,14 +176,14 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     if prep is not None and _may_sync(call):
         from triton_ref.selection_tile import tile_shape
 
+        from .tiles import sampled_overlap
+
         QT, _ = tile_shape(call.group_size)
-        union = prep.union(QT)
-        counts = torch.stack([prep.num_blocks.sum(dtype=torch.int64),
-                              union.counts.sum(dtype=torch.int64)]).tolist()   # one sync
-        selections, unions = float(counts[0]), float(counts[1])
-        stats = {"selections": int(selections), "tile_union_blocks": int(unions),
-                 "tokens_per_tile": QT,
-                 "union/selections": unions / selections if selections else 1.0}
+        total, union_sample, selected_sample = sampled_overlap(
+            call, prep.geometry, prep.blocks, prep.num_blocks, QT).tolist()     # one sync
+        ratio = union_sample / selected_sample if selected_sample else 1.0
+        selections, unions = float(total), float(total) * ratio
+        stats = {"selections": int(total), "tokens_per_tile": QT, "union/selections": ratio}
     elif prep is not None:
         reasons["tile"] = reasons["tile"] + ["its overlap statistic costs a host sync, not "
                                              "taken during CUDA-graph capture"]

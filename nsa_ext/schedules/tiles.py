@@ -5,7 +5,9 @@ list of the distinct blocks any of its rows chose, each named by its first key a
 (`k_offset + block * block_size`): blocks of different varlen sequences never share a name, so a
 tile may straddle a sequence boundary. The tile schedule streams this list; the chooser reads the
 statistic `union blocks / selections` (1.0: no two rows of a tile share a block; 1/QT: all
-chose the same) to decide whether loading each distinct block once pays for the masked rows.
+chose the same), measured on a sample of tiles (`sampled_overlap`: the full union's sort is
+needed only when the tile schedule runs), to decide whether loading each distinct block once
+pays for the masked rows.
 
 PyTorch ops on the call's device, sizes from shapes only (no host synchronisation, no
 data-dependent allocation): one sort of B * TQ * H * S int64 keys in segments of QT * S, a
@@ -34,6 +36,21 @@ class TileUnion:
         return self.starts.shape[1]
 
 
+def _tile_keys(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor, QT: int,
+               stride: int = 1) -> torch.Tensor:
+    """[B, NT / stride, H, QT * S] int64: every `stride`-th tile's block names, unsorted."""
+    B, TQ, H, S = blocks.shape
+    NT = -(-TQ // QT)
+    blk = blocks.to(torch.int64)
+    start = torch.where(blk >= 0, geometry.k_offset[:, :, None, None] + blk * call.block_size,
+                        _NONE)
+    if NT * QT != TQ:
+        pad = torch.full((B, NT * QT - TQ, H, S), _NONE, dtype=torch.int64, device=blk.device)
+        start = torch.cat([start, pad], dim=1)
+    tiles = start.reshape(B, NT, QT, H, S)[:, ::stride]
+    return tiles.permute(0, 1, 3, 2, 4).reshape(B, tiles.shape[1], H, QT * S)
+
+
 def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
                 tokens_per_tile: int) -> TileUnion:
     """The union of every tile of `tokens_per_tile` tokens' canonical rows `blocks [B, TQ, H, S]`."""
@@ -44,18 +61,12 @@ def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor
     if S == 0:
         return TileUnion(torch.zeros(B, NT, H, 1, dtype=torch.int64, device=blocks.device),
                          torch.zeros(B, NT, H, dtype=torch.int32, device=blocks.device), QT)
-    blk = blocks.to(torch.int64)
-    start = torch.where(blk >= 0, geometry.k_offset[:, :, None, None] + blk * call.block_size,
-                        _NONE)
-    if NT * QT != TQ:
-        pad = torch.full((B, NT * QT - TQ, H, S), _NONE, dtype=torch.int64, device=blk.device)
-        start = torch.cat([start, pad], dim=1)
-    keys = start.reshape(B, NT, QT, H, S).permute(0, 1, 3, 2, 4).reshape(B, NT, H, width)
+    keys = _tile_keys(call, geometry, blocks, QT)
     keys = keys.sort(dim=-1).values
     keep = keys != _NONE
     keep[..., 1:] &= keys[..., 1:] != keys[..., :-1]          # first of each value
     slot = torch.where(keep, keep.cumsum(-1) - 1, width)      # dropped ones go past the end
-    union = torch.full((B, NT, H, width + 1), _NONE, dtype=torch.int64, device=blk.device)
+    union = torch.full((B, NT, H, width + 1), _NONE, dtype=torch.int64, device=keys.device)
     union.scatter_(-1, slot, keys)
     counts = keep.sum(-1, dtype=torch.int32)
     return TileUnion(union[..., :width].contiguous(), counts, QT)
@@ -67,3 +78,27 @@ def overlap_ratio(union: TileUnion, num_blocks: torch.Tensor) -> torch.Tensor:
     selections = num_blocks.sum(dtype=torch.int64)
     unions = union.counts.sum(dtype=torch.int64)
     return torch.where(selections > 0, unions / selections.clamp(min=1), 1.0).float()
+
+
+def sampled_overlap(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
+                    num_blocks: torch.Tensor, tokens_per_tile: int,
+                    sample_tiles: int = 256) -> torch.Tensor:
+    """[3] int64 on the device: (selections in the call, union blocks of a sample of tiles,
+    selections of those tiles). The sample is every k-th tile, k chosen for about
+    `sample_tiles` tiles per (batch, KV head): the chooser's statistic at a fraction of the
+    full union's sort (which only the tile schedule itself needs)."""
+    B, TQ, H, S = blocks.shape
+    QT = tokens_per_tile
+    NT = -(-TQ // QT)
+    stride = max(1, NT // sample_tiles)
+    total = num_blocks.sum(dtype=torch.int64)
+    if S == 0:
+        return torch.stack([total, total, total])
+    keys = _tile_keys(call, geometry, blocks, QT, stride).sort(dim=-1).values
+    first = keys != _NONE
+    first[..., 1:] &= keys[..., 1:] != keys[..., :-1]
+    counts = num_blocks.to(torch.int64)
+    if NT * QT != TQ:
+        counts = torch.cat([counts, counts.new_zeros(B, NT * QT - TQ, H)], dim=1)
+    sampled = counts.reshape(B, NT, QT, H)[:, ::stride].sum()
+    return torch.stack([total, first.sum(dtype=torch.int64), sampled])
