@@ -4,9 +4,9 @@ writing partial outputs, then a merge per query in a fixed order (triton_ref/sel
 Built on the inverse index (`nsa_ext.inverse_index`: the same builder as the KV-outer backward)
 and its work items of PER_ITEM tokens (`item_shape`: about 64 (token, query head) rows, e.g.
 G = 1: 64 tokens, G = 4: 16). The merge needs, for each canonical entry (b, t, h, s), where its
-partial lives: its position in the index, found here by a binary search of the entry's sort key
-(`bucket * TQ + token`, the index's own order) in the index's keys. Deterministic: the partials
-of a row are merged in the row's canonical order, no atomics.
+partial lives: its position in the index, the inverse of the index's `entries` permutation (one
+scatter). Deterministic: the partials of a row are merged in the row's canonical order, no
+atomics.
 
 Scratch: (B * TQ * H * S) * G * (Dv + 1) fp32, sized by shapes (the index's capacity), not by
 the data; a call needing more than KV_SCRATCH_LIMIT is not served. Pays off for small G, where a
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inverse_index import _slots, build_inverse_index, work_items
+from ..inverse_index import build_inverse_index, work_items
 from . import Launch, Prepared
 
 NAME = "kv"
@@ -43,27 +43,13 @@ def reasons_unsupported(call, settings, facts) -> list:
     return []
 
 
-def entry_positions(call, geometry, blocks, index) -> torch.Tensor:
+def entry_positions(index, blocks) -> torch.Tensor:
     """[B, TQ, H, S] int64: the position in `index.tokens` of each canonical entry (anything
-    for the -1 padding). The index is sorted by `bucket * TQ + token`; search that key."""
-    B, TQ, H, S = blocks.shape
-    device = blocks.device
-    capacity = index.capacity
-    if capacity == 0:
-        return torch.zeros(blocks.shape, dtype=torch.int64, device=device)
-    p = torch.arange(capacity, device=device, dtype=torch.int64)
-    bucket_of = torch.searchsorted(index.offsets[1:], p, right=True)
-    sorted_key = bucket_of * TQ + index.tokens.to(torch.int64)
-    blk = blocks.to(torch.int64)
-    if call.is_varlen:
-        first_slot = _slots(call)[4]
-        blk = blk + first_slot[geometry.seq.reshape(B, TQ)][:, :, None, None]
-    b = torch.arange(B, device=device, dtype=torch.int64)[:, None, None, None]
-    h = torch.arange(H, device=device, dtype=torch.int64)[None, None, :, None]
-    t = torch.arange(TQ, device=device, dtype=torch.int64)[None, :, None, None]
-    key = torch.where(blocks >= 0, ((b * H + h) * index.slots + blk) * TQ + t, 0)
-    where = torch.searchsorted(sorted_key, key.reshape(-1)).clamp(max=capacity - 1)
-    return where.reshape(B, TQ, H, S)
+    for the -1 padding): the inverse of `index.entries`, a permutation of the entries."""
+    positions = torch.empty(blocks.numel(), dtype=torch.int64, device=blocks.device)
+    positions[index.entries.to(torch.int64)] = torch.arange(
+        index.capacity, dtype=torch.int64, device=blocks.device)
+    return positions.reshape(blocks.shape)
 
 
 def _parts(prep: Prepared):
@@ -71,8 +57,8 @@ def _parts(prep: Prepared):
         call = prep.call
         index = build_inverse_index(call, prep.geometry, prep.blocks, prep.num_blocks)
         per_item, _ = item_shape(call)
-        items = work_items(index, per_item)
-        positions = entry_positions(call, prep.geometry, prep.blocks, index)
+        items = work_items(index, per_item, interpret=prep.interpret)
+        positions = entry_positions(index, prep.blocks)
         prep.cache["kv"] = (index, items, positions)
     return prep.cache["kv"]
 
