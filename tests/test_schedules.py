@@ -201,15 +201,16 @@ def test_popular_block_is_cut_into_items(device_lane):
     call = popular_block(device_lane)
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks(call, geometry)
-    index, items, positions = kv._parts(Prepared(call, Settings(), geometry, blocks, num_blocks,
-                                                 True))
+    index, items = kv._parts(Prepared(call, Settings(), geometry, blocks, num_blocks, True))
     assert index.offsets[1].item() - index.offsets[0].item() == 300       # block 0, head 0
     assert index.offsets[2].item() == index.offsets[1].item()             # block 1: nobody
     assert (items.bucket == 0).sum().item() == math.ceil(300 / items.per_item) > 1
-    # Every canonical entry finds itself in the index.
-    valid = blocks >= 0
-    t = torch.arange(call.seqlen_q, device=blocks.device)[None, :, None, None].expand_as(blocks)
-    assert torch.equal(index.tokens[positions[valid]].long(), t[valid])
+    # Each listed token's canonical entry (where its partial is written) is its own.
+    used = int(num_blocks.sum())
+    entries = index.entries[:used].long()
+    S, H = blocks.shape[-1], blocks.shape[2]
+    assert torch.equal(entries // S // H, index.tokens[:used].long())
+    assert (blocks.reshape(-1)[entries] >= 0).all()
 
 
 def test_kv_is_deterministic(device_lane, monkeypatch):

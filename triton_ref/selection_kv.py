@@ -8,15 +8,15 @@ tokens by `work_items`):
 - `selection_kv_kernel`: one program per (work item, tile of up to GT of the KV head's G query
   heads). Its rows are the item's tokens x GT heads (BM = PER_ITEM * GT padded to a power of two
   >= 16). It gathers the rows' queries [BM, Dk], streams the block's K [BS, Dk] / V [BS, Dv]
-  once (each row masked by its own causal limit), and writes per (index entry, query head) the
-  block's normalised partial output o_part [capacity, G, Dv] fp32 and its log2-domain lse
-  lse_part [capacity, G] fp32, at the entry's position in the index. Every row of an item chose
+  once (each row masked by its own causal limit), and writes per (canonical entry, query head)
+  the block's normalised partial output o_part [B*TQ*H*S, G, Dv] fp32 and its log2-domain lse
+  lse_part [B*TQ*H*S, G] fp32, at the entry's place in the canonical rows (the index's
+  `entries`: ((b * TQ + t) * H + h) * S + s). Every row of an item chose
   the block, and a canonical row's block holds a key its query sees, so every stored partial has
   a finite lse. Unused items (the grid is sized by the bound) return at once.
 - `selection_kv_merge_kernel`: one program per (query token, KV head, tile of query heads). It
-  walks the row's canonical blocks in their order (ascending), reads each block's partial at the
-  entry position `entry_pos [B, TQ, H, S]` (the entry's place in the index), and combines them
-  through their lse. The order of the sums is fixed by the canonical row, so a run gives the same
+  walks the row's canonical blocks in their order (ascending), whose partials lie side by side
+  (the row's S entries), and combines them through their lse. The order of the sums is fixed by the canonical row, so a run gives the same
   bits every time. Writes o [B, TQ, HQ, Dv] in q's dtype and lse [B, TQ, HQ] fp32 (natural log;
   o = 0 and lse = -inf for an empty row).
 
@@ -60,6 +60,7 @@ def item_shape(G: int, rows: int = ITEM_ROWS):
 def selection_kv_kernel(
     q, k, v, o_part, lse_part,
     tokens,            # [capacity] int32: the index's query tokens, ascending per bucket
+    entries,           # [capacity] int32/int64: each listed token's canonical entry
     item_bucket,       # [max_items] int32 (NUM_BUCKETS: unused item)
     item_start, item_end,   # [max_items] int64: the item's entries tokens[start:end]
     slot_key_start, slot_key_end,   # [SLOTS] int64: the slot's first key / its sequence's end
@@ -93,6 +94,7 @@ def selection_kv_kernel(
     e = e0 + r_tok
     valid = (r_tok < PER_ITEM) & (e < e1) & (g < G)
     t = tl.load(tokens + e, mask=valid, other=0).to(tl.int64)
+    entry = tl.load(entries + e, mask=valid, other=0).to(tl.int64)
     tok = i_b * TQ + t
     if IS_VARLEN:
         p_abs = tl.load(pos + tok, mask=valid, other=-1)
@@ -130,7 +132,7 @@ def selection_kv_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-    part = e * G + g                                  # [BM] (entry, head) rows of the scratch
+    part = entry * G + g                              # [BM] (entry, head) rows of the scratch
     tl.store(o_part + part[:, None] * V + o_v[None, :], b_o,
              mask=valid[:, None] & (o_v < V)[None, :])
     tl.store(lse_part + part, b_lse, mask=valid)
@@ -143,7 +145,6 @@ def selection_kv_kernel(
 @triton.jit(do_not_specialize=["H", "G", "S"])
 def selection_kv_merge_kernel(
     o, lse, o_part, lse_part,
-    entry_pos,         # [B, TQ, H, S] int64: index position of each canonical entry
     num_blocks,        # [B, TQ, H] int32
     H, G, S,
     V: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr,
@@ -162,8 +163,7 @@ def selection_kv_merge_kernel(
     l_i = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, BV], dtype=tl.float32)
     for s in range(n):                                # the row's blocks, ascending: fixed order
-        e = tl.load(entry_pos + row * S + s)
-        part = e * G + g
+        part = (row * S + s) * G + g
         b_lse = tl.load(lse_part + part, mask=m_g, other=float("-inf"))
         b_o = tl.load(o_part + part[:, None] * V + o_v[None, :], mask=m_gv, other=0.0)
         m_new = tl.maximum(m_i, b_lse)
@@ -183,22 +183,22 @@ def selection_kv_merge_kernel(
              mask=m_g)
 
 
-def selection_kv_fwd(q, k, v, num_blocks, entry_pos, tokens, items, slot_key_start,
+def selection_kv_fwd(q, k, v, num_blocks, tokens, entries, items, slot_key_start,
                      slot_key_end, *, scale: float, block_size: int, slots: int,
                      num_buckets: int, heads_per_tile: int, pos=None, k_offset=None,
                      interpret: bool = False):
     """Launch the KV-outer kernel and its merge. Returns (o, lse, grid of the first kernel).
 
     q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv] (last dim contiguous); num_blocks
-    [B, TQ, H] int32 canonical counts; entry_pos [B, TQ, H, S] int64; tokens, items,
-    slot_key_start/end, slots, num_buckets from `build_inverse_index` / `work_items` (items of
-    `items.per_item` tokens); pos, k_offset [B, TQ] int64 for varlen.
-    Scratch: (capacity * G) * (Dv + 1) fp32 for the partials.
+    [B, TQ, H] int32 canonical counts; tokens, entries, items, slot_key_start/end, slots,
+    num_buckets from `build_inverse_index` / `work_items` (items of `items.per_item` tokens);
+    pos, k_offset [B, TQ] int64 for varlen.
+    Scratch: (B * TQ * H * S * G) * (Dv + 1) fp32 for the partials.
     """
     B, TQ, HQ, Dk = q.shape
     _, TK, H, Dv = v.shape
     G = HQ // H
-    S = entry_pos.shape[-1]
+    S = tokens.numel() // max(B * TQ * H, 1)
     GT = heads_per_tile
     capacity = tokens.numel()
     if pos is not None:
@@ -212,7 +212,7 @@ def selection_kv_fwd(q, k, v, num_blocks, entry_pos, tokens, items, slot_key_sta
     kernel = _interpreted(selection_kv_kernel) if interpret else selection_kv_kernel
     if items.max_items > 0:
         kernel[grid](
-            q, k, v, o_part, lse_part, tokens, items.bucket, items.start, items.end,
+            q, k, v, o_part, lse_part, tokens, entries, items.bucket, items.start, items.end,
             slot_key_start, slot_key_end, pos, k_offset,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -223,7 +223,7 @@ def selection_kv_fwd(q, k, v, num_blocks, entry_pos, tokens, items, slot_key_sta
         )
     merge = _interpreted(selection_kv_merge_kernel) if interpret else selection_kv_merge_kernel
     merge[(B * TQ * H, triton.cdiv(G, group_tile(G)))](
-        o, lse, o_part, lse_part, entry_pos.contiguous(), num_blocks.contiguous(), H, G, S, V=Dv,
+        o, lse, o_part, lse_part, num_blocks.contiguous(), H, G, S, V=Dv,
         num_warps=4)
     return o, lse, grid
 

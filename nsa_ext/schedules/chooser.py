@@ -128,7 +128,7 @@ def predicted_ms(call: SelectionCall, selections: float, unions: Optional[float]
     tiles = -(-G // GT)
     items = selections / per_item + call.num_heads_kv * call.batch * -(-call.seqlen_k // bs)
     moved = selections * G * (Dk * elem + 2 * (Dv + 1) * 4)
-    prepass = entries * 8 * 10 / hbm                  # the index's sort, items, a scatter
+    prepass = entries * 8 * 10 / hbm                  # the index's sort and work items
     BM = rows_block(per_item, GT)
     out["kv"] = max(items * tiles * block_bytes / l2 + moved / hbm,
                     items * tiles * BM * block_flops / mma(BM)) + prepass

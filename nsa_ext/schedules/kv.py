@@ -3,10 +3,9 @@ writing partial outputs, then a merge per query in a fixed order (triton_ref/sel
 
 Built on the inverse index (`nsa_ext.inverse_index`: the same builder as the KV-outer backward)
 and its work items of PER_ITEM tokens (`item_shape`: about 64 (token, query head) rows, e.g.
-G = 1: 64 tokens, G = 4: 16). The merge needs, for each canonical entry (b, t, h, s), where its
-partial lives: its position in the index, the inverse of the index's `entries` permutation (one
-scatter). Deterministic: the partials of a row are merged in the row's canonical order, no
-atomics.
+G = 1: 64 tokens, G = 4: 16). Each partial is written at its entry's place in the canonical rows
+(the index's `entries`), so the merge reads a row's partials side by side, in the row's
+canonical order: deterministic, no atomics.
 
 Scratch: (B * TQ * H * S) * G * (Dv + 1) fp32, sized by shapes (the index's capacity), not by
 the data; a call needing more than KV_SCRATCH_LIMIT is not served. Pays off for small G, where a
@@ -43,23 +42,13 @@ def reasons_unsupported(call, settings, facts) -> list:
     return []
 
 
-def entry_positions(index, blocks) -> torch.Tensor:
-    """[B, TQ, H, S] int64: the position in `index.tokens` of each canonical entry (anything
-    for the -1 padding): the inverse of `index.entries`, a permutation of the entries."""
-    positions = torch.empty(blocks.numel(), dtype=torch.int64, device=blocks.device)
-    positions[index.entries.to(torch.int64)] = torch.arange(
-        index.capacity, dtype=torch.int64, device=blocks.device)
-    return positions.reshape(blocks.shape)
-
-
 def _parts(prep: Prepared):
     if "kv" not in prep.cache:
         call = prep.call
         index = build_inverse_index(call, prep.geometry, prep.blocks, prep.num_blocks)
         per_item, _ = item_shape(call)
         items = work_items(index, per_item, interpret=prep.interpret)
-        positions = entry_positions(index, prep.blocks)
-        prep.cache["kv"] = (index, items, positions)
+        prep.cache["kv"] = (index, items)
     return prep.cache["kv"]
 
 
@@ -67,10 +56,10 @@ def forward(prep: Prepared):
     from triton_ref.selection_kv import selection_kv_fwd
 
     call = prep.call
-    index, items, positions = _parts(prep)
+    index, items = _parts(prep)
     _, GT = item_shape(call)
     o, lse, grid = selection_kv_fwd(
-        call.q, call.k, call.v, prep.num_blocks, positions, index.tokens, items,
+        call.q, call.k, call.v, prep.num_blocks, index.tokens, index.entries, items,
         index.slot_key_start, index.slot_key_end, scale=call.scale, block_size=call.block_size,
         slots=index.slots, num_buckets=index.num_buckets, heads_per_tile=GT, pos=prep.pos,
         k_offset=prep.k_offset, interpret=prep.interpret)
@@ -81,7 +70,7 @@ def reads(prep: Prepared, launch: Launch) -> int:
     """Keys the kernel loads: per used item and head tile, the block's keys up to the last
     visible key of the item's last (largest) token, within the block's sequence."""
     call = prep.call
-    index, items, _ = _parts(prep)
+    index, items = _parts(prep)
     _, GT = item_shape(call)
     used = items.bucket < index.num_buckets
     if not bool(used.any()):
