@@ -361,6 +361,31 @@ def test_explain_names_the_schedule_and_why(device_lane, monkeypatch):
     assert "kv: not requested" in text
 
 
+MEASURED = {"sel_tile_min_rows": 65536, "sel_tile_max_union_pct": 50, "sel_kv_max_g": 2}
+
+
+@pytest.mark.parametrize("G,ratio,expected", [(16, 0.79, "row"), (16, 0.15, "tile"),
+                                              (1, 0.7, "kv"), (4, 0.7, "row"), (8, 0.67, "row"),
+                                              (8, 0.145, "tile"), (1, 0.1, "tile"),
+                                              (2, None, "kv"), (16, None, "row")])
+def test_measured_crossovers_pick(G, ratio, expected):
+    """The H200 bench's crossovers (configs/base.yaml, sm90): tile at low union, kv at G <= 2."""
+    call = meta_call(32768, G)
+    assert chooser.pick_measured(call, ratio, chooser.SCHEDULES, MEASURED) == expected
+    assert chooser.pick_measured(call, ratio, ("row",), MEASURED) == "row"
+
+
+def test_measured_crossovers_skip_the_statistic_for_small_calls():
+    """Below sel_tile_min_rows no statistic is read (no host sync) and tile is not taken."""
+    call = meta_call(4096, 16)
+    settings = Settings(thresholds={"sm90": MEASURED})
+    choice = chooser.choose_schedule(call, settings, H200, prep=object())
+    assert choice.chosen == "row" and not choice.stats
+    assert any("sel_tile_min_rows" in r for r in choice.reasons["tile"])
+    assert "measured crossovers" in choice.why
+    assert chooser.choose_schedule(meta_call(4096, 1), settings, H200, prep=None).chosen == "kv"
+
+
 def test_chooser_without_statistics_skips_tile():
     call = meta_call(4096, 16)
     choice = chooser.choose_schedule(call, Settings(), H200, prep=None)

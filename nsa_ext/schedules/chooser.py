@@ -14,6 +14,16 @@ named backend). `auto`:
    taken only here and only outside CUDA-graph capture; during a capture the counts are the
    shape bounds (every row full, no overlap), so `tile` is not chosen there.
 
+Where `runtime.thresholds.<arch>` holds measured crossovers (the H200 bench of 2026-11-30 for
+sm90), they decide instead of the cost model's ranking:
+- `sel_tile_min_rows`: calls with fewer (batch x query x KV head) rows read no statistic and
+  never take `tile` (its union pre-pass, launched after the statistic's sync, cost 0.55-0.8 ms
+  of host time that the GPU waits for: at T = 8k that is more than the tile saves);
+- `sel_tile_max_union_pct`: `tile` when the sampled union is at most this % of the selections
+  (the model pattern, 15 %, won 1.5-2.7x; random, 67-79 %, lost 1.1-1.6x against row);
+- `sel_kv_max_g`: otherwise `kv` for G up to this (G = 1 random at 32k: kv 3.29 ms, row 7.77),
+  else `row`.
+
 The cost model (per call; bytes and flops are exact counts, the rates are per-architecture
 constants that `configs/base.yaml` `runtime.thresholds.<arch>` may override as integers:
 `sel_l2_gbps`, `sel_hbm_gbps`, `sel_mma_tflops` (tiles of fewer than 64 rows: mma.sync),
@@ -145,6 +155,19 @@ def pick(times: Dict[str, float], able, margin_pct: float) -> str:
     return best
 
 
+MEASURED_KEYS = ("sel_tile_min_rows", "sel_tile_max_union_pct", "sel_kv_max_g")
+
+
+def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers) -> str:
+    """The schedule by the measured crossovers (module docstring); `ratio` = sampled union /
+    selections, None when not read."""
+    if "tile" in able and ratio is not None and ratio * 100 <= crossovers["sel_tile_max_union_pct"]:
+        return "tile"
+    if "kv" in able and call.group_size <= crossovers["sel_kv_max_g"]:
+        return "kv"
+    return "row"
+
+
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
                     prep: Optional[Prepared] = None, split: bool = False) -> ScheduleChoice:
     """The schedule for `call` (see the module docstring). `prep` gives the canonical rows for
@@ -173,7 +196,16 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     stats: Dict[str, float] = {}
     bound = float(call.batch * call.seqlen_q * call.num_heads_kv * call.block_count_limit)
     selections, unions = bound, None
-    if prep is not None and _may_sync(call):
+    measured = settings.thresholds.get(facts.arch or "", {})
+    crossovers = ({key: measured[key] for key in MEASURED_KEYS}
+                  if all(key in measured for key in MEASURED_KEYS) else None)
+    rows = call.batch * call.seqlen_q * call.num_heads_kv
+    small = crossovers is not None and rows < crossovers["sel_tile_min_rows"]
+    if small:
+        reasons["tile"] = reasons["tile"] + [
+            f"{rows} rows < {crossovers['sel_tile_min_rows']} (runtime.thresholds.{facts.arch}"
+            f".sel_tile_min_rows): its statistic and pre-pass cost more than it saves"]
+    if prep is not None and _may_sync(call) and not small:
         from triton_ref.selection_tile import tile_shape
 
         from .tiles import sampled_overlap
@@ -191,7 +223,19 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     times = predicted_ms(call, selections, unions, rates,
                          wgmma=facts.sm is not None and facts.sm >= (9, 0))
     margin = rates["sel_row_margin_pct"]
-    chosen = pick(times, [name for name in SCHEDULES if not reasons[name]], margin)
+    able = [name for name in SCHEDULES if not reasons[name]]
+    if crossovers is not None:
+        chosen = pick_measured(call, stats.get("union/selections"), able, crossovers)
+        why = (f"auto: measured crossovers of runtime.thresholds.{facts.arch} "
+               f"(tile at union/selections <= {crossovers['sel_tile_max_union_pct']}%, "
+               f"kv at G <= {crossovers['sel_kv_max_g']}, else row)")
+        for name in SCHEDULES:
+            if name != chosen and not reasons[name]:
+                reasons[name] = [f"not this call's side of the measured crossovers "
+                                 f"(cost model: {times.get(name, float('nan')):.3g} ms)"]
+        return ScheduleChoice(chosen, "auto", why,
+                              {n: r for n, r in reasons.items() if n != chosen}, times, stats)
+    chosen = pick(times, able, margin)
     for name in SCHEDULES:
         if name != chosen and not reasons[name] and name in times:
             reasons[name] = [f"predicted {times[name]:.3g} ms vs {times[chosen]:.3g} ms"]
