@@ -494,9 +494,11 @@ def test_gpu_backward_64bit_offsets(untuned, G):
     assert torch.allclose(dq.float(), want_dq, atol=2e-2, rtol=2e-2)
     assert torch.allclose(dk[:, keys].float(), want_dk, atol=2e-2, rtol=2e-2)
     assert torch.allclose(dv[:, keys].float(), want_dv, atol=2e-2, rtol=2e-2)
-    # Nothing outside the chosen blocks (counted without copying 4 GiB tensors).
+    # Nothing outside the chosen blocks, counted in slices: a whole-tensor count_nonzero asks for
+    # 16 GiB of indices (out of memory beside other test workers on the H200).
     for grad in (dk, dv):
-        assert torch.count_nonzero(grad) == torch.count_nonzero(grad[:, keys])
+        nonzero = sum(int((part != 0).sum()) for part in grad.split(1 << 22, dim=1))
+        assert nonzero == int((grad[:, keys] != 0).sum())
 
 
 def gradients_of(call, grad_o):
