@@ -22,7 +22,8 @@ sm90), they decide instead of the cost model's ranking:
 - `sel_tile_max_union_pct`: `tile` when the sampled union is at most this % of the selections
   (the model pattern, 15 %, won 1.5-2.7x; random, 67-79 %, lost 1.1-1.6x against row);
 - `sel_kv_max_g`: otherwise `kv` for G up to this (G = 1 random at 32k: kv 3.29 ms, row 7.77),
-  else `row`.
+  else `row`; for those G, `tile` only at a union of at most `sel_kv_tile_max_union_pct` %
+  (G = 1: 64-token tiles; model 3 % took tile 0.87 ms vs kv 3.27, random 23 % kv 3.29 vs tile 4.19).
 
 The cost model (per call; bytes and flops are exact counts, the rates are per-architecture
 constants that `configs/base.yaml` `runtime.thresholds.<arch>` may override as integers:
@@ -155,17 +156,18 @@ def pick(times: Dict[str, float], able, margin_pct: float) -> str:
     return best
 
 
-MEASURED_KEYS = ("sel_tile_min_rows", "sel_tile_max_union_pct", "sel_kv_max_g")
+MEASURED_KEYS = ("sel_tile_min_rows", "sel_tile_max_union_pct", "sel_kv_max_g",
+                 "sel_kv_tile_max_union_pct")
 
 
 def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers) -> str:
     """The schedule by the measured crossovers (module docstring); `ratio` = sampled union /
     selections, None when not read."""
-    if "tile" in able and ratio is not None and ratio * 100 <= crossovers["sel_tile_max_union_pct"]:
+    kv = "kv" in able and call.group_size <= crossovers["sel_kv_max_g"]
+    limit = crossovers["sel_kv_tile_max_union_pct" if kv else "sel_tile_max_union_pct"]
+    if "tile" in able and ratio is not None and ratio * 100 <= limit:
         return "tile"
-    if "kv" in able and call.group_size <= crossovers["sel_kv_max_g"]:
-        return "kv"
-    return "row"
+    return "kv" if kv else "row"
 
 
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
