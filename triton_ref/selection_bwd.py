@@ -1,6 +1,6 @@
 """Selection attention, backward: deterministic Triton kernels (no atomics) and their launcher.
 
-Four launches, each output element written by exactly one program, every sum in a fixed order,
+A few launches, each output element written by exactly one program, every sum in a fixed order,
 so dq, dk, dv are bitwise the same on every run (SPEC.md, "determinism"):
 
 0. `selection_bwd_delta_kernel`: delta = rowsum(dO * O) - dlse per (query, head) (dlse: the
