@@ -166,7 +166,10 @@ def test_write_thresholds_keeps_comments_and_keys(tmp_path, monkeypatch):
     old_lines = [l for l in original.splitlines() if l.strip().startswith("#")]
     assert all(l in written.splitlines() for l in old_lines)
     before, after = yaml.safe_load(original), yaml.safe_load(written)
-    assert after["runtime"]["thresholds"]["sm90"] == {"sel_triton_min_L": 256, "sel_cuda_min_L": 128}
+    # Written keys replace their values; the arch's other keys (the schedule crossovers) stay.
+    kept = dict(before["runtime"]["thresholds"].get("sm90") or {})
+    assert after["runtime"]["thresholds"]["sm90"] == {**kept, "sel_triton_min_L": 256,
+                                                      "sel_cuda_min_L": 128}
     for key, value in before["runtime"].items():
         if key != "thresholds":
             assert after["runtime"][key] == value
@@ -174,7 +177,8 @@ def test_write_thresholds_keeps_comments_and_keys(tmp_path, monkeypatch):
     twice = topt.write_thresholds(written, "sm89", {"sel_triton_min_L": 4096})
     thrice = topt.write_thresholds(twice, "sm90", {"sel_cuda_min_L": 64}, "again")
     th = yaml.safe_load(thrice)["runtime"]["thresholds"]
-    assert th == {"sm90": {"sel_triton_min_L": 256, "sel_cuda_min_L": 64}, "sm89": {"sel_triton_min_L": 4096}}
+    assert th == {"sm90": {**kept, "sel_triton_min_L": 256, "sel_cuda_min_L": 64},
+                  "sm89": {"sel_triton_min_L": 4096}}
     assert topt.write_thresholds(thrice, "sm90", {"sel_cuda_min_L": 64}, "again") == thrice
     # The package's one config reader sees the values.
     from nsa_ext.config import load_settings
