@@ -9,8 +9,8 @@ their union once) and `kv` (KV-outer partials over the inverse index, merged in 
 Calls with too few rows to fill the GPU (decode, small batches) take the row schedule's split-KV
 kernel of `triton_ref/selection_split.py` (each row's entries cut into slices, merged through
 their lse), decided from shapes alone. No data-dependent allocation; no host synchronisation on the split-KV path
-or with a forced schedule (auto reads the overlap statistic once per prefill call, outside CUDA-graph
-capture); with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
+or with a forced schedule (auto reads the overlap statistic once per prefill call large enough
+for the tile schedule, outside CUDA-graph capture); with `NSA_DEBUG_TRITON=1` or `NSA_DEBUG_LOG=1` it logs `sel.triton.launch` and
 `sel.triton.reads`, whose counts cost a host sync.
 
 `backward` runs the deterministic kernels of `triton_ref/selection_bwd.py` (no atomics: dq
@@ -27,8 +27,8 @@ import torch
 from ..call import SelectionCall
 from ..config import Settings, load_settings
 from ..device import DeviceFacts, device_facts
-from ..logs import log_event
 from ..inverse_index import build_inverse_index, work_items
+from ..logs import log_event
 from ..policy import kernel_path_reasons
 from ..selection import RowGeometry, canonical_blocks, row_geometry
 
