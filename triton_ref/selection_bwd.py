@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import (LARGE_PROGRAMS, LOG2E, _python_function, _with_interpreted_helpers,
+from .selection_fwd import (_HEURISTICS, LARGE_PROGRAMS, LOG2E, _python_function,
+                            _with_interpreted_helpers,
                             default_chunk, group_tile, query_of_program, untuned)
 
 DQ_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
@@ -102,11 +103,8 @@ def _prune_dkdv(configs, named_args, **kwargs):
 
 
 @triton.heuristics({
-    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
-    "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
+    **_HEURISTICS,
     "BG": lambda args: group_tile(args["G"]),
-    "IS_VARLEN": lambda args: args["pos"] is not None,
-    "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["num_blocks"].numel() >= LARGE_PROGRAMS,
 })
 @triton.autotune(configs=DQ_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
@@ -201,11 +199,8 @@ def selection_bwd_delta_kernel(o, do, dlse, delta, rows, V: tl.constexpr, BV: tl
 
 
 @triton.heuristics({
-    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
-    "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
+    **_HEURISTICS,
     "BN": lambda args: dkdv_keys(args["BLOCK"], args["K"], args["V"]),
-    "IS_VARLEN": lambda args: args["pos"] is not None,
-    "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["item_bucket"].numel() >= 256,
     "DKDV": lambda args: args["dk"] is not None,
     "DQ_PARTIALS": lambda args: args["dq_part"] is not None,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import LOG2E, LN2, _interpreted, group_tile
+from .selection_fwd import LOG2E, LN2, _HEURISTICS, _interpreted, group_tile
 from .selection_fwd import LARGE_PROGRAMS
 from .selection_tile import (ROWS_CONFIGS, attend_chunk_rows, chunk_size, prune_rows_configs,
                              rows_block)
@@ -46,12 +46,9 @@ def item_shape(G: int, rows: int = ITEM_ROWS):
 
 
 @triton.heuristics({
-    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
-    "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
+    **_HEURISTICS,
     "BM": lambda args: rows_block(args["PER_ITEM"], args["GT"]),
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
-    "IS_VARLEN": lambda args: args["pos"] is not None,
-    "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["item_bucket"].numel() >= LARGE_PROGRAMS,
 })
 @triton.autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import LOG2E, LN2, LARGE_PROGRAMS, _interpreted
+from .selection_fwd import LOG2E, LN2, LARGE_PROGRAMS, _HEURISTICS, _interpreted
 
 TILE_ROWS = 64       # (token, head) rows per tile program: the M of its dots
 # Large launches try 4 and 8 warps (ptxas for sm_90, BM = 64, D = 128: 255 registers either
@@ -116,12 +116,9 @@ def tile_rows(i_b, t0, i_g, TQ, TK, QT: tl.constexpr, GT: tl.constexpr, G, BM: t
 
 
 @triton.heuristics({
-    "BK": lambda args: max(16, triton.next_power_of_2(args["K"])),
-    "BV": lambda args: max(16, triton.next_power_of_2(args["V"])),
+    **_HEURISTICS,
     "BM": lambda args: rows_block(args["QT"], args["GT"]),
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
-    "IS_VARLEN": lambda args: args["pos"] is not None,
-    "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
     "LARGE": lambda args: args["union_count"].numel() >= LARGE_PROGRAMS,
 })
 @triton.autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
