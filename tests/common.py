@@ -142,3 +142,28 @@ def import_triton_for_the_interpreter() -> bool:
     except ImportError:
         return False
     return isinstance(tl.zeros, InterpretedFunction)
+
+
+def assert_no_sync_and_graph_replay(call, forward, first):
+    """`forward(call)` (warmed up: `first` is its earlier (o, lse)) enqueues with no host
+    synchronisation and gives `first` again, then replays from a CUDA graph with new q values
+    and matches the fp32 reference."""
+    from nsa_ext.reference import reference_forward
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, lse = forward(call)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(o, first[0]) and torch.equal(lse, first[1])
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o_graph, lse_graph = forward(call)
+    call.q.copy_(torch.randn_like(call.q))
+    graph.replay()
+    torch.cuda.synchronize()
+    o_ref, lse_ref = reference_forward(call)
+    assert_close_to_reference(o_graph, o_ref, call.dtype, lse_graph, lse_ref)

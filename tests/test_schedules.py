@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import nsa_ext
-from common import assert_close_to_reference, import_triton_for_the_interpreter, make_case
+from common import (assert_close_to_reference, assert_no_sync_and_graph_replay,
+                    import_triton_for_the_interpreter, make_case)
 from nsa_ext.backends import triton as triton_backend
 from nsa_ext.call import describe_call
 from nsa_ext.config import Settings
@@ -467,24 +468,8 @@ def test_gpu_forced_schedules_do_not_sync_and_capture(device_lane, monkeypatch, 
     monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
     monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)
     call = spec_call(GPU_CASES["large_G1"], torch.bfloat16, "cuda")
-    o_first, _ = run_schedule(call, schedule, monkeypatch)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        o, _ = triton_backend.forward(call)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(o, o_first)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o_graph, lse_graph = triton_backend.forward(call)
-    call.q.copy_(torch.randn_like(call.q))
-    graph.replay()
-    torch.cuda.synchronize()
-    o_ref, lse_ref = reference_forward(call)
-    assert_close_to_reference(o_graph, o_ref, call.dtype, lse_graph, lse_ref)
+    first = run_schedule(call, schedule, monkeypatch)
+    assert_no_sync_and_graph_replay(call, triton_backend.forward, first)
 
 
 @pytest.mark.gpu

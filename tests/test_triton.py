@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from common import assert_close_to_reference, import_triton_for_the_interpreter, make_case
+from common import (assert_close_to_reference, assert_no_sync_and_graph_replay,
+                    import_triton_for_the_interpreter, make_case)
 from nsa_ext.backends import triton as triton_backend
 from nsa_ext.call import describe_call
 from nsa_ext.config import Settings
@@ -186,24 +187,8 @@ def test_gpu_no_host_sync_and_graph_capture(monkeypatch, group, path):
     monkeypatch.delenv("NSA_DEBUG_LOG", raising=False)
     monkeypatch.delenv("NSA_DEBUG_TRITON", raising=False)
     call = build_call(MATRIX["decode"], torch.bfloat16, "cuda")
-    o_first, lse_first = run_variant(call, group, monkeypatch)      # compiles outside the checks
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        o, lse = triton_backend.forward(call)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(o, o_first) and torch.equal(lse, lse_first)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o_graph, lse_graph = triton_backend.forward(call)
-    call.q.copy_(torch.randn_like(call.q))
-    graph.replay()
-    torch.cuda.synchronize()
-    o_ref, lse_ref = reference_forward(call)
-    assert_close_to_reference(o_graph, o_ref, call.dtype, lse_graph, lse_ref)
+    first = run_variant(call, group, monkeypatch)      # compiles outside the checks
+    assert_no_sync_and_graph_replay(call, triton_backend.forward, first)
 
 
 # --- backward -------------------------------------------------------------------------------------
