@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call that checks the package on a GPU machine: build (with the CUDA extension),
+# the GPU-marked tests, and compute-sanitizer over the messy-call scripts. Logs land in $OUT
+# (default bench/results/verify). STEPS picks the parts (default build,tests,sanitize);
+# PYTEST_N (default 12) xdist workers; SAN_LIMIT (default 150) seconds per sanitizer run.
+#   STEPS=build,tests bash scripts/device_verify.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/verify}
+STEPS=${STEPS:-build,tests,sanitize}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+has() { case ",$STEPS," in *",$1,"*) return 0;; esac; return 1; }
+status=0
+fail() { echo "!! $1 failed (exit $2)"; [ "$status" -ne 0 ] || status=$2; }
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/fla ]; then
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if has build; then
+  t0=$SECONDS
+  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    $PYTHON -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || fail build $?
+  echo "build: $((SECONDS - t0)) s"; tail -n 2 "$OUT/build.log"
+  $PYTHON -m nsa_ext.info > "$OUT/info.json" 2>&1; grep -A2 '"cuda_extension"' "$OUT/info.json" | head -3
+fi
+if has tests; then
+  t0=$SECONDS
+  $PYTHON -m pytest -m gpu -q -rfs -p no:cacheprovider -n "${PYTEST_N:-12}" ${PYTEST_ARGS:-} tests \
+    > "$OUT/pytest_gpu.log" 2>&1 || fail tests $?
+  echo "tests: $((SECONDS - t0)) s"; tail -n 15 "$OUT/pytest_gpu.log"
+fi
+if has sanitize; then
+  for run in "memcheck sanitize_backward.py" "racecheck sanitize_backward.py --small" \
+             "memcheck sanitize_schedules.py" "racecheck sanitize_schedules.py --small" \
+             "memcheck sanitize_cuda.py" "racecheck sanitize_cuda.py --small"; do
+    set -- $run; tool=$1; shift
+    log="$OUT/sanitize_${tool}_${1%.py}.log"
+    t0=$SECONDS
+    timeout "${SAN_LIMIT:-150}" compute-sanitizer --tool "$tool" --target-processes all \
+      $PYTHON "scripts/$@" > "$log" 2>&1 || fail "$tool $*" $?
+    echo "$tool $*: $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|all ok|FAILED' "$log" | tr '\n' ' ')"
+  done
+fi
+echo "device_verify: exit $status"
+exit "$status"
