@@ -8,8 +8,10 @@ all measured in the same run.
     python bench/bench_selection.py --schedules     # the Triton forward schedules (~3 GPU minutes)
 
 Rows of each case (bf16 on a GPU):
-  nsa:cuda, nsa:triton, nsa:triton-row, nsa:triton-tile, nsa:triton-kv, nsa:triton-head, nsa:sdpa
-        nsa_ext.selection_attention(..., backend=NAME). nsa:triton is the Triton backend with its
+  nsa:cuda, nsa:cuda-row, nsa:cuda-tile, nsa:triton, nsa:triton-row, nsa:triton-tile,
+  nsa:triton-kv, nsa:triton-head, nsa:sdpa
+        nsa_ext.selection_attention(..., backend=NAME). nsa:cuda-row / -tile force the CUDA
+        backend's schedules (row: its mma.sync kernel; tile: the SM 9.0 wgmma + TMA kernel). nsa:triton is the Triton backend with its
         forward schedule chosen per call (NSA_SEL_SCHEDULE=auto; the case line says which);
         nsa:triton-row / -tile / -kv force one schedule (NSA_SEL_SCHEDULE=row|tile|kv: prefill
         and chunked rows only, decode and training rows are n/a); nsa:triton-head is the row
@@ -71,10 +73,11 @@ from bench.common import Shape, Work, environ, fmt_tokens, short_error  # noqa: 
 
 CASE_GROUPS = ("prefill", "groups", "dk192", "decode", "chunked", "train")
 GROUP_PRIORITY = ("prefill", "decode", "groups", "chunked", "dk192", "train")   # run order
-NSA_ROWS = ("nsa:cuda", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
+NSA_ROWS = ("nsa:cuda", "nsa:cuda-row", "nsa:cuda-tile", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
             "nsa:triton-head", "nsa:sdpa")
 SCHEDULE_ROWS = {"nsa:triton": "auto", "nsa:triton-row": "row", "nsa:triton-tile": "tile",
-                 "nsa:triton-kv": "kv", "nsa:triton-head": "row"}
+                 "nsa:triton-kv": "kv", "nsa:triton-head": "row",
+                 "nsa:cuda-row": "row", "nsa:cuda-tile": "tile"}
 ANCHOR_ROWS = ("fla", "dense:cudnn", "dense:flash", "flex")
 FLOOR_ROWS = ("floor/row", "floor/tile")
 # Measured in this order (floors and fla first, so the ratios exist), printed in ROW_ORDER.
@@ -125,7 +128,7 @@ def _prefill_shape(T, HQ=64, H=4, D=128, S=16, Dv=None, B=1):
 
 
 SCHEDULE_PRESET_ROWS = ("fla", "floor/row", "floor/tile", "nsa:triton", "nsa:triton-row",
-                        "nsa:triton-tile", "nsa:triton-kv")
+                        "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda", "nsa:cuda-tile")
 
 
 def gpu_cases(full: bool, quick: bool, schedules: bool = False) -> List[CaseSpec]:
@@ -454,13 +457,14 @@ def build(ctx: Context, s: InputSet, name: str):
     if name == "nsa:triton-head" and ctx.case.train and ctx.device.type == "cuda" and not ctx.full:
         raise NotApplicable("training: the Triton backward recomputes group-centric whatever the variant, "
                             "so only the forward differs (prefill rows); --full runs it")
-    if name in ("nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv") and \
+    if name in ("nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda-row",
+                "nsa:cuda-tile") and \
             (ctx.case.train or ctx.shape.TQ < 64):
         raise NotApplicable("forced forward schedules are prefill rows (decode takes split-KV under "
                             "auto; training's time is mostly the backward)")
     if name.startswith("nsa:"):
         backend = name.split(":", 1)[1]
-        backend = "triton" if backend.startswith("triton") else backend
+        backend = backend.split("-", 1)[0]          # triton-tile, cuda-row: a forced schedule
         return build_nsa(ctx, s, backend)
     if name == "fla":
         return build_fla(ctx, s)

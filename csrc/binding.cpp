@@ -19,6 +19,7 @@
 #endif
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -90,89 +91,86 @@ cudaError_t launch_mma(const SelectionFwdParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;   // unreachable: the dims were checked
 }
 
-std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v,
-                                                      const at::Tensor& blocks,
-                                                      const at::Tensor& num_blocks,
-                                                      const at::Tensor& pos,
-                                                      const at::Tensor& k_offset,
-                                                      int64_t block_size, double scale,
-                                                      int64_t num_splits) {
+// The checks every forward operator makes (torch.ops callers skip the Python validation).
+struct ForwardShapes {
+  int64_t B, TQ, HQ, Dk, TK, H, Dv, S;
+};
+
+ForwardShapes check_forward_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& blocks,
+                                   const at::Tensor& num_blocks, const at::Tensor& pos,
+                                   const at::Tensor& k_offset, int64_t block_size) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&blocks, "blocks"},
                          {&num_blocks, "num_blocks"}, {&pos, "pos"}, {&k_offset, "k_offset"}})
-    check_cuda_contiguous(*t, name, q);
+    check_cuda_contiguous(*t, name, q, op);
 
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-              "nsa_ext_cuda::selection_fwd: q must be float16, bfloat16 or float32, got ", c10::toString(dtype));
-  TORCH_CHECK(k.scalar_type() == dtype, "nsa_ext_cuda::selection_fwd: k must have q's dtype (",
+              op, "q must be float16, bfloat16 or float32, got ", c10::toString(dtype));
+  TORCH_CHECK(k.scalar_type() == dtype, op, "k must have q's dtype (",
               c10::toString(dtype), "), got ", c10::toString(k.scalar_type()));
-  TORCH_CHECK(v.scalar_type() == dtype, "nsa_ext_cuda::selection_fwd: v must have q's dtype (",
+  TORCH_CHECK(v.scalar_type() == dtype, op, "v must have q's dtype (",
               c10::toString(dtype), "), got ", c10::toString(v.scalar_type()));
   TORCH_CHECK(blocks.scalar_type() == at::kInt,
-              "nsa_ext_cuda::selection_fwd: blocks must be int32, got ", c10::toString(blocks.scalar_type()));
+              op, "blocks must be int32, got ", c10::toString(blocks.scalar_type()));
   TORCH_CHECK(num_blocks.scalar_type() == at::kInt,
-              "nsa_ext_cuda::selection_fwd: num_blocks must be int32, got ", c10::toString(num_blocks.scalar_type()));
+              op, "num_blocks must be int32, got ", c10::toString(num_blocks.scalar_type()));
   TORCH_CHECK(pos.scalar_type() == at::kLong,
-              "nsa_ext_cuda::selection_fwd: pos must be int64, got ", c10::toString(pos.scalar_type()));
+              op, "pos must be int64, got ", c10::toString(pos.scalar_type()));
   TORCH_CHECK(k_offset.scalar_type() == at::kLong,
-              "nsa_ext_cuda::selection_fwd: k_offset must be int64, got ", c10::toString(k_offset.scalar_type()));
+              op, "k_offset must be int64, got ", c10::toString(k_offset.scalar_type()));
 
-  TORCH_CHECK(q.dim() == 4, "nsa_ext_cuda::selection_fwd: q must be 4-d [B, TQ, HQ, Dk], got ",
+  TORCH_CHECK(q.dim() == 4, op, "q must be 4-d [B, TQ, HQ, Dk], got ",
               shape_of(q));
-  TORCH_CHECK(k.dim() == 4, "nsa_ext_cuda::selection_fwd: k must be 4-d [B, TK, H, Dk], got ",
+  TORCH_CHECK(k.dim() == 4, op, "k must be 4-d [B, TK, H, Dk], got ",
               shape_of(k));
   const int64_t B = q.size(0), TQ = q.size(1), HQ = q.size(2), Dk = q.size(3);
   const int64_t TK = k.size(1), H = k.size(2);
-  TORCH_CHECK(H > 0 && HQ % H == 0, "nsa_ext_cuda::selection_fwd: q's heads (", std::to_string(HQ),
+  TORCH_CHECK(H > 0 && HQ % H == 0, op, "q's heads (", std::to_string(HQ),
               ") must be a multiple of k's heads (", std::to_string(H), ")");
-  check_shape(k, "k", {B, TK, H, Dk}, "[B, TK, H, Dk]");
-  TORCH_CHECK(v.dim() == 4, "nsa_ext_cuda::selection_fwd: v must be 4-d [B, TK, H, Dv], got ",
+  check_shape(k, "k", {B, TK, H, Dk}, "[B, TK, H, Dk]", op);
+  TORCH_CHECK(v.dim() == 4, op, "v must be 4-d [B, TK, H, Dv], got ",
               shape_of(v));
   const int64_t Dv = v.size(3);
-  check_shape(v, "v", {B, TK, H, Dv}, "[B, TK, H, Dv]");
-  TORCH_CHECK(blocks.dim() == 4, "nsa_ext_cuda::selection_fwd: blocks must be 4-d [B, TQ, H, S], got ",
+  check_shape(v, "v", {B, TK, H, Dv}, "[B, TK, H, Dv]", op);
+  TORCH_CHECK(blocks.dim() == 4, op, "blocks must be 4-d [B, TQ, H, S], got ",
               shape_of(blocks));
   const int64_t S = blocks.size(3);
-  check_shape(blocks, "blocks", {B, TQ, H, S}, "[B, TQ, H, S]");
-  check_shape(num_blocks, "num_blocks", {B, TQ, H}, "[B, TQ, H]");
-  check_shape(pos, "pos", {B, TQ}, "[B, TQ]");
-  check_shape(k_offset, "k_offset", {B, TQ}, "[B, TQ]");
+  check_shape(blocks, "blocks", {B, TQ, H, S}, "[B, TQ, H, S]", op);
+  check_shape(num_blocks, "num_blocks", {B, TQ, H}, "[B, TQ, H]", op);
+  check_shape(pos, "pos", {B, TQ}, "[B, TQ]", op);
+  check_shape(k_offset, "k_offset", {B, TQ}, "[B, TQ]", op);
   TORCH_CHECK(block_size >= kMinBlockSize && (block_size & (block_size - 1)) == 0 &&
                   block_size <= (int64_t(1) << 30),
-              "nsa_ext_cuda::selection_fwd: block_size must be a power of two >= ",
+              op, "block_size must be a power of two >= ",
               std::to_string(kMinBlockSize), ", got ", std::to_string(block_size));
   if (dtype == at::kFloat) {
     TORCH_CHECK(Dk <= kFp32MaxHeadDim && Dv <= kFp32MaxHeadDim,
-                "nsa_ext_cuda::selection_fwd: float32 head dims must be <= ",
+                op, "float32 head dims must be <= ",
                 std::to_string(kFp32MaxHeadDim), ", got Dk=", std::to_string(Dk), ", Dv=",
                 std::to_string(Dv));
   } else {
-    TORCH_CHECK(has_mma_instance(Dk, Dv), "nsa_ext_cuda::selection_fwd: no kernel for Dk=",
+    TORCH_CHECK(has_mma_instance(Dk, Dv), op, "no kernel for Dk=",
                 std::to_string(Dk), ", Dv=", std::to_string(Dv), " in ", c10::toString(dtype), " (built: ", mma_head_dims(), ")");
   }
   // 16-byte copies (cp.async) need 16-byte aligned rows; rows are Dk or Dv
   // elements long, so aligned base pointers suffice (the Python backend re-allocates others).
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
-                "nsa_ext_cuda::selection_fwd: ", name, " must start at a 16-byte aligned address");
+                op, name, " must start at a 16-byte aligned address");
   TORCH_CHECK(B * TQ < (int64_t(1) << 31) && H < 65536 && HQ / H < (int64_t(1) << 20),
-              "nsa_ext_cuda::selection_fwd: grid too large: B*TQ=", std::to_string(B * TQ), ", H=",
+              op, "grid too large: B*TQ=", std::to_string(B * TQ), ", H=",
               std::to_string(H));
-  TORCH_CHECK(num_splits >= 1, "nsa_ext_cuda::selection_fwd: num_splits must be >= 1, got ",
-              std::to_string(num_splits));
-  // The grid's z axis holds num_splits x the row tiles of a group (one up to G = 32, else one
-  // per 64 or 32 query heads: csrc/selection_fwd.cuh's launch_selection_fwd_mma); bound by 32.
-  const int64_t row_tiles = HQ / H <= 32 ? 1 : (HQ / H + 31) / 32;
-  TORCH_CHECK(num_splits < 65536 && num_splits * row_tiles < 65536,
-              "nsa_ext_cuda::selection_fwd: num_splits too large: ", std::to_string(num_splits),
-              " slices x ", std::to_string(row_tiles), " row tiles must stay below 65536");
+  return {B, TQ, HQ, Dk, TK, H, Dv, S};
+}
 
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto o = at::empty({B, TQ, HQ, Dv}, q.options());
-  auto lse = at::empty({B, TQ, HQ}, q.options().dtype(at::kFloat));
-  if (B * TQ == 0 || HQ == 0) return {o, lse};
-
+// The launch description shared by every forward kernel (splitting off).
+SelectionFwdParams forward_params(const ForwardShapes& shapes, const at::Tensor& q,
+                                  const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& blocks, const at::Tensor& num_blocks,
+                                  const at::Tensor& pos, const at::Tensor& k_offset, at::Tensor& o,
+                                  at::Tensor& lse, int64_t block_size, double scale) {
+  [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
   SelectionFwdParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -195,6 +193,38 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
   p.block_size = int(block_size);
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
+  p.num_splits = 1;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const at::Tensor& blocks,
+                                                      const at::Tensor& num_blocks,
+                                                      const at::Tensor& pos,
+                                                      const at::Tensor& k_offset,
+                                                      int64_t block_size, double scale,
+                                                      int64_t num_splits) {
+  const ForwardShapes shapes = check_forward_inputs(kFwd, q, k, v, blocks, num_blocks, pos,
+                                                    k_offset, block_size);
+  [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(num_splits >= 1, "nsa_ext_cuda::selection_fwd: num_splits must be >= 1, got ",
+              std::to_string(num_splits));
+  // The grid's z axis holds num_splits x the row tiles of a group (one up to G = 32, else one
+  // per 64 or 32 query heads: csrc/selection_fwd.cuh's launch_selection_fwd_mma); bound by 32.
+  const int64_t row_tiles = HQ / H <= 32 ? 1 : (HQ / H + 31) / 32;
+  TORCH_CHECK(num_splits < 65536 && num_splits * row_tiles < 65536,
+              "nsa_ext_cuda::selection_fwd: num_splits too large: ", std::to_string(num_splits),
+              " slices x ", std::to_string(row_tiles), " row tiles must stay below 65536");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto o = at::empty({B, TQ, HQ, Dv}, q.options());
+  auto lse = at::empty({B, TQ, HQ}, q.options().dtype(at::kFloat));
+  if (B * TQ == 0 || HQ == 0) return {o, lse};
+
+  SelectionFwdParams p = forward_params(shapes, q, k, v, blocks, num_blocks, pos, k_offset, o, lse,
+                                        block_size, scale);
   p.num_splits = int(num_splits);
   p.entries_per_split = int(S > 0 ? (S + num_splits - 1) / num_splits : 0);
   // Split-KV partials, fp32: [B*TQ*HQ, num_splits, Dv] and [B*TQ*HQ, num_splits] twice. Every
@@ -224,6 +254,83 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
     C10_CUDA_CHECK(launch_selection_merge(p, kind, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  return {o, lse};
+}
+
+// nsa_ext_cuda::selection_fwd_tile: the query-tile schedule (csrc/hopper/) over the unions of
+// nsa_ext.schedules.tiles.tile_unions; SM 9.0 only, one launch, no workspace, no host sync.
+std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
+    const at::Tensor& num_blocks, const at::Tensor& pos, const at::Tensor& k_offset,
+    const at::Tensor& union_starts, const at::Tensor& union_counts, int64_t tokens_per_tile,
+    int64_t block_size, double scale) {
+  const char* op = "nsa_ext_cuda::selection_fwd_tile: ";
+  const ForwardShapes shapes = check_forward_inputs(op, q, k, v, blocks, num_blocks, pos,
+                                                    k_offset, block_size);
+  [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
+#ifndef NSA_EXT_HOPPER
+  TORCH_CHECK(false, op, "this build has no Hopper kernel (built for ", NSA_EXT_ARCHS,
+              "; it needs 9.0 in NSA_EXT_CUDA_ARCHS)");
+#endif
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
+              "q must be float16 or bfloat16, got ", c10::toString(dtype));
+  const cudaDeviceProp* props = nullptr;
+  {
+    int device = q.device().index();
+    static thread_local cudaDeviceProp cached[16];
+    static thread_local bool have[16] = {};
+    TORCH_CHECK(device >= 0 && device < 16, op, "device index ", std::to_string(device), " out of range");
+    if (!have[device]) {
+      C10_CUDA_CHECK(cudaGetDeviceProperties(&cached[device], device));
+      have[device] = true;
+    }
+    props = &cached[device];
+  }
+  TORCH_CHECK(props->major == 9 && props->minor == 0, op, "the Hopper kernel runs on SM 9.0, this is SM ",
+              std::to_string(props->major), ".", std::to_string(props->minor));
+  const int64_t G = HQ / H;
+  TORCH_CHECK(G <= kTileRows && tokens_per_tile == kTileRows / G, op,
+              "tokens_per_tile must be 64 / G (G <= 64): G=", std::to_string(G),
+              ", tokens_per_tile=", std::to_string(tokens_per_tile));
+  TORCH_CHECK(block_size % 64 == 0, op, "block_size must be a multiple of 64, got ",
+              std::to_string(block_size));
+  TORCH_CHECK(B * TK < (int64_t(1) << 31), op, "B*TK=", std::to_string(B * TK),
+              " past the copy engine's 32-bit coordinates");
+  const int64_t NT = (TQ + tokens_per_tile - 1) / tokens_per_tile;
+  for (auto [t, name] : {std::pair{&union_starts, "union_starts"}, {&union_counts, "union_counts"}})
+    check_cuda_contiguous(*t, name, q, op);
+  TORCH_CHECK(union_starts.scalar_type() == at::kLong, op, "union_starts must be int64");
+  TORCH_CHECK(union_counts.scalar_type() == at::kInt, op, "union_counts must be int32");
+  TORCH_CHECK(union_starts.dim() == 4, op, "union_starts must be 4-d [B, NT, H, U], got ",
+              shape_of(union_starts));
+  check_shape(union_starts, "union_starts", {B, NT, H, union_starts.size(3)}, "[B, NT, H, U]", op);
+  check_shape(union_counts, "union_counts", {B, NT, H}, "[B, NT, H]", op);
+  TORCH_CHECK(B * NT * H < (int64_t(1) << 31), op, "grid too large: B*NT*H=", std::to_string(B * NT * H));
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto o = at::empty({B, TQ, HQ, Dv}, q.options());
+  auto lse = at::empty({B, TQ, HQ}, q.options().dtype(at::kFloat));
+  if (B * TQ == 0 || HQ == 0) return {o, lse};
+  TileParams tp{};
+  tp.fwd = forward_params(shapes, q, k, v, blocks, num_blocks, pos, k_offset, o, lse, block_size,
+                          scale);
+  tp.union_starts = union_starts.data_ptr<int64_t>();
+  tp.union_counts = union_counts.data_ptr<int32_t>();
+  tp.num_tiles = NT;
+  tp.union_width = union_starts.size(3);
+  tp.tokens_per_tile = int(tokens_per_tile);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+#ifdef NSA_EXT_HOPPER
+  if (TK == 0) {   // nothing to attend to (and no tensor map of an empty tensor)
+    o.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {o, lse};
+  }
+  C10_CUDA_CHECK(launch_selection_tile_sm90(
+      tp, dtype == at::kHalf ? ScalarKind::kFloat16 : ScalarKind::kBFloat16, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
   return {o, lse};
 }
 
@@ -300,6 +407,11 @@ std::string build_info_json() {
          "], \"fp32_max_head_dim\": " + std::to_string(nsa_ext::kFp32MaxHeadDim) +
          ", \"min_block_size\": " + std::to_string(nsa_ext::kMinBlockSize) +
          ", \"dtypes\": [\"float16\", \"bfloat16\", \"float32\"]" +
+#ifdef NSA_EXT_HOPPER
+         ", \"hopper_tile\": true" +
+#else
+         ", \"hopper_tile\": false" +
+#endif
          ", \"op\": \"nsa_ext_cuda::selection_fwd\"}";
 }
 
@@ -309,6 +421,10 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
   m.def(
       "selection_fwd(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, Tensor pos, "
       "Tensor k_offset, int block_size, float scale, int num_splits=1) -> (Tensor o, Tensor lse)");
+  m.def(
+      "selection_fwd_tile(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, "
+      "Tensor pos, Tensor k_offset, Tensor union_starts, Tensor union_counts, int tokens_per_tile, "
+      "int block_size, float scale) -> (Tensor o, Tensor lse)");
   // Build facts through the dispatcher too, for a build without the pybind11 module.
   m.def("build_info() -> str", []() { return build_info_json(); });
   m.def(
@@ -318,6 +434,7 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
 
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
   m.impl("selection_fwd", &nsa_ext::selection_fwd_cuda);
+  m.impl("selection_fwd_tile", &nsa_ext::selection_fwd_tile_cuda);
   m.impl("canonical_blocks", &nsa_ext::canonical_blocks_cuda);
 }
 

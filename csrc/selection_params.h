@@ -67,6 +67,22 @@ cudaError_t launch_canonical_blocks(const void* indices, bool indices_int64, con
                                     int64_t rows, int64_t heads_kv, int S, int64_t block_size,
                                     int32_t* blocks, int32_t* num_blocks, cudaStream_t stream);
 
+// The query-tile schedule on Hopper (csrc/hopper/, built for sm_90a when the arch list holds
+// 9.0; NSA_EXT_HOPPER is then defined): wgmma + TMA, G <= 64, block_size a multiple of 64,
+// fp16/bf16, every NSA_EXT_FOR_EACH_HEAD_DIM pair.
+struct TileParams {
+  SelectionFwdParams fwd;          // q, o, lse, blocks, num_blocks, pos, k_offset, shapes, scale
+  const int64_t* union_starts;     // [B, NT, H, U]: first keys (along k's T axis) of each
+                                   // tile's union blocks, ascending
+  const int32_t* union_counts;     // [B, NT, H]
+  int64_t num_tiles;               // NT
+  int64_t union_width;             // U
+  int tokens_per_tile;             // QT = 64 / G
+};
+constexpr int kTileRows = 64;      // (token, query head) rows of one tile: QT * G <= 64
+cudaError_t launch_selection_tile_sm90(const TileParams& params, ScalarKind kind,
+                                       cudaStream_t stream);
+
 // Split-KV merge: part_acc / part_m / part_l -> o (q's dtype, `kind`) and lse.
 cudaError_t launch_selection_merge(const SelectionFwdParams& params, ScalarKind kind,
                                    cudaStream_t stream);

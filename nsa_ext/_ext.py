@@ -4,8 +4,8 @@ Like xformers' `_cpp_lib.py`: the first call to `available()` (or any function h
 `import nsa_ext._C`; a failure is kept as a reason instead of raised, and logged once as a
 warning when a compiled module exists but cannot be loaded (a build for another torch, an
 undefined symbol). The CUDA backend turns `unavailable_reason()` into its reason for not serving
-a call. Loading the module registers the operators `torch.ops.nsa_ext_cuda.selection_fwd` and
-`torch.ops.nsa_ext_cuda.canonical_blocks` (its `TORCH_LIBRARY` block runs at load); their fake
+a call. Loading the module registers the operators `torch.ops.nsa_ext_cuda.selection_fwd`,
+`selection_fwd_tile` (SM 9.0) and `torch.ops.nsa_ext_cuda.canonical_blocks` (its `TORCH_LIBRARY` block runs at load); their fake
 (meta) implementations are registered here.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 logger = logging.getLogger("nsa_ext")
 
 OP_NAME = "nsa_ext_cuda::selection_fwd"
+TILE_OP_NAME = "nsa_ext_cuda::selection_fwd_tile"      # SM 9.0 (csrc/hopper/)
 CANONICAL_OP_NAME = "nsa_ext_cuda::canonical_blocks"   # S <= CANONICAL_MAX_SELECTED
 CANONICAL_MAX_SELECTED = 32
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -125,6 +126,13 @@ def _register_fake() -> None:
         o = q.new_empty((B, TQ, HQ, v.shape[3]))
         lse = q.new_empty((B, TQ, HQ), dtype=torch.float32)
         return o, lse
+
+    @torch.library.register_fake(TILE_OP_NAME)
+    def _selection_fwd_tile_fake(q, k, v, blocks, num_blocks, pos, k_offset, union_starts,
+                                 union_counts, tokens_per_tile, block_size, scale):
+        B, TQ, HQ, _ = q.shape
+        return (q.new_empty((B, TQ, HQ, v.shape[3])),
+                q.new_empty((B, TQ, HQ), dtype=torch.float32))
 
     @torch.library.register_fake(CANONICAL_OP_NAME)
     def _canonical_blocks_fake(block_indices, pos, block_counts, count_limit, block_size):

@@ -1,4 +1,14 @@
-"""The CUDA extension backend: nsa_ext._C's tensor-core kernel (fp16/bf16) and its fp32 path.
+"""The CUDA extension backend: nsa_ext._C's tensor-core kernels (fp16/bf16) and its fp32 path.
+
+Two forward schedules (nsa_ext/schedules; the chooser is the Triton backend's, so both backends
+take the same decision from the same statistic and thresholds):
+- `row`: one thread block per (query token, KV head), mma.sync (SM 8.0+), split-KV for decode;
+- `tile`: on SM 9.0 only (csrc/hopper/, wgmma + TMA), one thread block per 64 / G neighbouring
+  query tokens of a KV head walking the union of their selections (G <= 64, block_size a
+  multiple of 64, fp16/bf16). Where the tile kernel cannot serve a call, `row` runs.
+`kv` is the Triton backend's alone: forcing it names this backend unable (the dispatcher's auto
+then takes Triton), and `auto_preferences` steers auto to Triton where the measured crossovers
+pick kv (small G).
 
 The kernel reads each row's selected set in canonical form (nsa_ext.selection.canonical_blocks:
 sorted, de-duplicated, -1 padded, causally trimmed) and each query's absolute position and key
@@ -20,6 +30,7 @@ import torch
 
 from .. import _ext
 from ..call import SelectionCall
+from ..config import load_settings
 from ..device import device_facts
 from ..policy import kernel_path_reasons
 from ..selection import canonical_blocks, row_geometry
@@ -93,17 +104,50 @@ def reasons_unsupported(call: SelectionCall, settings, facts) -> List[str]:
     if call.batch * call.seqlen_q >= 2 ** 31 or call.num_heads_kv >= 65536:
         reasons.append(f"grid too large: B*TQ={call.batch * call.seqlen_q}, "
                        f"H={call.num_heads_kv}")
+    schedule = settings.sel_schedule
+    if schedule == "kv":
+        reasons.append("NSA_SEL_SCHEDULE / runtime.sel_schedule = kv: the CUDA backend runs the "
+                       "row and tile schedules; kv is the Triton backend's")
+    elif schedule == "tile":
+        reasons.extend(f"NSA_SEL_SCHEDULE / runtime.sel_schedule = tile: {why}"
+                       for why in tile_reasons(call, facts))
+    return reasons
+
+
+def tile_reasons(call: SelectionCall, facts) -> List[str]:
+    """Why the Hopper tile kernel (csrc/hopper/) cannot serve `call` ([] when it can)."""
+    reasons = []
+    if not _ext.build_info().get("hopper_tile", False):
+        reasons.append("the extension was built without its Hopper kernel (NSA_EXT_CUDA_ARCHS "
+                       "without 9.0)")
+    if facts.kind != "cuda" or facts.sm is None or tuple(facts.sm) != (9, 0):
+        reasons.append(f"the tile kernel (wgmma, TMA) runs on SM 9.0 only, not on {facts.name}")
+    if call.dtype not in _HALF_DTYPES:
+        reasons.append(f"dtype {str(call.dtype).replace('torch.', '')}: the tile kernel takes "
+                       f"float16 and bfloat16")
+    if call.group_size > TILE_ROWS:
+        reasons.append(f"G={call.group_size} > {TILE_ROWS}: a tile holds at most 64 query heads")
+    if call.block_size % 64:
+        reasons.append(f"block_size {call.block_size}: the tile kernel copies 64-key chunks")
+    if call.batch * call.seqlen_k >= 2 ** 31:
+        reasons.append(f"B*TK={call.batch * call.seqlen_k}: past the copy engine's 32-bit "
+                       f"coordinates")
     return reasons
 
 
 def auto_preferences(call: SelectionCall, settings, facts) -> List[str]:
     """Why `auto` prefers another backend for a call the kernel can compute (a named
-    backend="cuda" runs it anyway): the length threshold only steers auto."""
+    backend="cuda" runs it anyway): the length threshold only steers auto, and so do the
+    measured schedule crossovers where they pick `kv`, which only Triton runs."""
     min_len = settings.min_len("cuda", facts.arch)
     if call.selected_len < min_len:
         return [f"selected length {call.selected_len} tokens per row is below the CUDA threshold "
                 f"{min_len} (NSA_SEL_CUDA_MIN_L / runtime.sel_cuda_min_L): packed SDPA measured "
                 f"faster there"]
+    max_g = settings.thresholds.get(facts.arch or "", {}).get("sel_kv_max_g")
+    if settings.sel_schedule == "auto" and max_g is not None and call.group_size <= max_g:
+        return [f"G={call.group_size} <= {max_g} (runtime.thresholds.{facts.arch}.sel_kv_max_g): "
+                f"the kv schedule, which only the Triton backend runs, measured fastest there"]
     return []
 
 
@@ -153,16 +197,67 @@ def num_splits(call: SelectionCall, sm_count: int) -> int:
     return _split_chooser()(work_items, call.num_selected, sm_count)
 
 
+TILE_ROWS = 64     # (token, query head) rows of one Hopper tile: 64 // G tokens
+
+
+def tile_forward(*args):
+    """torch.ops.nsa_ext_cuda.selection_fwd_tile (a seam for tests to see that it ran)."""
+    return torch.ops.nsa_ext_cuda.selection_fwd_tile(*args)
+
+
+def choose_schedule(call: SelectionCall, settings, facts, geometry, blocks, num_blocks):
+    """The chooser's ScheduleChoice for a call this backend runs unsplit, with `kv` (Triton's)
+    and, where the Hopper kernel cannot serve, `tile` marked unable."""
+    from ..schedules import Prepared
+    from ..schedules.chooser import choose_schedule as choose
+
+    extra = {"kv": ["the CUDA backend runs row and tile; kv is the Triton backend's"]}
+    why_not_tile = tile_reasons(call, facts)
+    if why_not_tile:
+        extra["tile"] = why_not_tile
+    prep = Prepared(call, settings, geometry, blocks, num_blocks, interpret=False)
+    return choose(call, settings, facts, prep, extra_reasons=extra)
+
+
+def explain_schedule(call: SelectionCall, settings, facts) -> List[str]:
+    """Which schedule this backend would run for `call`, and why (a host sync under auto)."""
+    if facts.kind == "cuda" and num_splits(call, facts.sm_count) > 1:
+        return ["schedule: row (too few rows to fill the GPU: split-KV)"]
+    try:
+        geometry = row_geometry(call)
+        blocks, num_blocks = canonical_blocks(call, geometry)
+        return choose_schedule(call, settings, facts, geometry, blocks, num_blocks).lines()
+    except ValueError as err:     # ScheduleUnavailableError: a forced schedule it cannot run
+        return [f"schedule: none ({err})"]
+    except ImportError as err:
+        return [f"schedule: row (the chooser needs Triton: {err})"]
+
+
 def forward(call: SelectionCall, force_splits: Optional[int] = None):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32). `force_splits` replaces the
     split-KV choice (tests and scripts/sanitize_cuda.py drive every slicing through it)."""
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks(call, geometry)
-    # The kernel copies rows 16 bytes at a time: contiguous and 16-byte aligned.
+    # The kernels copy rows 16 bytes at a time: contiguous and 16-byte aligned.
     q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
     pos = geometry.pos.contiguous()
     k_offset = geometry.k_offset.contiguous()
-    splits = force_splits or num_splits(call, device_facts(call.device).sm_count)
+    facts = device_facts(call.device)
+    splits = force_splits or num_splits(call, facts.sm_count)
+    if splits == 1:
+        settings = load_settings()
+        schedule = "row"
+        if settings.sel_schedule != "row" and not tile_reasons(call, facts):
+            schedule = choose_schedule(call, settings, facts, geometry, blocks,
+                                       num_blocks).chosen
+        if schedule == "tile":
+            from ..schedules.tiles import tile_unions
+
+            QT = TILE_ROWS // call.group_size
+            union = tile_unions(call, geometry, blocks, QT)
+            return tile_forward(q, k, v, blocks.contiguous(), num_blocks.contiguous(), pos,
+                                k_offset, union.starts, union.counts, QT, call.block_size,
+                                call.scale)
     return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                 num_blocks.contiguous(), pos, k_offset,
                                                 call.block_size, call.scale, splits)

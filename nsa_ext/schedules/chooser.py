@@ -171,13 +171,15 @@ def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers)
 
 
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
-                    prep: Optional[Prepared] = None, split: bool = False) -> ScheduleChoice:
+                    prep: Optional[Prepared] = None, split: bool = False,
+                    extra_reasons: Optional[Dict[str, List[str]]] = None) -> ScheduleChoice:
     """The schedule for `call` (see the module docstring). `prep` gives the canonical rows for
     the statistics (without it, auto uses the shape bounds); `split`: the backend will run the
-    split-KV kernel (a small call), which belongs to the row schedule."""
+    split-KV kernel (a small call), which belongs to the row schedule; `extra_reasons`: why the
+    calling backend cannot run a schedule (the CUDA backend: kv, and tile off SM 9.0)."""
     requested = settings.sel_schedule
     reasons = {name: list(schedule_module(name).reasons_unsupported(call, settings, facts))
-               for name in SCHEDULES}
+               + list((extra_reasons or {}).get(name, [])) for name in SCHEDULES}
     source = ("NSA_SEL_SCHEDULE" if "sel_schedule" in settings.from_env
               else "runtime.sel_schedule")
     if requested != "auto":

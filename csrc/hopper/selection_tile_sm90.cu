@@ -1,0 +1,83 @@
+// Host side of the Hopper tile kernel (selection_tile_sm90.cuh): the TMA descriptors of K and V
+// and one instance per (dtype, Dk, Dv) of NSA_EXT_FOR_EACH_HEAD_DIM. Compiled for sm_90a only
+// (CMakeLists.txt: wgmma exists on that target alone); the binding calls it on SM 9.0 devices.
+#include <cudaTypedefs.h>
+
+#include "hopper/selection_tile_sm90.cuh"
+
+namespace nsa_ext {
+namespace {
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point: no link against libcuda.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// K or V [B, TK, H, D] contiguous as a 3-d tensor (D, H, B*TK); a box is 64 elements of D (one
+// 128-byte swizzle panel) x one head x 64 keys. Keys past B*TK read as zeros (and are masked:
+// they lie past every query's causal limit).
+cudaError_t encode_kv_map(CUtensorMap* map, const void* base, ScalarKind kind, int64_t D,
+                          int64_t H, int64_t rows) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) return cudaErrorNotSupported;
+  const cuuint64_t dims[3] = {cuuint64_t(D), cuuint64_t(H), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(D * 2), cuuint64_t(H * D * 2)};
+  const cuuint32_t box[3] = {64, 1, hopper::kChunkKeys};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult res = encode(
+      map, kind == ScalarKind::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      3, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename T, int kDk, int kDv>
+cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtensorMap& v_map,
+                   cudaStream_t stream) {
+  constexpr int smem = hopper::tile_smem_bytes<kDk, kDv>();
+  const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t grid = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
+  kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(k_map, v_map, tp);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& k_map, const CUtensorMap& v_map,
+                        cudaStream_t stream) {
+#define NSA_EXT_TILE(DK, DV) \
+  if (tp.fwd.head_dim_qk == DK && tp.fwd.head_dim_v == DV) return launch<T, DK, DV>(tp, k_map, v_map, stream);
+  NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_TILE)
+#undef NSA_EXT_TILE
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_selection_tile_sm90(const TileParams& tp, ScalarKind kind, cudaStream_t stream) {
+  const SelectionFwdParams& p = tp.fwd;
+  if (kind == ScalarKind::kFloat32 || p.block_size % hopper::kChunkKeys || p.group > hopper::kRows)
+    return cudaErrorInvalidValue;
+  const int64_t grid = p.batch * tp.num_tiles * p.heads_kv;
+  if (grid == 0) return cudaSuccess;
+  CUtensorMap k_map, v_map;
+  const int64_t rows = p.batch * p.seqlen_k;
+  cudaError_t err = encode_kv_map(&k_map, p.k, kind, p.head_dim_qk, p.heads_kv, rows);
+  if (err == cudaSuccess) err = encode_kv_map(&v_map, p.v, kind, p.head_dim_v, p.heads_kv, rows);
+  if (err != cudaSuccess) return err;
+  return kind == ScalarKind::kBFloat16 ? launch_dims<__nv_bfloat16>(tp, k_map, v_map, stream)
+                                       : launch_dims<__half>(tp, k_map, v_map, stream);
+}
+
+}  // namespace nsa_ext

@@ -1,0 +1,369 @@
+// Selection attention, forward, query-tile schedule on Hopper (SM 9.0a): wgmma + TMA.
+//
+// The schedule is nsa_ext/schedules/tile.py's (triton_ref/selection_tile.py is its reference):
+// one CTA per (batch, KV head, tile of QT = 64 / G consecutive query tokens); its 64
+// (token, query head) rows are the M of every warpgroup MMA. The CTA walks the *union* of its
+// rows' canonical sets (sorted, each block once: nsa_ext.schedules.tiles.tile_unions) and loads
+// each union block's K and V once for all 64 rows, with the bulk tensor copy engine (TMA, one
+// 3-d descriptor per tensor, 128-byte swizzle) into a two-stage ring completed on mbarriers.
+// Per 64-key chunk:
+//   S = Q K^T   wgmma m64n64k16, Q and K from shared memory (K-major), Dk / 16 instructions;
+//   mask        rows that did not choose the block (a cursor per row into its own sorted
+//               canonical row, as in the Triton kernel) and keys past each row's causal limit;
+//   softmax     online, base 2, in the accumulator registers (a row lives in a quad of lanes);
+//   O += P V    wgmma m64n{Dv}k16, P from registers (the S accumulators, converted in place:
+//               the accumulator layout of two n8 tiles is the A-fragment layout of one k16
+//               slice), V from shared memory read N-major (transposed by the instruction).
+// One warpgroup (128 threads); thread 0 issues the copies one chunk ahead. Two CTAs fit on an
+// SM up to Dk = Dv = 128 (81 KB of shared memory each), which overlaps one CTA's copies and
+// softmax with the other's MMAs.
+//
+// Shared-memory layout: every operand is cut into panels of 64 rows x 64 elements (128 bytes a
+// row, 8 KB), the 128-byte swizzle atom's width: Q [Dk/64 panels][64 rows], and per stage
+// K [Dk/64][64 keys] then V [Dv/64][64 keys]. The swizzle XORs a row's 16-byte chunk index with
+// the row index mod 8; TMA writes K and V that way, the Q loader does it by hand, and the
+// descriptors below tell the tensor cores (panels are 1024-byte aligned, as the swizzle needs).
+//
+// Writes o [B, TQ, HQ, Dv] in q's dtype and lse [B, TQ, HQ] fp32 (natural log; o = 0 and
+// lse = -inf for a row that attends to no key), as every other kernel of the package.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "hopper/wgmma_ops.h"
+#include "selection_params.h"
+
+namespace nsa_ext {
+namespace hopper {
+
+constexpr int kRows = 64;            // M of a wgmma: (token, query head) rows per CTA
+constexpr int kChunkKeys = 64;       // keys per step: one TMA box along T, the N of Q K^T
+constexpr int kThreads = 128;        // one warpgroup
+constexpr int kStages = 2;
+constexpr int kPanelBytes = 64 * 128;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// A shared-memory matrix descriptor, 128-byte swizzle. K-major operands (Q, K): rows of 128
+// bytes, 8-row groups 1024 bytes apart (stride byte offset); the leading offset is unused.
+// N-major V: the leading offset steps to the next panel of 64 columns (8192 bytes), the stride
+// offset to the next 8 keys (1024 bytes).
+__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t leading, uint32_t stride) {
+  const uint64_t addr = smem_addr(p);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t((leading >> 4) & 0x3FFF) << 16) |
+         (uint64_t((stride >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Keeps the compiler from moving reads or writes of accumulator registers across a wgmma
+// fence or wait (the instructions write them asynchronously).
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(phase)
+        : "memory");
+  }
+}
+
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int32_t c0, int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+
+template <int kDk, int kDv>
+constexpr int tile_smem_bytes() {
+  return kDk / 64 * kPanelBytes + kStages * (kDk + kDv) / 64 * kPanelBytes + 1024;
+}
+
+template <typename T, int kDk, int kDv>
+__global__ void __launch_bounds__(kThreads, 1)
+    selection_tile_sm90_kernel(const __grid_constant__ CUtensorMap k_map,
+                               const __grid_constant__ CUtensorMap v_map, const TileParams tp) {
+  constexpr int kPanelsK = kDk / 64;
+  constexpr int kPanelsV = kDv / 64;
+  constexpr int kStageBytes = (kPanelsK + kPanelsV) * kPanelBytes;
+  const SelectionFwdParams& p = tp.fwd;
+
+  extern __shared__ uint8_t smem_raw[];
+  // The 128-byte swizzle is a function of address bits 4..9: panels start 1024-byte aligned.
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                             ~uintptr_t(1023));
+  uint8_t* q_smem = smem;
+  uint8_t* kv_smem = smem + kPanelsK * kPanelBytes;
+  __shared__ __align__(8) uint64_t full[kStages];
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int64_t NT = tp.num_tiles;
+  const int64_t tile = int64_t(blockIdx.x) % NT;
+  const int64_t bh = int64_t(blockIdx.x) / NT;
+  const int64_t b = bh / p.heads_kv;
+  const int64_t h = bh % p.heads_kv;
+  const int G = int(p.group);
+  const int QT = tp.tokens_per_tile;
+  const int64_t t0 = tile * QT;
+  const int64_t TQ = p.seqlen_q;
+  const int64_t H = p.heads_kv;
+  const int S = int(p.num_selected);
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+
+  // Q rows m = r * G + g (token r of the tile, query head g of the group), 16 bytes a copy;
+  // rows past the tile (G not dividing 64) or past TQ are zeros, never stored.
+  const T* q = static_cast<const T*>(p.q);
+  for (int c = tid; c < kRows * (kDk / 8); c += kThreads) {
+    const int m = c / (kDk / 8);
+    const int col8 = c % (kDk / 8);
+    const int r = m / G;
+    const int64_t t = t0 + r;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < QT && t < TQ)
+      val = *reinterpret_cast<const uint4*>(
+          q + (((b * TQ + t) * p.heads_q + h * G + m % G) * kDk + col8 * 8));
+    *reinterpret_cast<uint4*>(q_smem + (col8 >> 3) * kPanelBytes + m * 128 +
+                              (((col8 & 7) ^ (m & 7)) << 4)) = val;
+  }
+  // Ordinary stores that the tensor cores read next: the async proxy must see them.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+
+  // This thread's two rows of every accumulator: m0 = 16 * warp + lane / 4 and m0 + 8.
+  int64_t lim[2], head[2], kv0[2];
+  const int32_t* row_blocks[2];
+  int row_n[2], cursor[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int m = 16 * warp + (lane >> 2) + 8 * i;
+    const int r = m / G;
+    const int64_t t = t0 + r;
+    lim[i] = -1;
+    head[i] = -2;
+    kv0[i] = 0;
+    row_blocks[i] = p.blocks;
+    row_n[i] = 0;
+    cursor[i] = 0;
+    if (r < QT && t < TQ) {
+      const int64_t tok = b * TQ + t;
+      kv0[i] = p.k_offset[tok];
+      lim[i] = kv0[i] + p.pos[tok];
+      row_blocks[i] = p.blocks + (tok * H + h) * S;
+      row_n[i] = p.num_blocks[tok * H + h];
+      if (row_n[i] > 0) head[i] = kv0[i] + int64_t(row_blocks[i][0]) * p.block_size;
+    }
+  }
+
+  const int64_t tile_row = (b * NT + tile) * H + h;
+  const int64_t* starts = tp.union_starts + tile_row * tp.union_width;
+  const int chunks_per_block = p.block_size / kChunkKeys;
+  const int n_iter = tp.union_counts[tile_row] * chunks_per_block;
+  const int32_t kv_row_base = int32_t(b * p.seqlen_k);
+
+  auto issue = [&](int it) {
+    const int s = it % kStages;
+    const int32_t row =
+        kv_row_base + int32_t(starts[it / chunks_per_block] + (it % chunks_per_block) * kChunkKeys);
+    uint8_t* dst = kv_smem + s * kStageBytes;
+    mbar_expect_tx(&full[s], kStageBytes);
+#pragma unroll
+    for (int c = 0; c < kPanelsK; ++c)
+      tma_load_3d(dst + c * kPanelBytes, &k_map, &full[s], c * 64, int32_t(h), row);
+#pragma unroll
+    for (int c = 0; c < kPanelsV; ++c)
+      tma_load_3d(dst + (kPanelsK + c) * kPanelBytes, &v_map, &full[s], c * 64, int32_t(h), row);
+  };
+
+  float o_acc[kDv / 2];
+#pragma unroll
+  for (int i = 0; i < kDv / 2; ++i) o_acc[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};
+  const int quad = lane & 3;
+
+  if (tid == 0 && n_iter > 0) issue(0);
+  for (int it = 0; it < n_iter; ++it) {
+    const int s = it % kStages;
+    // The next chunk's copy goes into the stage the previous iteration finished with (every
+    // thread passed that iteration's closing barrier).
+    if (tid == 0 && it + 1 < n_iter) issue(it + 1);
+    const int64_t block_start = starts[it / chunks_per_block];
+    const int64_t key0 = block_start + (it % chunks_per_block) * kChunkKeys;
+    const uint8_t* k_s = kv_smem + s * kStageBytes;
+    const uint8_t* v_s = k_s + kPanelsK * kPanelBytes;
+    mbar_wait(&full[s], (it / kStages) & 1);
+
+    float sc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sc[i] = 0.f;
+    pin(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < kPanelsK; ++c) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_qk<T>(sc, smem_desc(q_smem + c * kPanelBytes + kk * 32, 16, 1024),
+                    smem_desc(k_s + c * kPanelBytes + kk * 32, 16, 1024), 1);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(sc);
+
+    // Mask and online softmax. Element sc[4j + 2i + e] is row m0 + 8i, key 8j + 2 * quad + e.
+    const bool member[2] = {head[0] == block_start, head[1] == block_start};
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t key = key0 + 8 * j + 2 * quad + e;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          float& x = sc[4 * j + 2 * i + e];
+          x = (member[i] && key <= lim[i]) ? x * p.scale_log2 : -INFINITY;
+          mx[i] = fmaxf(mx[i], x);
+        }
+      }
+    }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+      const float m_new = fmaxf(m_run[i], mx[i]);
+      // A row that saw no key yet keeps -inf: keep -inf - -inf away from exp2.
+      m_use[i] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[i] = exp2f(m_run[i] - m_use[i]);
+      m_run[i] = m_new;
+    }
+    float rowsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = sc[4 * j + 2 * i + e];
+          x = exp2f(x - m_use[i]);
+          rowsum[i] += x;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
+#pragma unroll
+    for (int j = 0; j < kDv / 8; ++j) {
+      o_acc[4 * j + 0] *= alpha[0];
+      o_acc[4 * j + 1] *= alpha[0];
+      o_acc[4 * j + 2] *= alpha[1];
+      o_acc[4 * j + 3] *= alpha[1];
+    }
+    // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+    pin(o_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_pv<T, kDv>(o_acc, pa[kk], smem_desc(v_s + kk * 16 * 128, kPanelBytes, 1024));
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(o_acc);
+
+    // Rows move past a block after its last chunk.
+    if (it % chunks_per_block == chunks_per_block - 1) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (member[i]) {
+          ++cursor[i];
+          head[i] = cursor[i] < row_n[i]
+                        ? kv0[i] + int64_t(row_blocks[i][cursor[i]]) * p.block_size
+                        : int64_t(-2);
+        }
+      }
+    }
+    __syncthreads();   // every thread's MMAs on stage s are done: it may be refilled
+  }
+
+  // Epilogue: a row's sum lives in its quad; o = acc / l, lse = (m + log2 l) * ln 2.
+  T* o = static_cast<T*>(p.o);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = l_run[i];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const int m = 16 * warp + (lane >> 2) + 8 * i;
+    const int r = m / G;
+    const int64_t t = t0 + r;
+    if (r >= QT || t >= TQ) continue;
+    const int64_t row = (b * TQ + t) * p.heads_q + h * G + m % G;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* o_row = o + row * kDv;
+#pragma unroll
+    for (int j = 0; j < kDv / 8; ++j)
+      *reinterpret_cast<uint32_t*>(o_row + 8 * j + 2 * quad) =
+          pack2<T>(o_acc[4 * j + 2 * i] * inv, o_acc[4 * j + 2 * i + 1] * inv);
+    if (quad == 0)
+      p.lse[row] = l > 0.f ? (m_run[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
+}  // namespace hopper
+}  // namespace nsa_ext
