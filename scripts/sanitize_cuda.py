@@ -13,6 +13,7 @@ sanitizer passes but that computes garbage still fails (exit 1).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,20 @@ CASES = [
 ]
 
 
+# The Hopper tile kernel (SM 9.0, csrc/hopper/), forced: G = 1, 3, 16, 64, d256, dk192/dv128,
+# block 128, varlen ragged and chunked (block_size a multiple of 64, as it needs).
+TILE_CASES = [
+    ("tile G1 bf16 d64", dict(B=2, TQ=150, HQ=2, H=2, Dk=64, S=5, block_size=64, dtype=BF16)),
+    ("tile G3 fp16 varlen", dict(seqlens=[37, 1, 170, 13], HQ=6, H=2, Dk=128, S=5,
+                                 block_size=64, dtype=FP16)),
+    ("tile G16 bf16 d256", dict(B=1, TQ=96, HQ=16, H=1, Dk=256, S=3, block_size=64, dtype=BF16)),
+    ("tile G64 dk192 bs128", dict(B=1, TQ=80, HQ=64, H=1, Dk=192, Dv=128, S=3, block_size=128,
+                                  dtype=BF16)),
+    ("tile varlen chunked", dict(seqlens=[5, 1, 20], seqlens_k=[170, 16, 200], HQ=8, H=2, Dk=128,
+                                 S=5, block_size=64, dtype=BF16)),
+]
+
+
 def run(case, num_splits):
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
     o, _ = cuda_backend.forward(call, force_splits=num_splits)
@@ -68,7 +83,13 @@ def main() -> int:
         print("CUDA extension not available:", _ext.unavailable_reason())
         return 1
     failures = 0
-    for name, kwargs, splits in CASES[:3] if args.small else CASES:
+    cases = CASES[:3] if args.small else CASES
+    if torch.cuda.get_device_capability() == (9, 0) and _ext.build_info().get("hopper_tile"):
+        cases = cases + [(name, kw, "tile") for name, kw in (TILE_CASES[:2] if args.small
+                                                             else TILE_CASES)]
+    for name, kwargs, splits in cases:
+        os.environ["NSA_SEL_SCHEDULE"] = "tile" if splits == "tile" else "auto"
+        splits = 1 if splits == "tile" else splits
         case = make_case(device="cuda", seed=len(name), **kwargs)
         rows = case.block_indices.shape[1]
         case.block_indices[:, : max(1, rows // 5)] = -1        # rows with nothing selected

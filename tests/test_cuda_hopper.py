@@ -156,7 +156,8 @@ def run_tile(case, calls):
 def test_tile_kernel_matches_reference(tile_spy, name, dtype):
     case = make_case(dtype=dtype, device="cuda", seed=sum(map(ord, name)), **CASES[name])
     rows = case.block_indices.shape[1]
-    case.block_indices[:, : max(1, rows // 7)] = -1           # rows with nothing selected
+    if rows > 1:
+        case.block_indices[:, : max(1, rows // 7)] = -1       # rows with nothing selected
     o, lse, o_ref, lse_ref = run_tile(case, tile_spy)
     assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
     assert torch.isfinite(lse_ref).any()
