@@ -47,6 +47,10 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtenso
   constexpr int smem = hopper::tile_smem_bytes<kDk, kDv>();
   const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // The whole 228 KB for shared memory: two CTAs of d64/d128 (81 KB each) per SM.
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
   const int64_t grid = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
   kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(k_map, v_map, tp);

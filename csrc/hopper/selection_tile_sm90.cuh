@@ -16,7 +16,8 @@
 //               slice), V from shared memory read N-major (transposed by the instruction).
 // One warpgroup (128 threads); thread 0 issues the copies one chunk ahead. Two CTAs fit on an
 // SM up to Dk = Dv = 128 (81 KB of shared memory each), which overlaps one CTA's copies and
-// softmax with the other's MMAs.
+// softmax with the other's MMAs. (A FlashAttention-3-style variant with S(i) and P V(i-1) in
+// flight together and three copy stages measured 20-25 % slower on the H200: notes/hopper.md.)
 //
 // Shared-memory layout: every operand is cut into panels of 64 rows x 64 elements (128 bytes a
 // row, 8 KB), the 128-byte swizzle atom's width: Q [Dk/64 panels][64 rows], and per stage
@@ -45,6 +46,7 @@ namespace hopper {
 constexpr int kRows = 64;            // M of a wgmma: (token, query head) rows per CTA
 constexpr int kChunkKeys = 64;       // keys per step: one TMA box along T, the N of Q K^T
 constexpr int kThreads = 128;        // one warpgroup
+constexpr int kStages = 2;
 constexpr int kPanelBytes = 64 * 128;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -64,7 +66,6 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t leading, u
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 
 // Keeps the compiler from moving reads or writes of accumulator registers across a wgmma
 // fence or wait (the instructions write them asynchronously).
@@ -118,11 +119,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-
-// Copy stages: the copy engine runs two chunks ahead (chunk i+2 is copied while S(i+1) and
-// P V(i) use the other two stages). d64 and d128 keep two CTAs per SM (113 KB each); d192/128 and
-// d256 run one.
-constexpr int kStages = 3;
 
 template <int kDk, int kDv>
 constexpr int tile_smem_bytes() {
@@ -235,58 +231,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < kDv / 2; ++i) o_acc[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};
-  float alpha[2] = {1.f, 1.f};   // the rescale O owes before the next P V
-  uint32_t pa[4][4];             // P of the last softmax, as the A operand of P V
   const int quad = lane & 3;
 
-  // S(it) = Q K^T of chunk `it` into `sc` (committed as one group, not waited for).
-  auto issue_qk = [&](float (&sc)[32], int it) {
-    const uint8_t* k_s = kv_smem + (it % kStages) * kStageBytes;
-    mbar_wait(&full[it % kStages], (it / kStages) & 1);
-    uint64_t qd[kPanelsK * 4], kd[kPanelsK * 4];
-#pragma unroll
-    for (int i = 0; i < kPanelsK * 4; ++i) {   // K steps of 16: 32 bytes within a panel
-      const int offset = (i / 4) * kPanelBytes + (i % 4) * 32;
-      qd[i] = smem_desc(q_smem + offset, 16, 1024);
-      kd[i] = smem_desc(k_s + offset, 16, 1024);
-      asm volatile("" : "+l"(qd[i]), "+l"(kd[i]));   // computed before the fence
-    }
-    wgmma_fence();
-    wgmma_qk<T, false>(sc, qd[0], kd[0]);            // the first overwrites the accumulators
-#pragma unroll
-    for (int i = 1; i < kPanelsK * 4; ++i) wgmma_qk<T, true>(sc, qd[i], kd[i]);
-    wgmma_commit();
-  };
-
-  // O = O * alpha + P V(it), P from `pa` (committed, not waited for).
-  auto issue_pv = [&](int it) {
-#pragma unroll
-    for (int j = 0; j < kDv / 8; ++j) {
-      o_acc[4 * j + 0] *= alpha[0];
-      o_acc[4 * j + 1] *= alpha[0];
-      o_acc[4 * j + 2] *= alpha[1];
-      o_acc[4 * j + 3] *= alpha[1];
-    }
-    const uint8_t* v_s = kv_smem + (it % kStages) * kStageBytes + kPanelsK * kPanelBytes;
-    uint64_t vd[4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {   // K steps of 16 keys: 2 groups of 8 rows, 2048 bytes
-      vd[kk] = smem_desc(v_s + kk * 16 * 128, kPanelBytes, 1024);
-      asm volatile("" : "+r"(pa[kk][0]), "+r"(pa[kk][1]), "+r"(pa[kk][2]), "+r"(pa[kk][3]),
-                   "+l"(vd[kk]));
-    }
-    pin(o_acc);                        // the rescale lands before the fence
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_pv<T, kDv>(o_acc, pa[kk], vd[kk]);
-    wgmma_commit();
-  };
-
-  // Mask and online softmax of S(it) in place; updates m, l, alpha and the rows' cursors.
-  // Element sc[4j + 2i + e] is row m0 + 8i, key 8j + 2 * quad + e.
-  auto softmax = [&](float (&sc)[32], int it) {
+  if (tid == 0 && n_iter > 0) issue(0);
+  for (int it = 0; it < n_iter; ++it) {
+    const int s = it % kStages;
+    // The next chunk's copy goes into the stage the previous iteration finished with (every
+    // thread passed that iteration's closing barrier).
+    if (tid == 0 && it + 1 < n_iter) issue(it + 1);
     const int64_t block_start = starts[it / chunks_per_block];
     const int64_t key0 = block_start + (it % chunks_per_block) * kChunkKeys;
+    const uint8_t* k_s = kv_smem + s * kStageBytes;
+    const uint8_t* v_s = k_s + kPanelsK * kPanelBytes;
+    mbar_wait(&full[s], (it / kStages) & 1);
+
+    float sc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sc[i] = 0.f;
+    pin(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < kPanelsK; ++c) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_qk<T, true>(sc, smem_desc(q_smem + c * kPanelBytes + kk * 32, 16, 1024),
+                    smem_desc(k_s + c * kPanelBytes + kk * 32, 16, 1024));
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(sc);
+
+    // Mask and online softmax. Element sc[4j + 2i + e] is row m0 + 8i, key 8j + 2 * quad + e.
     const bool member[2] = {head[0] == block_start, head[1] == block_start};
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -302,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    float m_use[2];
+    float alpha[2], m_use[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
@@ -328,6 +303,31 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
+#pragma unroll
+    for (int j = 0; j < kDv / 8; ++j) {
+      o_acc[4 * j + 0] *= alpha[0];
+      o_acc[4 * j + 1] *= alpha[0];
+      o_acc[4 * j + 2] *= alpha[1];
+      o_acc[4 * j + 3] *= alpha[1];
+    }
+    // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+    pin(o_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_pv<T, kDv>(o_acc, pa[kk], smem_desc(v_s + kk * 16 * 128, kPanelBytes, 1024));
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(o_acc);
+
     // Rows move past a block after its last chunk.
     if (it % chunks_per_block == chunks_per_block - 1) {
 #pragma unroll
@@ -340,50 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-  };
-
-  // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
-  auto pack_p = [&](const float (&sc)[32]) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
-    }
-  };
-
-  // The pipeline (FlashAttention-3's intra-warpgroup overlap): iteration `it` issues S(it) and
-  // then P V(it - 1), so the tensor cores run both while the softmax of S(it) waits only for
-  // the first; nothing is in flight across iterations (each ends waiting for all), which lets
-  // ptxas keep the wgmmas asynchronous. The copy engine runs two chunks ahead: a stage is
-  // refilled once P V of its chunk is done.
-  if (n_iter > 0) {
-    if (tid == 0) {
-      for (int it = 0; it < kStages && it < n_iter; ++it) issue(it);
-    }
-    float sc[32];
-    issue_qk(sc, 0);
-    wgmma_wait_all();
-    pin(sc);
-    softmax(sc, 0);
-    pack_p(sc);
-#pragma unroll 1
-    for (int it = 1; it < n_iter; ++it) {
-      issue_qk(sc, it);
-      issue_pv(it - 1);
-      wgmma_wait_one();                  // S(it) done; P V(it - 1) may still run
-      pin(sc);
-      softmax(sc, it);
-      wgmma_wait_all();                  // P V(it - 1) done: its stage and P's registers free
-      pin(o_acc);
-      __syncthreads();                   // ... in every warp
-      if (tid == 0 && it + kStages - 1 < n_iter) issue(it + kStages - 1);
-      pack_p(sc);
-    }
-    issue_pv(n_iter - 1);
-    wgmma_wait_all();
-    pin(o_acc);
+    __syncthreads();   // every thread's MMAs on stage s are done: it may be refilled
   }
 
   // Epilogue: a row's sum lives in its quad; o = acc / l, lse = (m + log2 l) * ln 2.
