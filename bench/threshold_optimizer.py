@@ -3,6 +3,7 @@
     python bench/threshold_optimizer.py --dry-run          # sweep and print, write nothing
     python bench/threshold_optimizer.py                    # ... and write configs/base.yaml
     python bench/threshold_optimizer.py --apply-json F     # write a saved sweep's decision
+    python bench/threshold_optimizer.py --from-bench bench_selection.json   # backend order
 
 Sweep: the total selected length per row L = S x 64 (S blocks of 64; default 64 .. 2048 tokens)
 and the group size G (HQ = 4G, H = 4), prefill of --seqlen tokens, bf16, D = 128, the `random`
@@ -274,11 +275,38 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default=None, help="config key (default: this GPU's, e.g. sm90)")
     parser.add_argument("--json-out", default=None, help="save the sweep and decision here")
     parser.add_argument("--apply-json", default=None, help="write the decision of a saved sweep, no measuring")
+    parser.add_argument("--from-bench", default=None,
+                        help="a bench_selection.json: write the backend order (sel_cuda_first) "
+                             "its auto rows measured, no measuring")
     parser.add_argument("--budget-s", type=float, default=150.0)
     parser.add_argument("--warmup-ms", type=float, default=10)
     parser.add_argument("--rep-ms", type=float, default=40)
     args = parser.parse_args(argv)
     config = Path(args.config)
+
+    if args.from_bench:
+        bench = json.loads(Path(args.from_bench).read_text())
+        gpu = (bench.get("environment") or {}).get("gpu")
+        sm = str((bench.get("environment") or {}).get("sm") or "")
+        arch = args.arch or ("sm" + sm.replace(".", "") if sm else None)
+        order = backend_order(bench)
+        print(f"backend order from {args.from_bench} ({gpu}): cuda faster on {order['cuda_wins']} "
+              f"of {order['rows']} rows, geometric mean cuda/triton "
+              f"{order['geomean'] if order['geomean'] is None else round(order['geomean'], 3)}")
+        if order["value"] is None or arch is None:
+            print("nothing to write: no row with both backends" if order["value"] is None
+                  else "nothing to write: name the architecture with --arch (e.g. sm90)")
+            return 0
+        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+        values = {"sel_cuda_first": order["value"]}
+        new = write_thresholds(config.read_text(), arch, values,
+                               f"backend order from bench_selection.py on {gpu}, {date}")
+        if args.dry_run:
+            print(f"--dry-run: would set runtime.thresholds.{arch} = {values} in {config}")
+        else:
+            config.write_text(new)
+            print(f"wrote runtime.thresholds.{arch} = {values} into {config}")
+        return 0
 
     if args.apply_json:
         saved = json.loads(Path(args.apply_json).read_text())
@@ -332,6 +360,27 @@ def main(argv=None) -> int:
         return 0
     print(apply(config, arch, decision, comment, args.dry_run))
     return 0
+
+
+def backend_order(bench: dict) -> Dict[str, object]:
+    """Whether auto should try the CUDA extension before Triton, from one bench run's rows
+    (bench/bench_selection.py --json): the forward rows where both `nsa:cuda` and `nsa:triton`
+    (each with its own schedule choice) have a time. CUDA goes first when it is faster on more
+    than half of them and not slower overall (geometric mean of cuda / triton <= 1)."""
+    import math
+
+    times: Dict[tuple, Dict[str, float]] = {}
+    for row in bench.get("rows", []):
+        if row.get("status") == "ok" and row.get("ms") and row.get("backend") in ("nsa:cuda",
+                                                                                 "nsa:triton"):
+            times.setdefault((row["case"], row["pattern"], row.get("mode")), {})[row["backend"]] = row["ms"]
+    pairs = [(t["nsa:cuda"], t["nsa:triton"]) for t in times.values() if len(t) == 2]
+    if not pairs:
+        return {"value": None, "rows": 0, "cuda_wins": 0, "geomean": None}
+    wins = sum(c < t for c, t in pairs)
+    geomean = math.exp(sum(math.log(c / t) for c, t in pairs) / len(pairs))
+    value = int(wins * 2 > len(pairs) and geomean <= 1.0)
+    return {"value": value, "rows": len(pairs), "cuda_wins": wins, "geomean": geomean}
 
 
 def _decision_text(decision: Dict[str, dict]) -> str:

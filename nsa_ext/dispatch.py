@@ -25,6 +25,19 @@ from .device import DeviceFacts, device_facts
 # importable, or turned off by NSA_USE_TRITON_SEL=0).
 # "reference" is never chosen by "auto": it exists for tests.
 PRIORITY = ("triton", "cuda", "sdpa")
+# Per architecture the bench decides whether the CUDA extension goes before Triton:
+# `runtime.thresholds.<arch>.sel_cuda_first` (0 or 1), written by
+# `bench/threshold_optimizer.py --from-bench bench_selection.json` from the auto rows of both
+# backends in one run (H200, 2026-11-30: CUDA faster on 2 of 24 prefill rows, geometric mean
+# 1.11x Triton's time, so 0; notes/bench_h200_hopper.txt).
+CUDA_FIRST_KEY = "sel_cuda_first"
+
+
+def priority(settings: Settings, facts: DeviceFacts) -> tuple:
+    """PRIORITY, with cuda before triton where the architecture's measurements say so."""
+    if int(settings.thresholds.get(facts.arch or "", {}).get(CUDA_FIRST_KEY, 0)):
+        return ("cuda", "triton", "sdpa")
+    return PRIORITY
 _MODULES = {"cuda": "cuda", "triton": "triton", "sdpa": "sdpa_packed", "reference": "reference"}
 
 
@@ -80,7 +93,7 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
         raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {requested!r}")
     settings = settings if settings is not None else load_settings()
     facts = facts if facts is not None else device_facts(call.device)
-    names = PRIORITY if requested == "auto" else (requested,)
+    names = priority(settings, facts) if requested == "auto" else (requested,)
     reasons: Dict[str, List[str]] = {}
     preferences: Dict[str, List[str]] = {}
     for name in names:

@@ -343,3 +343,33 @@ def test_block_counts_zero_runs_on_named_kernels_on_the_gpu(backend, monkeypatch
         pytest.skip(f"{backend} cannot serve here: {decision.reasons[backend]}")
     _check_no_key_output(*nsa_ext.selection_attention(*case.args(), block_counts=0,
                                                       backend=backend, return_lse=True))
+
+
+def test_measured_backend_order_puts_cuda_first_only_where_configured():
+    from nsa_ext.dispatch import PRIORITY, priority
+
+    facts = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
+    assert priority(Settings(thresholds={"sm90": {"sel_cuda_first": 1}}), facts)[:2] == ("cuda", "triton")
+    assert priority(Settings(thresholds={"sm90": {"sel_cuda_first": 0}}), facts) == PRIORITY
+    assert priority(Settings(thresholds={"sm80": {"sel_cuda_first": 1}}), facts) == PRIORITY
+
+
+def test_optimizer_derives_the_backend_order_from_bench_rows():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "threshold_optimizer.py"
+    spec = importlib.util.spec_from_file_location("threshold_optimizer", path)
+    optimizer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(optimizer)
+
+    def rows(cuda, triton):
+        out = []
+        for i, (c, t) in enumerate(zip(cuda, triton)):
+            out += [dict(case=f"c{i}", pattern="random", mode="fwd", status="ok", backend="nsa:cuda", ms=c),
+                    dict(case=f"c{i}", pattern="random", mode="fwd", status="ok", backend="nsa:triton", ms=t)]
+        return {"rows": out}
+
+    assert optimizer.backend_order(rows([1.0, 1.0, 2.0], [2.0, 2.0, 1.0]))["value"] == 1
+    assert optimizer.backend_order(rows([1.0, 3.0, 3.0], [2.0, 2.0, 2.0]))["value"] == 0
+    assert optimizer.backend_order({"rows": []})["value"] is None
