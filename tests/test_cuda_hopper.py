@@ -220,3 +220,18 @@ def test_forced_tile_on_fp32_raises_naming_why(monkeypatch):
                      device="cuda")
     with pytest.raises(ValueError, match="tile.*float16 and bfloat16"):
         nsa_ext.selection_attention(*case.args(), **case.kwargs(), backend="cuda")
+
+
+@pytest.mark.parametrize("schedule,T,min_rows,expected", [
+    ("auto", 256, 65536, False),      # 512 rows: below the measured crossover, no chooser
+    ("auto", 256, None, True),        # no measured crossover: the chooser decides
+    ("auto", 256, 256, True),
+    ("tile", 256, 65536, True),       # forced
+    ("row", 256, None, False),
+    ("kv", 256, None, False),
+])
+def test_tile_may_run_decides_from_metadata(monkeypatch, schedule, T, min_rows, expected):
+    monkeypatch.setattr(cuda_backend._ext, "build_info", lambda: {"hopper_tile": True})
+    thresholds = {} if min_rows is None else {"sm90": {"sel_tile_min_rows": min_rows}}
+    settings = Settings(sel_schedule=schedule, thresholds=thresholds)
+    assert cuda_backend.tile_may_run(meta_call(T=T), settings, H200) is expected

@@ -200,6 +200,19 @@ def num_splits(call: SelectionCall, sm_count: int) -> int:
 TILE_ROWS = 64     # (token, query head) rows of one Hopper tile: 64 // G tokens
 
 
+def tile_may_run(call: SelectionCall, settings, facts) -> bool:
+    """Whether the chooser could pick the Hopper tile kernel for this unsplit call: decided from
+    metadata, so the calls it never serves (eager chunks, small prefills: fewer rows than the
+    measured `sel_tile_min_rows`) skip the chooser's Python and its statistic."""
+    if settings.sel_schedule not in ("auto", "tile") or tile_reasons(call, facts):
+        return False
+    if settings.sel_schedule == "tile":
+        return True
+    min_rows = settings.thresholds.get(facts.arch or "", {}).get("sel_tile_min_rows")
+    rows = call.batch * call.seqlen_q * call.num_heads_kv
+    return min_rows is None or rows >= min_rows
+
+
 def tile_forward(*args):
     """torch.ops.nsa_ext_cuda.selection_fwd_tile (a seam for tests to see that it ran)."""
     return torch.ops.nsa_ext_cuda.selection_fwd_tile(*args)
@@ -247,7 +260,7 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
     if splits == 1:
         settings = load_settings()
         schedule = "row"
-        if settings.sel_schedule != "row" and not tile_reasons(call, facts):
+        if tile_may_run(call, settings, facts):
             schedule = choose_schedule(call, settings, facts, geometry, blocks,
                                        num_blocks).chosen
         if schedule == "tile":
