@@ -375,6 +375,19 @@ std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indic
   return {blocks, num_blocks};
 }
 
+// nsa_ext_cuda::selection_fwd_rows: canonical rows + the row-schedule forward (+ the split-KV
+// merge) in one call from Python: the eager fast path of the CUDA backend (one operator
+// dispatch instead of two; the same kernels, checks and allocations as the two operators).
+std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const std::optional<at::Tensor>& counts, int64_t count_limit, const at::Tensor& pos,
+    const at::Tensor& k_offset, int64_t block_size, double scale, int64_t num_splits) {
+  const auto [blocks, num_blocks] =
+      canonical_blocks_cuda(indices, pos, counts, count_limit, block_size);
+  return selection_fwd_cuda(q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
+                            num_splits);
+}
+
 }  // namespace nsa_ext
 
 namespace {
@@ -422,6 +435,10 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
       "selection_fwd(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, Tensor pos, "
       "Tensor k_offset, int block_size, float scale, int num_splits=1) -> (Tensor o, Tensor lse)");
   m.def(
+      "selection_fwd_rows(Tensor q, Tensor k, Tensor v, Tensor block_indices, Tensor? block_counts, "
+      "int count_limit, Tensor pos, Tensor k_offset, int block_size, float scale, "
+      "int num_splits=1) -> (Tensor o, Tensor lse)");
+  m.def(
       "selection_fwd_tile(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, "
       "Tensor pos, Tensor k_offset, Tensor union_starts, Tensor union_counts, int tokens_per_tile, "
       "int block_size, float scale) -> (Tensor o, Tensor lse)");
@@ -435,6 +452,7 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
   m.impl("selection_fwd", &nsa_ext::selection_fwd_cuda);
   m.impl("selection_fwd_tile", &nsa_ext::selection_fwd_tile_cuda);
+  m.impl("selection_fwd_rows", &nsa_ext::selection_fwd_rows_cuda);
   m.impl("canonical_blocks", &nsa_ext::canonical_blocks_cuda);
 }
 

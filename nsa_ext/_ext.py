@@ -24,6 +24,7 @@ logger = logging.getLogger("nsa_ext")
 
 OP_NAME = "nsa_ext_cuda::selection_fwd"
 TILE_OP_NAME = "nsa_ext_cuda::selection_fwd_tile"      # SM 9.0 (csrc/hopper/)
+ROWS_OP_NAME = "nsa_ext_cuda::selection_fwd_rows"      # canonical rows + selection_fwd in one
 CANONICAL_OP_NAME = "nsa_ext_cuda::canonical_blocks"   # S <= CANONICAL_MAX_SELECTED
 CANONICAL_MAX_SELECTED = 32
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -130,6 +131,13 @@ def _register_fake() -> None:
     @torch.library.register_fake(TILE_OP_NAME)
     def _selection_fwd_tile_fake(q, k, v, blocks, num_blocks, pos, k_offset, union_starts,
                                  union_counts, tokens_per_tile, block_size, scale):
+        B, TQ, HQ, _ = q.shape
+        return (q.new_empty((B, TQ, HQ, v.shape[3])),
+                q.new_empty((B, TQ, HQ), dtype=torch.float32))
+
+    @torch.library.register_fake(ROWS_OP_NAME)
+    def _selection_fwd_rows_fake(q, k, v, block_indices, block_counts, count_limit, pos, k_offset,
+                                 block_size, scale, num_splits=1):
         B, TQ, HQ, _ = q.shape
         return (q.new_empty((B, TQ, HQ, v.shape[3])),
                 q.new_empty((B, TQ, HQ), dtype=torch.float32))

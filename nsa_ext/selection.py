@@ -94,19 +94,30 @@ def canonical_blocks(call: SelectionCall, geometry: RowGeometry | None = None):
     made eager chunked prefill host-bound).
     """
     geometry = geometry or row_geometry(call)
-    S = call.num_selected
-    if call.device.type == "cuda" and 0 < S:
-        from . import _ext
-
-        if S <= _ext.CANONICAL_MAX_SELECTED and _ext.available():
-            counts = call.block_counts
-            if counts is not None and counts.dtype not in (torch.int32, torch.int64):
-                counts = counts.to(torch.int64)
-            return torch.ops.nsa_ext_cuda.canonical_blocks(
-                call.block_indices.contiguous(), geometry.pos.contiguous(),
-                None if counts is None else counts.contiguous(), call.block_count_limit,
-                call.block_size)
+    args = canonical_op_args(call, geometry)
+    if args is not None:
+        return torch.ops.nsa_ext_cuda.canonical_blocks(*args)
     return canonical_blocks_torch(call, geometry)
+
+
+def canonical_op_args(call: SelectionCall, geometry: RowGeometry):
+    """The arguments of `nsa_ext_cuda::canonical_blocks` (block_indices, pos, block_counts,
+    count_limit, block_size) for this call, or None where the operator cannot take it (no
+    extension, not CUDA, S = 0 or S > 32). The CUDA backend's one-operator row path
+    (`selection_fwd_rows`) takes the same arguments."""
+    S = call.num_selected
+    if call.device.type != "cuda" or not 0 < S:
+        return None
+    from . import _ext
+
+    if S > _ext.CANONICAL_MAX_SELECTED or not _ext.available():
+        return None
+    counts = call.block_counts
+    if counts is not None and counts.dtype not in (torch.int32, torch.int64):
+        counts = counts.to(torch.int64)
+    return (call.block_indices.contiguous(), geometry.pos.contiguous(),
+            None if counts is None else counts.contiguous(), call.block_count_limit,
+            call.block_size)
 
 
 def canonical_blocks_torch(call: SelectionCall, geometry: RowGeometry | None = None):

@@ -453,3 +453,37 @@ def test_canonical_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.nsa_ext_cuda.canonical_blocks.default,
                           (case.block_indices.contiguous(), pos, None, 5, 16),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
+def test_rows_operator_fake_gives_the_output_shapes():
+    m = dict(device="meta")
+    q = torch.empty(2, 5, 6, 64, dtype=torch.bfloat16, **m)
+    k = torch.empty(2, 9, 2, 64, dtype=torch.bfloat16, **m)
+    v = torch.empty(2, 9, 2, 32, dtype=torch.bfloat16, **m)
+    idx = torch.empty(2, 5, 2, 3, dtype=torch.int64, **m)
+    pos = torch.empty(2, 5, dtype=torch.int64, **m)
+    o, lse = torch.ops.nsa_ext_cuda.selection_fwd_rows(q, k, v, idx, None, 3, pos, pos, 16, 0.1, 2)
+    assert o.shape == (2, 5, 6, 32) and lse.shape == (2, 5, 6) and lse.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("name,splits", [("G3", 1), ("counts_tensor", 1), ("varlen_ragged", 1),
+                                         ("decode_TQ1", 3), ("counts_int", 2)])
+def test_rows_operator_equals_the_two_step_path(name, splits):
+    """selection_fwd_rows (canonical rows + forward in one operator) is the same kernels as
+    canonical_blocks then selection_fwd: bitwise the same outputs."""
+    case = make_case(dtype=torch.bfloat16, device="cuda", seed=5, **CASES[name])
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
+    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
+    o2, lse2 = torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks, num_blocks, pos, k_offset,
+                                                    call.block_size, call.scale, splits)
+    counts = call.block_counts
+    o1, lse1 = torch.ops.nsa_ext_cuda.selection_fwd_rows(
+        q, k, v, call.block_indices.contiguous(), None if counts is None else counts.contiguous(),
+        call.block_count_limit, pos, k_offset, call.block_size, call.scale, splits)
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)

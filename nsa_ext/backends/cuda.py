@@ -33,7 +33,7 @@ from ..call import SelectionCall
 from ..config import load_settings
 from ..device import device_facts
 from ..policy import kernel_path_reasons
-from ..selection import canonical_blocks, row_geometry
+from ..selection import canonical_blocks, canonical_op_args, row_geometry
 
 NAME = "cuda"
 
@@ -250,7 +250,6 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32). `force_splits` replaces the
     split-KV choice (tests and scripts/sanitize_cuda.py drive every slicing through it)."""
     geometry = row_geometry(call)
-    blocks, num_blocks = canonical_blocks(call, geometry)
     # The kernels copy rows 16 bytes at a time: contiguous and 16-byte aligned.
     q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
     pos = geometry.pos.contiguous()
@@ -259,18 +258,29 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
     splits = force_splits or num_splits(call, facts.sm_count)
     if splits == 1:
         settings = load_settings()
-        schedule = "row"
         if tile_may_run(call, settings, facts):
-            schedule = choose_schedule(call, settings, facts, geometry, blocks,
-                                       num_blocks).chosen
-        if schedule == "tile":
-            from ..schedules.tiles import tile_unions
+            blocks, num_blocks = canonical_blocks(call, geometry)
+            if choose_schedule(call, settings, facts, geometry, blocks,
+                               num_blocks).chosen == "tile":
+                from ..schedules.tiles import tile_unions
 
-            QT = TILE_ROWS // call.group_size
-            union = tile_unions(call, geometry, blocks, QT)
-            return tile_forward(q, k, v, blocks.contiguous(), num_blocks.contiguous(), pos,
-                                k_offset, union.starts, union.counts, QT, call.block_size,
-                                call.scale)
+                QT = TILE_ROWS // call.group_size
+                union = tile_unions(call, geometry, blocks, QT)
+                return tile_forward(q, k, v, blocks.contiguous(), num_blocks.contiguous(), pos,
+                                    k_offset, union.starts, union.counts, QT, call.block_size,
+                                    call.scale)
+            return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
+                                                        num_blocks.contiguous(), pos, k_offset,
+                                                        call.block_size, call.scale, splits)
+    # The row schedule: canonical rows and the forward (and merge) in one operator call where
+    # the extension's canonical kernel takes the call (S <= 32), else the two steps.
+    args = canonical_op_args(call, geometry)
+    if args is not None:
+        indices, _, counts, limit, _ = args
+        return torch.ops.nsa_ext_cuda.selection_fwd_rows(q, k, v, indices, counts, limit, pos,
+                                                         k_offset, call.block_size, call.scale,
+                                                         splits)
+    blocks, num_blocks = canonical_blocks(call, geometry)
     return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                 num_blocks.contiguous(), pos, k_offset,
                                                 call.block_size, call.scale, splits)
