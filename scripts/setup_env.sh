@@ -35,7 +35,17 @@ missing=$("$PY" - <<'PY'
 import importlib.util
 need = {"yaml": "pyyaml", "pytest": "pytest", "numpy": "numpy", "ninja": "ninja",
         "cmake": "cmake", "pybind11": "pybind11"}
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
+# setuptools before 70.1 builds wheels (pip install --no-build-isolation, -e too) only with the
+# `wheel` package; Python 3.11's venv comes with setuptools 65 and no wheel.
+try:
+    import setuptools
+    old = tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1)
+except Exception:
+    old = True
+if old and importlib.util.find_spec("wheel") is None:
+    missing.append("setuptools>=70.1")
+print(" ".join(missing))
 PY
 )
 if [ -n "$missing" ]; then
