@@ -5,8 +5,9 @@ Like xformers' `_cpp_lib.py`: the first call to `available()` (or any function h
 warning when a compiled module exists but cannot be loaded (a build for another torch, an
 undefined symbol). The CUDA backend turns `unavailable_reason()` into its reason for not serving
 a call. Loading the module registers the operators `torch.ops.nsa_ext_cuda.selection_fwd`,
-`selection_fwd_tile` (SM 9.0) and `torch.ops.nsa_ext_cuda.canonical_blocks` (its `TORCH_LIBRARY` block runs at load); their fake
-(meta) implementations are registered here.
+`selection_fwd_rows` (canonical rows + forward in one call), `selection_fwd_tile` (SM 9.0) and
+`canonical_blocks` (its `TORCH_LIBRARY` block runs at load); their fake (meta) implementations
+are registered here.
 """
 from __future__ import annotations
 
