@@ -10,11 +10,13 @@ take the same decision from the same statistic and thresholds):
 then takes Triton), and `auto_preferences` steers auto to Triton where the measured crossovers
 pick kv (small G).
 
-The kernel reads each row's selected set in canonical form (nsa_ext.selection.canonical_blocks:
+The kernels read each row's selected set in canonical form (nsa_ext.selection.canonical_blocks:
 sorted, de-duplicated, -1 padded, causally trimmed) and each query's absolute position and key
-offset (row_geometry); this module computes both, then calls
-`torch.ops.nsa_ext_cuda.selection_fwd`. It has no backward: the dispatcher's autograd recomputes
-gradients through packed SDPA.
+offset (row_geometry). The row schedule takes both in one operator call,
+`torch.ops.nsa_ext_cuda.selection_fwd_rows` (canonical rows + forward + split-KV merge); the tile
+schedule computes the canonical rows and the tile unions first (the chooser's statistic reads
+them), then calls `selection_fwd_tile`. The backend has no backward of its own: the dispatcher
+borrows Triton's (or packed SDPA's where Triton cannot serve).
 
 Decode (TQ = 1, or a few, small B) has too few rows to fill the GPU: below SPLIT_BELOW_WAVES waves
 of thread blocks over the SMs the op is asked to cut each row's entries into `num_splits` slices
