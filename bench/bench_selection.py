@@ -39,7 +39,10 @@ rotate several input sets), TFLOP/s on attended pairs (2 * (Dk + Dv) per (query 
 = 4 * D * pairs; a training step counts 3.5x: backward = 2.5x forward, FlashAttention's
 convention), GB/s of gathered K/V (the row-wise bytes: every row reading its selected blocks; the
 tile floor shows its own bytes), time / fla's, time / each floor, peak extra memory
-(torch.cuda.max_memory_allocated over one call, minus what was allocated before it).
+(torch.cuda.max_memory_allocated over one call, minus what was allocated before it). Decode and
+chunk rows add to the note (and the JSON) the call as an eager user meets it: "eager X us/call"
+(up to 100 calls back to back, no graph, one synchronisation) and "host Y us" (the enqueue alone), and
+decode rows a CUDA-graph replay.
 
 On a CPU it runs a small honest version: packed SDPA, the fp32 reference and dense SDPA on small
 shapes (Triton, in the interpreter, only with --triton-interpret), and says it is a CPU run.
@@ -118,6 +121,8 @@ class Row:
     note: str = ""
     wall_s: Optional[float] = None  # wall time this row took in the bench (compile, autotune included)
     graph_ms: Optional[float] = None  # decode: the same call replayed from a CUDA graph
+    eager_us: Optional[float] = None  # decode / chunk: one eager call (no graph), us
+    host_us: Optional[float] = None   # ... of which the host's enqueue, us
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,6 +584,11 @@ def check_output(ctx: Context, name: str, result) -> str:
 # Decode rows also timed as a CUDA-graph replay (launch overhead gone): the rows whose call has no
 # host synchronisation. Packed SDPA syncs (its bucketing) and is not captured.
 GRAPH_ROWS = ("nsa:cuda", "nsa:triton", "nsa:triton-head", "fla", "dense:cudnn", "dense:flash")
+# Decode and chunk rows also timed as eager calls, one after another without a graph (how most
+# inference loops and training code call): the whole call and the host's enqueue alone, us
+# (bench/common.py eager_times; bench/eager_bench.py breaks the host time into stages).
+EAGER_GROUPS = ("decode", "chunked")
+EAGER_CALLS = 100        # at most; fewer where a call takes over 0.5 ms (~50 ms a run)
 
 
 def graph_time(fn: Callable, timer: common.Timer):
@@ -627,6 +637,12 @@ def measure_row(ctx: Context, name: str, timer: common.Timer) -> Row:
             if name in GRAPH_ROWS and ctx.shape.TQ == 1 and ctx.device.type == "cuda":
                 row.graph_ms, graph_note = graph_time(fns[0], timer)
                 row.note = "; ".join(x for x in (row.note, graph_note) if x)
+            if ctx.case.group in EAGER_GROUPS and name not in ("nsa:reference", "dense:cpu"):
+                calls = max(10, min(EAGER_CALLS, int(50 / max(row.ms, 1e-3))))
+                times = common.eager_times(fns[0], ctx.device, calls=calls, repeats=3)
+                row.eager_us, row.host_us = times["eager_us"], times["host_us"]
+                row.note = "; ".join(x for x in (row.note, f"eager {row.eager_us:.1f} us/call, "
+                                                           f"host {row.host_us:.1f} us") if x)
             row.note = "; ".join(x for x in (check, ctx.cache.get("dense_note", "") if name.startswith("dense") else "",
                                              row.note) if x)
     except NotApplicable as err:

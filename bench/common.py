@@ -396,6 +396,32 @@ class Timer:
         return statistics.median(times), None, ""
 
 
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eager_times(fn: Callable, device, calls: int, repeats: int = 5) -> Dict[str, float]:
+    """Eager calls without a graph: {"eager_us": whole call (enqueue + the GPU's work, synchronised
+    once per run), "host_us": enqueue time alone}, each the best of `repeats` runs of `calls`
+    calls after a warm-up (bench/eager_bench.py, and the decode / chunk rows of the main bench)."""
+    for _ in range(min(10, calls)):
+        fn()
+    sync(device)
+    eager, host = [], []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        enqueued = time.perf_counter()
+        sync(device)
+        done = time.perf_counter()
+        host.append((enqueued - start) / calls * 1e6)
+        eager.append((done - start) / calls * 1e6)
+    return {"eager_us": min(eager), "host_us": min(host)}
+
+
 def copy_bandwidth(device: torch.device, timer: Timer, nbytes: Optional[int] = None) -> Dict[str, float]:
     """A large device-to-device copy; GB/s counts bytes read plus bytes written."""
     device = torch.device(device)

@@ -40,6 +40,7 @@ from nsa_ext.call import describe_call  # noqa: E402
 from nsa_ext.config import load_settings  # noqa: E402
 from nsa_ext.device import device_facts  # noqa: E402
 from nsa_ext.dispatch import backend_module, choose  # noqa: E402
+from bench.common import eager_times, sync  # noqa: E402
 
 HQ, H, D, S, BS = 64, 4, 128, 16, 64
 ROWS = {"decode B=1 TK=64k": (1, 1, 65536), "chunk TQ=512 TK=32k": (1, 512, 32768)}
@@ -65,42 +66,18 @@ def make_inputs(B: int, TQ: int, TK: int, device, dtype, seed: int = 0):
     return q, k, v, block_indices.to(device=device, dtype=torch.int32).contiguous()
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def eager_times(fn: Callable, device, calls: int, repeats: int = 5) -> Dict[str, float]:
-    """(eager us/call, host us/call): best of `repeats` runs of `calls` calls each."""
-    for _ in range(min(10, calls)):
-        fn()
-    _sync(device)
-    eager, host = [], []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        enqueued = time.perf_counter()
-        _sync(device)
-        done = time.perf_counter()
-        host.append((enqueued - start) / calls * 1e6)
-        eager.append((done - start) / calls * 1e6)
-    return {"eager_us": min(eager), "host_us": min(host)}
-
-
 def loop_us(fn: Callable, device, calls: int = 2000) -> float:
     """Host time of one stage: best of 3 loops of `calls` calls, no synchronisation inside."""
     for _ in range(min(50, calls)):
         fn()
     best = float("inf")
     for _ in range(3):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         best = min(best, (time.perf_counter() - start) / calls * 1e6)
-        _sync(device)
+        sync(device)
     return best
 
 
@@ -239,7 +216,7 @@ def run(args, device, dtype, rows, where) -> dict:
             with profile(activities=activities) as prof:
                 for _ in range(20):
                     nsa_ext.selection_attention(q, k, v, block_indices, BS)
-                _sync(device)
+                sync(device)
             print(f"\n# torch.profiler, 20 auto calls, {label}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         del q, k, v, block_indices

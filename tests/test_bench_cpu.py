@@ -124,6 +124,9 @@ def test_bench_cpu_quick_writes_its_files(tmp_path):
             assert rows[(case, backend)]["ms"] > 0
         assert rows[(case, "fla")]["status"] == "n/a"
         assert rows[(case, "dense:cudnn")]["status"] == "n/a"
+    decode = rows[("decode B=4 TK=2048", "nsa:sdpa")]          # eager and host time per call
+    assert 0 < decode["host_us"] <= decode["eager_us"] and "eager" in decode["note"]
+    assert rows[("prefill T=512", "nsa:sdpa")]["eager_us"] is None
     text = (tmp_path / "bench_selection.txt").read_text()
     assert "CPU run" in text and "NOT a GPU performance number" in text
     with (tmp_path / "bench_selection.csv").open() as handle:
