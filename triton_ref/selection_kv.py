@@ -32,8 +32,8 @@ import triton.language as tl
 
 from .selection_fwd import LOG2E, LN2, _HEURISTICS, _interpreted, group_tile
 from .selection_fwd import LARGE_PROGRAMS
-from .selection_tile import (ROWS_CONFIGS, attend_chunk_rows, chunk_size, prune_rows_configs,
-                             rows_block)
+from .selection_tile import (ROWS_CONFIGS, attend_chunk_rows, chunk_size, load_q_rows,
+                             prune_rows_configs, rows_block)
 
 ITEM_ROWS = 64       # (token, head) rows per KV-outer program: the M of its dots
 
@@ -108,9 +108,7 @@ def selection_kv_kernel(
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_s = tl.arange(0, BS)
-    # [BM, BK]
-    b_q = tl.load(q + i_b * stride_qb + t[:, None] * stride_qt + heads[:, None] * stride_qh
-                  + o_k[None, :], mask=valid[:, None] & (o_k < K)[None, :], other=0.0)
+    b_q = load_q_rows(q, i_b, t, heads, valid, stride_qb, stride_qt, stride_qh, o_k, K)
     k_base = k + i_b * stride_kb + i_h * stride_kh
     v_base = v + i_b * stride_vb + i_h * stride_vh
 

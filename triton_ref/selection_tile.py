@@ -115,6 +115,14 @@ def tile_rows(i_b, t0, i_g, TQ, TK, QT: tl.constexpr, GT: tl.constexpr, G, BM: t
     return t, g, valid, tok, kv0, lim
 
 
+@triton.jit
+def load_q_rows(q, i_b, t, heads, valid, stride_qb, stride_qt, stride_qh, o_k, K: tl.constexpr):
+    """[BM, BK] queries of rows (token t, query head `heads`) of batch i_b: padding rows (not
+    `valid`) are zeros, harmless in the dots and never stored. Shared with selection_kv.py."""
+    return tl.load(q + i_b * stride_qb + t[:, None] * stride_qt + heads[:, None] * stride_qh
+                   + o_k[None, :], mask=valid[:, None] & (o_k < K)[None, :], other=0.0)
+
+
 @triton.heuristics({
     **_HEURISTICS,
     "BM": lambda args: rows_block(args["QT"], args["GT"]),
@@ -156,9 +164,7 @@ def selection_tile_kernel(
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_s = tl.arange(0, BS)
-    # [BM, BK]: padding rows are zeros, harmless in the dots and never stored.
-    b_q = tl.load(q + i_b * stride_qb + t[:, None] * stride_qt + heads[:, None] * stride_qh
-                  + o_k[None, :], mask=valid[:, None] & (o_k < K)[None, :], other=0.0)
+    b_q = load_q_rows(q, i_b, t, heads, valid, stride_qb, stride_qt, stride_qh, o_k, K)
     # Keys are addressed along k's T axis (kv0 is folded into the block starts).
     k_base = k + i_b * stride_kb + i_h * stride_kh
     v_base = v + i_b * stride_vb + i_h * stride_vh
