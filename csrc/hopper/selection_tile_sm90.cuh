@@ -43,7 +43,7 @@
 namespace nsa_ext {
 namespace hopper {
 
-constexpr int kRows = 64;            // M of a wgmma: (token, query head) rows per CTA
+constexpr int kRows = kTileRows;     // M of a wgmma: (token, query head) rows per CTA
 constexpr int kChunkKeys = 64;       // keys per step: one TMA box along T, the N of Q K^T
 constexpr int kThreads = 128;        // one warpgroup
 constexpr int kStages = 2;
