@@ -12,7 +12,7 @@ from .call import BACKEND_NAMES, describe_call
 from .config import load_settings
 from .device import device_facts
 from .dispatch import Decision, backend_module, decide
-from . import ops
+from . import eager_plan, ops
 
 
 def _op_arguments(q, k, v, block_indices, block_size, block_counts, scale, cu_seqlens_q,
@@ -84,6 +84,14 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, block_counts=N
                                        cu_seqlens_k):
         # The operator's own computation without the operator: same validation, dispatch and
         # kernels, minus its dispatch cost; gradients and tracing always go through the operator.
+        # A call whose metadata was seen before launches from its plan (nsa_ext/eager_plan.py).
+        planned = None
+        if counts_tensor is None and cu_seqlens_q is None and cu_seqlens_k is None:
+            planned = eager_plan.run(q, k, v, block_indices, counts_int, int(block_size), scale,
+                                     backend, arguments[-1])
+        if planned is not None:
+            o, lse = planned
+            return (o, lse) if return_lse else o
         o, lse = ops.run_forward(*arguments)
     else:
         o, lse = ops.selection_attention_op(*arguments)

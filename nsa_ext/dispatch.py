@@ -14,6 +14,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import torch
+
 from .call import BACKEND_NAMES, SelectionCall
 from .config import Settings, load_settings
 from .device import DeviceFacts, device_facts
@@ -31,13 +33,34 @@ PRIORITY = ("triton", "cuda", "sdpa")
 # backends in one run (H200, 2026-11-30: CUDA faster on 2 of 24 prefill rows, geometric mean
 # 1.11x Triton's time, so 0; notes/bench_h200_hopper.txt).
 CUDA_FIRST_KEY = "sel_cuda_first"
+# Eager calls (no CUDA-graph capture) of at most this many rows (B * TQ * H) put the CUDA
+# extension first: there the host's enqueue is the call's cost, and the extension's row path is
+# one operator call where Triton's launcher costs ~3x as much (H200, bench/eager_bench.py:
+# decode B=1 TK=64k 138 vs 351 us, chunk TQ=512 TK=32k 164 vs 263 us, notes/eager.md). Inside a
+# capture the host cost vanishes and the order above holds (Triton's split-KV decode replays
+# faster); a Triton kernel first compiled inside a capture works (scripts/capture_probe.py).
+CUDA_FIRST_EAGER_ROWS_KEY = "sel_cuda_first_eager_rows"
 
 
-def priority(settings: Settings, facts: DeviceFacts) -> tuple:
-    """PRIORITY, with cuda before triton where the architecture's measurements say so."""
-    if int(settings.thresholds.get(facts.arch or "", {}).get(CUDA_FIRST_KEY, 0)):
+def capturing(device) -> bool:
+    """Is the current CUDA stream being captured into a graph (False off CUDA)?"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def priority(settings: Settings, facts: DeviceFacts, call: Optional[SelectionCall] = None) -> tuple:
+    """PRIORITY, with cuda before triton where the architecture's measurements say so: for
+    every call (`sel_cuda_first`) or for eager calls of few rows (`sel_cuda_first_eager_rows`)."""
+    measured = settings.thresholds.get(facts.arch or "", {})
+    if int(measured.get(CUDA_FIRST_KEY, 0)):
+        return ("cuda", "triton", "sdpa")
+    eager_rows = measured.get(CUDA_FIRST_EAGER_ROWS_KEY)
+    if call is not None and eager_rows is not None and \
+            call.batch * call.seqlen_q * call.num_heads_kv <= int(eager_rows) and \
+            not capturing(call.device):
         return ("cuda", "triton", "sdpa")
     return PRIORITY
+
+
 _MODULES = {"cuda": "cuda", "triton": "triton", "sdpa": "sdpa_packed", "reference": "reference"}
 
 
@@ -93,7 +116,7 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
         raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {requested!r}")
     settings = settings if settings is not None else load_settings()
     facts = facts if facts is not None else device_facts(call.device)
-    names = priority(settings, facts) if requested == "auto" else (requested,)
+    names = priority(settings, facts, call) if requested == "auto" else (requested,)
     reasons: Dict[str, List[str]] = {}
     preferences: Dict[str, List[str]] = {}
     for name in names:
@@ -115,7 +138,8 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
 
 
 # Decisions of earlier calls, keyed on the call's metadata (SelectionCall.dispatch_key), the
-# requested backend, the Settings object and the device facts: every call runs `choose`, and
+# requested backend, the Settings object, the device facts and whether a CUDA graph is being
+# captured (priority's eager order): every call runs `choose`, and
 # asking every backend for its reasons and preferences again costs ~10 us of host time. The
 # Settings object is the one load_settings caches per environment, so a changed flag or config
 # file gives another object, hence another key.
@@ -129,7 +153,7 @@ def choose(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
     raises BackendUnavailableError when no backend can serve the call."""
     settings = settings if settings is not None else load_settings()
     facts = facts if facts is not None else device_facts(call.device)
-    key = (call.dispatch_key(), requested, id(settings), facts)
+    key = (call.dispatch_key(), requested, id(settings), facts, capturing(call.device))
     cached = _DECISIONS.get(key)
     if cached is not None and cached[0] is settings:
         decision = cached[1]

@@ -14,6 +14,8 @@ TRITON_INTERPRETER = import_triton_for_the_interpreter()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "big_memory: needs most of a GPU's memory (run apart "
+                            "from other GPU tests)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -354,6 +354,42 @@ def test_measured_backend_order_puts_cuda_first_only_where_configured():
     assert priority(Settings(thresholds={"sm80": {"sel_cuda_first": 1}}), facts) == PRIORITY
 
 
+def test_eager_calls_of_few_rows_put_cuda_first_but_not_inside_a_capture(monkeypatch):
+    from nsa_ext import dispatch
+
+    facts = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
+    measured = Settings(thresholds={"sm90": {"sel_cuda_first_eager_rows": 64}})
+    small = a_call()                                     # B * TQ * H rows of a_call
+    rows = small.batch * small.seqlen_q * small.num_heads_kv
+    assert rows <= 64
+    assert dispatch.priority(measured, facts, small)[:2] == ("cuda", "triton")
+    assert dispatch.priority(measured, facts) == PRIORITY          # no call: the plain order
+    few = Settings(thresholds={"sm90": {"sel_cuda_first_eager_rows": rows - 1}})
+    assert dispatch.priority(few, facts, small) == PRIORITY        # past the measured rows
+    other_arch = Settings(thresholds={"sm80": {"sel_cuda_first_eager_rows": 64}})
+    assert dispatch.priority(other_arch, facts, small) == PRIORITY
+    monkeypatch.setattr(dispatch, "capturing", lambda device: True)
+    assert dispatch.priority(measured, facts, small) == PRIORITY   # inside a CUDA-graph capture
+
+
+def test_the_decision_cache_sees_a_capture(monkeypatch):
+    from nsa_ext import dispatch
+
+    call = a_call()
+    facts = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
+    measured = Settings(thresholds={"sm90": {"sel_cuda_first_eager_rows": 4096}})
+    seen = []
+    real = dispatch.decide
+    monkeypatch.setattr(dispatch, "decide", lambda *a, **kw: seen.append(a) or real(*a, **kw))
+    for flag in (False, True, False, True):
+        monkeypatch.setattr(dispatch, "capturing", lambda device, flag=flag: flag)
+        try:
+            dispatch.choose(call, "auto", measured, facts)
+        except dispatch.BackendUnavailableError:
+            pass
+    assert len(seen) == 2          # one decision per capture state, then the cache
+
+
 def test_optimizer_derives_the_backend_order_from_bench_rows():
     import importlib.util
     from pathlib import Path

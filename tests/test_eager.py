@@ -1,5 +1,6 @@
 """The eager fast path: a call that needs no gradient and runs under no tracing or mode skips the
 custom op's dispatch (same validation, dispatch and kernels); everything else goes through the op."""
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -103,3 +104,155 @@ def test_dense_row_geometry_is_kept_per_shape():
                                          block_size=8).args())
         kept = row_geometry(fresh)
     assert not kept.pos.is_inference()                   # usable outside inference mode
+
+
+# Launch plans (nsa_ext/eager_plan.py): on the CPU no backend has a launcher, so the tests give
+# packed SDPA one that records what it was made for and runs SDPA's own forward.
+def planned_sdpa(monkeypatch, decline=False):
+    from nsa_ext import eager_plan
+    from nsa_ext.backends import sdpa_packed
+    from nsa_ext.call import describe_call
+
+    made, launched = [], []
+
+    def eager_launch(call, settings, facts):
+        made.append(call.dispatch_key())
+        block_size, scale = call.block_size, call.scale
+
+        def launch(q, k, v, block_indices):
+            launched.append(q)
+            if decline:
+                return None
+            return sdpa_packed.forward(describe_call(q, k, v, block_indices, block_size,
+                                                     scale=scale, need_lse=True))
+        return launch
+
+    monkeypatch.setattr(sdpa_packed, "eager_launch", eager_launch, raising=False)
+    eager_plan.clear()
+    return made, launched
+
+
+def full_path(c, **kw):
+    counts = kw.get("block_counts")
+    return ops.run_forward(c.q, c.k, c.v, c.block_indices, None, counts, None, None,
+                           c.block_size, kw.get("scale"), "auto", True)
+
+
+def test_a_repeated_call_launches_from_its_plan_with_the_same_result(monkeypatch):
+    made, launched = planned_sdpa(monkeypatch)
+    first, second = case(), make_case(B=1, TQ=24, HQ=4, H=2, Dk=16, S=3, block_size=8, seed=9)
+    for c in (first, second):
+        o, lse = nsa_ext.selection_attention(*c.args(), return_lse=True)
+        o_full, lse_full = full_path(c)
+        torch.testing.assert_close(o, o_full, rtol=0, atol=0)
+        torch.testing.assert_close(lse, lse_full, rtol=0, atol=0)
+    assert len(made) == 1 and len(launched) == 2 and launched[1] is second.q
+
+
+def test_other_metadata_scalars_or_settings_make_another_plan(monkeypatch):
+    made, launched = planned_sdpa(monkeypatch)
+    c = case()
+    nsa_ext.selection_attention(*c.args())
+    nsa_ext.selection_attention(*c.args())
+    assert len(made) == 1
+    nsa_ext.selection_attention(*c.args(), scale=0.5)
+    nsa_ext.selection_attention(*c.args(), block_counts=2)
+    nsa_ext.selection_attention(*c.args(), return_lse=True)
+    longer = make_case(B=1, TQ=32, HQ=4, H=2, Dk=16, S=3, block_size=8, seed=5)
+    nsa_ext.selection_attention(*longer.args())
+    nsa_ext.selection_attention(c.q.double().float(), c.k, c.v, c.block_indices.int(), 8)
+    assert len(made) == 6
+    monkeypatch.setenv("NSA_SDPA_GATHER_BUDGET_MB", "256")          # new settings object
+    o = nsa_ext.selection_attention(*c.args())
+    assert len(made) == 7
+    torch.testing.assert_close(o, full_path(c)[0], rtol=0, atol=0)
+
+
+def test_calls_the_plans_do_not_take(monkeypatch):
+    made, launched = planned_sdpa(monkeypatch)
+    c = case()
+    counts = torch.full((1, 24, 2), 2, dtype=torch.int64)
+    nsa_ext.selection_attention(*c.args(), block_counts=counts)      # a block_counts tensor
+    q = c.q.clone().requires_grad_()
+    nsa_ext.selection_attention(q, c.k, c.v, c.block_indices, c.block_size)   # gradients
+    var = make_case(seqlens=[10, 14], HQ=4, H=2, Dk=16, S=3, block_size=8)
+    nsa_ext.selection_attention(*var.args(), **var.kwargs())          # cu_seqlens
+    monkeypatch.setenv("NSA_DEBUG_LOG", "1")                          # per-call logs
+    nsa_ext.selection_attention(*c.args())
+    assert made == [] and launched == []
+
+
+def test_a_declining_launcher_falls_back_to_the_full_path(monkeypatch):
+    made, launched = planned_sdpa(monkeypatch, decline=True)
+    c = case()
+    o = nsa_ext.selection_attention(*c.args())
+    o2 = nsa_ext.selection_attention(*c.args())
+    assert len(made) == 1 and len(launched) == 2
+    torch.testing.assert_close(o, full_path(c)[0], rtol=0, atol=0)
+    torch.testing.assert_close(o2, o, rtol=0, atol=0)
+
+
+def test_invalid_calls_raise_as_before_whatever_plans_exist(monkeypatch):
+    planned_sdpa(monkeypatch)
+    c = case()
+    nsa_ext.selection_attention(*c.args())
+    with pytest.raises(ValueError, match="block_indices"):
+        nsa_ext.selection_attention(c.q, c.k, c.v, c.block_indices.float(), c.block_size)
+    with pytest.raises(ValueError, match="k:"):
+        nsa_ext.selection_attention(c.q, c.k.half(), c.v, c.block_indices, c.block_size)
+    with pytest.raises(ValueError, match="block_size"):
+        nsa_ext.selection_attention(c.q, c.k, c.v, c.block_indices, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+@pytest.mark.parametrize("TQ,TK", [(1, 8192), (64, 4096)], ids=["decode", "chunk"])
+def test_gpu_planned_calls_match_the_full_path_bitwise(backend, TQ, TK):
+    from nsa_ext import eager_plan
+
+    shape = dict(B=1, TQ=TQ, TK=TK, HQ=64, H=4, Dk=128, S=16, block_size=64,
+                 dtype=torch.bfloat16, device="cuda")
+    first = make_case(seed=1, **shape)
+    if nsa_ext.explain(*first.args(), backend=backend).chosen is None:
+        pytest.skip(f"{backend} cannot serve this case here")
+    eager_plan.clear()
+    for seed in (1, 2, 3):
+        c = make_case(seed=seed, **shape)
+        o, lse = nsa_ext.selection_attention(*c.args(), backend=backend, return_lse=True)
+        o_full, lse_full = ops.run_forward(c.q, c.k, c.v, c.block_indices, None, None, None,
+                                           None, 64, None, backend, True)
+        assert torch.equal(o, o_full) and torch.equal(lse, lse_full)
+    launches = [entry[1] for entry in eager_plan._PLANS.values()]
+    chosen = nsa_ext.explain(*first.args(), backend=backend).chosen
+    if TQ == 1 or chosen == "cuda":       # the split-KV step and the CUDA row path have launchers
+        assert launches and all(launch is not None for launch in launches)
+
+
+@pytest.mark.gpu
+def test_gpu_eager_decode_takes_cuda_first_and_a_capture_takes_triton():
+    from nsa_ext import dispatch
+    from nsa_ext.call import describe_call
+    from nsa_ext.device import device_facts
+
+    c = make_case(B=1, TQ=1, TK=8192, HQ=64, H=4, Dk=128, S=16, block_size=64,
+                  dtype=torch.bfloat16, device="cuda")
+    from nsa_ext.config import load_settings
+    settings = load_settings()
+    facts = device_facts(c.q.device)
+    rows = settings.thresholds.get(facts.arch or "", {}).get(dispatch.CUDA_FIRST_EAGER_ROWS_KEY)
+    if rows is None or nsa_ext.explain(*c.args(), backend="cuda").chosen is None \
+            or nsa_ext.explain(*c.args(), backend="triton").chosen is None:
+        pytest.skip("no measured eager order here, or a kernel backend is missing")
+    call = describe_call(*c.args())
+    assert dispatch.choose(call, "auto").chosen == "cuda"
+    nsa_ext.selection_attention(*c.args())              # warm-up: Triton stays uncompiled
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        in_capture = dispatch.choose(call, "auto").chosen
+        o = nsa_ext.selection_attention(*c.args())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert in_capture == "triton"
+    ref = nsa_ext.selection_attention(c.q.float(), c.k.float(), c.v.float(), c.block_indices, 64,
+                                      backend="reference")
+    torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)

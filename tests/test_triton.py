@@ -157,6 +157,7 @@ def test_gpu_autotuned_launch_matches_reference(monkeypatch):
     assert kernels.selection_fwd_group_kernel.fn.best_config is not None
 
 
+@pytest.mark.big_memory
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", VARIANTS)
 def test_gpu_64bit_offsets(untuned, monkeypatch, group):
@@ -450,6 +451,7 @@ def test_gpu_backward_at_8k_matches_reference(untuned):
     check_gradients(call, with_lse=True)
 
 
+@pytest.mark.big_memory
 @pytest.mark.gpu
 @pytest.mark.parametrize("G", [1, 16], ids=["dq-partials", "dq-kernel"])
 def test_gpu_backward_64bit_offsets(untuned, G):

@@ -286,3 +286,31 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
     return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                 num_blocks.contiguous(), pos, k_offset,
                                                 call.block_size, call.scale, splits)
+
+
+def eager_launch(call: SelectionCall, settings, facts):
+    """The row schedule's launch for later eager calls with `call`'s metadata
+    (nsa_ext/eager_plan.py): `launch(q, k, v, block_indices) -> (o, lse)`, one operator call
+    with this call's geometry, split count and scalars bound; None where `forward` would do
+    more than that one call (the Hopper tile chooser, non-contiguous inputs, varlen, a
+    block_counts tensor, S past the canonical kernel)."""
+    if call.is_varlen or call.block_counts is not None or facts.kind != "cuda":
+        return None
+    if not all(t.is_contiguous() for t in (call.q, call.k, call.v, call.block_indices)):
+        return None
+    splits = num_splits(call, facts.sm_count)
+    if splits == 1 and tile_may_run(call, settings, facts):
+        return None
+    geometry = row_geometry(call)
+    if canonical_op_args(call, geometry) is None:
+        return None
+    op = torch.ops.nsa_ext_cuda.selection_fwd_rows.default
+    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
+    limit, block_size, scale = call.block_count_limit, call.block_size, call.scale
+
+    def launch(q, k, v, block_indices):
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:    # forward would copy: decline
+            return None
+        return op(q, k, v, block_indices, None, limit, pos, k_offset, block_size, scale, splits)
+
+    return launch

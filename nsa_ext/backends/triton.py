@@ -219,3 +219,25 @@ def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch
                                   **launch)
     return selection_bwd(call.q, call.k, call.v, o, lse, grad_o, grad_lse, blocks, num_blocks,
                          index, items, **launch)
+
+
+def eager_launch(call: SelectionCall, settings: Settings, facts: DeviceFacts):
+    """The split-KV launch for later eager calls with `call`'s metadata (nsa_ext/eager_plan.py):
+    `launch(q, k, v, block_indices) -> (o, lse)` with the slice count and scalars bound; None
+    where `forward` runs a schedule (its preparation reads the call's values), under debug
+    logging, or for varlen calls and block_counts tensors."""
+    if call.is_varlen or call.block_counts is not None or settings.debug:
+        return None
+    interpret = settings.triton_interpret or call.device.type != "cuda"
+    splits = _num_splits(call, interpret) if settings.sel_schedule in ("auto", "row") else 0
+    if not splits:
+        return None
+    from triton_ref.selection_split import selection_split_fwd
+
+    scalars = dict(scale=call.scale, block_size=call.block_size,
+                   count_limit=call.block_count_limit, num_splits=splits)
+
+    def launch(q, k, v, block_indices):
+        return selection_split_fwd(q, k, v, block_indices, **scalars)
+
+    return launch
