@@ -41,7 +41,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nsa_ext  # noqa: E402
 import nsa_ext.distributed as cp  # noqa: E402
-from bench.common import Shape, environment, make_block_indices, make_qkv  # noqa: E402
+from bench.common import PATTERNS, Shape, environment, make_block_indices, make_qkv  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -111,7 +111,7 @@ def inputs(args, TQ: int, TK: int, seed: int, requires_grad: bool):
     q, k, v = make_qkv(shape, DTYPES[args.dtype], DEVICE, seed=seed)
     # the queries are the last TQ of TK keys: keep only this rank's own keys for the
     # distributed call (the caller slices), all TK for the plain one
-    block_indices = make_block_indices(shape, "random", device=DEVICE, seed=seed)
+    block_indices = make_block_indices(shape, args.pattern, device=DEVICE, seed=seed)
     grad_o = torch.randn_like(q)
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--pattern", default="random", choices=list(PATTERNS),
+                        help="selection pattern (bench/common.py); random is the worst case")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -165,14 +167,14 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     clock = Clock(DEVICE)
     env = environment(DEVICE)
-    env.update(world_size=world, backend=str(dist.get_backend()),
+    env.update(world_size=world, backend=str(dist.get_backend()), pattern=args.pattern,
                multicast_env={k: os.environ.get(k) for k in
                               ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                "NVSHMEM_DISABLE_NVLS")})
     if rank == 0:
         print(f"# {env.get('gpu', env.get('cpu'))} x{world} | torch {env['torch']} | "
               f"nsa_ext {env['nsa_ext']} | {args.dtype} HQ={args.HQ} H={args.H} D={args.D} "
-              f"S={args.S} block={args.block_size} backend={args.backend} | commit {env['git_commit']}")
+              f"S={args.S} block={args.block_size} backend={args.backend} pattern={args.pattern} | commit {env['git_commit']}")
     bs = args.block_size
     rows = []
 
