@@ -79,15 +79,19 @@ def _rows_per_chunk(width: int, budget_elems: int = 1 << 25) -> int:
     return max(1, budget_elems // max(1, width))
 
 
-def _distinct_below(limit: torch.Tensor, count: int, num_blocks: int, generator) -> torch.Tensor:
-    """[R, count] distinct random integers in [1, limit) per row (limit [R]), -1 where a row has
-    fewer than `count` candidates. Random keys + top-k: vectorised sampling without replacement."""
+# Past this many random keys (rows x blocks) the exact sampler below costs minutes (1M queries
+# over 2M keys: 4M rows x 32k blocks = 1.4e11 keys), so rows with many candidates sample by
+# drawing with replacement instead (_distinct_by_draws). Below it the exact sampler keeps every
+# committed bench input as it was.
+EXACT_SAMPLER_MAX_KEYS = 1 << 34
+
+
+def _distinct_exact(limit: torch.Tensor, count: int, width: int, generator) -> torch.Tensor:
+    """[R, count]: random keys for every candidate in [1, limit), the `count` largest (top-k);
+    -1 where a row has fewer than `count` candidates. `width` > every limit - 1."""
     R = limit.shape[0]
     device = limit.device
     out = torch.empty(R, count, dtype=torch.int64, device=device)
-    if count == 0:
-        return out
-    width = max(num_blocks, count + 1)
     step = _rows_per_chunk(width)
     cand = torch.arange(width, device=device)
     for lo in range(0, R, step):
@@ -97,6 +101,55 @@ def _distinct_below(limit: torch.Tensor, count: int, num_blocks: int, generator)
         keys = torch.where(ok, keys, torch.full_like(keys, -1.0))
         vals, idx = keys.topk(count, dim=-1)
         out[lo:lo + step] = torch.where(vals >= 0, idx, torch.full_like(idx, -1))
+    return out
+
+
+def _distinct_by_draws(limit: torch.Tensor, count: int, generator) -> torch.Tensor:
+    """[R, count] distinct integers in [1, limit) per row, each row a uniform random subset, for
+    rows with limit - 1 >= 4 * count: 4 * count draws with replacement, their distinct values
+    in random order, the first `count` kept (a row short of `count` distinct values, rare, is
+    drawn again exactly)."""
+    R = limit.shape[0]
+    device = limit.device
+    draws_per_row = 4 * count
+    out = torch.empty(R, count, dtype=torch.int64, device=device)
+    step = _rows_per_chunk(draws_per_row)
+    for lo in range(0, R, step):
+        lim = limit[lo:lo + step]
+        n = lim.shape[0]
+        draws = 1 + (torch.rand(n, draws_per_row, device=device, generator=generator)
+                     * (lim[:, None] - 1)).long().clamp_max(lim[:, None] - 2)
+        values, _ = draws.sort(dim=-1)
+        repeat = torch.zeros_like(values, dtype=torch.bool)
+        repeat[:, 1:] = values[:, 1:] == values[:, :-1]
+        keys = torch.rand(n, draws_per_row, device=device, generator=generator)
+        keys = torch.where(repeat, torch.full_like(keys, -1.0), keys)   # each value once
+        vals, pick = keys.topk(count, dim=-1)
+        chosen = values.gather(-1, pick)
+        short = (vals < 0).any(dim=-1)
+        if bool(short.any()):
+            rows = short.nonzero().squeeze(1)
+            width = int(lim[rows].max())
+            chosen[rows] = _distinct_exact(lim[rows], count, width, generator)
+        out[lo:lo + step] = chosen
+    return out
+
+
+def _distinct_below(limit: torch.Tensor, count: int, num_blocks: int, generator) -> torch.Tensor:
+    """[R, count] distinct random integers in [1, limit) per row (limit [R]), -1 where a row has
+    fewer than `count` candidates. Random keys + top-k: vectorised sampling without replacement."""
+    R = limit.shape[0]
+    if count == 0:
+        return torch.empty(R, 0, dtype=torch.int64, device=limit.device)
+    width = max(num_blocks, count + 1)
+    if R * width <= EXACT_SAMPLER_MAX_KEYS:
+        return _distinct_exact(limit, count, width, generator)
+    wide = limit - 1 >= 4 * count
+    out = torch.empty(R, count, dtype=torch.int64, device=limit.device)
+    rows = wide.nonzero().squeeze(1)
+    out[rows] = _distinct_by_draws(limit[rows], count, generator)
+    rows = (~wide).nonzero().squeeze(1)
+    out[rows] = _distinct_exact(limit[rows], count, min(width, 4 * count + 2), generator)
     return out
 
 

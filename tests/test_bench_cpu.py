@@ -216,3 +216,21 @@ def test_apply_dry_run_leaves_the_file(tmp_path):
     assert "would set" in message and path.read_text() == before
     topt.apply(path, "sm90", decision, "test", dry_run=False)
     assert "sel_triton_min_L: 512" in path.read_text() and "sel_cuda_min_L" in path.read_text()
+
+
+def test_the_sampler_for_huge_selections_draws_distinct_visible_blocks(monkeypatch):
+    """Past EXACT_SAMPLER_MAX_KEYS the random pattern samples by draws with replacement: every
+    row still holds distinct blocks in [1, limit), as many as exist up to `count`."""
+    from bench import common
+
+    monkeypatch.setattr(common, "EXACT_SAMPLER_MAX_KEYS", 0)
+    g = torch.Generator().manual_seed(3)
+    limit = torch.cat([torch.arange(40), torch.randint(40, 3000, (3000,))])
+    out = common._distinct_below(limit, 14, 3000, g)
+    for row, lim in zip(out.tolist(), limit.tolist()):
+        valid = [b for b in row if b >= 0]
+        assert len(valid) == len(set(valid)) == min(14, max(lim - 1, 0))
+        assert all(1 <= b < lim for b in valid)
+    counts = torch.bincount(common._distinct_below(torch.full((20000,), 61), 14, 3000, g).flatten(),
+                            minlength=61)[1:].float() / 20000
+    assert counts.min() > 0.2 and counts.max() < 0.27          # 14 of 60: 0.233 each
