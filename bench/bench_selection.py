@@ -8,10 +8,11 @@ all measured in the same run.
     python bench/bench_selection.py --schedules     # the Triton forward schedules (~3 GPU minutes)
 
 Rows of each case (bf16 on a GPU):
-  nsa:cuda, nsa:cuda-row, nsa:cuda-tile, nsa:triton, nsa:triton-row, nsa:triton-tile,
-  nsa:triton-kv, nsa:triton-head, nsa:sdpa
+  nsa:cuda, nsa:cuda-row, nsa:cuda-tile, nsa:cuda-tile-deep, nsa:triton, nsa:triton-row,
+  nsa:triton-tile, nsa:triton-kv, nsa:triton-head, nsa:sdpa
         nsa_ext.selection_attention(..., backend=NAME). nsa:cuda-row / -tile force the CUDA
-        backend's schedules (row: its mma.sync kernel; tile: the SM 9.0 wgmma + TMA kernel). nsa:triton is the Triton backend with its
+        backend's schedules (row: its mma.sync kernel; tile: the SM 9.0 wgmma + TMA kernel;
+        tile-deep: that kernel with its deep copy pipeline, NSA_SEL_HOPPER_DEEP=1). nsa:triton is the Triton backend with its
         forward schedule chosen per call (NSA_SEL_SCHEDULE=auto; the case line says which);
         nsa:triton-row / -tile / -kv force one schedule (NSA_SEL_SCHEDULE=row|tile|kv: prefill
         and chunked rows only, decode and training rows are n/a); nsa:triton-head is the row
@@ -76,11 +77,11 @@ from bench.common import Shape, Work, environ, fmt_tokens, short_error  # noqa: 
 
 CASE_GROUPS = ("prefill", "groups", "dk192", "decode", "chunked", "train")
 GROUP_PRIORITY = ("prefill", "decode", "groups", "chunked", "dk192", "train")   # run order
-NSA_ROWS = ("nsa:cuda", "nsa:cuda-row", "nsa:cuda-tile", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
+NSA_ROWS = ("nsa:cuda", "nsa:cuda-row", "nsa:cuda-tile", "nsa:cuda-tile-deep", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
             "nsa:triton-head", "nsa:sdpa")
 SCHEDULE_ROWS = {"nsa:triton": "auto", "nsa:triton-row": "row", "nsa:triton-tile": "tile",
                  "nsa:triton-kv": "kv", "nsa:triton-head": "row",
-                 "nsa:cuda-row": "row", "nsa:cuda-tile": "tile"}
+                 "nsa:cuda-row": "row", "nsa:cuda-tile": "tile", "nsa:cuda-tile-deep": "tile"}
 ANCHOR_ROWS = ("fla", "dense:cudnn", "dense:flash", "flex")
 FLOOR_ROWS = ("floor/row", "floor/tile")
 # Measured in this order (floors and fla first, so the ratios exist), printed in ROW_ORDER.
@@ -133,7 +134,8 @@ def _prefill_shape(T, HQ=64, H=4, D=128, S=16, Dv=None, B=1):
 
 
 SCHEDULE_PRESET_ROWS = ("fla", "floor/row", "floor/tile", "nsa:triton", "nsa:triton-row",
-                        "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda", "nsa:cuda-tile")
+                        "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda", "nsa:cuda-tile",
+                        "nsa:cuda-tile-deep")
 
 
 def gpu_cases(full: bool, quick: bool, schedules: bool = False) -> List[CaseSpec]:
@@ -463,7 +465,7 @@ def build(ctx: Context, s: InputSet, name: str):
         raise NotApplicable("training: the Triton backward recomputes group-centric whatever the variant, "
                             "so only the forward differs (prefill rows); --full runs it")
     if name in ("nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda-row",
-                "nsa:cuda-tile") and \
+                "nsa:cuda-tile", "nsa:cuda-tile-deep") and \
             (ctx.case.train or ctx.shape.TQ < 64):
         raise NotApplicable("forced forward schedules are prefill rows (decode takes split-KV under "
                             "auto; training's time is mostly the backward)")
@@ -494,6 +496,7 @@ def row_env(name: str) -> Dict[str, Optional[str]]:
         env["NSA_SEL_TRITON_GROUP"] = "1"
     if name == "nsa:triton-head":
         env["NSA_SEL_TRITON_GROUP"] = "0"
+    env["NSA_SEL_HOPPER_DEEP"] = "1" if name == "nsa:cuda-tile-deep" else "0"
     return env
 
 
@@ -884,7 +887,8 @@ def main(argv=None) -> int:
         else:
             os.environ["TRITON_INTERPRET"] = "1"     # before Triton kernels are defined
     original_env = {k: os.environ.get(k)
-                    for k in list(THRESHOLD_ENV) + ["NSA_SEL_TRITON_GROUP", "NSA_SEL_SCHEDULE"]}
+                    for k in list(THRESHOLD_ENV) + ["NSA_SEL_TRITON_GROUP", "NSA_SEL_SCHEDULE",
+                                                    "NSA_SEL_HOPPER_DEEP"]}
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -190,6 +190,33 @@ def test_tile_kernel_on_overlap_patterns(tile_spy, pattern):
     assert_close_to_reference(o, o_ref.to(o.dtype), o.dtype, lse, lse_ref)
 
 
+DEEP_CASES = {   # long unions (more chunks than any instance's stages), every head-dim instance
+    "G1_d64_long": dict(B=1, TQ=2048, HQ=2, H=2, Dk=64, S=16, block_size=64),
+    "G16_d128": dict(B=1, TQ=1024, HQ=32, H=2, Dk=128, S=16, block_size=64),
+    "dk192_dv128": CASES["dk192_dv128"],
+    "d256": dict(B=1, TQ=700, HQ=4, H=1, Dk=256, S=8, block_size=64),
+    "bs128": CASES["bs128"],
+    "varlen_chunked": CASES["varlen_chunked"],
+}
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("name", DEEP_CASES)
+def test_deep_pipeline_matches_the_default_bitwise(tile_spy, monkeypatch, name):
+    """NSA_SEL_HOPPER_DEEP=1 takes the instance with more copy stages: the same chunks in the
+    same order, so the same bits as the two-stage kernel, and the reference's values."""
+    case = make_case(dtype=torch.bfloat16, device="cuda", seed=sum(map(ord, name)),
+                     **DEEP_CASES[name])
+    o, lse, o_ref, lse_ref = run_tile(case, tile_spy)
+    assert tile_spy[-1][-1] is False
+    monkeypatch.setenv("NSA_SEL_HOPPER_DEEP", "1")
+    o_deep, lse_deep, _, _ = run_tile(case, tile_spy)
+    assert tile_spy[-1][-1] is True
+    assert_close_to_reference(o_deep, o_ref.to(o.dtype), o.dtype, lse_deep, lse_ref)
+    assert torch.equal(o_deep, o) and torch.equal(lse_deep, lse)
+
+
 @pytest.mark.gpu
 @needs_hopper
 def test_tile_kernel_is_bitwise_deterministic(tile_spy):

@@ -41,11 +41,12 @@ cudaError_t encode_kv_map(CUtensorMap* map, const void* base, ScalarKind kind, i
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int kDk, int kDv>
+template <typename T, int kDk, int kDv, int kStages>
 cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtensorMap& v_map,
                    cudaStream_t stream) {
-  constexpr int smem = hopper::tile_smem_bytes<kDk, kDv>();
-  const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv>;
+  constexpr int smem = hopper::tile_smem_bytes<kDk, kDv, kStages>();
+  static_assert(smem <= hopper::kMaxDynamicSmem, "tile kernel: shared memory past 227 KB");
+  const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv, kStages>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   // The whole 228 KB for shared memory: two CTAs of d64/d128 (81 KB each) per SM.
   if (err == cudaSuccess)
@@ -60,8 +61,11 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtenso
 template <typename T>
 cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& k_map, const CUtensorMap& v_map,
                         cudaStream_t stream) {
-#define NSA_EXT_TILE(DK, DV) \
-  if (tp.fwd.head_dim_qk == DK && tp.fwd.head_dim_v == DV) return launch<T, DK, DV>(tp, k_map, v_map, stream);
+#define NSA_EXT_TILE(DK, DV)                                                                  \
+  if (tp.fwd.head_dim_qk == DK && tp.fwd.head_dim_v == DV)                                     \
+    return tp.deep_pipeline                                                                    \
+               ? launch<T, DK, DV, hopper::deep_stages<DK, DV>()>(tp, k_map, v_map, stream)    \
+               : launch<T, DK, DV, hopper::kShallowStages>(tp, k_map, v_map, stream);
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_TILE)
 #undef NSA_EXT_TILE
   return cudaErrorInvalidValue;

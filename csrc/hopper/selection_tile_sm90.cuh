@@ -5,7 +5,8 @@
 // (token, query head) rows are the M of every warpgroup MMA. The CTA walks the *union* of its
 // rows' canonical sets (sorted, each block once: nsa_ext.schedules.tiles.tile_unions) and loads
 // each union block's K and V once for all 64 rows, with the bulk tensor copy engine (TMA, one
-// 3-d descriptor per tensor, 128-byte swizzle) into a two-stage ring completed on mbarriers.
+// 3-d descriptor per tensor, 128-byte swizzle) into a ring of kStages stages (two by default)
+// completed on mbarriers.
 // Per 64-key chunk:
 //   S = Q K^T   wgmma m64n64k16, Q and K from shared memory (K-major), Dk / 16 instructions;
 //   mask        rows that did not choose the block (a cursor per row into its own sorted
@@ -14,7 +15,7 @@
 //   O += P V    wgmma m64n{Dv}k16, P from registers (the S accumulators, converted in place:
 //               the accumulator layout of two n8 tiles is the A-fragment layout of one k16
 //               slice), V from shared memory read N-major (transposed by the instruction).
-// One warpgroup (128 threads); thread 0 issues the copies one chunk ahead. Two CTAs fit on an
+// One warpgroup (128 threads); thread 0 issues the copies kStages - 1 chunks ahead. Two CTAs fit on an
 // SM up to Dk = Dv = 128 (81 KB of shared memory each), which overlaps one CTA's copies and
 // softmax with the other's MMAs. (A FlashAttention-3-style variant with S(i) and P V(i-1) in
 // flight together and three copy stages measured 20-25 % slower on the H200: notes/hopper.md.)
@@ -46,8 +47,9 @@ namespace hopper {
 constexpr int kRows = kTileRows;     // M of a wgmma: (token, query head) rows per CTA
 constexpr int kChunkKeys = 64;       // keys per step: one TMA box along T, the N of Q K^T
 constexpr int kThreads = 128;        // one warpgroup
-constexpr int kStages = 2;
+constexpr int kShallowStages = 2;  // the default: two stages, two CTAs per SM up to d128
 constexpr int kPanelBytes = 64 * 128;
+constexpr int kMaxDynamicSmem = 227 * 1024;   // per CTA on SM 9.0
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -120,12 +122,22 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 
 
-template <int kDk, int kDv>
+template <int kDk, int kDv, int kStages>
 constexpr int tile_smem_bytes() {
   return kDk / 64 * kPanelBytes + kStages * (kDk + kDv) / 64 * kPanelBytes + 1024;
 }
 
-template <typename T, int kDk, int kDv>
+// The deep pipeline (NSA_SEL_HOPPER_DEEP): as many copy stages as fit one CTA per SM, at most 8
+// (d64: 8, d128: 6, d192/128: 5, d256: 3), so more chunk copies are in flight per SM than the
+// default's two CTAs x one chunk ahead (notes/hopper.md: the copies' latency bounds the kernel).
+template <int kDk, int kDv>
+constexpr int deep_stages() {
+  constexpr int stage = (kDk + kDv) / 64 * kPanelBytes;
+  constexpr int fit = (kMaxDynamicSmem - 2048 - kDk / 64 * kPanelBytes) / stage;
+  return fit < 8 ? fit : 8;
+}
+
+template <typename T, int kDk, int kDv, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     selection_tile_sm90_kernel(const __grid_constant__ CUtensorMap k_map,
                                const __grid_constant__ CUtensorMap v_map, const TileParams tp) {
@@ -233,12 +245,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   float l_run[2] = {0.f, 0.f};
   const int quad = lane & 3;
 
-  if (tid == 0 && n_iter > 0) issue(0);
+  // Chunks are copied kStages - 1 ahead: the prologue fills stages 0 .. kStages - 2.
+  if (tid == 0)
+    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue(it);
   for (int it = 0; it < n_iter; ++it) {
     const int s = it % kStages;
-    // The next chunk's copy goes into the stage the previous iteration finished with (every
-    // thread passed that iteration's closing barrier).
-    if (tid == 0 && it + 1 < n_iter) issue(it + 1);
+    // Chunk it + kStages - 1 goes into the stage the previous iteration finished with (every
+    // thread passed that iteration's closing barrier; at it = 0 the last stage, never used yet).
+    if (tid == 0 && it + kStages - 1 < n_iter) issue(it + kStages - 1);
     const int64_t block_start = starts[it / chunks_per_block];
     const int64_t key0 = block_start + (it % chunks_per_block) * kChunkKeys;
     const uint8_t* k_s = kv_smem + s * kStageBytes;
