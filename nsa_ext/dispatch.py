@@ -50,15 +50,28 @@ def capturing(device) -> bool:
 def priority(settings: Settings, facts: DeviceFacts, call: Optional[SelectionCall] = None) -> tuple:
     """PRIORITY, with cuda before triton where the architecture's measurements say so: for
     every call (`sel_cuda_first`) or for eager calls of few rows (`sel_cuda_first_eager_rows`)."""
+    return _ordered(settings, facts, call)[0]
+
+
+def _ordered(settings: Settings, facts: DeviceFacts, call: Optional[SelectionCall]):
+    """(auto's backend order, why it is that order) for `call`."""
     measured = settings.thresholds.get(facts.arch or "", {})
     if int(measured.get(CUDA_FIRST_KEY, 0)):
-        return ("cuda", "triton", "sdpa")
+        return ("cuda", "triton", "sdpa"), (f"runtime.thresholds.{facts.arch}.{CUDA_FIRST_KEY} "
+                                            f"puts the CUDA extension first")
     eager_rows = measured.get(CUDA_FIRST_EAGER_ROWS_KEY)
-    if call is not None and eager_rows is not None and \
-            call.batch * call.seqlen_q * call.num_heads_kv <= int(eager_rows) and \
-            not capturing(call.device):
-        return ("cuda", "triton", "sdpa")
-    return PRIORITY
+    if call is None or eager_rows is None:
+        return PRIORITY, "the default order"
+    rows = call.batch * call.seqlen_q * call.num_heads_kv
+    where = f"runtime.thresholds.{facts.arch}.{CUDA_FIRST_EAGER_ROWS_KEY} = {eager_rows}"
+    if rows > int(eager_rows):
+        return PRIORITY, f"the default order ({rows} rows > {where})"
+    if capturing(call.device):
+        return PRIORITY, (f"the default order inside a CUDA-graph capture (eagerly, {rows} rows "
+                          f"<= {where} would put the CUDA extension first)")
+    return ("cuda", "triton", "sdpa"), (f"CUDA extension first: an eager call of {rows} rows <= "
+                                        f"{where} (inside a CUDA-graph capture Triton stays "
+                                        f"first)")
 
 
 _MODULES = {"cuda": "cuda", "triton": "triton", "sdpa": "sdpa_packed", "reference": "reference"}
@@ -87,11 +100,14 @@ class Decision:
     device: str = ""
     preferences: Dict[str, List[str]] = field(default_factory=dict)  # backend -> why auto skips it
     details: Dict[str, List[str]] = field(default_factory=dict)  # backend -> how it would run (explain)
+    order: str = ""                   # auto's order of the backends, and why (explain)
 
     def __str__(self) -> str:
         lines = [f"nsa_ext selection_attention: {self.call_summary}",
                  f"device: {self.device}; requested backend: {self.requested}; "
                  f"chosen: {self.chosen or 'none'}"]
+        if self.order:
+            lines.append(f"order: {self.order}")
         for name, why in self.reasons.items():
             if not why:
                 lines.append(f"  {name}: can serve this call")
@@ -116,7 +132,11 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
         raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {requested!r}")
     settings = settings if settings is not None else load_settings()
     facts = facts if facts is not None else device_facts(call.device)
-    names = priority(settings, facts, call) if requested == "auto" else (requested,)
+    if requested == "auto":
+        names, why = _ordered(settings, facts, call)
+        order = f"{', '.join(names)} ({why})"
+    else:
+        names, order = (requested,), ""
     reasons: Dict[str, List[str]] = {}
     preferences: Dict[str, List[str]] = {}
     for name in names:
@@ -134,7 +154,8 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
         chosen = (preferred or able or [None])[0]
     else:
         chosen = able[0] if able else None
-    return Decision(chosen, requested, reasons, call.summary(), facts.describe(), preferences)
+    return Decision(chosen, requested, reasons, call.summary(), facts.describe(), preferences,
+                    order=order)
 
 
 # Decisions of earlier calls, keyed on the call's metadata (SelectionCall.dispatch_key), the

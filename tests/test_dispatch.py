@@ -372,6 +372,22 @@ def test_eager_calls_of_few_rows_put_cuda_first_but_not_inside_a_capture(monkeyp
     assert dispatch.priority(measured, facts, small) == PRIORITY   # inside a CUDA-graph capture
 
 
+def test_explain_says_why_auto_tries_the_backends_in_its_order(monkeypatch):
+    from nsa_ext import dispatch
+
+    facts = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
+    call = a_call()
+    measured = Settings(thresholds={"sm90": {"sel_cuda_first_eager_rows": 4096}})
+    eager = decide(call, "auto", measured, facts)
+    assert eager.order.startswith("cuda, triton, sdpa (CUDA extension first: an eager call")
+    assert "order: cuda, triton, sdpa" in str(eager)
+    monkeypatch.setattr(dispatch, "capturing", lambda device: True)
+    captured = decide(call, "auto", measured, facts)
+    assert captured.order.startswith("triton, cuda, sdpa (the default order inside a CUDA-graph")
+    assert decide(call, "auto", settings(), facts).order == "triton, cuda, sdpa (the default order)"
+    assert decide(call, "sdpa", measured, facts).order == ""
+
+
 def test_the_decision_cache_sees_a_capture(monkeypatch):
     from nsa_ext import dispatch
 
