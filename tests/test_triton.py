@@ -316,6 +316,58 @@ def test_gpu_backward_is_bitwise_deterministic(dtype):
             assert torch.equal(first, other), name
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def test_deterministic_mode_turns_autotuning_off(deterministic_algorithms):
+    """Under torch.use_deterministic_algorithms(True) no launch picks its config by timing (a
+    pick that may differ between processes, and configs sum in different orders)."""
+    from triton_ref import selection_fwd as kernels
+
+    assert not kernels.autotuned(1 << 30)
+    assert not kernels.autotuned(1 << 30, 256)
+    configs = kernels._prune(kernels.TUNING_CONFIGS, {"BLOCK": 64, "K": 128, "V": 128,
+                                                      "LARGE": kernels.autotuned(1 << 30),
+                                                      "q": torch.empty(1)})
+    assert len(configs) == 1
+    torch.use_deterministic_algorithms(False)
+    assert kernels.autotuned(1 << 30) and not kernels.autotuned(10)
+    assert kernels.autotuned(300, 256) and not kernels.autotuned(200, 256)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_takes_the_fixed_configs(monkeypatch):
+    """A call large enough to autotune gives, under torch's deterministic mode, bitwise what the
+    fixed default configs give: its bits do not depend on a timing-based pick (so two processes
+    agree), forward and backward."""
+    from triton_ref import selection_fwd as kernels
+
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", "row")
+    call = build_call(dict(B=1, TQ=4096, HQ=32, H=2, Dk=128, S=8, block_size=64),
+                      torch.bfloat16, "cuda", seed=12)
+    grad_o = torch.randn(call.q.shape[:-1] + (call.head_dim_v,), device="cuda").to(call.dtype)
+
+    def run():
+        o, lse = triton_backend.forward(call)
+        return (o, lse, *triton_backend.backward(call, grad_o, None, o=o, lse=lse))
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = run()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setattr(kernels, "LARGE_PROGRAMS", 1 << 62)      # every launch untuned
+    fixed = run()
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), deterministic, fixed):
+        assert torch.equal(a, b), name
+
+
 # --- the reads log -------------------------------------------------------------------------------
 
 def counted_reads(spec, call):

@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import (_HEURISTICS, LARGE_PROGRAMS, LOG2E, _python_function,
-                            _with_interpreted_helpers,
-                            default_chunk, group_tile, query_of_program, untuned)
+from .selection_fwd import (_HEURISTICS, LOG2E, _python_function, _with_interpreted_helpers,
+                            autotuned, default_chunk, group_tile, query_of_program, untuned)
 
 DQ_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
               for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)]
@@ -105,7 +104,7 @@ def _prune_dkdv(configs, named_args, **kwargs):
 @triton.heuristics({
     **_HEURISTICS,
     "BG": lambda args: group_tile(args["G"]),
-    "LARGE": lambda args: args["num_blocks"].numel() >= LARGE_PROGRAMS,
+    "LARGE": lambda args: autotuned(args["num_blocks"].numel()),
 })
 @triton.autotune(configs=DQ_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
                  prune_configs_by={"early_config_prune": _prune_dq})
@@ -201,7 +200,7 @@ def selection_bwd_delta_kernel(o, do, dlse, delta, rows, V: tl.constexpr, BV: tl
 @triton.heuristics({
     **_HEURISTICS,
     "BN": lambda args: dkdv_keys(args["BLOCK"], args["K"], args["V"]),
-    "LARGE": lambda args: args["item_bucket"].numel() >= 256,
+    "LARGE": lambda args: autotuned(args["item_bucket"].numel(), 256),
     "DKDV": lambda args: args["dk"] is not None,
     "DQ_PARTIALS": lambda args: args["dq_part"] is not None,
 })

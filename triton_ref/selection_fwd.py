@@ -39,6 +39,18 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernels
 # launches (decode) are latency-bound anyway. A launch inside a CUDA-graph capture does too
 # (benchmarking there would fail); warm a shape up before capturing it to get its tuned config.
 LARGE_PROGRAMS = 4096
+
+
+def autotuned(programs: int, threshold: int = None) -> bool:
+    """The LARGE heuristic of every autotuned kernel: does a launch of `programs` programs pick
+    its config by timing? Not below `threshold` (LARGE_PROGRAMS by default), and never under
+    torch.use_deterministic_algorithms(True): the configs differ in chunk sizes and warps, i.e.
+    in the order of the floating-point sums, and a pick by timing may differ between processes,
+    so only the fixed default configs make o, lse, dq, dk, dv bitwise the same from one process
+    to the next (within a process the pick is cached, and runs agree either way)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    return programs >= (LARGE_PROGRAMS if threshold is None else threshold)
 # BS: keys per loop step (a block of more keys is streamed in BLOCK / BS chunks; one of fewer
 # than 16 is padded to 16, the smallest tl.dot operand).
 TUNING_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
@@ -138,7 +150,7 @@ def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk
 @triton.heuristics({
     **_HEURISTICS,
     "BG": lambda args: group_tile(args["G"]),
-    "LARGE": lambda args: args["num_blocks"].numel() >= LARGE_PROGRAMS,
+    "LARGE": lambda args: autotuned(args["num_blocks"].numel()),
 })
 @triton.autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
                  prune_configs_by={"early_config_prune": _prune})
@@ -208,7 +220,7 @@ def selection_fwd_group_kernel(
 
 @triton.heuristics({
     **_HEURISTICS,
-    "LARGE": lambda args: args["num_blocks"].numel() * args["G"] >= LARGE_PROGRAMS,
+    "LARGE": lambda args: autotuned(args["num_blocks"].numel() * args["G"]),
 })
 @triton.autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "LARGE"],
                  prune_configs_by={"early_config_prune": _prune})
