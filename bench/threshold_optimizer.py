@@ -276,8 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json-out", default=None, help="save the sweep and decision here")
     parser.add_argument("--apply-json", default=None, help="write the decision of a saved sweep, no measuring")
     parser.add_argument("--from-bench", default=None,
-                        help="a bench_selection.json: write the backend order (sel_cuda_first) "
-                             "its auto rows measured, no measuring")
+                        help="a bench_selection.json: write the backend order (sel_cuda_first, "
+                             "sel_cuda_first_eager_rows) its auto rows measured, no measuring")
     parser.add_argument("--budget-s", type=float, default=150.0)
     parser.add_argument("--warmup-ms", type=float, default=10)
     parser.add_argument("--rep-ms", type=float, default=40)
@@ -299,6 +299,11 @@ def main(argv=None) -> int:
             return 0
         date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
         values = {"sel_cuda_first": order["value"]}
+        eager = eager_order(bench)
+        if eager["value"] is not None:
+            values["sel_cuda_first_eager_rows"] = eager["value"]
+            print(f"eager order: CUDA first up to {eager['value']} rows (rows, cuda faster: "
+                  f"{eager['points']})")
         new = write_thresholds(config.read_text(), arch, values,
                                f"backend order from bench_selection.py on {gpu}, {date}")
         if args.dry_run:
@@ -381,6 +386,43 @@ def backend_order(bench: dict) -> Dict[str, object]:
     geomean = math.exp(sum(math.log(c / t) for c, t in pairs) / len(pairs))
     value = int(wins * 2 > len(pairs) and geomean <= 1.0)
     return {"value": value, "rows": len(pairs), "cuda_wins": wins, "geomean": geomean}
+
+
+def eager_order(bench: dict) -> Dict[str, object]:
+    """The largest call, in rows (B * TQ * H), up to which an eager call should try the CUDA
+    extension before Triton (`sel_cuda_first_eager_rows`, nsa_ext/dispatch.py), from one bench
+    run: per case where both `nsa:cuda` and `nsa:triton` ran, the eager whole-call time where the
+    row has one (decode and chunk rows: host and GPU together) and the GPU time otherwise
+    (prefill rows, where the host's share vanishes). The value is the largest row count whose
+    case and every smaller one CUDA won; 0 when it lost the smallest; None (keep the config's
+    value) when no case has eager times of both (a run without decode or chunk rows)."""
+    shapes = {(c["case"], c["pattern"]): c.get("shape") or {} for c in bench.get("cases", [])}
+    times: Dict[tuple, Dict[str, float]] = {}
+    eager_cases: Dict[tuple, int] = {}
+    for row in bench.get("rows", []):
+        if row.get("status") != "ok" or row.get("mode") != "fwd" or \
+                row.get("backend") not in ("nsa:cuda", "nsa:triton"):
+            continue
+        key = (row["case"], row["pattern"])
+        spent = row.get("eager_us") or (row["ms"] * 1e3 if row.get("ms") else None)
+        if spent:
+            times.setdefault(key, {})[row["backend"]] = spent
+            eager_cases[key] = eager_cases.get(key, 0) + bool(row.get("eager_us"))
+    if not any(n == 2 for n in eager_cases.values()):
+        return {"value": None, "points": []}
+    points = []
+    for key, t in times.items():
+        shape = shapes.get(key)
+        if len(t) == 2 and shape and all(k in shape for k in ("B", "TQ", "H")):
+            points.append((shape["B"] * shape["TQ"] * shape["H"], t["nsa:cuda"] < t["nsa:triton"]))
+    if not points:
+        return {"value": None, "points": []}
+    value = 0
+    for rows, cuda_wins in sorted(points, key=lambda p: (p[0], p[1])):
+        if not cuda_wins:
+            break
+        value = rows
+    return {"value": value, "points": sorted(points)}
 
 
 def _decision_text(decision: Dict[str, dict]) -> str:

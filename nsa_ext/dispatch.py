@@ -39,6 +39,8 @@ CUDA_FIRST_KEY = "sel_cuda_first"
 # decode B=1 TK=64k 138 vs 351 us, chunk TQ=512 TK=32k 164 vs 263 us, notes/eager.md). Inside a
 # capture the host cost vanishes and the order above holds (Triton's split-KV decode replays
 # faster); a Triton kernel first compiled inside a capture works (scripts/capture_probe.py).
+# `threshold_optimizer.py --from-bench` rewrites it from a bench run's decode, chunk and prefill
+# rows (eager times where measured).
 CUDA_FIRST_EAGER_ROWS_KEY = "sel_cuda_first_eager_rows"
 
 

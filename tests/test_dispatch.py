@@ -425,3 +425,27 @@ def test_optimizer_derives_the_backend_order_from_bench_rows():
     assert optimizer.backend_order(rows([1.0, 1.0, 2.0], [2.0, 2.0, 1.0]))["value"] == 1
     assert optimizer.backend_order(rows([1.0, 3.0, 3.0], [2.0, 2.0, 2.0]))["value"] == 0
     assert optimizer.backend_order({"rows": []})["value"] is None
+
+    def eager_bench(points):       # (TQ, cuda, triton, eager?) per case: B = 1, H = 4
+        cases, out = [], []
+        for i, (TQ, c, t, eager) in enumerate(points):
+            cases.append(dict(case=f"c{i}", pattern="random", shape=dict(B=1, TQ=TQ, H=4)))
+            for backend, spent in (("nsa:cuda", c), ("nsa:triton", t)):
+                row = dict(case=f"c{i}", pattern="random", mode="fwd", status="ok",
+                           backend=backend, ms=1.0)
+                if eager:
+                    row["eager_us"] = spent
+                else:
+                    row["ms"] = spent / 1e3
+                out.append(row)
+        return {"cases": cases, "rows": out}
+
+    decode, chunk, prefill = (1, 40.0, 160.0, True), (512, 164.0, 287.0, True), \
+        (8192, 2020.0, 1886.0, False)
+    assert optimizer.eager_order(eager_bench([decode, chunk, prefill]))["value"] == 2048
+    assert optimizer.eager_order(eager_bench([decode, (512, 300.0, 287.0, True), prefill]))["value"] == 4
+    assert optimizer.eager_order(eager_bench([(1, 200.0, 160.0, True), chunk]))["value"] == 0
+    assert optimizer.eager_order(eager_bench([decode, chunk, (8192, 1.0, 2.0, False)]))["value"] == 32768
+    assert optimizer.eager_order({"rows": [], "cases": []})["value"] is None
+    no_eager_rows = eager_bench([(8192, 2020.0, 1886.0, False), (16384, 1.0, 2.0, False)])
+    assert optimizer.eager_order(no_eager_rows)["value"] is None       # keep the config's value
