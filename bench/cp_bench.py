@@ -72,6 +72,22 @@ class Clock:
 def median_ms(fn, clock: Clock, iters: int, warmup: int, together: bool) -> float:
     """Median time of fn; with together=True every iteration starts after a barrier, and the
     result is the slowest rank's median."""
+    if together:
+        return max(median_per_rank(fn, clock, iters, warmup))
+    return _median(fn, clock, iters, warmup, False)
+
+
+def median_per_rank(fn, clock: Clock, iters: int, warmup: int) -> list:
+    """Every rank's median time of fn (iterations started together, after a barrier), in rank
+    order: where the slowest rank's time comes from."""
+    mine = torch.tensor([_median(fn, clock, iters, warmup, True)], dtype=torch.float64,
+                        device=DEVICE)
+    every = torch.empty(dist.get_world_size(), dtype=torch.float64, device=DEVICE)
+    dist.all_gather_into_tensor(every, mine)
+    return every.tolist()
+
+
+def _median(fn, clock: Clock, iters: int, warmup: int, together: bool) -> float:
     for _ in range(warmup):
         fn()
     clock.sync()
@@ -81,10 +97,7 @@ def median_ms(fn, clock: Clock, iters: int, warmup: int, together: bool) -> floa
             dist.barrier()
             clock.sync()
         times.append(clock.time(fn))
-    med = statistics.median(times)
-    if together:
-        med = slowest(med)
-    return med
+    return statistics.median(times)
 
 
 def slowest(value: float) -> float:
@@ -227,9 +240,10 @@ def main() -> None:
                 for t in (k_prefix, v_prefix):
                     t.requires_grad_(train)
                 qd = q.detach().requires_grad_(train)
-                row["local_kernel_ms"] = median_ms(
+                row["local_kernel_ms_per_rank"] = median_per_rank(
                     step(lambda q_, k_, v_: plain(bi)(q_, k_prefix, v_prefix), qd, k_prefix,
-                         v_prefix, go, train), clock, args.iters, args.warmup, True)
+                         v_prefix, go, train), clock, args.iters, args.warmup)
+                row["local_kernel_ms"] = max(row["local_kernel_ms_per_rank"])
                 if train:
                     dk, dv = (torch.randn_like(t) for t in (k_prefix, v_prefix))
                     row["reduce_scatter_ms"] = median_ms(
@@ -267,12 +281,15 @@ def print_row(row: dict) -> None:
     if not hasattr(print_row, "header"):
         print_row.header = True
         print("| T/GPU | mode | 1 GPU on T, ms | W GPUs on W*T, ms | ratio | all-gather ms | "
-              "local kernel ms (slowest rank) | reduce-scatter ms | peak GiB 1 GPU | "
+              "local kernel ms (slowest; per rank) | reduce-scatter ms | peak GiB 1 GPU | "
               "peak GiB/rank W GPUs |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ratio = f"{row['ratio']:.3f}" if "ratio" in row else "-"
+    local = ms("local_kernel_ms")
+    if "local_kernel_ms_per_rank" in row:        # every rank's, the slowest first in the column
+        local += " (" + " / ".join(f"{t:.3f}" for t in row["local_kernel_ms_per_rank"]) + ")"
     print(f"| {row['T_per_gpu']} | {row['mode']} | {ms('one_gpu_ms')} | {ms('world_ms')} "
-          f"(W={row['world']}) | {ratio} | {ms('all_gather_ms')} | {ms('local_kernel_ms')} | "
+          f"(W={row['world']}) | {ratio} | {ms('all_gather_ms')} | {local} | "
           f"{ms('reduce_scatter_ms')} | {gib('one_gpu_peak_gib')} | {gib('world_peak_gib')} |",
           flush=True)
 

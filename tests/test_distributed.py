@@ -412,6 +412,9 @@ def test_cp_bench_runs_on_cpu(tmp_path):
     for key in ("one_gpu_ms", "world_ms", "ratio", "all_gather_ms", "local_kernel_ms"):
         assert all(r[key] > 0 for r in rows), key
     assert rows[1]["reduce_scatter_ms"] > 0
+    for r in rows:                        # every rank's local call, the column its slowest
+        assert len(r["local_kernel_ms_per_rank"]) == 2
+        assert r["local_kernel_ms"] == max(r["local_kernel_ms_per_rank"])
 
 
 @pytest.mark.gpu
