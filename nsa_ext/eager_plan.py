@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .call import _metadata
 from .config import load_settings
 from .device import device_facts
 from .dispatch import backend_module, capturing
@@ -38,10 +39,9 @@ Launch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Opti
 
 
 def _key(q, k, v, block_indices, block_count, block_size, scale, backend, need_lse) -> tuple:
-    return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-            v.shape, v.stride(), v.dtype, v.device, block_indices.shape, block_indices.stride(),
-            block_indices.dtype, block_indices.device, block_count, block_size, scale, backend,
-            need_lse)
+    """What SelectionCall.dispatch_key holds, read off the raw arguments of a planned call."""
+    return (_metadata(q), _metadata(k), _metadata(v), _metadata(block_indices), block_count,
+            block_size, scale, backend, need_lse)
 
 
 def _make(q, k, v, block_indices, block_count, block_size, scale, backend, need_lse,
