@@ -35,10 +35,12 @@ from .selection_fwd import LOG2E, LN2, LARGE_PROGRAMS, _HEURISTICS, _interpreted
 
 TILE_ROWS = 64       # (token, head) rows per tile program: the M of its dots
 # Large launches try 4 and 8 warps (ptxas for sm_90, BM = 64, D = 128: 255 registers either
-# way, 32 bytes of spills with 4 warps and none with 8); small ones and launches inside a
+# way, 32 bytes of spills with 4 warps and none with 8), with two and three copy stages: the
+# union walk waits on each block's K/V copy (notes/hopper.md: the CUDA tile kernel was bound by
+# copies in flight), and a third stage keeps one more in flight where shared memory allows
+# (configs that do not fit are dropped by the autotuner). Small launches and launches inside a
 # CUDA-graph capture take the first config, untuned.
-ROWS_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2),
-                triton.Config({}, num_warps=8, num_stages=2)]
+ROWS_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st) for st in (2, 3) for w in (4, 8)]
 
 
 def prune_rows_configs(configs, named_args, **kwargs):
