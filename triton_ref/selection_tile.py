@@ -35,12 +35,14 @@ from .selection_fwd import LOG2E, LN2, LARGE_PROGRAMS, _HEURISTICS, _interpreted
 
 TILE_ROWS = 64       # (token, head) rows per tile program: the M of its dots
 # Large launches try 4 and 8 warps (ptxas for sm_90, BM = 64, D = 128: 255 registers either
-# way, 32 bytes of spills with 4 warps and none with 8), with two and three copy stages: the
-# union walk waits on each block's K/V copy (notes/hopper.md: the CUDA tile kernel was bound by
-# copies in flight), and a third stage keeps one more in flight where shared memory allows
-# (configs that do not fit are dropped by the autotuner). Small launches and launches inside a
-# CUDA-graph capture take the first config, untuned.
-ROWS_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st) for st in (2, 3) for w in (4, 8)]
+# way, 32 bytes of spills with 4 warps and none with 8), with two to four copy stages: the
+# software pipeline keeps num_stages - 1 blocks' K/V copies in flight per program, and the union
+# walk is bound by copies in flight (notes/schedules.md). Built for sm_90 here (Triton 3.8, no
+# GPU): d128 takes 80 / 112 / 144 KB of shared memory at 2 / 3 / 4 stages, so 4 warps x 3 stages
+# still fit two programs per SM; configs that do not fit are dropped by the autotuner. Small
+# launches and launches inside a CUDA-graph capture take the first config, untuned.
+ROWS_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st)
+                for w, st in ((4, 2), (8, 2), (4, 3), (8, 3), (8, 4))]
 
 
 def prune_rows_configs(configs, named_args, **kwargs):
