@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call that checks the package on a GPU machine: build (with the CUDA extension),
 # the GPU-marked tests, and compute-sanitizer over the messy-call scripts. Logs land in $OUT
-# (default bench/results/verify). STEPS picks the parts (default build,tests,sanitize);
+# (default bench/results/verify). STEPS picks the parts (default build,tests,sanitize; also
+# `eager`: bench/eager_bench.py --stages, and `tile`: the tile schedules' bench rows beside fla,
+# the floors and the deep-pipeline CUDA instance, notes/hopper.md);
 # PYTEST_N (default 12) xdist workers; SAN_LIMIT (default 150) seconds per sanitizer run.
 #   STEPS=build,tests bash scripts/device_verify.sh
 set -uo pipefail
@@ -47,6 +49,17 @@ if has sanitize; then
       $PYTHON "scripts/$@" > "$log" 2>&1 || fail "$tool $*" $?
     echo "$tool $*: $((SECONDS - t0)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|all ok|FAILED' "$log" | tr '\n' ' ')"
   done
+fi
+if has eager; then
+  $PYTHON bench/eager_bench.py --stages --out "$OUT/eager.json" > "$OUT/eager.txt" 2>&1 \
+    || fail eager $?
+  head -n 14 "$OUT/eager.txt"
+fi
+if has tile; then
+  $PYTHON bench/bench_selection.py --cases prefill,groups --patterns model,clustered,random \
+    --backends fla,floor/row,floor/tile,nsa:triton,nsa:triton-tile,nsa:cuda,nsa:cuda-tile,nsa:cuda-tile-deep \
+    --no-progress --out "$OUT/tile" > "$OUT/tile.log" 2>&1 || fail tile $?
+  tail -n 40 "$OUT/tile.log"
 fi
 echo "device_verify: exit $status"
 exit "$status"
