@@ -760,7 +760,7 @@ def summary_text(rows: List[Row], contexts: List[tuple]) -> str:
     short = {"nsa:triton": "triton", "nsa:triton-row": "trit-row", "nsa:triton-tile": "trit-tile",
              "nsa:triton-kv": "trit-kv", "nsa:triton-head": "trit-head", "nsa:reference": "ref",
              "dense:cudnn": "cudnn", "dense:flash": "flash", "dense:cpu": "dense", "floor/row": "fl/row",
-             "floor/tile": "fl/tile"}
+             "floor/tile": "fl/tile", "nsa:cuda-tile-deep": "cuda-deep"}
     head = f"{'case':<22}{'pattern':<10}" + "".join(f"{short.get(n, n.replace('nsa:', '')):>10}" for n in names)
     lines = ["summary: median ms per row (n/a: cannot serve; err: failed; skip: time budget; -: not a row here)", head]
     for label, pattern in contexts:
