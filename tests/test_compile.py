@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) and torch.library.opcheck on the operator (CPU: packed SDPA)."""
+"""torch.compile(fullgraph=True; eager, aot_eager and inductor, static and dynamic shapes),
+torch.export and torch.library.opcheck on the operator (CPU: packed SDPA)."""
 import pytest
 import torch
 
@@ -67,3 +68,38 @@ def test_fake_tensor_shapes_and_errors_at_trace_time():
         with pytest.raises(ValueError, match="HQ % H"):
             ops.selection_attention_op(q[:, :, :5], k, v, bi, None, None, None, None, 64, None,
                                        "auto", False)
+
+
+def _two_lengths():
+    first = make_case(B=2, TQ=48, HQ=4, H=2, Dk=32, S=4, block_size=16, seed=3)
+    second = make_case(B=2, TQ=80, HQ=4, H=2, Dk=32, S=4, block_size=16, seed=4)
+    return [(c.q, c.k, c.v, c.block_indices) for c in (first, second)]
+
+
+def test_torch_export_with_a_dynamic_sequence_length():
+    """torch.export traces the operator through its fake implementation, with the sequence
+    length symbolic: the exported program gives eager's output at another length too."""
+    torch.manual_seed(0)
+    model = Block(32)
+    first, second = _two_lengths()
+    T = torch.export.Dim("T", min=2, max=4096)
+    exported = torch.export.export(model, first, dynamic_shapes=({1: T},) * 4)
+    for args in (first, second):
+        torch.testing.assert_close(exported.module()(*args), model(*args), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_with_dynamic_shapes_and_the_default_backend(backend):
+    """fullgraph compile with symbolic shapes (aot_eager) and with inductor, PyTorch's default
+    backend: outputs and parameter gradients match eager at two sequence lengths."""
+    torch.manual_seed(0)
+    model = Block(32)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=backend)
+    for args in _two_lengths():
+        out = compiled(*args)
+        grads = torch.autograd.grad(out.sum(), list(model.parameters()))
+        out_eager = model(*args)
+        grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
+        torch.testing.assert_close(out, out_eager, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, grads_eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
