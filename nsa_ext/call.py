@@ -334,6 +334,9 @@ def describe_call(q, k, v, block_indices, block_size=64, *, block_counts=None, s
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     scale = float(scale)
 
+    # Every kernel reads a row's head dim with unit stride (SPEC.md: last dim contiguous); a view
+    # whose last dim is strided is copied here, once, instead of being read wrongly.
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
     return SelectionCall(q=q, k=k, v=v, block_indices=block_indices, block_counts=counts_tensor,
                          block_count_limit=count_limit, block_size=block_size, scale=scale,
                          cu_seqlens_q=cu_seqlens_q if varlen else None,

@@ -51,7 +51,10 @@ def _make(q, k, v, block_indices, block_count, block_size, scale, backend, need_
     call, decision = plan(q, k, v, block_indices, None, block_count, None, None, block_size,
                           scale, backend, need_lse)
     make = getattr(backend_module(decision.chosen), "eager_launch", None)
-    if make is None or call.batchless:
+    # A launcher takes later calls' tensors as they come: only dense layouts get one (describe_call
+    # copies a strided last dim, which a launcher would not).
+    if make is None or call.batchless or \
+            not all(t.is_contiguous() for t in (q, k, v, block_indices)):
         return None
     return make(call, settings, device_facts(call.device))
 

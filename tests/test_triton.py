@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+import nsa_ext
 from common import (assert_close_to_reference, assert_no_sync_and_graph_replay,
                     import_triton_for_the_interpreter, make_case)
 from nsa_ext.backends import triton as triton_backend
@@ -567,3 +568,18 @@ def test_sm90_compile_report_runs_without_a_gpu():
     assert len(row) == 1
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[2] == "4 x 2" and "registers" in cells[4] and int(cells[5]) > 0
+
+
+def test_interpreter_reads_a_strided_last_dim_right(interpreter):
+    """The Triton kernels index a head dim with unit stride: a q / k / v view with a strided last
+    dim must reach them as a dense copy (describe_call), not be read as if it were dense."""
+    case = make_case(B=1, TQ=32, HQ=4, H=2, Dk=16, S=3, block_size=8, seed=2)
+    strided = []
+    for t in (case.q, case.k, case.v):
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1])
+        wide[..., ::2] = t
+        strided.append(wide[..., ::2])
+    o = nsa_ext.selection_attention(*strided, case.block_indices, 8, backend="triton")
+    o_ref = nsa_ext.selection_attention(case.q, case.k, case.v, case.block_indices, 8,
+                                        backend="reference")
+    assert_close_to_reference(o, o_ref, torch.float32)
