@@ -2,6 +2,7 @@
 any GPU's facts on a CPU machine."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -43,3 +44,12 @@ def device_facts(device: torch.device) -> DeviceFacts:
     if device.type == "cpu":
         return CPU
     return DeviceFacts(device.type, name=device.type)
+
+
+def on_device(device: torch.device):
+    """A context that makes `device` the current CUDA device: Triton launches its kernels on the
+    current device whatever device the tensors live on (the CUDA extension guards itself). A
+    no-op off CUDA and when `device` is already current."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

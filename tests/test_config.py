@@ -1,5 +1,6 @@
 """The one configuration reader: env > configs/base.yaml > defaults; bad values are errors."""
 import pytest
+import torch
 
 from nsa_ext.config import REPO_CONFIG, ConfigError, Settings, load_settings
 
@@ -107,3 +108,12 @@ def test_hopper_deep_pipeline_flag_reads_from_env_and_yaml(tmp_path):
     assert load_settings({"NSA_CONFIG": str(path), "NSA_SEL_HOPPER_DEEP": "0"}).sel_hopper_deep is False
     with pytest.raises(ConfigError, match="NSA_SEL_HOPPER_DEEP"):
         load_settings({"NSA_SEL_HOPPER_DEEP": "deep"})
+
+
+def test_on_device_is_a_no_op_off_cuda():
+    import contextlib
+
+    from nsa_ext.device import on_device
+
+    assert isinstance(on_device(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(on_device(torch.device("meta")), contextlib.nullcontext)

@@ -114,6 +114,34 @@ def test_a_strided_last_dim_is_read_right_with_gradients(backend, device):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4, msg=f"d{name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda", "sdpa"])
+def test_tensors_on_a_cuda_device_that_is_not_the_current_one(backend):
+    """Tensors on cuda:1 while cuda:0 is current: every backend computes on the tensors' device
+    (Triton launches on the current device unless told, nsa_ext.device.on_device), forward and
+    gradients, decode (split-KV) and prefill."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    for TQ, TK in ((1, 300), (96, 96)):
+        case = make_case(B=2, TQ=TQ, TK=TK, HQ=8, H=2, Dk=64, S=4, block_size=16,
+                         dtype=torch.bfloat16, device="cuda:1", seed=TQ)
+        if nsa_ext.explain(*case.args(), backend=backend).chosen is None:
+            pytest.skip(f"{backend} cannot serve this case here")
+        q, k, v = (t.clone().requires_grad_() for t in (case.q, case.k, case.v))
+        with torch.cuda.device(0):
+            o = nsa_ext.selection_attention(q, k, v, case.block_indices, 16, backend=backend)
+            grads = torch.autograd.grad(o.float().sum(), (q, k, v))
+        assert o.device == torch.device("cuda:1")
+        ref_inputs = [t.detach().float().requires_grad_() for t in (case.q, case.k, case.v)]
+        o_ref = nsa_ext.selection_attention(*ref_inputs, case.block_indices, 16,
+                                            backend="reference")
+        grads_ref = torch.autograd.grad(o_ref.sum(), ref_inputs)
+        assert_close_to_reference(o, o_ref.detach(), torch.bfloat16)
+        for g, g_ref in zip(grads, grads_ref):
+            assert g.device == torch.device("cuda:1")
+            torch.testing.assert_close(g.float(), g_ref, rtol=5e-2, atol=5e-2)
+
+
 def test_sdpa_chunks_when_the_gather_budget_is_small(monkeypatch):
     """A budget of 1 MiB forces many chunks per bucket: the result must not change."""
     case = make_case(B=1, TQ=256, HQ=8, H=2, Dk=64, S=8, block_size=16, seed=4)

@@ -26,7 +26,7 @@ import torch
 
 from ..call import SelectionCall
 from ..config import Settings, load_settings
-from ..device import DeviceFacts, device_facts
+from ..device import DeviceFacts, device_facts, on_device
 from ..inverse_index import build_inverse_index, work_items
 from ..logs import log_event
 from ..policy import kernel_path_reasons
@@ -150,6 +150,12 @@ def explain_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts
 
 
 def forward(call: SelectionCall):
+    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32), launched on the call's device."""
+    with on_device(call.device):
+        return _forward(call)
+
+
+def _forward(call: SelectionCall):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32).
 
     The schedule (nsa_ext/schedules: row, tile, kv) is `NSA_SEL_SCHEDULE`'s, or under auto the
@@ -196,6 +202,13 @@ def forward(call: SelectionCall):
 
 def backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor],
              o: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+    """_backward on the call's device (see `forward`)."""
+    with on_device(call.device):
+        return _backward(call, grad_o, grad_lse, o, lse)
+
+
+def _backward(call: SelectionCall, grad_o: torch.Tensor, grad_lse: Optional[torch.Tensor],
+              o: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """(dq, dk, dv) in the inputs' dtype, bitwise the same on every run (no atomics: see
     triton_ref/selection_bwd.py). Give the forward's `o` and `lse` ([B, TQ, HQ, Dv], [B, TQ, HQ]
     fp32) when they were kept: else they are recomputed (one forward launch)."""
@@ -238,6 +251,7 @@ def eager_launch(call: SelectionCall, settings: Settings, facts: DeviceFacts):
                    count_limit=call.block_count_limit, num_splits=splits)
 
     def launch(q, k, v, block_indices):
-        return selection_split_fwd(q, k, v, block_indices, **scalars)
+        with on_device(q.device):
+            return selection_split_fwd(q, k, v, block_indices, **scalars)
 
     return launch
