@@ -74,8 +74,7 @@ def kernels(head_dim: int):
     """(name, kernel, constexprs, configs) of the forward kernels at G = 16, block 64."""
     common = dict(K=head_dim, V=head_dim, BLOCK=64, BK=head_dim, BV=head_dim, IS_VARLEN=False,
                   DOT_PRECISION="tf32", LARGE=True, pos=None, k_offset=None)
-    tile = dict(common, QT=4, GT=16, BM=64, BS=selection_tile.chunk_size(64, head_dim, head_dim),
-                SP=selection_tile.row_set_width(16))
+    tile = dict(common, QT=4, GT=16, BM=64, BS=selection_tile.chunk_size(64, head_dim, head_dim))
     row = dict(common, BG=16, BS=selection_fwd.default_chunk(64, head_dim, head_dim))
     yield "tile", selection_tile.selection_tile_kernel, tile, [
         (c.num_warps, c.num_stages) for c in selection_tile.ROWS_CONFIGS]

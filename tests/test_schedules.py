@@ -32,7 +32,7 @@ H200 = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
 # views, blocks of 4).
 EXTRA = {name: TRITON_MATRIX[name] for name in ("G64", "G80_two_tiles", "bs4", "empty_rows",
                                                   "strided")}
-# Rows wider than the tile kernel's in-register sets (S > ROW_SET_MAX = 32) take its cursor walk.
+# Rows wider than 32 blocks (a long cursor walk through the union per row).
 EXTRA["wide_S40"] = dict(B=1, TQ=160, HQ=4, H=2, Dk=32, S=40, block_size=4)
 CASES = {**PARITY_MATRIX, **EXTRA}
 

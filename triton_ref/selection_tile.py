@@ -10,13 +10,10 @@ each row keeps its own causal limit. So a tile whose queries chose overlapping b
 distinct block once instead of once per query, at the price of masked MMA rows for blocks only
 some of its queries chose (the chooser in nsa_ext/schedules weighs the two).
 
-Membership without a search: for S <= ROW_SET_MAX each row holds its whole canonical set in
-registers, loaded once, and a union block is the row's iff one of the set's entries equals it
-(a compare per step, no load in the walk). Wider selections use the sorted order instead: each
-row keeps a cursor into its own row; a union block is the row's iff it equals the block under the
-row's cursor, and the cursor then moves on (one dependent load per step). The K/V loads depend
-only on the union entry (read from memory, not from the rows), so the compiler pipelines them as
-in the row schedule.
+Membership without a search: the union and every canonical row are sorted, so each row keeps a
+cursor into its own row; a union block is the row's iff it equals the block under the row's
+cursor, and the cursor then moves on. The K/V loads depend only on the union entry (read from
+memory, not from the cursors), so the compiler can pipeline them as in the row schedule.
 
 Blocks are named by the position of their first key along k's T axis (`k_offset + n * BLOCK`),
 which makes a tile that straddles a varlen sequence boundary correct as it is: blocks of
@@ -61,18 +58,6 @@ def tile_shape(G: int, rows: int = TILE_ROWS):
     QT = rows // GT tokens (at least 1), so QT * GT <= rows (G = 3: 21 x 3 = 63 rows)."""
     GT = min(G, rows)
     return max(1, rows // GT), GT
-
-
-# Selections of up to this many entries per row keep each row's whole canonical set in registers
-# ([BM, SP] first keys, SP = S padded to a power of two: 16 int64 per row at S = 16, spread over
-# the program's threads), so membership needs no load in the union walk; wider ones walk a cursor
-# through the row, one dependent load per step.
-ROW_SET_MAX = 32
-
-
-def row_set_width(S: int) -> int:
-    """SP: S padded to a power of two for the in-register row sets, 0 past ROW_SET_MAX."""
-    return triton.next_power_of_2(max(S, 1)) if S <= ROW_SET_MAX else 0
 
 
 def rows_block(QT: int, GT: int) -> int:
@@ -147,7 +132,6 @@ def load_q_rows(q, i_b, t, heads, valid, stride_qb, stride_qt, stride_qh, o_k, K
     "BM": lambda args: rows_block(args["QT"], args["GT"]),
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
     "LARGE": lambda args: autotuned(args["union_count"].numel(), LARGE_PROGRAMS),
-    "SP": lambda args: row_set_width(args["S"]),
 })
 @triton.autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
                  prune_configs_by={"early_config_prune": prune_rows_configs})
@@ -168,7 +152,6 @@ def selection_tile_kernel(
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr, QT: tl.constexpr, GT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, LARGE: tl.constexpr,
-    SP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)       # (batch, KV head, tile), tile fastest
     i_g = tl.program_id(1)
@@ -190,20 +173,12 @@ def selection_tile_kernel(
     k_base = k + i_b * stride_kb + i_h * stride_kh
     v_base = v + i_b * stride_vb + i_h * stride_vh
 
+    # Each row's cursor into its canonical row and the first key of the block under it.
     row_blocks = blocks + (tok * H + i_h) * S                       # [BM] pointers
     n_row = tl.load(num_blocks + tok * H + i_h, mask=valid, other=0)
-    if SP > 0:
-        # [BM, SP]: each row's whole canonical set as first keys along k's T axis, loaded once,
-        # so a union block's membership is a compare with no load inside the loop.
-        o_e = tl.arange(0, SP)
-        entries = tl.load(row_blocks[:, None] + o_e[None, :],
-                          mask=o_e[None, :] < n_row[:, None], other=-1).to(tl.int64)
-        row_keys = tl.where(entries >= 0, kv0[:, None] + entries * BLOCK, -2)
-    else:
-        # Each row's cursor into its canonical row and the first key of the block under it.
-        cursor = tl.zeros([BM], dtype=tl.int32)
-        blk = tl.load(row_blocks, mask=n_row > 0, other=-1).to(tl.int64)
-        head = tl.where(blk >= 0, kv0 + blk * BLOCK, -2)
+    cursor = tl.zeros([BM], dtype=tl.int32)
+    blk = tl.load(row_blocks, mask=n_row > 0, other=-1).to(tl.int64)
+    head = tl.where(blk >= 0, kv0 + blk * BLOCK, -2)
 
     tile_union = union + ((i_b * NT + i_tile) * H + i_h) * U
     n_union = tl.load(union_count + (i_b * NT + i_tile) * H + i_h)
@@ -222,22 +197,18 @@ def selection_tile_kernel(
         m_load = j <= lim_max
         if BS > BLOCK:
             m_load = m_load & (o_j < BLOCK)
-        if SP > 0:
-            member = tl.max((row_keys == start).to(tl.int32), 1) > 0        # [BM]
-        else:
-            member = head == start                       # [BM]
+        member = head == start                           # [BM]
         m_s = member[:, None] & (j[None, :] <= lim[:, None]) & m_load[None, :]
         m_i, l_i, acc = attend_chunk_rows(b_q, k_base, v_base, j, m_load, m_s, o_k, o_v,
                                           stride_kt, stride_vt, qk_scale, m_i, l_i, acc, K, V,
                                           DOT_PRECISION)
-        if SP == 0:
-            # After a block's last chunk its rows move on to their next block.
-            if NC == 1:
-                cursor += member.to(tl.int32)
-            else:
-                cursor += (member & (it % NC == NC - 1)).to(tl.int32)
-            blk = tl.load(row_blocks + cursor, mask=cursor < n_row, other=-1).to(tl.int64)
-            head = tl.where(blk >= 0, kv0 + blk * BLOCK, -2)
+        # After a block's last chunk its rows move on to their next block.
+        if NC == 1:
+            cursor += member.to(tl.int32)
+        else:
+            cursor += (member & (it % NC == NC - 1)).to(tl.int32)
+        blk = tl.load(row_blocks + cursor, mask=cursor < n_row, other=-1).to(tl.int64)
+        head = tl.where(blk >= 0, kv0 + blk * BLOCK, -2)
 
     # Empty rows: l_i == 0, acc == 0 -> o = 0, lse = -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
