@@ -8,11 +8,11 @@ all measured in the same run.
     python bench/bench_selection.py --schedules     # the Triton forward schedules (~3 GPU minutes)
 
 Rows of each case (bf16 on a GPU):
-  nsa:cuda, nsa:cuda-row, nsa:cuda-tile, nsa:cuda-tile-deep, nsa:triton, nsa:triton-row,
+  nsa:cuda, nsa:cuda-row, nsa:cuda-tile, nsa:triton, nsa:triton-row,
   nsa:triton-tile, nsa:triton-kv, nsa:triton-head, nsa:sdpa
         nsa_ext.selection_attention(..., backend=NAME). nsa:cuda-row / -tile force the CUDA
-        backend's schedules (row: its mma.sync kernel; tile: the SM 9.0 wgmma + TMA kernel;
-        tile-deep: that kernel with its deep copy pipeline, NSA_SEL_HOPPER_DEEP=1). nsa:triton is the Triton backend with its
+        backend's schedules (row: its mma.sync kernel; tile: the SM 9.0 wgmma + TMA kernel).
+        nsa:triton is the Triton backend with its
         forward schedule chosen per call (NSA_SEL_SCHEDULE=auto; the case line says which);
         nsa:triton-row / -tile / -kv force one schedule (NSA_SEL_SCHEDULE=row|tile|kv: prefill
         and chunked rows only, decode and training rows are n/a); nsa:triton-head is the row
@@ -77,11 +77,11 @@ from bench.common import Shape, Work, environ, fmt_tokens, short_error  # noqa: 
 
 CASE_GROUPS = ("prefill", "groups", "dk192", "decode", "chunked", "train")
 GROUP_PRIORITY = ("prefill", "decode", "groups", "chunked", "dk192", "train")   # run order
-NSA_ROWS = ("nsa:cuda", "nsa:cuda-row", "nsa:cuda-tile", "nsa:cuda-tile-deep", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
+NSA_ROWS = ("nsa:cuda", "nsa:cuda-row", "nsa:cuda-tile", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
             "nsa:triton-head", "nsa:sdpa")
 SCHEDULE_ROWS = {"nsa:triton": "auto", "nsa:triton-row": "row", "nsa:triton-tile": "tile",
                  "nsa:triton-kv": "kv", "nsa:triton-head": "row",
-                 "nsa:cuda-row": "row", "nsa:cuda-tile": "tile", "nsa:cuda-tile-deep": "tile"}
+                 "nsa:cuda-row": "row", "nsa:cuda-tile": "tile"}
 ANCHOR_ROWS = ("fla", "dense:cudnn", "dense:flash", "flex")
 FLOOR_ROWS = ("floor/row", "floor/tile")
 # Measured in this order (floors and fla first, so the ratios exist), printed in ROW_ORDER.
@@ -134,8 +134,7 @@ def _prefill_shape(T, HQ=64, H=4, D=128, S=16, Dv=None, B=1):
 
 
 SCHEDULE_PRESET_ROWS = ("fla", "floor/row", "floor/tile", "nsa:triton", "nsa:triton-row",
-                        "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda", "nsa:cuda-tile",
-                        "nsa:cuda-tile-deep")
+                        "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda", "nsa:cuda-tile")
 
 
 def gpu_cases(full: bool, quick: bool, schedules: bool = False) -> List[CaseSpec]:
@@ -465,7 +464,7 @@ def build(ctx: Context, s: InputSet, name: str):
         raise NotApplicable("training: the Triton backward recomputes group-centric whatever the variant, "
                             "so only the forward differs (prefill rows); --full runs it")
     if name in ("nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv", "nsa:cuda-row",
-                "nsa:cuda-tile", "nsa:cuda-tile-deep") and \
+                "nsa:cuda-tile") and \
             (ctx.case.train or ctx.shape.TQ < 64):
         raise NotApplicable("forced forward schedules are prefill rows (decode takes split-KV under "
                             "auto; training's time is mostly the backward)")
@@ -496,7 +495,6 @@ def row_env(name: str) -> Dict[str, Optional[str]]:
         env["NSA_SEL_TRITON_GROUP"] = "1"
     if name == "nsa:triton-head":
         env["NSA_SEL_TRITON_GROUP"] = "0"
-    env["NSA_SEL_HOPPER_DEEP"] = "1" if name == "nsa:cuda-tile-deep" else "0"
     return env
 
 
@@ -760,7 +758,7 @@ def summary_text(rows: List[Row], contexts: List[tuple]) -> str:
     short = {"nsa:triton": "triton", "nsa:triton-row": "trit-row", "nsa:triton-tile": "trit-tile",
              "nsa:triton-kv": "trit-kv", "nsa:triton-head": "trit-head", "nsa:reference": "ref",
              "dense:cudnn": "cudnn", "dense:flash": "flash", "dense:cpu": "dense", "floor/row": "fl/row",
-             "floor/tile": "fl/tile", "nsa:cuda-tile-deep": "cuda-deep"}
+             "floor/tile": "fl/tile"}
     head = f"{'case':<22}{'pattern':<10}" + "".join(f"{short.get(n, n.replace('nsa:', '')):>10}" for n in names)
     lines = ["summary: median ms per row (n/a: cannot serve; err: failed; skip: time budget; -: not a row here)", head]
     for label, pattern in contexts:

@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
     const at::Tensor& num_blocks, const at::Tensor& pos, const at::Tensor& k_offset,
     const at::Tensor& union_starts, const at::Tensor& union_counts, int64_t tokens_per_tile,
-    int64_t block_size, double scale, bool deep_pipeline) {
+    int64_t block_size, double scale) {
   const char* op = "nsa_ext_cuda::selection_fwd_tile: ";
   const ForwardShapes shapes = check_forward_inputs(op, q, k, v, blocks, num_blocks, pos,
                                                     k_offset, block_size);
@@ -320,7 +320,6 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
   tp.num_tiles = NT;
   tp.union_width = union_starts.size(3);
   tp.tokens_per_tile = int(tokens_per_tile);
-  tp.deep_pipeline = deep_pipeline;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
 #ifdef NSA_EXT_HOPPER
   if (TK == 0) {   // nothing to attend to (and no tensor map of an empty tensor)
@@ -442,7 +441,7 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
   m.def(
       "selection_fwd_tile(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, "
       "Tensor pos, Tensor k_offset, Tensor union_starts, Tensor union_counts, int tokens_per_tile, "
-      "int block_size, float scale, bool deep_pipeline=False) -> (Tensor o, Tensor lse)");
+      "int block_size, float scale) -> (Tensor o, Tensor lse)");
   // Build facts through the dispatcher too, for a build without the pybind11 module.
   m.def("build_info() -> str", []() { return build_info_json(); });
   m.def(

@@ -78,8 +78,6 @@ struct TileParams {
   int64_t num_tiles;               // NT
   int64_t union_width;             // U
   int tokens_per_tile;             // QT = 64 / G
-  bool deep_pipeline = false;      // host only: the instance with as many copy stages as fit
-                                   // one CTA per SM (NSA_SEL_HOPPER_DEEP)
 };
 constexpr int kTileRows = 64;      // (token, query head) rows of one tile: QT * G <= 64
 cudaError_t launch_selection_tile_sm90(const TileParams& params, ScalarKind kind,

@@ -31,7 +31,6 @@ class Settings:
     triton_sel_force: bool = False     # NSA_TRITON_SEL_FORCE: kernel paths on SM 8.9 too
     sel_triton_group: bool = True      # NSA_SEL_TRITON_GROUP: group-centric Triton variant
     sel_schedule: str = "auto"         # NSA_SEL_SCHEDULE: Triton forward schedule (SCHEDULES)
-    sel_hopper_deep: bool = False      # NSA_SEL_HOPPER_DEEP: Hopper tile kernel, deep copy pipeline
     sel_triton_min_L: int = 0          # NSA_SEL_TRITON_MIN_L: min selected tokens per row, Triton
     sel_cuda_min_L: int = 0            # NSA_SEL_CUDA_MIN_L: same for the CUDA extension
     sdpa_gather_budget_mb: int = 512   # NSA_SDPA_GATHER_BUDGET_MB
@@ -61,7 +60,6 @@ _ENV = (
     ("NSA_TRITON_SEL_FORCE", "triton_sel_force", "bool"),
     ("NSA_SEL_TRITON_GROUP", "sel_triton_group", "bool"),
     ("NSA_SEL_SCHEDULE", "sel_schedule", "schedule"),
-    ("NSA_SEL_HOPPER_DEEP", "sel_hopper_deep", "bool"),
     ("NSA_SEL_TRITON_MIN_L", "sel_triton_min_L", "int"),
     ("NSA_SEL_CUDA_MIN_L", "sel_cuda_min_L", "int"),
     ("NSA_SDPA_GATHER_BUDGET_MB", "sdpa_gather_budget_mb", "int"),

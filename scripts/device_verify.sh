@@ -3,7 +3,7 @@
 # the GPU-marked tests, and compute-sanitizer over the messy-call scripts. Logs land in $OUT
 # (default bench/results/verify). STEPS picks the parts (default build,tests,sanitize; also
 # `eager`: bench/eager_bench.py --stages, and `tile`: the tile schedules' bench rows beside fla,
-# the floors and the deep-pipeline CUDA instance, notes/hopper.md);
+# the floors, notes/hopper.md);
 # PYTEST_N (default 12) xdist workers; SAN_LIMIT (default 150) seconds per sanitizer run.
 #   STEPS=build,tests bash scripts/device_verify.sh
 set -uo pipefail
@@ -57,7 +57,7 @@ if has eager; then
 fi
 if has tile; then
   $PYTHON bench/bench_selection.py --cases prefill,groups --patterns model,clustered,random \
-    --backends fla,floor/row,floor/tile,nsa:triton,nsa:triton-tile,nsa:cuda,nsa:cuda-tile,nsa:cuda-tile-deep \
+    --backends fla,floor/row,floor/tile,nsa:triton,nsa:triton-tile,nsa:cuda,nsa:cuda-tile \
     --no-progress --out "$OUT/tile" > "$OUT/tile.log" 2>&1 || fail tile $?
   tail -n 40 "$OUT/tile.log"
 fi

@@ -97,19 +97,6 @@ def test_cached_settings_see_an_edited_yaml_file(tmp_path, monkeypatch):
     assert load_settings().sel_triton_min_L == 200
 
 
-def test_hopper_deep_pipeline_flag_reads_from_env_and_yaml(tmp_path):
-    from nsa_ext.config import ConfigError, load_settings
-
-    assert load_settings({}).sel_hopper_deep is False
-    assert load_settings({"NSA_SEL_HOPPER_DEEP": "1"}).sel_hopper_deep is True
-    path = tmp_path / "c.yaml"
-    path.write_text("runtime:\n  sel_hopper_deep: true\n")
-    assert load_settings({"NSA_CONFIG": str(path)}).sel_hopper_deep is True
-    assert load_settings({"NSA_CONFIG": str(path), "NSA_SEL_HOPPER_DEEP": "0"}).sel_hopper_deep is False
-    with pytest.raises(ConfigError, match="NSA_SEL_HOPPER_DEEP"):
-        load_settings({"NSA_SEL_HOPPER_DEEP": "deep"})
-
-
 def test_on_device_is_a_no_op_off_cuda():
     import contextlib
 

@@ -63,9 +63,7 @@ cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& k_map, const CU
                         cudaStream_t stream) {
 #define NSA_EXT_TILE(DK, DV)                                                                  \
   if (tp.fwd.head_dim_qk == DK && tp.fwd.head_dim_v == DV)                                     \
-    return tp.deep_pipeline                                                                    \
-               ? launch<T, DK, DV, hopper::deep_stages<DK, DV>()>(tp, k_map, v_map, stream)    \
-               : launch<T, DK, DV, hopper::kShallowStages>(tp, k_map, v_map, stream);
+    return launch<T, DK, DV, hopper::kCopyStages>(tp, k_map, v_map, stream);
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_TILE)
 #undef NSA_EXT_TILE
   return cudaErrorInvalidValue;

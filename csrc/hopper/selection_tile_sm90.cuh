@@ -47,7 +47,10 @@ namespace hopper {
 constexpr int kRows = kTileRows;     // M of a wgmma: (token, query head) rows per CTA
 constexpr int kChunkKeys = 64;       // keys per step: one TMA box along T, the N of Q K^T
 constexpr int kThreads = 128;        // one warpgroup
-constexpr int kShallowStages = 2;  // the default: two stages, two CTAs per SM up to d128
+// Two copy stages, so two CTAs fit on an SM up to d128. As many stages as fit one CTA per SM
+// (8 / 6 / 5 / 3 for d64 / d128 / d192-128 / d256) measured 1.4x slower on the H200: the two
+// CTAs' overlap is worth more than deeper copies (notes/hopper.md).
+constexpr int kCopyStages = 2;
 constexpr int kPanelBytes = 64 * 128;
 constexpr int kMaxDynamicSmem = 227 * 1024;   // per CTA on SM 9.0
 
@@ -125,16 +128,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 template <int kDk, int kDv, int kStages>
 constexpr int tile_smem_bytes() {
   return kDk / 64 * kPanelBytes + kStages * (kDk + kDv) / 64 * kPanelBytes + 1024;
-}
-
-// The deep pipeline (NSA_SEL_HOPPER_DEEP): as many copy stages as fit one CTA per SM, at most 8
-// (d64: 8, d128: 6, d192/128: 5, d256: 3), so more chunk copies are in flight per SM than the
-// default's two CTAs x one chunk ahead (notes/hopper.md: the copies' latency bounds the kernel).
-template <int kDk, int kDv>
-constexpr int deep_stages() {
-  constexpr int stage = (kDk + kDv) / 64 * kPanelBytes;
-  constexpr int fit = (kMaxDynamicSmem - 2048 - kDk / 64 * kPanelBytes) / stage;
-  return fit < 8 ? fit : 8;
 }
 
 template <typename T, int kDk, int kDv, int kStages>

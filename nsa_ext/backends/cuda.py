@@ -270,7 +270,7 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
                 union = tile_unions(call, geometry, blocks, QT)
                 return tile_forward(q, k, v, blocks.contiguous(), num_blocks.contiguous(), pos,
                                     k_offset, union.starts, union.counts, QT, call.block_size,
-                                    call.scale, settings.sel_hopper_deep)
+                                    call.scale)
             return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                         num_blocks.contiguous(), pos, k_offset,
                                                         call.block_size, call.scale, splits)
