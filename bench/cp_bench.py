@@ -77,6 +77,17 @@ def median_ms(fn, clock: Clock, iters: int, warmup: int, together: bool) -> floa
     return _median(fn, clock, iters, warmup, False)
 
 
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """Rank 0's stages on stderr with the seconds since start: a launch killed by a timeout still
+    says how far it got (a 1-GPU 1M-token run was cut at 140 s twice with no row printed)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[cp_bench {time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr,
+              flush=True)
+
+
 def median_per_rank(fn, clock: Clock, iters: int, warmup: int) -> list:
     """Every rank's median time of fn (iterations started together, after a barrier), in rank
     order: where the slowest rank's time comes from."""
@@ -202,20 +213,27 @@ def main() -> None:
             if not args.no_baseline:
                 # 1 GPU on T tokens, on rank 0; the others wait at the barrier below
                 if rank == 0:
+                    progress(f"1 GPU, T={T} {mode}: inputs")
                     q, k, v, bi, go = inputs(args, T, T, seed=T, requires_grad=train)
                     run = step(plain(bi), q, k, v, go, train)
+                    progress(f"1 GPU, T={T} {mode}: first call")
+                    run()
+                    clock.sync()
+                    progress(f"1 GPU, T={T} {mode}: timing")
                     row["one_gpu_ms"] = median_ms(run, clock, args.iters, args.warmup, False)
                     row["one_gpu_peak_gib"] = peak_gib(run, clock, False)
                     del q, k, v, bi, go, run
                     if clock.cuda:
                         torch.cuda.empty_cache()
-                dist.barrier()
+                if world > 1:
+                    dist.barrier()
             if args.only_baseline:
                 rows.append(row)
                 if rank == 0:
                     print_row(row)
                 continue
             # W GPUs on W*T tokens: this rank's shard
+            progress(f"{world} GPUs, T={T}/GPU {mode}: inputs")
             q, k_all, v_all, bi, go = inputs(args, T, (rank + 1) * T, seed=T + 1 + rank,
                                              requires_grad=False)
             k, v = (t[:, rank * T:].contiguous() for t in (k_all, v_all))
@@ -227,6 +245,7 @@ def main() -> None:
                 return cp.selection_attention(q, k, v, bi, bs, backend=args.backend)
 
             run = step(distributed, q, k, v, go, train)
+            progress(f"{world} GPUs, T={T}/GPU {mode}: timing")
             row["world_ms"] = median_ms(run, clock, args.iters, args.warmup, True)
             row["world_peak_gib"] = peak_gib(run, clock, True)
             if not args.no_parts:

@@ -12,7 +12,12 @@
 # Knobs: PYTHON (default python3), NSA_CP_OUT (default bench/results/cp), NSA_CP_STEPS (which of
 # "tests scaling length" to run, default all three: one call each where a command's time is
 # capped), NSA_CP_LENGTHS (tokens per GPU tried for the length limit, default
-# "524288 1048576 2097152 4194304").
+# "524288 1048576 2097152 4194304"), NSA_CP_LAUNCH_TIMEOUT (seconds per length launch, default
+# 600). Cap the time with NSA_CP_LAUNCH_TIMEOUT, not with a `timeout` around this script: bash
+# does not pass the signal on to a running launch, whose ranks then keep their GPU memory (seen:
+# two ranks holding 129 GiB each after the script was killed).
+# Each length launch's whole output, with rank 0's progress lines, is kept in
+# $NSA_CP_OUT/length_*.log.
 # The package is installed pure-Python (NSA_EXT_SKIP_CUDA_BUILD=1) when it is not importable:
 # backend="auto" takes the Triton kernels on SM 9.0, so the extension's build is not needed here.
 set -uo pipefail
@@ -20,6 +25,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${NSA_CP_OUT:-bench/results/cp}
 LENGTHS=${NSA_CP_LENGTHS:-524288 1048576 2097152 4194304}
+LAUNCH_TIMEOUT=${NSA_CP_LAUNCH_TIMEOUT:-600}
 STEPS=" ${NSA_CP_STEPS:-tests scaling length} "
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -51,16 +57,18 @@ wants length || exit "$status"
 
 step "longest training sequence, 2 GPUs (tokens per GPU; the sequence has twice as many)"
 for T in $LENGTHS; do
-  timeout 600 $RUN --nproc_per_node=2 bench/cp_bench.py --T "$T" --modes train --no-baseline \
-    --no-parts --iters 2 --warmup 1 --out "$OUT/length_2gpu_$T.json" 2>&1 | grep -E '^[#|]|Error' \
+  timeout "$LAUNCH_TIMEOUT" $RUN --nproc_per_node=2 bench/cp_bench.py --T "$T" --modes train --no-baseline \
+    --no-parts --iters 2 --warmup 1 --out "$OUT/length_2gpu_$T.json" 2>&1 \
+    | tee "$OUT/length_2gpu_$T.log" | grep -E '^[#|]|Error|^\[cp_bench' \
     || { echo "2 GPUs: $T tokens per GPU did not train"; break; }
   [ -f "$OUT/length_2gpu_$T.json" ] || { echo "2 GPUs: $T tokens per GPU did not train"; break; }
 done
 
 step "longest training sequence, 1 GPU"
 for T in $LENGTHS; do
-  timeout 600 $RUN --nproc_per_node=1 bench/cp_bench.py --T "$T" --modes train --only-baseline \
-    --iters 2 --warmup 1 --out "$OUT/length_1gpu_$T.json" 2>&1 | grep -E '^[#|]|Error' \
+  timeout "$LAUNCH_TIMEOUT" $RUN --nproc_per_node=1 bench/cp_bench.py --T "$T" --modes train --only-baseline \
+    --iters 2 --warmup 1 --out "$OUT/length_1gpu_$T.json" 2>&1 \
+    | tee "$OUT/length_1gpu_$T.log" | grep -E '^[#|]|Error|^\[cp_bench' \
     || { echo "1 GPU: $T tokens did not train"; break; }
   [ -f "$OUT/length_1gpu_$T.json" ] || { echo "1 GPU: $T tokens did not train"; break; }
 done
