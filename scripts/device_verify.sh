@@ -2,7 +2,8 @@
 # One device call that checks the package on a GPU machine: build (with the CUDA extension),
 # the GPU-marked tests, and compute-sanitizer over the messy-call scripts. Logs land in $OUT
 # (default bench/results/verify). STEPS picks the parts (default build,tests,sanitize; also
-# `eager`: bench/eager_bench.py --stages, and `tile`: the tile schedules' bench rows beside fla,
+# `eager`: bench/eager_bench.py --stages, `fla`: examples/fla_nsa.py (fla's whole NSA layer with and
+# without nsa_ext's selection, T = 8k and 32k), and `tile`: the tile schedules' bench rows beside fla,
 # the floors, notes/hopper.md);
 # PYTEST_N (default 12) xdist workers; SAN_LIMIT (default 150) seconds per sanitizer run.
 #   STEPS=build,tests bash scripts/device_verify.sh
@@ -54,6 +55,10 @@ if has eager; then
   $PYTHON bench/eager_bench.py --stages --out "$OUT/eager.json" > "$OUT/eager.txt" 2>&1 \
     || fail eager $?
   head -n 14 "$OUT/eager.txt"
+fi
+if has fla; then     # fla's whole NSA layer beside the same layer with nsa_ext's selection
+  $PYTHON examples/fla_nsa.py > "$OUT/fla_nsa.txt" 2>&1 || fail fla $?
+  tail -n 12 "$OUT/fla_nsa.txt"
 fi
 if has tile; then
   $PYTHON bench/bench_selection.py --cases prefill,groups --patterns model,clustered,random \
