@@ -439,6 +439,7 @@ def test_gpu_stress_bf16(device_lane, monkeypatch, name, schedule):
 
 
 @pytest.mark.gpu
+@pytest.mark.big_memory    # K and V of 4 GiB each: out of memory beside other xdist workers
 @pytest.mark.parametrize("schedule", ["tile", "kv"])
 def test_gpu_64bit_offsets(device_lane, monkeypatch, schedule):
     """K and V of more than 2^31 elements: blocks near the end are addressed correctly."""
