@@ -269,6 +269,11 @@ def describe_call(q, k, v, block_indices, block_size=64, *, block_counts=None, s
     if tuple(block_indices.shape[:3]) != (B, TQ, H):
         raise ValueError(f"block_indices: expected shape [{B}, {TQ}, {H}, S], got {_shape(block_indices)}")
     S = block_indices.shape[3]
+    if S == 0:
+        # No entries: every row's set is empty. One -1 column says the same (negative entries are
+        # ignored), so no backend meets a zero-width index tensor.
+        block_indices = block_indices.new_full((B, TQ, H, 1), -1)
+        S = 1
 
     if varlen:
         if B != 1:

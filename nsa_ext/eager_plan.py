@@ -52,8 +52,8 @@ def _make(q, k, v, block_indices, block_count, block_size, scale, backend, need_
                           scale, backend, need_lse)
     make = getattr(backend_module(decision.chosen), "eager_launch", None)
     # A launcher takes later calls' tensors as they come: only dense layouts get one (describe_call
-    # copies a strided last dim, which a launcher would not).
-    if make is None or call.batchless or \
+    # copies a strided last dim and widens an empty selection, which a launcher would not).
+    if make is None or call.batchless or block_indices.shape[-1] == 0 or \
             not all(t.is_contiguous() for t in (q, k, v, block_indices)):
         return None
     return make(call, settings, device_facts(call.device))

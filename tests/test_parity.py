@@ -26,6 +26,7 @@ MATRIX = {
     "counts_int": dict(B=1, TQ=64, HQ=4, H=2, Dk=64, S=6, block_size=16, block_counts=3),
     "counts_zero": dict(B=1, TQ=32, HQ=2, H=1, Dk=64, S=4, block_size=16, block_counts=0),
     "counts_tensor": dict(B=2, TQ=48, HQ=4, H=2, Dk=64, S=5, block_size=16, block_counts="tensor"),
+    "no_entries": dict(B=1, TQ=40, HQ=4, H=2, Dk=64, S=0, block_size=16),   # [B, TQ, H, 0]
     "varlen": dict(seqlens=[37, 1, 64, 13], HQ=4, H=2, Dk=64, S=4, block_size=16),
     "varlen_chunked": dict(seqlens=[5, 1, 20], seqlens_k=[70, 16, 20], HQ=6, H=2, Dk=64, S=5,
                            block_size=16),
@@ -61,7 +62,7 @@ def run_against_reference(backend, device, dtype, case):
 def test_backend_matches_reference(name, dtype, backend, device):
     case = make_case(dtype=dtype, device=device, seed=sum(map(ord, name)), **MATRIX[name])
     o, lse_ref = run_against_reference(backend, device, dtype, case)
-    if name == "counts_zero":
+    if name in ("counts_zero", "no_entries"):
         assert torch.isneginf(lse_ref).all() and (o == 0).all()
     else:
         assert torch.isfinite(lse_ref).any()
