@@ -119,6 +119,15 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// A global load issued where it is written. The chunk loop loads the union starts one chunk
+// ahead, while the S MMAs run: a plain load would be moved to its use (ptxas did, next to the
+// copy it addresses, and warp 0 waited there while the warpgroup's MMAs waited for warp 0).
+__device__ __forceinline__ int64_t load_now(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.global.s64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
@@ -139,7 +148,7 @@ constexpr int tile_smem_bytes() {
 }
 
 template <typename T, int kDk, int kDv, int kStages>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
     selection_tile_sm90_kernel(const __grid_constant__ CUtensorMap k_map,
                                const __grid_constant__ CUtensorMap v_map, const TileParams tp) {
   constexpr int kPanelsK = kDk / 64;
@@ -225,10 +234,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n_iter = tp.union_counts[tile_row] * chunks_per_block;
   const int32_t kv_row_base = int32_t(b * p.seqlen_k);
 
-  auto issue = [&](int it) {
+  // copy_start (thread 0): the union start of the next chunk to copy; chunk_start (every
+  // thread): the current chunk's. Both are loaded one chunk ahead, while the S MMAs run.
+  int64_t copy_start = 0, chunk_start = 0;
+  auto issue = [&](int it, int64_t block_start) {
     const int s = it % kStages;
-    const int32_t row =
-        kv_row_base + int32_t(starts[it / chunks_per_block] + (it % chunks_per_block) * kChunkKeys);
+    const int32_t row = kv_row_base + int32_t(block_start + (it % chunks_per_block) * kChunkKeys);
     uint8_t* dst = kv_smem + s * kStageBytes;
     mbar_expect_tx(&full[s], kStageBytes);
 #pragma unroll
@@ -247,14 +258,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int quad = lane & 3;
 
   // Chunks are copied kStages - 1 ahead: the prologue fills stages 0 .. kStages - 2.
-  if (tid == 0)
-    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue(it);
+  if (tid == 0) {
+    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue(it, starts[it / chunks_per_block]);
+    if (kStages - 1 < n_iter) copy_start = starts[(kStages - 1) / chunks_per_block];
+  }
+  if (n_iter > 0) chunk_start = starts[0];
   for (int it = 0; it < n_iter; ++it) {
     const int s = it % kStages;
     // Chunk it + kStages - 1 goes into the stage the previous iteration finished with (every
     // thread passed that iteration's closing barrier; at it = 0 the last stage, never used yet).
-    if (tid == 0 && it + kStages - 1 < n_iter) issue(it + kStages - 1);
-    const int64_t block_start = starts[it / chunks_per_block];
+    if (tid == 0 && it + kStages - 1 < n_iter) issue(it + kStages - 1, copy_start);
+    const int64_t block_start = chunk_start;
     const int64_t key0 = block_start + (it % chunks_per_block) * kChunkKeys;
     const uint8_t* k_s = kv_smem + s * kStageBytes;
     const uint8_t* v_s = k_s + kPanelsK * kPanelBytes;
@@ -273,6 +287,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                     smem_desc(k_s + c * kPanelBytes + kk * 32, 16, 1024));
     }
     wgmma_commit();
+    // The next chunk's start, and thread 0's next copy's, load while the MMAs run.
+    if (it + 1 < n_iter && (it + 1) % chunks_per_block == 0)
+      chunk_start = load_now(starts + (it + 1) / chunks_per_block);
+    if (tid == 0 && it + kStages < n_iter && (it + kStages) % chunks_per_block == 0)
+      copy_start = load_now(starts + (it + kStages) / chunks_per_block);
     wgmma_wait_all();
     pin(sc);
 
