@@ -16,7 +16,7 @@
 //               the accumulator layout of two n8 tiles is the A-fragment layout of one k16
 //               slice), V from shared memory read N-major (transposed by the instruction).
 // One warpgroup (128 threads); thread 0 issues the copies kStages - 1 chunks ahead. Two CTAs fit on an
-// SM up to Dk = Dv = 128 (81 KB of shared memory each), which overlaps one CTA's copies and
+// SM up to Dk = Dv = 128 (85 KB of shared memory each), which overlaps one CTA's copies and
 // softmax with the other's MMAs. (A FlashAttention-3-style variant with S(i) and P V(i-1) in
 // flight together and three copy stages measured 20-25 % slower on the H200: notes/hopper.md.)
 //
@@ -25,6 +25,7 @@
 // K [Dk/64][64 keys] then V [Dv/64][64 keys]. The swizzle XORs a row's 16-byte chunk index with
 // the row index mod 8; TMA writes K and V that way, the Q loader does it by hand, and the
 // descriptors below tell the tensor cores (panels are 1024-byte aligned, as the swizzle needs).
+// After the stages, 4 KB for the tile's canonical rows (kRowSetEntries int32).
 //
 // Writes o [B, TQ, HQ, Dv] in q's dtype and lse [B, TQ, HQ] fp32 (natural log; o = 0 and
 // lse = -inf for a row that attends to no key), as every other kernel of the package.
@@ -52,6 +53,9 @@ constexpr int kThreads = 128;        // one warpgroup
 // CTAs' overlap is worth more than deeper copies (notes/hopper.md).
 constexpr int kCopyStages = 2;
 constexpr int kPanelBytes = 64 * 128;
+// Shared memory for the tile's canonical rows (one per token, S entries): used when QT x S
+// entries fit (G = 16: S <= 256; G = 1: S <= 16), read from global memory otherwise.
+constexpr int kRowSetEntries = 1024;
 constexpr int kMaxDynamicSmem = 227 * 1024;   // per CTA on SM 9.0
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -144,7 +148,8 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 
 template <int kDk, int kDv, int kStages>
 constexpr int tile_smem_bytes() {
-  return kDk / 64 * kPanelBytes + kStages * (kDk + kDv) / 64 * kPanelBytes + 1024;
+  return kDk / 64 * kPanelBytes + kStages * (kDk + kDv) / 64 * kPanelBytes +
+         kRowSetEntries * 4 + 1024;
 }
 
 template <typename T, int kDk, int kDv, int kStages>
@@ -199,6 +204,16 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
     *reinterpret_cast<uint4*>(q_smem + (col8 >> 3) * kPanelBytes + m * 128 +
                               (((col8 & 7) ^ (m & 7)) << 4)) = val;
   }
+  // Each token's canonical row, once per tile, into shared memory where they fit: a row's cursor
+  // step at a block's end then reads shared memory, not global memory whose latency would sit
+  // right before the loop's closing barrier (every warp waits there for the slowest).
+  int32_t* row_sets = reinterpret_cast<int32_t*>(kv_smem + kStages * kStageBytes);
+  const bool sets_in_smem = QT * S <= kRowSetEntries;
+  if (sets_in_smem)
+    for (int c = tid; c < QT * S; c += kThreads) {
+      const int64_t t = t0 + c / S;
+      if (t < TQ) row_sets[c] = p.blocks[((b * TQ + t) * H + h) * S + c % S];
+    }
   // Ordinary stores that the tensor cores read next: the async proxy must see them.
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
@@ -222,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
       const int64_t tok = b * TQ + t;
       kv0[i] = p.k_offset[tok];
       lim[i] = kv0[i] + p.pos[tok];
-      row_blocks[i] = p.blocks + (tok * H + h) * S;
+      row_blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * H + h) * S;
       row_n[i] = p.num_blocks[tok * H + h];
       if (row_n[i] > 0) head[i] = kv0[i] + int64_t(row_blocks[i][0]) * p.block_size;
     }
