@@ -4,7 +4,7 @@
 # (default bench/results/verify). STEPS picks the parts (default build,tests,sanitize; also
 # `eager`: bench/eager_bench.py --stages, `fla`: examples/fla_nsa.py (fla's whole NSA layer with and
 # without nsa_ext's selection, T = 8k and 32k), and `tile`: the tile schedules' bench rows beside fla,
-# the floors, notes/hopper.md);
+# the floors, notes/hopper.md; `profile`: Nsight Compute on one CUDA tile-kernel call);
 # PYTEST_N (default 12) xdist workers; SAN_LIMIT (default 150) seconds per sanitizer run.
 #   STEPS=build,tests bash scripts/device_verify.sh
 set -uo pipefail
@@ -59,6 +59,14 @@ fi
 if has fla; then     # fla's whole NSA layer beside the same layer with nsa_ext's selection
   $PYTHON examples/fla_nsa.py > "$OUT/fla_nsa.txt" 2>&1 || fail fla $?
   tail -n 12 "$OUT/fla_nsa.txt"
+fi
+if has profile; then  # Nsight Compute on one CUDA tile-kernel call (notes/hopper.md): stall reasons per SASS line
+  ncu --nvtx --nvtx-include "profiled/" --set full --import-source yes -f -o "$OUT/tile_cuda" \
+    $PYTHON scripts/profile_tile.py --backend cuda > "$OUT/profile.log" 2>&1 || fail profile $?
+  ncu -i "$OUT/tile_cuda.ncu-rep" --page details > "$OUT/tile_cuda_details.txt" 2>&1
+  ncu -i "$OUT/tile_cuda.ncu-rep" --page source --print-source sass --csv > "$OUT/tile_cuda_sass.csv" 2>&1
+  grep -E "median|Warp Cycles Per Issued|Issue Slots Busy|Achieved Occupancy|Stall" "$OUT/profile.log" \
+    "$OUT/tile_cuda_details.txt" | head -n 30
 fi
 if has tile; then
   $PYTHON bench/bench_selection.py --cases prefill,groups --patterns model,clustered,random \
