@@ -1,0 +1,118 @@
+"""Seeded random calls over what SPEC.md allows, every backend against the reference: o, lse and
+the gradients of q, k, v.
+
+Each seed draws one call: dense (TQ <= TK, B up to 3), varlen or batchless varlen; block_size 1
+to 64; G = 1 to 8, powers of two or not; Dk != Dv; S = 0 to 8 with messy entries (repeats,
+-1, other negatives, out of range); block_counts None, an int or a tensor; int32 or int64
+indices; a given scale; and, for half the seeds, q/k/v/block_indices/block_counts as strided
+views (a [B, H, T, D] tensor transposed, a slice of a wider last dim, a strided last dim).
+CPU lane: packed SDPA, and Triton in its interpreter (fp16/fp32; its bf16 tl.dot is wrong).
+GPU lane (marked): every backend that can serve the call, bf16 too.
+"""
+import random
+
+import pytest
+import torch
+
+import nsa_ext
+from common import assert_close_to_reference, import_triton_for_the_interpreter, make_case
+
+CUDA = torch.cuda.is_available()
+INTERPRETER = import_triton_for_the_interpreter()
+CPU_SEEDS = range(16)
+GPU_SEEDS = range(48)
+
+
+def _strided(t, how):
+    """The same values as a view with other strides."""
+    if how == "transpose" and t.dim() == 4:           # stored [B, H, T, D], seen [B, T, H, D]
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if how == "pad":                                  # a slice of a wider last dim
+        wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1] + 3)
+        wide[..., 1:1 + t.shape[-1]] = t
+        return wide[..., 1:1 + t.shape[-1]]
+    if how == "lastdim":                              # a strided last dim
+        wide = t.new_zeros(*t.shape, 2)
+        wide[..., 0] = t
+        return wide[..., 0]
+    return t
+
+
+def random_case(seed, dtype, device):
+    rnd = random.Random(seed)
+    S = rnd.choice([0, 1, 2, 3, 5, 8])
+    H, G = rnd.choice([1, 2, 3]), rnd.choice([1, 2, 3, 4, 5, 8])
+    Dk = rnd.choice([8, 16, 24, 32, 64])
+    kw = dict(HQ=H * G, H=H, Dk=Dk, Dv=rnd.choice([Dk, 16, 48]), S=S,
+              block_size=rnd.choice([1, 2, 4, 8, 16, 32, 64]), dtype=dtype, device=device,
+              seed=seed, index_dtype=rnd.choice([torch.int32, torch.int64]),
+              block_counts=rnd.choice([None, None, "tensor", rnd.randint(0, S + 1)]),
+              scale=rnd.choice([None, 0.3]))
+    layout = rnd.choice(["dense", "dense", "varlen", "batchless"])
+    if layout == "dense":
+        TQ = rnd.randint(1, 70)
+        kw.update(B=rnd.randint(1, 3), TQ=TQ, TK=TQ + rnd.choice([0, 0, rnd.randint(1, 90)]))
+    else:
+        seqlens = [rnd.randint(1, 40) for _ in range(rnd.randint(1, 3))]
+        kw.update(seqlens=seqlens, seqlens_k=[n + rnd.choice([0, rnd.randint(0, 50)])
+                                             for n in seqlens],
+                  batchless=layout == "batchless")
+    case = make_case(**kw)
+    if rnd.random() < 0.5:
+        views = ["transpose", "pad", "lastdim", "none"]
+        case.q, case.k, case.v = (_strided(t, rnd.choice(views)) for t in (case.q, case.k, case.v))
+        case.block_indices = _strided(case.block_indices, rnd.choice(["transpose", "pad", "none"]))
+        if isinstance(case.block_counts, torch.Tensor):
+            case.block_counts = _strided(case.block_counts, "pad")
+    return case
+
+
+def check_backend(case, backend, dtype):
+    """o and lse within SPEC.md's accuracy of the fp32 reference; gradients close to the
+    reference's autograd (fp32: 1e-4, half precision: 3e-2, relative above 1)."""
+    if nsa_ext.explain(*case.args(), **case.kwargs(), backend=backend).chosen is None:
+        return False
+    leaves = [t.detach().float().requires_grad_() for t in (case.q, case.k, case.v)]
+    o_ref, lse_ref = nsa_ext.selection_attention(*leaves, case.block_indices, case.block_size,
+                                                 **case.kwargs(), backend="reference",
+                                                 return_lse=True)
+    grad_o = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(1)).to(o_ref.device)
+    want = torch.autograd.grad(o_ref, leaves, grad_o)
+    q, k, v = (t.detach().clone().requires_grad_() for t in (case.q, case.k, case.v))
+    o, lse = nsa_ext.selection_attention(q, k, v, case.block_indices, case.block_size,
+                                         **case.kwargs(), backend=backend, return_lse=True)
+    assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
+    got = torch.autograd.grad(o, (q, k, v), grad_o.to(dtype))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, g, w in zip("qkv", got, want):
+        assert torch.isfinite(g).all(), f"d{name} is not finite"
+        err = ((g.double() - w.double()).abs() / w.double().abs().clamp(min=1)).max().item()
+        assert err <= tol, f"d{name}: max error {err:.3g} > {tol}"
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("seed", CPU_SEEDS)
+def test_random_call_cpu(seed, dtype, monkeypatch):
+    if CUDA:
+        pytest.skip("the CPU lane (the GPU lane below covers a GPU machine)")
+    case = random_case(seed, dtype, "cpu")
+    served = []
+    for backend in ("sdpa", "auto"):
+        served += [backend] if check_backend(case, backend, dtype) else []
+    if INTERPRETER:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        served += ["triton"] if check_backend(case, "triton", dtype) else []
+    assert "sdpa" in served and "auto" in served
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("seed", GPU_SEEDS)
+def test_random_call_gpu(seed, dtype):
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    case = random_case(seed, dtype, "cuda")
+    served = [b for b in ("auto", "triton", "cuda", "sdpa") if check_backend(case, b, dtype)]
+    assert "auto" in served
