@@ -20,7 +20,7 @@ from common import assert_close_to_reference, import_triton_for_the_interpreter,
 CUDA = torch.cuda.is_available()
 INTERPRETER = import_triton_for_the_interpreter()
 CPU_SEEDS = range(16)
-GPU_SEEDS = range(48)
+GPU_SEEDS = range(24)
 
 
 def _strided(t, how):
