@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import socket
 import subprocess
 import sys
@@ -278,6 +279,25 @@ def base(**kw):
     return spec
 
 
+def random_specs(seed, n):
+    """Seeded random calls: block sizes 1-32, G = 1, 3, 5, Dk != Dv, B up to 2, causal or messy
+    indices, block_counts kinds, every CPU backend (S >= 1 and counts >= 1, so that the whole
+    sequence's gradients are not all zero)."""
+    rnd = random.Random(seed)
+    specs = []
+    for i in range(n):
+        bs = rnd.choice([1, 2, 4, 16, 32])
+        S = rnd.choice([1, 2, 3, 5])
+        H, G = rnd.choice([1, 2]), rnd.choice([1, 3, 5])
+        specs.append(base(T_local=bs * rnd.randint(1, max(1, 40 // bs)), HQ=H * G, H=H,
+                          Dk=rnd.choice([8, 24]), Dv=rnd.choice([None, 8, 32]), S=S, block_size=bs,
+                          B=rnd.choice([1, 2]), seed=100 * seed + i,
+                          backend=rnd.choice(["sdpa", "reference", "auto"]),
+                          block_counts=rnd.choice([None, "tensor", rnd.randint(1, S + 1)]),
+                          indices="causal"))
+    return specs
+
+
 CASES = {
     2: [base(indices="causal", repeat=True),                              # random valid blocks
         base(seed=1),                                                     # -1, repeats, out of range
@@ -291,6 +311,8 @@ CASES = {
         base(HQ=2, H=2, Dk=24, Dv=40, seed=7, repeat=True),                   # G = 1, Dv != Dk
         ],
 }
+CASES[2] += random_specs(1, 6)
+CASES[3] += random_specs(2, 4)
 
 
 def check_against_one_process(spec, world, per_rank, device="cpu"):
