@@ -184,65 +184,6 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
   const int64_t H = p.heads_kv;
   const int S = int(p.num_selected);
 
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-
-  // Q rows m = r * G + g (token r of the tile, query head g of the group), 16 bytes a copy;
-  // rows past the tile (G not dividing 64) or past TQ are zeros, never stored.
-  const T* q = static_cast<const T*>(p.q);
-  for (int c = tid; c < kRows * (kDk / 8); c += kThreads) {
-    const int m = c / (kDk / 8);
-    const int col8 = c % (kDk / 8);
-    const int r = m / G;
-    const int64_t t = t0 + r;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (r < QT && t < TQ)
-      val = *reinterpret_cast<const uint4*>(
-          q + (((b * TQ + t) * p.heads_q + h * G + m % G) * kDk + col8 * 8));
-    *reinterpret_cast<uint4*>(q_smem + (col8 >> 3) * kPanelBytes + m * 128 +
-                              (((col8 & 7) ^ (m & 7)) << 4)) = val;
-  }
-  // Each token's canonical row, once per tile, into shared memory where they fit: a row's cursor
-  // step at a block's end then reads shared memory, not global memory whose latency would sit
-  // right before the loop's closing barrier (every warp waits there for the slowest).
-  int32_t* row_sets = reinterpret_cast<int32_t*>(kv_smem + kStages * kStageBytes);
-  const bool sets_in_smem = QT * S <= kRowSetEntries;
-  if (sets_in_smem)
-    for (int c = tid; c < QT * S; c += kThreads) {
-      const int64_t t = t0 + c / S;
-      if (t < TQ) row_sets[c] = p.blocks[((b * TQ + t) * H + h) * S + c % S];
-    }
-  // Ordinary stores that the tensor cores read next: the async proxy must see them.
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-
-  // This thread's two rows of every accumulator: m0 = 16 * warp + lane / 4 and m0 + 8.
-  int64_t lim[2], head[2], kv0[2];
-  const int32_t* row_blocks[2];
-  int row_n[2], cursor[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int m = 16 * warp + (lane >> 2) + 8 * i;
-    const int r = m / G;
-    const int64_t t = t0 + r;
-    lim[i] = -1;
-    head[i] = -2;
-    kv0[i] = 0;
-    row_blocks[i] = p.blocks;
-    row_n[i] = 0;
-    cursor[i] = 0;
-    if (r < QT && t < TQ) {
-      const int64_t tok = b * TQ + t;
-      kv0[i] = p.k_offset[tok];
-      lim[i] = kv0[i] + p.pos[tok];
-      row_blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * H + h) * S;
-      row_n[i] = p.num_blocks[tok * H + h];
-      if (row_n[i] > 0) head[i] = kv0[i] + int64_t(row_blocks[i][0]) * p.block_size;
-    }
-  }
-
   const int64_t tile_row = (b * NT + tile) * H + h;
   const int64_t* starts = tp.union_starts + tile_row * tp.union_width;
   const int chunks_per_block = p.block_size / kChunkKeys;
@@ -265,6 +206,84 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
       tma_load_3d(dst + (kPanelsK + c) * kPanelBytes, &v_map, &full[s], c * 64, int32_t(h), row);
   };
 
+  // The first chunks' copies go out before anything else: their latency then overlaps the Q
+  // and canonical-row loads below instead of following them (the copies write only the stages;
+  // the other threads wait on the barrier after the __syncthreads that publishes its init).
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    // Chunks are copied kStages - 1 ahead: the prologue fills stages 0 .. kStages - 2.
+    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue(it, starts[it / chunks_per_block]);
+    if (kStages - 1 < n_iter) copy_start = starts[(kStages - 1) / chunks_per_block];
+  }
+  if (n_iter > 0) chunk_start = starts[0];
+
+  // Q rows m = r * G + g (token r of the tile, query head g of the group), 16-byte asynchronous
+  // copies all in flight together (plain loads and stores went one round trip per copy: the
+  // compiler cannot tell the shared-memory stores from q); rows past the tile (G not dividing
+  // 64) or past TQ are zero-filled, never stored.
+  const T* q = static_cast<const T*>(p.q);
+  for (int c = tid; c < kRows * (kDk / 8); c += kThreads) {
+    const int m = c / (kDk / 8);
+    const int col8 = c % (kDk / 8);
+    const int r = m / G;
+    const int64_t t = t0 + r;
+    const bool valid = r < QT && t < TQ;
+    const T* src = valid ? q + (((b * TQ + t) * p.heads_q + h * G + m % G) * kDk + col8 * 8) : q;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(
+                     q_smem + (col8 >> 3) * kPanelBytes + m * 128 + (((col8 & 7) ^ (m & 7)) << 4))),
+                 "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+  }
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  // Each token's canonical row, once per tile, into shared memory where they fit: a row's cursor
+  // step at a block's end then reads shared memory, not global memory whose latency would sit
+  // right before the loop's closing barrier (every warp waits there for the slowest).
+  int32_t* row_sets = reinterpret_cast<int32_t*>(kv_smem + kStages * kStageBytes);
+  const bool sets_in_smem = QT * S <= kRowSetEntries;
+  if (sets_in_smem)
+    for (int c = tid; c < QT * S; c += kThreads) {
+      const int64_t t = t0 + c / S;
+      if (t < TQ) row_sets[c] = p.blocks[((b * TQ + t) * H + h) * S + c % S];
+    }
+
+  // This thread's two rows of every accumulator: m0 = 16 * warp + lane / 4 and m0 + 8. Their
+  // per-token facts load while the copies above are in flight.
+  int64_t lim[2], head[2], kv0[2];
+  const int32_t* row_blocks[2];
+  int row_n[2], cursor[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int m = 16 * warp + (lane >> 2) + 8 * i;
+    const int r = m / G;
+    const int64_t t = t0 + r;
+    lim[i] = -1;
+    head[i] = -2;
+    kv0[i] = 0;
+    row_blocks[i] = p.blocks;
+    row_n[i] = 0;
+    cursor[i] = 0;
+    if (r < QT && t < TQ) {
+      const int64_t tok = b * TQ + t;
+      kv0[i] = p.k_offset[tok];
+      lim[i] = kv0[i] + p.pos[tok];
+      row_blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * H + h) * S;
+      row_n[i] = p.num_blocks[tok * H + h];
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  // Ordinary stores that the tensor cores read next: the async proxy must see them.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  // next_blk: each row's canonical block after its head, loaded one block ahead so that a row's
+  // step at a block's end (right before the loop's closing barrier) waits for no load.
+  int32_t next_blk[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (row_n[i] > 0) head[i] = kv0[i] + int64_t(row_blocks[i][0]) * p.block_size;
+    if (row_n[i] > 1) next_blk[i] = row_blocks[i][1];
+  }
+
   float o_acc[kDv / 2];
 #pragma unroll
   for (int i = 0; i < kDv / 2; ++i) o_acc[i] = 0.f;
@@ -272,12 +291,6 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
   float l_run[2] = {0.f, 0.f};
   const int quad = lane & 3;
 
-  // Chunks are copied kStages - 1 ahead: the prologue fills stages 0 .. kStages - 2.
-  if (tid == 0) {
-    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue(it, starts[it / chunks_per_block]);
-    if (kStages - 1 < n_iter) copy_start = starts[(kStages - 1) / chunks_per_block];
-  }
-  if (n_iter > 0) chunk_start = starts[0];
   for (int it = 0; it < n_iter; ++it) {
     const int s = it % kStages;
     // Chunk it + kStages - 1 goes into the stage the previous iteration finished with (every
@@ -391,9 +404,9 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
       for (int i = 0; i < 2; ++i) {
         if (member[i]) {
           ++cursor[i];
-          head[i] = cursor[i] < row_n[i]
-                        ? kv0[i] + int64_t(row_blocks[i][cursor[i]]) * p.block_size
-                        : int64_t(-2);
+          head[i] = cursor[i] < row_n[i] ? kv0[i] + int64_t(next_blk[i]) * p.block_size
+                                         : int64_t(-2);
+          if (cursor[i] + 1 < row_n[i]) next_blk[i] = row_blocks[i][cursor[i] + 1];
         }
       }
     }
