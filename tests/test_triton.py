@@ -456,6 +456,42 @@ def test_autotune_space_per_launch():
     assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=256, BV=128, LARGE=True)} == {32, 64}
 
 
+def test_tuning_times_a_long_launch_once(monkeypatch):
+    """A config whose launch is long is timed by one run after one warm-up run, not by
+    do_bench's ~7 runs (a 1M-token step spent minutes tuning); a short one goes to do_bench."""
+    import inspect
+    import time
+
+    import triton
+    from triton_ref import selection_bwd, selection_fwd, selection_kv, selection_tile
+
+    runs = []
+    long_call = lambda: (runs.append(1), time.sleep(0.03))             # 30 ms a launch
+    monkeypatch.setattr(selection_fwd, "LONG_LAUNCH_MS", 20.0)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, quantiles=None, **kw: pytest.fail("do_bench for a long launch"))
+    timed = selection_fwd.tuning_bench(long_call, quantiles=(0.5, 0.2, 0.8))
+    assert len(runs) == 2 and len(timed) == 3 and all(t >= 25 for t in timed)
+    assert selection_fwd.tuning_bench(long_call) >= 25 and len(runs) == 4
+
+    runs.clear()
+    short_call = lambda: runs.append(1)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, quantiles=None, **kw: [fn(), fn(), 1.5][2:] * 3)
+    assert selection_fwd.tuning_bench(short_call, quantiles=(0.5, 0.2, 0.8)) == [1.5] * 3
+    assert len(runs) == 4                   # warm-up, the timed run, then do_bench's own runs
+
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        kernels = (selection_fwd.selection_fwd_group_kernel, selection_fwd.selection_fwd_head_kernel,
+                   selection_bwd.selection_bwd_dq_kernel, selection_bwd.selection_bwd_dkdv_kernel,
+                   selection_kv.selection_kv_kernel, selection_tile.selection_tile_kernel)
+        for kernel in kernels:
+            tuner = kernel
+            while not isinstance(tuner, triton.runtime.Autotuner):
+                tuner = tuner.fn
+            assert tuner.do_bench is selection_fwd.tuning_bench
+
+
 # --- reasons -------------------------------------------------------------------------------------
 
 def small_call(dtype=torch.float16, Dk=64, Dv=None, **over):

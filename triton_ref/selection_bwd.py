@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .selection_fwd import (_HEURISTICS, LOG2E, _python_function, _with_interpreted_helpers,
-                            autotuned, default_chunk, group_tile, query_of_program, untuned)
+                            autotune, autotuned, default_chunk, group_tile, query_of_program,
+                            untuned)
 
 DQ_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
               for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)]
@@ -106,8 +107,8 @@ def _prune_dkdv(configs, named_args, **kwargs):
     "BG": lambda args: group_tile(args["G"]),
     "LARGE": lambda args: autotuned(args["num_blocks"].numel()),
 })
-@triton.autotune(configs=DQ_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
-                 prune_configs_by={"early_config_prune": _prune_dq})
+@autotune(configs=DQ_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
+          prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G"])
 def selection_bwd_dq_kernel(
     q, k, v, do, lse, delta,         # do: [B, TQ, HQ, Dv] contiguous; lse, delta: [B, TQ, HQ] fp32
@@ -204,8 +205,8 @@ def selection_bwd_delta_kernel(o, do, dlse, delta, rows, V: tl.constexpr, BV: tl
     "DKDV": lambda args: args["dk"] is not None,
     "DQ_PARTIALS": lambda args: args["dq_part"] is not None,
 })
-@triton.autotune(configs=DKDV_CONFIGS, key=["BLOCK", "BK", "BV", "BN", "LARGE", "DKDV", "DQ_PARTIALS"],
-                 prune_configs_by={"early_config_prune": _prune_dkdv})
+@autotune(configs=DKDV_CONFIGS, key=["BLOCK", "BK", "BV", "BN", "LARGE", "DKDV", "DQ_PARTIALS"],
+          prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit(do_not_specialize=["TQ", "TK", "H", "G", "num_buckets", "slots"])
 def selection_bwd_dkdv_kernel(
     q, k, v, do, lse, delta,         # do [B, TQ, HQ, Dv] contiguous; lse, delta [B, TQ, HQ] fp32

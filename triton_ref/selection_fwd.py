@@ -27,6 +27,7 @@ beyond 2^31 elements are addressed correctly.
 from __future__ import annotations
 
 import inspect
+import time
 
 import torch
 import triton
@@ -51,6 +52,45 @@ def autotuned(programs: int, threshold: int = None) -> bool:
     if torch.are_deterministic_algorithms_enabled():
         return False
     return programs >= (LARGE_PROGRAMS if threshold is None else threshold)
+# A tuned config's time: triton.testing.do_bench (>= 5 runs to estimate, then ~25 ms of warm-up
+# and ~100 ms of repeats, at least one of each) -- except for a launch that is long itself. There
+# do_bench still runs each config ~7 times, and a 1M-token training step on one H200 spent over
+# 170 s in its first call tuning 18 forward configs plus the backward's (notes/cp_h200x2.txt). A
+# launch over LONG_LAUNCH_MS is timed once after one warm-up run (which compiles the config):
+# a long launch averages over its own many programs, so one run ranks the configs as well.
+LONG_LAUNCH_MS = 20.0
+
+
+def _elapsed_ms(fn) -> float:
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def tuning_bench(kernel_call, quantiles=None, **kwargs):
+    """The autotuner's timing of one config (Triton's `do_bench` hook): one warm-up run, one
+    timed run, and Triton's do_bench only for a launch shorter than LONG_LAUNCH_MS."""
+    kernel_call()
+    ms = _elapsed_ms(kernel_call)
+    if ms < LONG_LAUNCH_MS:
+        return triton.testing.do_bench(kernel_call, quantiles=quantiles, **kwargs)
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def autotune(**kwargs):
+    """triton.autotune with tuning_bench where this Triton takes a `do_bench` (3.4 and later)."""
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("do_bench", tuning_bench)
+    return triton.autotune(**kwargs)
+
+
 # BS: keys per loop step (a block of more keys is streamed in BLOCK / BS chunks; one of fewer
 # than 16 is padded to 16, the smallest tl.dot operand).
 TUNING_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
@@ -152,8 +192,8 @@ def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk
     "BG": lambda args: group_tile(args["G"]),
     "LARGE": lambda args: autotuned(args["num_blocks"].numel()),
 })
-@triton.autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
-                 prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G"])
 def selection_fwd_group_kernel(
     q, k, v, o, lse,
@@ -222,8 +262,8 @@ def selection_fwd_group_kernel(
     **_HEURISTICS,
     "LARGE": lambda args: autotuned(args["num_blocks"].numel() * args["G"]),
 })
-@triton.autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "LARGE"],
-                 prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "LARGE"],
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G"])
 def selection_fwd_head_kernel(
     q, k, v, o, lse,

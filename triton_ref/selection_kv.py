@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .selection_fwd import LOG2E, LN2, _HEURISTICS, _interpreted, group_tile
-from .selection_fwd import LARGE_PROGRAMS, autotuned
+from .selection_fwd import LARGE_PROGRAMS, autotune, autotuned
 from .selection_tile import (ROWS_CONFIGS, attend_chunk_rows, chunk_size, load_q_rows,
                              prune_rows_configs, rows_block)
 
@@ -51,8 +51,8 @@ def item_shape(G: int, rows: int = ITEM_ROWS):
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
     "LARGE": lambda args: autotuned(args["item_bucket"].numel(), LARGE_PROGRAMS),
 })
-@triton.autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
-                 prune_configs_by={"early_config_prune": prune_rows_configs})
+@autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
+          prune_configs_by={"early_config_prune": prune_rows_configs})
 @triton.jit(do_not_specialize=["TQ", "TK", "H", "G", "SLOTS", "NUM_BUCKETS"])
 def selection_kv_kernel(
     q, k, v, o_part, lse_part,

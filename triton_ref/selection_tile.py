@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import LOG2E, LN2, LARGE_PROGRAMS, _HEURISTICS, _interpreted, autotuned
+from .selection_fwd import (LOG2E, LN2, LARGE_PROGRAMS, _HEURISTICS, _interpreted, autotune,
+                            autotuned)
 
 TILE_ROWS = 64       # (token, head) rows per tile program: the M of its dots
 # Large launches try 4 and 8 warps (ptxas for sm_90, BM = 64, D = 128: 255 registers either
@@ -133,8 +134,8 @@ def load_q_rows(q, i_b, t, heads, valid, stride_qb, stride_qt, stride_qh, o_k, K
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
     "LARGE": lambda args: autotuned(args["union_count"].numel(), LARGE_PROGRAMS),
 })
-@triton.autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
-                 prune_configs_by={"early_config_prune": prune_rows_configs})
+@autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
+          prune_configs_by={"early_config_prune": prune_rows_configs})
 @triton.jit(do_not_specialize=["TQ", "TK", "S", "H", "G", "U", "NT"])
 def selection_tile_kernel(
     q, k, v, o, lse,
