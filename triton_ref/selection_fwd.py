@@ -52,10 +52,13 @@ def autotuned(programs: int, threshold: int = None) -> bool:
     if torch.are_deterministic_algorithms_enabled():
         return False
     return programs >= (LARGE_PROGRAMS if threshold is None else threshold)
+
+
 # A tuned config's time: triton.testing.do_bench (>= 5 runs to estimate, then ~25 ms of warm-up
 # and ~100 ms of repeats, at least one of each) -- except for a launch that is long itself. There
-# do_bench still runs each config ~7 times, and a 1M-token training step on one H200 spent over
-# 170 s in its first call tuning 18 forward configs plus the backward's (notes/cp_h200x2.txt). A
+# do_bench still runs each config ~7 times: a 1M-token training step on one H200 had not finished
+# its first call after 170 s and was still tuning the forward's 18 configs at 70 s
+# (notes/cp_h200x2.txt). A
 # launch over LONG_LAUNCH_MS is timed once after one warm-up run (which compiles the config):
 # a long launch averages over its own many programs, so one run ranks the configs as well.
 LONG_LAUNCH_MS = 20.0
