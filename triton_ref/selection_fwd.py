@@ -58,9 +58,9 @@ def autotuned(programs: int, threshold: int = None) -> bool:
 # and ~100 ms of repeats, at least one of each) -- except for a launch that is long itself. There
 # do_bench still runs each config ~7 times: a 1M-token training step on one H200 had not finished
 # its first call after 170 s and was still tuning the forward's 18 configs at 70 s
-# (notes/cp_h200x2.txt). A
-# launch over LONG_LAUNCH_MS is timed once after one warm-up run (which compiles the config):
-# a long launch averages over its own many programs, so one run ranks the configs as well.
+# (notes/cp_h200x2.txt). A launch over LONG_LAUNCH_MS is timed once after one warm-up run
+# (which compiles the config): a long launch averages over its own many programs, so one run
+# ranks the configs as well.
 LONG_LAUNCH_MS = 20.0
 
 
