@@ -22,6 +22,7 @@ calls (the largest rank's).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -176,7 +177,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", default=None, help="JSON file (written by rank 0)")
+    parser.add_argument("--stacks-every", type=float, default=120.0,
+                        help="every this many seconds, each rank prints its Python stack to stderr "
+                             "(0: never): a launch cut by a timeout shows where it was (a 1-GPU 1M "
+                             "run was in the Triton autotuner, notes/cp_h200x2.txt)")
     args = parser.parse_args()
+    if args.stacks_every > 0:
+        faulthandler.dump_traceback_later(args.stacks_every, repeat=True, file=sys.stderr)
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "cuda":
@@ -287,6 +294,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"environment": env, "args": vars(args),
                                               "rows": rows}, indent=2))
         print(f"wrote {args.out}")
+    faulthandler.cancel_dump_traceback_later()
     dist.destroy_process_group()
 
 
