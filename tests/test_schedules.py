@@ -174,6 +174,44 @@ def test_tile_statistic_spans_its_range(device_lane):
             [selected, union_size, selected]
 
 
+@pytest.mark.parametrize("QT, S, seqlens, stride", [
+    (4, 16, None, 1), (16, 3, None, 3), (1, 5, None, 1), (64, 2, None, 2),
+    (5, 4, [9, 1, 23], 1), (8, 7, [17, 30], 2)])
+def test_one_launch_tile_unions_match_pytorch(QT, S, seqlens, stride, monkeypatch):
+    """triton_ref.tile_union (the interpreter here, the compiled kernel on a GPU) gives the
+    unions, their counts and the sampled statistic's counts that the PyTorch chain gives: dense
+    with TQ < TK, varlen (k offsets per sequence), TQ not a multiple of QT, every stride-th tile."""
+    from nsa_ext.schedules.tiles import tile_unions_torch
+    from nsa_ext.selection import canonical_blocks_torch, row_geometry
+    from triton_ref.tile_union import tile_union
+
+    if not CUDA:
+        if not INTERPRETER:
+            pytest.skip("needs a CUDA GPU or Triton's interpreter")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")     # Triton's own helpers (tl.sort) too
+    device = "cuda" if CUDA else "cpu"
+    kw = dict(seqlens=seqlens, seqlens_k=[n + 7 for n in seqlens]) if seqlens else \
+        dict(B=2, TQ=37, TK=70)
+    case = make_case(HQ=2, H=2, S=S, block_size=4, seed=QT * 7 + S, device=device, **kw)
+    call = describe_call(*case.args(), **case.kwargs())
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks_torch(call, geometry)
+    want = tile_unions_torch(call, geometry, blocks, QT)
+    starts, counts, selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
+                                            interpret=not CUDA)
+    assert torch.equal(counts, want.counts) and torch.equal(starts, want.starts)
+    assert counts.sum() > 0 and bool((counts < selections).any()) == (QT > 1)
+    # (a tile of several rows has blocks two rows chose, merged; one row has no repeats)
+    _, sampled, sampled_selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
+                                                stride=stride, store=False, interpret=not CUDA)
+    assert torch.equal(sampled, want.counts[:, ::stride])
+    NT = want.counts.shape[1]
+    padded = torch.cat([num_blocks, num_blocks.new_zeros(num_blocks.shape[0], NT * QT -
+                                                         num_blocks.shape[1], num_blocks.shape[2])], 1)
+    per_tile = padded.reshape(padded.shape[0], NT, QT, -1).sum(2)
+    assert torch.equal(sampled_selections, per_tile[:, ::stride].to(torch.int32))
+
+
 @pytest.mark.parametrize("pattern", ["random", "model"])
 def test_sampled_statistic_tracks_the_full_one(pattern):
     """Every k-th tile's overlap (what auto reads) against every tile's (what tile streams)."""

@@ -9,9 +9,12 @@ chose the same), measured on a sample of tiles (`sampled_overlap`: the full unio
 needed only when the tile schedule runs), to decide whether loading each distinct block once
 pays for the masked rows.
 
-PyTorch ops on the call's device, sizes from shapes only (no host synchronisation, no
-data-dependent allocation): one sort of B * TQ * H * S int64 keys in segments of QT * S, a
-cumulative sum and a scatter. Memory: the union is as large as the canonical rows in int64.
+On a CUDA device one Triton launch computes them (triton_ref/tile_union.py: a program per tile
+sorts its QT * S names, keeps the first of each run, counts); elsewhere, and past that kernel's
+width, PyTorch ops compute the same: one sort of B * TQ * H * S int64 keys in segments of
+QT * S, a cumulative sum and a scatter (~12 launches). Both take sizes from shapes only (no host
+synchronisation, no data-dependent allocation). Memory: the union is as large as the canonical
+rows in int64.
 """
 from __future__ import annotations
 
@@ -51,9 +54,33 @@ def _tile_keys(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
     return tiles.permute(0, 1, 3, 2, 4).reshape(B, tiles.shape[1], H, QT * S)
 
 
+def _one_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
+    """Does triton_ref.tile_union serve these canonical rows (a CUDA device, a tile's QT * S
+    entries within what one program sorts)?"""
+    if not blocks.is_cuda or blocks.shape[-1] == 0:
+        return False
+    try:
+        from triton_ref.tile_union import MAX_WIDTH
+    except ImportError:
+        return False
+    return tokens_per_tile * blocks.shape[-1] <= MAX_WIDTH
+
+
 def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
                 tokens_per_tile: int) -> TileUnion:
     """The union of every tile of `tokens_per_tile` tokens' canonical rows `blocks [B, TQ, H, S]`."""
+    if _one_launch(blocks, tokens_per_tile):
+        from triton_ref.tile_union import tile_union
+
+        starts, counts, _ = tile_union(blocks, geometry.k_offset, call.block_size,
+                                       tokens_per_tile)
+        return TileUnion(starts, counts, tokens_per_tile)
+    return tile_unions_torch(call, geometry, blocks, tokens_per_tile)
+
+
+def tile_unions_torch(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
+                      tokens_per_tile: int) -> TileUnion:
+    """`tile_unions` in PyTorch ops (any device, any width)."""
     B, TQ, H, S = blocks.shape
     QT = tokens_per_tile
     NT = -(-TQ // QT)
@@ -94,6 +121,13 @@ def sampled_overlap(call: SelectionCall, geometry: RowGeometry, blocks: torch.Te
     total = num_blocks.sum(dtype=torch.int64)
     if S == 0:
         return torch.stack([total, total, total])
+    if _one_launch(blocks, QT):
+        from triton_ref.tile_union import tile_union
+
+        _, counts, selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
+                                           stride=stride, store=False)
+        return torch.stack([total, counts.sum(dtype=torch.int64),
+                            selections.sum(dtype=torch.int64)])
     keys = _tile_keys(call, geometry, blocks, QT, stride).sort(dim=-1).values
     first = keys != _NONE
     first[..., 1:] &= keys[..., 1:] != keys[..., :-1]

@@ -1,0 +1,81 @@
+"""Query tiles' unions in one launch: each tile's distinct selected blocks, sorted.
+
+The same result as the PyTorch chain in `nsa_ext.schedules.tiles` (block names -> segmented sort
+-> first of each run -> cumsum -> scatter: ~12 kernels and as many host launches before a tile
+kernel can start), computed by one program per (batch, tile, KV head): it loads the tile's QT * S
+canonical entries, names each block by its first key (`k_offset[token] + block * block_size`,
+so blocks of different varlen sequences never share a name), sorts the names, keeps the first
+of each run, and sorts again so the kept names come first, ascending, padded with NONE (int64
+max). It also counts, per tile, the union's size and the tile's selections (entries >= 0 of
+the canonical rows, which are -1 padded): the chooser's overlap statistic, from any sample of
+tiles (every `stride`-th), without writing the union.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NONE = torch.iinfo(torch.int64).max        # sorts after every real block name
+MAX_WIDTH = 4096                           # QT * S entries one program sorts (G = 1: 64 x 64)
+
+
+@triton.jit
+def tile_union_kernel(blocks, k_offset, starts, counts, selections, TQ, H, S, NT, NT_OUT,
+                      stride_tile, block_size, QT: tl.constexpr, BW: tl.constexpr,
+                      STORE: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H
+    j = (pid // H) % NT_OUT
+    b = pid // (H * NT_OUT)
+    tile = j * stride_tile
+    offs = tl.arange(0, BW)
+    r = offs // S
+    t = tile * QT + r
+    valid = (offs < QT * S) & (t < TQ)
+    tok = b.to(tl.int64) * TQ + t
+    blk = tl.load(blocks + (tok * H + h) * S + offs % S, mask=valid, other=-1).to(tl.int64)
+    first_key = tl.load(k_offset + tok, mask=valid, other=0)
+    name = tl.where(blk >= 0, first_key + blk * block_size, 9223372036854775807)
+    name = tl.sort(name)
+    prev = tl.gather(name, tl.maximum(offs - 1, 0), 0)
+    first = (name != 9223372036854775807) & ((name != prev) | (offs == 0))
+    tl.store(counts + pid, tl.sum(first.to(tl.int32), 0))
+    tl.store(selections + pid, tl.sum((blk >= 0).to(tl.int32), 0))
+    if STORE:
+        kept = tl.sort(tl.where(first, name, 9223372036854775807))
+        tl.store(starts + pid.to(tl.int64) * (QT * S) + offs, kept, mask=offs < QT * S)
+
+
+def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: int = 1,
+               store: bool = True, interpret: bool = False):
+    """(starts [B, NT', H, QT * S] int64 or None, counts [B, NT', H] int32, selections [B, NT', H]
+    int32) for every `stride`-th tile (NT' = ceil(NT / stride)) of `tokens_per_tile` tokens.
+
+    blocks [B, TQ, H, S] canonical rows (S >= 1, QT * S <= MAX_WIDTH), k_offset [B, TQ] int64:
+    the first key of each query token's sequence along k's T axis (0 for a dense call)."""
+    B, TQ, H, S = blocks.shape
+    QT = tokens_per_tile
+    NT = -(-TQ // QT)
+    NT_OUT = -(-NT // stride)
+    width = QT * S
+    if S == 0 or width > MAX_WIDTH:
+        raise ValueError(f"tile_union: QT * S = {QT} * {S} must be in 1..{MAX_WIDTH}")
+    device = blocks.device
+    counts = torch.empty((B, NT_OUT, H), dtype=torch.int32, device=device)
+    selections = torch.empty_like(counts)
+    starts = torch.empty((B, NT_OUT, H, width) if store else (1,), dtype=torch.int64,
+                         device=device)
+    kernel = tile_union_kernel
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kernel = InterpretedFunction(tile_union_kernel.fn)
+    kernel[(B * NT_OUT * H,)](
+        blocks.contiguous(), k_offset.to(torch.int64).contiguous(), starts, counts, selections,
+        TQ, H, S, NT, NT_OUT, stride, block_size,
+        QT=QT, BW=triton.next_power_of_2(width), STORE=store)
+    return (starts if store else None), counts, selections
+
+
+__all__ = ["tile_union", "tile_union_kernel", "NONE", "MAX_WIDTH"]
