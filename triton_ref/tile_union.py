@@ -71,10 +71,12 @@ def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: 
         from triton.runtime.interpreter import InterpretedFunction
 
         kernel = InterpretedFunction(tile_union_kernel.fn)
+    BW = triton.next_power_of_2(width)
     kernel[(B * NT_OUT * H,)](
         blocks.contiguous(), k_offset.to(torch.int64).contiguous(), starts, counts, selections,
         TQ, H, S, NT, NT_OUT, stride, block_size,
-        QT=QT, BW=triton.next_power_of_2(width), STORE=store)
+        QT=QT, BW=BW, STORE=store,
+        num_warps=max(4, min(16, BW // 256)))   # <= 8 names a thread: no spills at 4096
     return (starts if store else None), counts, selections
 
 
