@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..call import SelectionCall
+from ..device import on_device
 from ..selection import RowGeometry
 
 _NONE = torch.iinfo(torch.int64).max     # sorts after every real key
@@ -72,8 +73,9 @@ def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor
     if _one_launch(blocks, tokens_per_tile):
         from triton_ref.tile_union import tile_union
 
-        starts, counts, _ = tile_union(blocks, geometry.k_offset, call.block_size,
-                                       tokens_per_tile)
+        with on_device(blocks.device):     # Triton launches on the current device
+            starts, counts, _ = tile_union(blocks, geometry.k_offset, call.block_size,
+                                           tokens_per_tile)
         return TileUnion(starts, counts, tokens_per_tile)
     return tile_unions_torch(call, geometry, blocks, tokens_per_tile)
 
@@ -124,8 +126,9 @@ def sampled_overlap(call: SelectionCall, geometry: RowGeometry, blocks: torch.Te
     if _one_launch(blocks, QT):
         from triton_ref.tile_union import tile_union
 
-        _, counts, selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
-                                           stride=stride, store=False)
+        with on_device(blocks.device):
+            _, counts, selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
+                                               stride=stride, store=False)
         return torch.stack([total, counts.sum(dtype=torch.int64),
                             selections.sum(dtype=torch.int64)])
     keys = _tile_keys(call, geometry, blocks, QT, stride).sort(dim=-1).values
