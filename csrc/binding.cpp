@@ -19,6 +19,7 @@
 #endif
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -54,16 +55,19 @@ void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tens
               " must be contiguous, got shape ", shape_of(t), " with strides ", strides_of(t));
 }
 
-void check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> expected,
+// The message is built only for a failing check: this runs ~10 times in every eager call, where
+// a std::vector and a std::string per check were a measurable part of the host time.
+void check_shape(const at::Tensor& t, const char* name, std::initializer_list<int64_t> expected,
                  const char* meaning, const char* op = kFwd) {
   bool ok = t.dim() == int64_t(expected.size());
-  for (size_t i = 0; ok && i < expected.size(); ++i) ok = t.size(i) == expected[i];
+  int64_t i = 0;
+  for (const int64_t size : expected) ok = ok && t.size(i++) == size;
+  if (ok) return;
   std::string want = "[";
-  for (size_t i = 0; i < expected.size(); ++i)
-    want += (i ? ", " : "") + std::to_string(expected[i]);
+  i = 0;
+  for (const int64_t size : expected) want += (i++ ? ", " : "") + std::to_string(size);
   want += "]";
-  TORCH_CHECK(ok, op, name, " must have shape ", want, " ", meaning,
-              ", got ", shape_of(t));
+  TORCH_CHECK(false, op, name, " must have shape ", want, " ", meaning, ", got ", shape_of(t));
 }
 
 bool has_mma_instance(int64_t dk, int64_t dv) {
@@ -197,16 +201,25 @@ SelectionFwdParams forward_params(const ForwardShapes& shapes, const at::Tensor&
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v,
-                                                      const at::Tensor& blocks,
-                                                      const at::Tensor& num_blocks,
-                                                      const at::Tensor& pos,
-                                                      const at::Tensor& k_offset,
-                                                      int64_t block_size, double scale,
-                                                      int64_t num_splits) {
-  const ForwardShapes shapes = check_forward_inputs(kFwd, q, k, v, blocks, num_blocks, pos,
-                                                    k_offset, block_size);
+int64_t round_up_64(int64_t n) { return (n + 63) / 64 * 64; }
+
+// The split-KV partials, fp32, in one buffer: [B*TQ*HQ, num_splits, Dv] accumulators, then the
+// running max and the sum [B*TQ*HQ, num_splits] each, every section starting 256-byte aligned
+// (as separate allocations would). 0 without splitting.
+int64_t partial_floats(int64_t query_rows, int64_t num_splits, int64_t Dv) {
+  if (num_splits <= 1) return 0;
+  return round_up_64(query_rows * num_splits * Dv) + 2 * round_up_64(query_rows * num_splits);
+}
+
+// The forward on checked inputs. `partials`: partial_floats(...) fp32 values of workspace, or
+// nullptr to allocate them here.
+std::tuple<at::Tensor, at::Tensor> run_forward(const ForwardShapes& shapes, const at::Tensor& q,
+                                               const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& blocks,
+                                               const at::Tensor& num_blocks,
+                                               const at::Tensor& pos, const at::Tensor& k_offset,
+                                               int64_t block_size, double scale,
+                                               int64_t num_splits, float* partials) {
   [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
   const auto dtype = q.scalar_type();
   TORCH_CHECK(num_splits >= 1, "nsa_ext_cuda::selection_fwd: num_splits must be >= 1, got ",
@@ -227,17 +240,19 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
                                         block_size, scale);
   p.num_splits = int(num_splits);
   p.entries_per_split = int(S > 0 ? (S + num_splits - 1) / num_splits : 0);
-  // Split-KV partials, fp32: [B*TQ*HQ, num_splits, Dv] and [B*TQ*HQ, num_splits] twice. Every
-  // slot is written by the forward kernel (empty slices too), so empty() suffices.
-  at::Tensor part_acc, part_m, part_l;
+  // Split-KV partials: every slot is written by the forward kernel (empty slices too), so
+  // uninitialised memory suffices.
+  at::Tensor owned_partials;
   if (num_splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    part_acc = at::empty({B * TQ * HQ, num_splits, Dv}, f32);
-    part_m = at::empty({B * TQ * HQ, num_splits}, f32);
-    part_l = at::empty({B * TQ * HQ, num_splits}, f32);
-    p.part_acc = part_acc.data_ptr<float>();
-    p.part_m = part_m.data_ptr<float>();
-    p.part_l = part_l.data_ptr<float>();
+    const int64_t query_rows = B * TQ * HQ;
+    if (partials == nullptr) {
+      owned_partials = at::empty({partial_floats(query_rows, num_splits, Dv)},
+                                 q.options().dtype(at::kFloat));
+      partials = owned_partials.data_ptr<float>();
+    }
+    p.part_acc = partials;
+    p.part_m = p.part_acc + round_up_64(query_rows * num_splits * Dv);
+    p.part_l = p.part_m + round_up_64(query_rows * num_splits);
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
@@ -255,6 +270,20 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const at::Tensor& blocks,
+                                                      const at::Tensor& num_blocks,
+                                                      const at::Tensor& pos,
+                                                      const at::Tensor& k_offset,
+                                                      int64_t block_size, double scale,
+                                                      int64_t num_splits) {
+  const ForwardShapes shapes = check_forward_inputs(kFwd, q, k, v, blocks, num_blocks, pos,
+                                                    k_offset, block_size);
+  return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
+                     num_splits, nullptr);
 }
 
 // nsa_ext_cuda::selection_fwd_tile: the query-tile schedule (csrc/hopper/) over the unions of
@@ -334,13 +363,15 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
   return {o, lse};
 }
 
-}  // namespace
-// nsa_ext_cuda::canonical_blocks: the backend's canonical rows in one launch (S <= 32).
-std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indices,
-                                                         const at::Tensor& pos,
-                                                         const std::optional<at::Tensor>& counts,
-                                                         int64_t count_limit, int64_t block_size) {
-  const char* op = "nsa_ext_cuda::canonical_blocks: ";
+struct CanonicalShapes {
+  int64_t B, TQ, H, S;
+};
+
+// The checks of the canonical-rows launch (torch.ops callers skip the Python validation).
+CanonicalShapes check_canonical_inputs(const char* op, const at::Tensor& indices,
+                                       const at::Tensor& pos,
+                                       const std::optional<at::Tensor>& counts,
+                                       int64_t block_size) {
   TORCH_CHECK(indices.is_cuda() && indices.dim() == 4, op,
               "block_indices must be a 4-d [B, TQ, H, S] CUDA tensor, got ", shape_of(indices),
               " on ", indices.device().str());
@@ -360,11 +391,21 @@ std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indic
                 "block_counts must be int32 or int64");
     check_shape(*counts, "block_counts", {B, TQ, H}, "[B, TQ, H]", op);
   }
-  const c10::cuda::CUDAGuard guard(indices.device());
-  auto blocks = at::empty({B, TQ, H, S}, indices.options().dtype(at::kInt));
-  auto num_blocks = at::empty({B, TQ, H}, indices.options().dtype(at::kInt));
-  if (B * TQ * H == 0) return {blocks, num_blocks};
-  if (S == 0) return {blocks, num_blocks.zero_()};
+  return {B, TQ, H, S};
+}
+
+// Canonical rows into `blocks` [B, TQ, H, S] and `num_blocks` [B, TQ, H] (int32, contiguous,
+// on the current device).
+void fill_canonical(const CanonicalShapes& shapes, const at::Tensor& indices,
+                    const at::Tensor& pos, const std::optional<at::Tensor>& counts,
+                    int64_t count_limit, int64_t block_size, at::Tensor& blocks,
+                    at::Tensor& num_blocks) {
+  const auto [B, TQ, H, S] = shapes;
+  if (B * TQ * H == 0) return;
+  if (S == 0) {
+    num_blocks.zero_();
+    return;
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(indices.device().index()).stream();
   C10_CUDA_CHECK(launch_canonical_blocks(
       indices.data_ptr(), indices.scalar_type() == at::kLong, pos.data_ptr<int64_t>(),
@@ -372,20 +413,57 @@ std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indic
       count_limit, B * TQ * H, H, int(S), block_size, blocks.data_ptr<int32_t>(),
       num_blocks.data_ptr<int32_t>(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// nsa_ext_cuda::canonical_blocks: the backend's canonical rows in one launch (S <= 32).
+std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indices,
+                                                         const at::Tensor& pos,
+                                                         const std::optional<at::Tensor>& counts,
+                                                         int64_t count_limit, int64_t block_size) {
+  const CanonicalShapes shapes =
+      check_canonical_inputs("nsa_ext_cuda::canonical_blocks: ", indices, pos, counts, block_size);
+  const auto [B, TQ, H, S] = shapes;
+  const c10::cuda::CUDAGuard guard(indices.device());
+  auto blocks = at::empty({B, TQ, H, S}, indices.options().dtype(at::kInt));
+  auto num_blocks = at::empty({B, TQ, H}, indices.options().dtype(at::kInt));
+  fill_canonical(shapes, indices, pos, counts, count_limit, block_size, blocks, num_blocks);
   return {blocks, num_blocks};
 }
 
 // nsa_ext_cuda::selection_fwd_rows: canonical rows + the row-schedule forward (+ the split-KV
 // merge) in one call from Python: the eager fast path of the CUDA backend (one operator
-// dispatch instead of two; the same kernels, checks and allocations as the two operators).
+// dispatch instead of two; the same kernels and checks as the two operators). One int32
+// workspace holds the canonical rows, their counts and the split-KV partials: an eager decode
+// call is bound by host time, and that is three allocations instead of seven.
 std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
     const std::optional<at::Tensor>& counts, int64_t count_limit, const at::Tensor& pos,
     const at::Tensor& k_offset, int64_t block_size, double scale, int64_t num_splits) {
-  const auto [blocks, num_blocks] =
-      canonical_blocks_cuda(indices, pos, counts, count_limit, block_size);
-  return selection_fwd_cuda(q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
-                            num_splits);
+  const char* op = "nsa_ext_cuda::selection_fwd_rows: ";
+  const CanonicalShapes canon = check_canonical_inputs(op, indices, pos, counts, block_size);
+  const auto [B, TQ, H, S] = canon;
+  TORCH_CHECK(q.dim() == 4 && v.dim() == 4, op, "q and v must be 4-d, got ", shape_of(q),
+              " and ", shape_of(v));
+  TORCH_CHECK(num_splits >= 1, op, "num_splits must be >= 1, got ", std::to_string(num_splits));
+  const int64_t blocks_words = round_up_64(B * TQ * H * S);
+  const int64_t counts_words = round_up_64(B * TQ * H);
+  const int64_t partials = partial_floats(q.size(0) * q.size(1) * q.size(2), num_splits, v.size(3));
+  const c10::cuda::CUDAGuard guard(indices.device());
+  // int32 words; the partials reinterpret theirs as fp32 (both 4 bytes).
+  auto workspace = at::empty({blocks_words + counts_words + partials},
+                             indices.options().dtype(at::kInt));
+  auto blocks = workspace.narrow(0, 0, B * TQ * H * S).view({B, TQ, H, S});
+  auto num_blocks = workspace.narrow(0, blocks_words, B * TQ * H).view({B, TQ, H});
+  fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks, num_blocks);
+  const ForwardShapes shapes = check_forward_inputs(kFwd, q, k, v, blocks, num_blocks, pos,
+                                                    k_offset, block_size);
+  float* partial_base =
+      partials ? reinterpret_cast<float*>(workspace.data_ptr<int32_t>() + blocks_words + counts_words)
+               : nullptr;
+  return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
+                     num_splits, partial_base);
 }
 
 }  // namespace nsa_ext
