@@ -4,7 +4,10 @@
 # (default bench/results/verify). STEPS picks the parts (default build,tests,sanitize; also
 # `eager`: bench/eager_bench.py --stages, `fla`: examples/fla_nsa.py (fla's whole NSA layer with and
 # without nsa_ext's selection, T = 8k and 32k), and `tile`: the tile schedules' bench rows beside fla,
-# the floors, notes/hopper.md; `profile`: Nsight Compute on one CUDA tile-kernel call);
+# the floors, notes/hopper.md; `profile`: Nsight Compute on one CUDA tile-kernel call; `compare`: another
+# source tree, COMPARE_TREE (e.g. `git worktree add .trees/x branch`, carried to the device), built and
+# run in the same call -- its Hopper tests and its tile rows beside this tree's triton-tile -- then this
+# tree rebuilt: an A/B of a kernel variant with the same anchors);
 # PYTEST_N (default 12) xdist workers; SAN_LIMIT (default 150) seconds per sanitizer run.
 #   STEPS=build,tests bash scripts/device_verify.sh
 set -uo pipefail
@@ -13,6 +16,7 @@ OUT=${OUT:-bench/results/verify}
 STEPS=${STEPS:-build,tests,sanitize}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)     # absolute: the compare step runs in another tree
 export PYTHONUNBUFFERED=1
 has() { case ",$STEPS," in *",$1,"*) return 0;; esac; return 1; }
 status=0
@@ -73,6 +77,25 @@ if has tile; then
     --backends fla,floor/row,floor/tile,nsa:triton,nsa:triton-tile,nsa:cuda,nsa:cuda-tile \
     --no-progress --out "$OUT/tile" > "$OUT/tile.log" 2>&1 || fail tile $?
   tail -n 40 "$OUT/tile.log"
+fi
+if has compare; then
+  tree=$(cd "${COMPARE_TREE:?compare: set COMPARE_TREE to another source tree}" && pwd)
+  build() {   # build (editable install) the tree in $1, log to $2
+    (cd "$1" && MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+      $PYTHON -m pip install --no-build-isolation --no-deps -e . > "$2" 2>&1)
+  }
+  t0=$SECONDS
+  build "$tree" "$OUT/compare_build.log" || fail "compare build" $?
+  echo "compare: $tree built in $((SECONDS - t0)) s"
+  (cd "$tree" && PYTHONPATH=/tmp/site:$tree $PYTHON -m pytest -m gpu -q -p no:cacheprovider \
+    -n "${PYTEST_N:-12}" tests/test_cuda_hopper.py > "$OUT/compare_pytest.log" 2>&1) \
+    || fail "compare tests" $?
+  tail -n 3 "$OUT/compare_pytest.log"
+  (cd "$tree" && PYTHONPATH=/tmp/site:$tree $PYTHON bench/bench_selection.py --cases prefill,groups \
+    --patterns model,clustered,random --backends nsa:triton-tile,nsa:cuda-tile --no-progress \
+    --out "$OUT/compare_tile" > "$OUT/compare_tile.log" 2>&1) || fail "compare tile" $?
+  tail -n 30 "$OUT/compare_tile.log"
+  build "$PWD" "$OUT/rebuild.log" || fail "rebuild of this tree" $?
 fi
 echo "device_verify: exit $status"
 exit "$status"
