@@ -477,6 +477,51 @@ def test_gpu_stress_bf16(device_lane, monkeypatch, name, schedule):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_chooser_reads_the_whole_union_and_the_tile_path_reuses_it(monkeypatch, backend):
+    """On CUDA the chooser's overlap statistic is the whole union's (launched before its sync,
+    kept on the call's Prepared) and exact; the tile path then runs on that same union."""
+    from nsa_ext.backends import cuda as cuda_backend
+    from nsa_ext.config import load_settings
+    from nsa_ext.device import device_facts
+    from nsa_ext.schedules.tiles import overlap_ratio, union_before_sync
+    from triton_ref.selection_tile import tile_shape
+
+    # Enough rows that the measured crossovers read the statistic (sel_tile_min_rows).
+    case = make_case(B=1, TQ=16384, HQ=16, H=4, Dk=64, S=16, block_size=64, seed=2,
+                     dtype=torch.bfloat16, device="cuda")
+    call = describe_call(*case.args(), **case.kwargs())
+    settings, facts = load_settings(), device_facts(call.device)
+    if backend == "cuda" and (nsa_ext.explain(*case.args(), **case.kwargs(), backend="cuda").chosen
+                              is None or cuda_backend.tile_reasons(call, facts)):
+        pytest.skip("the CUDA backend's tile kernel cannot serve here")
+    QT, _ = tile_shape(call.group_size)
+    prep = triton_backend._prepare(call, settings, None, False)
+    assert union_before_sync(prep.blocks, QT)
+    if backend == "triton":
+        choice = chooser.choose_schedule(call, settings, facts, prep)
+    else:
+        prep = cuda_backend.prepared(call, settings, prep.geometry, prep.blocks, prep.num_blocks)
+        choice = cuda_backend.choose_schedule(call, settings, facts, prep)
+    union = prep.cache.get(f"union{QT}")
+    assert union is not None, "the chooser did not compute the union"
+    assert choice.stats["union/selections"] == pytest.approx(
+        overlap_ratio(union, prep.num_blocks).item(), rel=1e-6)
+    assert prep.union(QT) is union                        # the tile path's input, not recomputed
+
+
+def test_the_whole_union_is_read_only_on_cuda_and_within_its_budget(monkeypatch):
+    from nsa_ext.schedules import tiles
+
+    blocks = torch.zeros(1, 64, 4, 16, dtype=torch.int32)
+    assert not tiles.union_before_sync(blocks, 4)                  # CPU: the sample
+    monkeypatch.setattr(tiles, "_one_launch", lambda blocks, QT: True)
+    assert tiles.union_before_sync(blocks, 4)
+    monkeypatch.setattr(tiles, "UNION_BEFORE_SYNC_BYTES", blocks.numel() * 8 - 1)
+    assert not tiles.union_before_sync(blocks, 4)                  # too large: the sample
+
+
+@pytest.mark.gpu
 @pytest.mark.big_memory    # K and V of 4 GiB each: out of memory beside other xdist workers
 @pytest.mark.parametrize("schedule", ["tile", "kv"])
 def test_gpu_64bit_offsets(device_lane, monkeypatch, schedule):

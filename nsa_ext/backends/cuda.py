@@ -220,17 +220,23 @@ def tile_forward(*args):
     return torch.ops.nsa_ext_cuda.selection_fwd_tile(*args)
 
 
-def choose_schedule(call: SelectionCall, settings, facts, geometry, blocks, num_blocks):
+def prepared(call: SelectionCall, settings, geometry, blocks, num_blocks):
+    """The schedules' shared inputs (nsa_ext.schedules.Prepared): the chooser may compute the
+    tile unions on it before its sync, and the tile path then reuses them."""
+    from ..schedules import Prepared
+
+    return Prepared(call, settings, geometry, blocks, num_blocks, interpret=False)
+
+
+def choose_schedule(call: SelectionCall, settings, facts, prep):
     """The chooser's ScheduleChoice for a call this backend runs unsplit, with `kv` (Triton's)
     and, where the Hopper kernel cannot serve, `tile` marked unable."""
-    from ..schedules import Prepared
     from ..schedules.chooser import choose_schedule as choose
 
     extra = {"kv": ["the CUDA backend runs row and tile; kv is the Triton backend's"]}
     why_not_tile = tile_reasons(call, facts)
     if why_not_tile:
         extra["tile"] = why_not_tile
-    prep = Prepared(call, settings, geometry, blocks, num_blocks, interpret=False)
     return choose(call, settings, facts, prep, extra_reasons=extra)
 
 
@@ -241,7 +247,8 @@ def explain_schedule(call: SelectionCall, settings, facts) -> List[str]:
     try:
         geometry = row_geometry(call)
         blocks, num_blocks = canonical_blocks(call, geometry)
-        return choose_schedule(call, settings, facts, geometry, blocks, num_blocks).lines()
+        prep = prepared(call, settings, geometry, blocks, num_blocks)
+        return choose_schedule(call, settings, facts, prep).lines()
     except ValueError as err:     # ScheduleUnavailableError: a forced schedule it cannot run
         return [f"schedule: none ({err})"]
     except ImportError as err:
@@ -262,12 +269,10 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
         settings = load_settings()
         if tile_may_run(call, settings, facts):
             blocks, num_blocks = canonical_blocks(call, geometry)
-            if choose_schedule(call, settings, facts, geometry, blocks,
-                               num_blocks).chosen == "tile":
-                from ..schedules.tiles import tile_unions
-
+            prep = prepared(call, settings, geometry, blocks, num_blocks)
+            if choose_schedule(call, settings, facts, prep).chosen == "tile":
                 QT = TILE_ROWS // call.group_size
-                union = tile_unions(call, geometry, blocks, QT)
+                union = prep.union(QT)          # computed by the chooser where it could
                 return tile_forward(q, k, v, blocks.contiguous(), num_blocks.contiguous(), pos,
                                     k_offset, union.starts, union.counts, QT, call.block_size,
                                     call.scale)

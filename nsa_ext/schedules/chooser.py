@@ -9,8 +9,10 @@ named backend). `auto`:
 2. Otherwise each schedule that can serve the call gets a predicted time from a cost model of
    what it moves and computes (below), and the smallest wins. The model needs two counts from
    the device: the selections (sum of the canonical rows' lengths) and the tile unions' sizes
-   relative to their selections, measured on a sample of ~256 tiles per KV head (the overlap
-   statistic, `tiles.sampled_overlap`). Reading them is one host synchronisation,
+   relative to their selections: on CUDA, from the whole union (one launch before the sync,
+   which the tile schedule then reuses; up to `tiles.UNION_BEFORE_SYNC_BYTES`), else measured
+   on a sample of ~256 tiles per KV head (`tiles.sampled_overlap`). Reading them is one host
+   synchronisation,
    taken only here and only outside CUDA-graph capture; during a capture the counts are the
    shape bounds (every row full, no overlap), so `tile` is not chosen there.
 
@@ -212,12 +214,20 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     if prep is not None and _may_sync(call) and not small:
         from triton_ref.selection_tile import tile_shape
 
-        from .tiles import sampled_overlap
+        from .tiles import sampled_overlap, union_before_sync
 
         QT, _ = tile_shape(call.group_size)
-        total, union_sample, selected_sample = sampled_overlap(
-            call, prep.geometry, prep.blocks, prep.num_blocks, QT).tolist()     # one sync
-        ratio = union_sample / selected_sample if selected_sample else 1.0
+        if not reasons["tile"] and union_before_sync(prep.blocks, QT):
+            # The whole union, launched before the sync and kept on `prep`: exact, and the tile
+            # kernel can follow the sync at once (no pre-pass left between them).
+            union = prep.union(QT)
+            total, unions = torch.stack([prep.num_blocks.sum(dtype=torch.int64),
+                                         union.counts.sum(dtype=torch.int64)]).tolist()
+            ratio = unions / total if total else 1.0
+        else:
+            total, union_sample, selected_sample = sampled_overlap(
+                call, prep.geometry, prep.blocks, prep.num_blocks, QT).tolist()     # one sync
+            ratio = union_sample / selected_sample if selected_sample else 1.0
         selections, unions = float(total), float(total) * ratio
         stats = {"selections": int(total), "tokens_per_tile": QT, "union/selections": ratio}
     elif prep is not None:

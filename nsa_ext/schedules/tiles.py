@@ -67,6 +67,19 @@ def _one_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
     return tokens_per_tile * blocks.shape[-1] <= MAX_WIDTH
 
 
+# The chooser computes the whole union before its host sync (the tile kernel's own input, then
+# ready the moment tile is chosen) when it is at most this large; past it, a sample of tiles.
+UNION_BEFORE_SYNC_BYTES = 64 << 20
+
+
+def union_before_sync(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
+    """Should the chooser read its statistic off the full union (one launch, launched before the
+    sync, kept for the tile schedule) rather than a sample? On CUDA, within one program's width
+    and UNION_BEFORE_SYNC_BYTES of int64 names (T = 128k at H = 4, S = 16)."""
+    return _one_launch(blocks, tokens_per_tile) and \
+        blocks.numel() * 8 <= UNION_BEFORE_SYNC_BYTES
+
+
 def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
                 tokens_per_tile: int) -> TileUnion:
     """The union of every tile of `tokens_per_tile` tokens' canonical rows `blocks [B, TQ, H, S]`."""
