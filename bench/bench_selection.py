@@ -746,6 +746,9 @@ def header_text(env: Dict[str, object], copy_bw, args, device) -> str:
     if copy_bw:
         lines.append(f"{kind} copy bandwidth: {copy_bw['gbps']:.0f} GB/s (read+write; "
                      f"{copy_bw['bytes'] / (1 << 20):.0f} MiB copied in {copy_bw['ms']:.3f} ms)")
+    if "host_launch_us_start" in env:
+        lines.append(f"host: {env['host_launch_us_start']} us to enqueue a tiny op (the anchor of "
+                     f"host-bound rows; measured again at the end)")
     lines.append(f"dtype {str(args.dtype).replace('torch.', '')}; timing: "
                  + ("triton.testing.do_bench median (L2 flushed per call)" if device.type == "cuda"
                     else "perf_counter median") + f"; thresholds forced to 0 for named backends "
@@ -898,6 +901,7 @@ def main(argv=None) -> int:
     except Exception as err:
         copy_bw = None
         print(f"copy bandwidth: failed ({short_error(err)})", file=sys.stderr)
+    env["host_launch_us_start"] = round(common.host_launch_us(device), 2)
     header = header_text(env, copy_bw, args, device)
     print(header, flush=True)
 
@@ -981,8 +985,11 @@ def main(argv=None) -> int:
         _write_outputs(out, env, copy_bw, header, blocks, rows, case_records, done_contexts, cases, args,
                        started, final=False, plot=len(case_records) % 4 == 0)
     progress.close()
+    env["host_launch_us_end"] = round(common.host_launch_us(device), 2)
     summary = summary_text(rows, done_contexts)
     print(summary)
+    print(f"host: {env['host_launch_us_start']} us per tiny-op launch at the start, "
+          f"{env['host_launch_us_end']} at the end (host-bound rows move with it)")
     messages = _write_outputs(out, env, copy_bw, header, blocks, rows, case_records, done_contexts, cases,
                               args, started, final=True)
     for message in messages:

@@ -487,6 +487,25 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: Optional[int] = N
     return {"bytes": nbytes, "ms": ms, "gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
 
 
+def host_launch_us(device: torch.device, launches: int = 2000, rounds: int = 3) -> float:
+    """Host microseconds to enqueue one tiny op (an in-place add on one element): the anchor for
+    rows bound by host time (eager calls, auto's chooser, short kernels), as the copy bandwidth
+    is for rows bound by memory. Timed before any synchronisation (the queue of tiny kernels does
+    not fill), best of `rounds`. Measured at a run's start and end, a difference says the host
+    slowed down during the run."""
+    device = torch.device(device)
+    x = torch.zeros(1, device=device)
+    best = float("inf")
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(launches):
+            x.add_(1)
+        best = min(best, (time.perf_counter() - t0) / launches * 1e6)
+        sync(device)
+    return best
+
+
 def cycle(fns: Sequence[Callable]) -> Callable:
     """Rotate among input sets (each its own callable), so a small case is not timed from L2."""
     if len(fns) == 1:

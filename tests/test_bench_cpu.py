@@ -117,6 +117,8 @@ def test_bench_cpu_quick_writes_its_files(tmp_path):
     assert rc == 0
     data = json.loads((tmp_path / "bench_selection.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["settings"]["complete"]
+    env = data["environment"]           # the host-launch anchor, at the run's start and end
+    assert 0 < env["host_launch_us_start"] < 1e4 and 0 < env["host_launch_us_end"] < 1e4
     rows = {(r["case"], r["backend"]): r for r in data["rows"]}
     for case in ("prefill T=512", "decode B=4 TK=2048"):
         for backend in ("nsa:sdpa", "nsa:reference", "dense:cpu"):
