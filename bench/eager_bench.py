@@ -40,7 +40,7 @@ from nsa_ext.call import describe_call  # noqa: E402
 from nsa_ext.config import load_settings  # noqa: E402
 from nsa_ext.device import device_facts  # noqa: E402
 from nsa_ext.dispatch import backend_module, choose  # noqa: E402
-from bench.common import eager_times, sync  # noqa: E402
+from bench.common import eager_times, host_launch_us, sync  # noqa: E402
 
 HQ, H, D, S, BS = 64, 4, 128, 16, 64
 ROWS = {"decode B=1 TK=64k": (1, 1, 65536), "chunk TQ=512 TK=32k": (1, 512, 32768)}
@@ -173,11 +173,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 def run(args, device, dtype, rows, where) -> dict:
     gpu = device.type == "cuda"
+    host_us = host_launch_us(device)       # the anchor of host time (bench/common.py)
     print(f"# eager calls on {where} | torch {torch.__version__} | nsa_ext {nsa_ext.__version__} | "
           f"{str(dtype).replace('torch.', '')} HQ={HQ} H={H} D={D} S={S} block={BS} | "
-          f"{args.calls} calls per run, best of 5 rounds taken in turns")
+          f"{args.calls} calls per run, best of 5 rounds taken in turns | "
+          f"host: {host_us:.2f} us to enqueue a tiny op")
     fla = fla_forward() if gpu and not args.stub_forward else None
-    results = {"device": where, "rows": []}
+    results = {"device": where, "host_launch_us": round(host_us, 2), "rows": []}
     print("| row | path | eager us/call | host us/call | chosen |")
     print("| --- | --- | --- | --- | --- |")
     for label, (B, TQ, TK) in rows.items():
