@@ -17,6 +17,15 @@ suits this layout: every query does the same work (S blocks), so equal contiguou
 balanced without the zig-zag orders dense causal attention needs, and K/V are 1/G of Q, so
 moving them is cheap next to the queries' work.
 
+Variable-length batches: the ranks shard the packed token axis ([1, total, ...], or [total, ...]
+without the batch dim) and pass the whole batch's `cu_seqlens_q`. Sequence i's part on rank r is
+its tokens in [r*T_local, (r+1)*T_local); with K/V gathered up to (r+1)*T_local, those queries
+are the last ones of the sequence's keys truncated at the shard's end, which SPEC.md's varlen call
+already expresses: per sequence, local TQ_i = the tokens in the shard, local TK_i = the tokens
+from the sequence's start to the shard's end (0 for sequences starting later). Block numbers stay
+per sequence; a block past the truncation holds only keys after every local query, which
+causality drops in the whole batch's call too. No block alignment of the shards is needed there.
+
 Every collective is one of torch.distributed's (NCCL on GPUs, gloo on CPUs). Before the first
 collective that could block, the ranks exchange a small description of their call (shapes,
 dtype, options, and any local error text) in one all-gather, so a bad input on any rank raises
@@ -49,7 +58,8 @@ _DTYPE_IDS = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 # The per-rank description exchanged before any other collective: int64 fields, then the
 # local error text (utf-8, cut to _MESSAGE_BYTES).
 _FIELDS = ("error", "B", "T_local", "HQ", "H", "Dk", "Dv", "S", "block_size", "dtype",
-           "block_counts_kind", "block_counts_int", "scale_bits", "backend", "grad_flags")
+           "block_counts_kind", "block_counts_int", "scale_bits", "backend", "grad_flags",
+           "batchless", "cu_n", "cu_hash")
 _MESSAGE_BYTES = 1024
 _PREFIX = "nsa_ext.distributed.selection_attention"
 
@@ -69,6 +79,9 @@ _MUST_MATCH = (
     ("scale", "scale", "scale"),
     ("backend", "backend", "backend"),
     ("grad_flags", "q/k/v", "tensors that require grad"),
+    ("batchless", "q", "layout ([1, T_local, ...] or [T_local, ...])"),
+    ("cu_n", "cu_seqlens_q", "number of sequences (0: not varlen)"),
+    ("cu_hash", "cu_seqlens_q", "the batch's cu_seqlens_q (a checksum of its values)"),
 )
 
 
@@ -83,6 +96,8 @@ class _Plan:
     block_counts_int: Optional[int]
     scale: Optional[float]
     backend: str
+    cu_seqlens_q: Optional[torch.Tensor] = None   # the local call's (varlen), on q's device
+    cu_seqlens_k: Optional[torch.Tensor] = None
 
 
 def _resolve_group(group):
@@ -135,28 +150,88 @@ def _exchange_device(device_types, q) -> torch.device:
     return torch.device("cpu")
 
 
+def _global_seqlens(cu_seqlens_q, cu_seqlens_k, total: int) -> list:
+    """The batch's cu_seqlens_q as Python ints, checked against the packed length of all shards
+    (cu_seqlens_k, if given, must be the same: q, k and v shard the same tokens)."""
+    if not isinstance(cu_seqlens_q, torch.Tensor):
+        raise ValueError("cu_seqlens_q: required when cu_seqlens_k is given (the batch's "
+                         f"cumulative sequence lengths), got {type(cu_seqlens_q).__name__}")
+    if cu_seqlens_q.dtype not in (torch.int32, torch.int64) or cu_seqlens_q.dim() != 1 or \
+            cu_seqlens_q.numel() < 2:
+        raise ValueError(f"cu_seqlens_q: expected a [N+1] int32/int64 tensor with N >= 1, got "
+                         f"{cu_seqlens_q.dtype} {list(cu_seqlens_q.shape)}")
+    cu = cu_seqlens_q.tolist()
+    if cu_seqlens_k is not None and (not isinstance(cu_seqlens_k, torch.Tensor)
+                                     or cu_seqlens_k.tolist() != cu):
+        raise ValueError("cu_seqlens_k: across ranks q, k and v shard the same tokens, so it must "
+                         "be None or equal cu_seqlens_q")
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens_q: must start at 0 and be non-decreasing, got {cu[:8]}"
+                         + (" ..." if len(cu) > 8 else ""))
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens_q: last entry must be the whole batch's packed length, "
+                         f"world x T_local = {total}, got {cu[-1]}")
+    return cu
+
+
+def _local_seqlens(cu: list, rank: int, T_local: int):
+    """(cu_seqlens_q, cu_seqlens_k) of rank `rank`'s local call, as lists: per sequence, its
+    tokens in the shard and its tokens from its start to the shard's end."""
+    start, end = rank * T_local, (rank + 1) * T_local
+    local_q, local_k = [0], [0]
+    for a, b in zip(cu, cu[1:]):
+        local_q.append(local_q[-1] + max(0, min(b, end) - max(a, start)))
+        local_k.append(local_k[-1] + max(0, min(b, end) - a))
+    return local_q, local_k
+
+
+# The local calls' cu_seqlens tensors, kept per (batch, rank, shard length, device): the same
+# tensors again on the next step, so the local call's value checks (a host read each) run once.
+_LOCAL_CU: dict = {}
+
+
+def _local_cu(cu: list, rank: int, T_local: int, device: torch.device):
+    key = (tuple(cu), rank, T_local, str(device))
+    if key not in _LOCAL_CU:
+        if len(_LOCAL_CU) >= 16:
+            _LOCAL_CU.clear()
+        _LOCAL_CU[key] = tuple(torch.tensor(c, dtype=torch.int64, device=device)
+                               for c in _local_seqlens(cu, rank, T_local))
+    return _LOCAL_CU[key]
+
+
 def _local_description(q, k, v, block_indices, block_size, block_counts, scale, backend,
-                       cu_seqlens_q, cu_seqlens_k, device_types, backend_name):
-    """(fields, error message or "") of this rank's call. Never raises for bad tensors: the
-    error travels to every rank first."""
+                       cu_seqlens_q, cu_seqlens_k, device_types, backend_name, world):
+    """(fields, error message or "", the batch's cu_seqlens as a list or None) of this rank's
+    call. Never raises for bad tensors: the error travels to every rank first."""
     fields = dict.fromkeys(_FIELDS, 0)
     try:
-        if cu_seqlens_q is not None or cu_seqlens_k is not None:
-            raise ValueError("cu_seqlens_q: variable-length batches across ranks are not supported "
-                             "yet; pass the dense layout [B, T_local, ...]")
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
         for name, t in (("q", q), ("k", k), ("v", v), ("block_indices", block_indices)):
             if isinstance(t, torch.Tensor) and t.device.type not in device_types:
                 raise ValueError(f"{name}: a tensor on {t.device}, but the process group's backend "
                                  f"({backend_name}) serves {', '.join(device_types) or 'no device'}")
+        varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+        batchless = varlen and isinstance(q, torch.Tensor) and q.dim() == 3
+        if batchless:
+            q, k, v, block_indices = (t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+                                      for t in (q, k, v, block_indices))
+            if isinstance(block_counts, torch.Tensor):
+                block_counts = block_counts.unsqueeze(0)
         call = describe_call(q, k, v, block_indices, block_size, block_counts=block_counts,
                              scale=scale)
         B, T_local, HQ, Dk = q.shape
         if k.shape[1] != T_local:
             raise ValueError(f"k: expected the shard length of q (T_local={T_local}), got "
                              f"{list(k.shape)}")
-        if T_local % call.block_size:
+        cu = None
+        if varlen:
+            if B != 1:
+                raise ValueError(f"cu_seqlens_q: the varlen layout needs B == 1 (or no batch "
+                                 f"dim), got q {list(q.shape)}")
+            cu = _global_seqlens(cu_seqlens_q, cu_seqlens_k, world * T_local)
+        elif T_local % call.block_size:
             raise ValueError(f"q: shard length T_local={T_local} is not a multiple of "
                              f"block_size={call.block_size}")
         counts_kind = (0 if block_counts is None
@@ -169,11 +244,13 @@ def _local_description(q, k, v, block_indices, block_size, block_counts, scale, 
             block_counts_int=int(block_counts) if counts_kind == 1 else 0,
             scale_bits=struct.unpack("<q", struct.pack("<d", call.scale))[0],
             backend=BACKEND_NAMES.index(backend),
-            grad_flags=sum(1 << i for i, t in enumerate((q, k, v)) if grad and t.requires_grad))
-        return fields, ""
+            grad_flags=sum(1 << i for i, t in enumerate((q, k, v)) if grad and t.requires_grad),
+            batchless=int(batchless), cu_n=len(cu) - 1 if cu else 0,
+            cu_hash=sum((i + 1) * c for i, c in enumerate(cu)) % (1 << 61) if cu else 0)
+        return fields, "", cu
     except (ValueError, TypeError) as e:
         fields["error"] = 1
-        return fields, str(e)
+        return fields, str(e), None
 
 
 def _exchange_and_check(fields: dict, message: str, group, rank: int, world: int,
@@ -272,7 +349,8 @@ class _ContextParallelSelection(torch.autograd.Function):
         ctx.plan = plan
         k_prefix, v_prefix = gather_kv_prefix(k, v, plan.rank, plan.world, plan.group)
         counts = block_counts if block_counts is not None else plan.block_counts_int
-        kwargs = dict(block_counts=counts, scale=plan.scale, backend=plan.backend, return_lse=True)
+        kwargs = dict(block_counts=counts, scale=plan.scale, backend=plan.backend, return_lse=True,
+                      cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k)
         if not need_grad:
             ctx.graph = None
             return _selection_attention(q, k_prefix, v_prefix, block_indices, plan.block_size,
@@ -316,22 +394,28 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
     each rank of `group` passes its contiguous shard of the sequence.
 
     Call it on every rank of the group with the same arguments except the shards. Rank r of the
-    group (rank order = sequence order) holds the tokens r*T_local .. (r+1)*T_local - 1.
+    group (rank order = sequence order) holds the tokens r*T_local .. (r+1)*T_local - 1 (of the
+    sequence, or with cu_seqlens of the packed batch).
 
     Args:
-        q: [B, T_local, HQ, Dk] this rank's queries (fp16/bf16/fp32).
+        q: [B, T_local, HQ, Dk] this rank's queries (fp16/bf16/fp32); varlen: [1, T_local, HQ, Dk]
+            or [T_local, HQ, Dk].
         k: [B, T_local, H, Dk] this rank's keys; v: [B, T_local, H, Dv] its values.
         block_indices: [B, T_local, H, S] int32/int64, **global** block numbers of the whole
-            sequence (a set per row: -1 padding, out-of-range entries and repeats ignored).
-        block_size: tokens per block, a positive power of two; T_local must be a multiple of it.
+            sequence (varlen: of each query's own sequence, as in SPEC.md); a set per row: -1
+            padding, out-of-range entries and repeats ignored.
+        block_size: tokens per block, a positive power of two; a dense T_local must be a
+            multiple of it (varlen shards may cut a block: blocks are per sequence).
         group: a ProcessGroup (None: the default group) or a 1-d DeviceMesh (its group).
             NCCL for CUDA tensors, gloo for CPU tensors.
         block_counts: None, an int, or this rank's [B, T_local, H] integer tensor.
         scale, backend: as in `nsa_ext.selection_attention` (the local call goes through the
             normal dispatcher; backend="auto" may pick differently per rank).
         return_lse: also return this rank's lse [B, T_local, HQ] float32 (differentiable).
-        cu_seqlens_q, cu_seqlens_k: variable-length batches across ranks are not supported yet;
-            passing either raises ValueError.
+        cu_seqlens_q: [N+1] cumulative sequence lengths of the **whole** packed batch (the same
+            on every rank; its last entry is world x T_local): a sequence may start, end or lie
+            anywhere, across shard boundaries, and be empty.
+        cu_seqlens_k: None or equal to cu_seqlens_q (q, k and v shard the same tokens).
 
     Returns:
         This rank's shard of o [B, T_local, HQ, Dv] (and lse with return_lse=True).
@@ -339,9 +423,10 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
     Every rank all-gathers K and V (each keeps the prefix its queries can reach, for the
     backward too) and the backward reduce-scatters dK/dV, so every rank must run the forward
     and, when gradients are wanted, the backward through its output. Bad input on any rank
-    (unequal shard lengths, a shard length that is not a multiple of block_size, tensors on a
-    device the group's backend does not serve, differing shapes, dtypes or options, varlen)
-    raises the same ValueError, naming the rank and the argument, on every rank.
+    (unequal shard lengths, a dense shard length that is not a multiple of block_size, tensors
+    on a device the group's backend does not serve, differing shapes, dtypes, options or
+    cu_seqlens) raises the same ValueError, naming the rank and the argument, on every rank.
+    Varlen calls read cu_seqlens_q on the host (the local call's sequence lengths follow from it).
     With an NCCL-only group the rank check reads a small GPU all-gather back to the host, which
     waits for the GPU work queued before the call; a group made with
     init_process_group("cpu:gloo,cuda:nccl") runs the check on the CPU instead.
@@ -350,17 +435,25 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
     group = _resolve_group(group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device_types = _group_device_types(group)
-    fields, message = _local_description(q, k, v, block_indices, block_size, block_counts, scale,
-                                         backend, cu_seqlens_q, cu_seqlens_k, device_types,
-                                         str(dist.get_backend(group)))
+    fields, message, cu = _local_description(q, k, v, block_indices, block_size, block_counts,
+                                             scale, backend, cu_seqlens_q, cu_seqlens_k,
+                                             device_types, str(dist.get_backend(group)), world)
     _exchange_and_check(fields, message, group, rank, world, _exchange_device(device_types, q))
 
+    batchless = bool(fields["batchless"])
+    if batchless:                     # [T_local, ...]: the local call takes fla's [1, T_local, ...]
+        q, k, v, block_indices = (t.unsqueeze(0) for t in (q, k, v, block_indices))
+        if isinstance(block_counts, torch.Tensor):
+            block_counts = block_counts.unsqueeze(0)
+    local_cu = (None, None) if cu is None else _local_cu(cu, rank, fields["T_local"], q.device)
     counts_tensor = block_counts if isinstance(block_counts, torch.Tensor) else None
     counts_int = None if block_counts is None or counts_tensor is not None else int(block_counts)
     plan = _Plan(group=group, rank=rank, world=world, block_size=int(block_size),
                  block_counts_int=counts_int, scale=None if scale is None else float(scale),
-                 backend=backend)
+                 backend=backend, cu_seqlens_q=local_cu[0], cu_seqlens_k=local_cu[1])
     need_grad = fields["grad_flags"] != 0
     o, lse = _ContextParallelSelection.apply(q, k, v, block_indices, counts_tensor, plan,
                                              need_grad)
+    if batchless:
+        o, lse = o.squeeze(0), lse.squeeze(0)
     return (o, lse) if return_lse else o

@@ -127,12 +127,15 @@ def causal_indices(g, B, T, H, S, block_size):
 
 
 def full_case(spec: dict, world: int, device="cpu"):
-    """The whole sequence's inputs, and the gradients fed back for o and lse."""
+    """The whole sequence's inputs (a packed varlen batch where spec["seqlens"] says, summing
+    to world x T_local, with "cu_seqlens_q" in the returned dict), and the gradients fed back
+    for o and lse."""
     T = world * spec["T_local"]
-    case = make_case(B=spec.get("B", 1), TQ=T, HQ=spec["HQ"], H=spec["H"], Dk=spec["Dk"],
+    shape = dict(seqlens=spec["seqlens"]) if "seqlens" in spec else dict(B=spec.get("B", 1), TQ=T)
+    case = make_case(HQ=spec["HQ"], H=spec["H"], Dk=spec["Dk"],
                      Dv=spec.get("Dv"), S=spec["S"], block_size=spec["block_size"],
                      block_counts=spec.get("block_counts"), seed=spec["seed"],
-                     dtype=spec.get("dtype", torch.float32))
+                     dtype=spec.get("dtype", torch.float32), **shape)
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     if spec.get("indices") == "causal":
         case.block_indices = causal_indices(g, case.q.shape[0], T, spec["H"], spec["S"],
@@ -141,6 +144,9 @@ def full_case(spec: dict, world: int, device="cpu"):
     grad_o = torch.randn(B, T, HQ, case.v.shape[-1], generator=g).to(case.q.dtype)
     grad_lse = torch.randn(B, T, HQ, generator=g) * 0.3
     moved = {name: getattr(case, name).to(device) for name in ("q", "k", "v", "block_indices")}
+    if "seqlens" in spec:
+        assert case.q.shape[1] == T, "seqlens must sum to world x T_local"
+        moved["cu_seqlens_q"] = case.cu_seqlens_q.to(device)
     counts = case.block_counts
     if isinstance(counts, torch.Tensor):
         counts = counts.to(device)
@@ -162,7 +168,7 @@ def one_process(spec, world, device="cpu"):
     q, k, v = (t[n].detach().clone().requires_grad_() for n in "qkv")
     o, lse = nsa_ext.selection_attention(q, k, v, t["block_indices"], spec["block_size"],
                                          block_counts=counts, backend=spec["backend"],
-                                         return_lse=True)
+                                         cu_seqlens_q=t.get("cu_seqlens_q"), return_lse=True)
     loss_of(o, lse, grad_o, grad_lse).backward()
     return grads_of(o, lse, q.grad, k.grad, v.grad)
 
@@ -179,12 +185,24 @@ def _sharded_call(spec, rank, world, group=None, device="cpu"):
     grad_of = spec.get("grad_of", "qkv")
     q, k, v = (shard(t[n], rank, T_local).detach().clone().requires_grad_(n in grad_of)
                for n in "qkv")
+    block_indices = shard(t["block_indices"], rank, T_local)
     if isinstance(counts, torch.Tensor):
         counts = shard(counts, rank, T_local)
+    batchless = spec.get("batchless", False)        # varlen in FlashAttention's [total, ...]
+    if batchless:
+        q, k, v = (x.detach()[0].requires_grad_(x.requires_grad) for x in (q, k, v))
+        block_indices = block_indices[0]
+        counts = counts[0] if isinstance(counts, torch.Tensor) else counts
     with torch.set_grad_enabled(bool(grad_of)):
         o, lse = nsa_ext.distributed.selection_attention(
-            q, k, v, shard(t["block_indices"], rank, T_local), spec["block_size"], group=group,
-            block_counts=counts, backend=spec["backend"], return_lse=True)
+            q, k, v, block_indices, spec["block_size"], group=group, block_counts=counts,
+            backend=spec["backend"], cu_seqlens_q=t.get("cu_seqlens_q"), return_lse=True)
+    if batchless:
+        assert o.dim() == 3 and lse.dim() == 2
+    if grad_of and batchless:
+        loss_of(o, lse, shard(grad_o, rank, T_local)[0], shard(grad_lse, rank, T_local)[0]).backward()
+        return [None if x is None else x.unsqueeze(0) for x in
+                grads_of(o, lse, q.grad, k.grad, v.grad)]
     if grad_of:
         loss_of(o, lse, shard(grad_o, rank, T_local), shard(grad_lse, rank, T_local)).backward()
     else:
@@ -217,8 +235,15 @@ def job_errors(rank, world, cases):
             T_local = 24
         if kind == "device" and rank == 0:
             device = "meta"
-        if kind == "varlen":
+        if kind == "varlen_length":   # the batch's packed length is world x T_local, not T_local
             extra = dict(cu_seqlens_q=torch.tensor([0, T_local], dtype=torch.int32))
+        if kind == "varlen_differs" and rank == 1:
+            extra = dict(cu_seqlens_q=torch.tensor([0, 7, 64], dtype=torch.int32))
+        elif kind == "varlen_differs":
+            extra = dict(cu_seqlens_q=torch.tensor([0, 9, 64], dtype=torch.int32))
+        if kind == "varlen_k":
+            extra = dict(cu_seqlens_q=torch.tensor([0, 9, 64], dtype=torch.int32),
+                         cu_seqlens_k=torch.tensor([0, 10, 64], dtype=torch.int32))
         if kind == "dtype" and rank == 1:
             extra = dict(dtype=torch.float16)
         dtype = extra.pop("dtype", torch.float32)
@@ -305,10 +330,17 @@ CASES = {
         base(B=2, HQ=3, H=3, seed=4, block_counts=2, backend="reference"),    # G = 1, B = 2
         base(seed=9, grad_of="q"),                                        # no dK/dV exchange
         base(seed=10, grad_of=""),                                        # inference
+        # varlen: sequences across the shard boundary, an empty one, blocks cut by it
+        base(seqlens=[37, 0, 20, 7], HQ=8, H=2, block_size=4, S=4, seed=11, repeat=True),
+        base(seqlens=[64], HQ=4, H=1, block_size=16, S=3, seed=12, block_counts="tensor",
+             backend="reference"),
+        base(seqlens=[5, 40, 19], seed=13, batchless=True, backend="auto"),
         ],
     3: [base(indices="causal", T_local=16, seed=5),
         base(HQ=16, H=1, S=5, block_size=16, seed=6, block_counts="tensor"),
         base(HQ=2, H=2, Dk=24, Dv=40, seed=7, repeat=True),                   # G = 1, Dv != Dk
+        base(seqlens=[3, 70, 0, 1, 22], HQ=6, H=2, block_size=8, S=5, seed=14),  # spans 3 ranks
+        base(seqlens=[32, 32, 32], block_size=2, seed=15, block_counts=2),       # on the seams
         ],
 }
 CASES[2] += random_specs(1, 6)
@@ -338,7 +370,9 @@ ERROR_CASES = {
     "unequal": ("rank 1", "q:", "T_local"),
     "not_multiple": ("rank 0", "rank 1", "q:", "multiple of block_size"),
     "device": ("rank 0", "q:", "meta", "gloo"),
-    "varlen": ("cu_seqlens_q", "not supported"),
+    "varlen_length": ("rank 0", "cu_seqlens_q", "world x T_local = 64", "got 32"),
+    "varlen_differs": ("rank 1", "cu_seqlens_q", "checksum"),
+    "varlen_k": ("rank 0", "cu_seqlens_k", "equal cu_seqlens_q"),
     "dtype": ("rank 1", "q:", "dtype"),
     "grad": ("rank 1", "q/k/v", "require grad"),
 }
