@@ -482,7 +482,9 @@ def test_nccl_two_gpus():
              base(T_local=256, HQ=16, H=1, Dk=128, S=8, block_size=64, seed=1,
                   block_counts="tensor", backend="sdpa"),
              base(indices="causal", T_local=1024, HQ=64, H=4, Dk=128, S=16, block_size=64,
-                  seed=2, backend="auto", dtype=torch.bfloat16, repeat=True)]
+                  seed=2, backend="auto", dtype=torch.bfloat16, repeat=True),
+             base(seqlens=[300, 0, 700, 24], T_local=512, HQ=16, H=1, Dk=64, S=4,
+                  block_size=64, seed=3, backend="auto", repeat=True)]      # varlen
     results = run_ranks(2, "sharded", specs, "cuda", backend="nccl")
     for i, spec in enumerate(specs):
         check_against_one_process(spec, 2, [results[r][i] for r in range(2)], device="cuda")
