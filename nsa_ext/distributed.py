@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .api import selection_attention as _selection_attention
-from .call import BACKEND_NAMES, describe_call
+from .call import BACKEND_NAMES, _check_cu_seqlens, _check_cu_values, describe_call
 
 __all__ = ["selection_attention"]
 
@@ -150,27 +150,19 @@ def _exchange_device(device_types, q) -> torch.device:
     return torch.device("cpu")
 
 
-def _global_seqlens(cu_seqlens_q, cu_seqlens_k, total: int) -> list:
-    """The batch's cu_seqlens_q as Python ints, checked against the packed length of all shards
-    (cu_seqlens_k, if given, must be the same: q, k and v shard the same tokens)."""
-    if not isinstance(cu_seqlens_q, torch.Tensor):
-        raise ValueError("cu_seqlens_q: required when cu_seqlens_k is given (the batch's "
-                         f"cumulative sequence lengths), got {type(cu_seqlens_q).__name__}")
-    if cu_seqlens_q.dtype not in (torch.int32, torch.int64) or cu_seqlens_q.dim() != 1 or \
-            cu_seqlens_q.numel() < 2:
-        raise ValueError(f"cu_seqlens_q: expected a [N+1] int32/int64 tensor with N >= 1, got "
-                         f"{cu_seqlens_q.dtype} {list(cu_seqlens_q.shape)}")
+def _global_seqlens(cu_seqlens_q, cu_seqlens_k, total: int, device) -> list:
+    """The batch's cu_seqlens_q as Python ints, checked by describe_call's own cu_seqlens checks
+    against the packed length of all shards (cu_seqlens_k, if given, must be the same: q, k and
+    v shard the same tokens)."""
+    if cu_seqlens_q is None:
+        raise ValueError("cu_seqlens_q: required when cu_seqlens_k is given, got None")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, device)
+    _check_cu_values("cu_seqlens_q", cu_seqlens_q, total)
     cu = cu_seqlens_q.tolist()
     if cu_seqlens_k is not None and (not isinstance(cu_seqlens_k, torch.Tensor)
                                      or cu_seqlens_k.tolist() != cu):
         raise ValueError("cu_seqlens_k: across ranks q, k and v shard the same tokens, so it must "
                          "be None or equal cu_seqlens_q")
-    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens_q: must start at 0 and be non-decreasing, got {cu[:8]}"
-                         + (" ..." if len(cu) > 8 else ""))
-    if cu[-1] != total:
-        raise ValueError(f"cu_seqlens_q: last entry must be the whole batch's packed length, "
-                         f"world x T_local = {total}, got {cu[-1]}")
     return cu
 
 
@@ -230,7 +222,7 @@ def _local_description(q, k, v, block_indices, block_size, block_counts, scale, 
             if B != 1:
                 raise ValueError(f"cu_seqlens_q: the varlen layout needs B == 1 (or no batch "
                                  f"dim), got q {list(q.shape)}")
-            cu = _global_seqlens(cu_seqlens_q, cu_seqlens_k, world * T_local)
+            cu = _global_seqlens(cu_seqlens_q, cu_seqlens_k, world * T_local, q.device)
         elif T_local % call.block_size:
             raise ValueError(f"q: shard length T_local={T_local} is not a multiple of "
                              f"block_size={call.block_size}")

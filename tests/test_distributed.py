@@ -370,7 +370,7 @@ ERROR_CASES = {
     "unequal": ("rank 1", "q:", "T_local"),
     "not_multiple": ("rank 0", "rank 1", "q:", "multiple of block_size"),
     "device": ("rank 0", "q:", "meta", "gloo"),
-    "varlen_length": ("rank 0", "cu_seqlens_q", "world x T_local = 64", "got 32"),
+    "varlen_length": ("rank 0", "cu_seqlens_q", "packed length 64", "got 32"),
     "varlen_differs": ("rank 1", "cu_seqlens_q", "checksum"),
     "varlen_k": ("rank 0", "cu_seqlens_k", "equal cu_seqlens_q"),
     "dtype": ("rank 1", "q:", "dtype"),
