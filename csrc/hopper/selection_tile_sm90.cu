@@ -48,7 +48,7 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtenso
   static_assert(smem <= hopper::kMaxDynamicSmem, "tile kernel: shared memory past 227 KB");
   const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv, kStages>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  // The whole 228 KB for shared memory: two CTAs of d128 (85 KB each) per SM, four of d64.
+  // The whole 228 KB for shared memory: three CTAs of d128 (69 KB each) per SM, four of d64.
   if (err == cudaSuccess)
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);

@@ -5,8 +5,8 @@
 // (token, query head) rows are the M of every warpgroup MMA. The CTA walks the *union* of its
 // rows' canonical sets (sorted, each block once: nsa_ext.schedules.tiles.tile_unions) and loads
 // each union block's K and V once for all 64 rows, with the bulk tensor copy engine (TMA, one
-// 3-d descriptor per tensor, 128-byte swizzle) into a ring of kStages stages (two by default)
-// completed on mbarriers.
+// 3-d descriptor per tensor, 128-byte swizzle): K into a ring of two stages, V into one buffer,
+// each completed on its own mbarrier.
 // Per 64-key chunk:
 //   S = Q K^T   wgmma m64n64k16, Q and K from shared memory (K-major), Dk / 16 instructions;
 //   mask        rows that did not choose the block (a cursor per row into its own sorted
@@ -15,17 +15,21 @@
 //   O += P V    wgmma m64n{Dv}k16, P from registers (the S accumulators, converted in place:
 //               the accumulator layout of two n8 tiles is the A-fragment layout of one k16
 //               slice), V from shared memory read N-major (transposed by the instruction).
-// One warpgroup (128 threads); thread 0 issues the copies kStages - 1 chunks ahead. Two CTAs fit on an
-// SM up to Dk = Dv = 128 (85 KB of shared memory each), which overlaps one CTA's copies and
-// softmax with the other's MMAs. (A FlashAttention-3-style variant with S(i) and P V(i-1) in
-// flight together and three copy stages measured 20-25 % slower on the H200: notes/hopper.md.)
+// One warpgroup (128 threads); thread 0 issues chunk i + 1's K copy at the top of chunk i and its
+// V copy once chunk i's P V is done (V is read only after S and the softmax, so half a chunk of
+// work still covers its copy). One V buffer instead of two stages of K and V is what lets three
+// CTAs share an SM at Dk = Dv = 128 (69 KB of shared memory and <= 168 registers each, where two
+// stages of both took 85 KB and allowed two): the kernel is latency-bound, and more CTAs per SM
+// overlap more of one CTA's copies and softmax with the others' MMAs (notes/hopper.md). (A
+// FlashAttention-3-style variant with S(i) and P V(i-1) in flight together and three copy stages
+// measured 20-25 % slower on the H200, and so did one CTA per SM with up to eight stages.)
 //
 // Shared-memory layout: every operand is cut into panels of 64 rows x 64 elements (128 bytes a
-// row, 8 KB), the 128-byte swizzle atom's width: Q [Dk/64 panels][64 rows], and per stage
-// K [Dk/64][64 keys] then V [Dv/64][64 keys]. The swizzle XORs a row's 16-byte chunk index with
+// row, 8 KB), the 128-byte swizzle atom's width: Q [Dk/64 panels][64 rows], per K stage
+// K [Dk/64][64 keys], then the V buffer [Dv/64][64 keys]. The swizzle XORs a row's 16-byte chunk index with
 // the row index mod 8; TMA writes K and V that way, the Q loader does it by hand, and the
 // descriptors below tell the tensor cores (panels are 1024-byte aligned, as the swizzle needs).
-// After the stages, 4 KB for the tile's canonical rows (kRowSetEntries int32).
+// After V, 4 KB for the tile's canonical rows (kRowSetEntries int32).
 //
 // Writes o [B, TQ, HQ, Dv] in q's dtype and lse [B, TQ, HQ] fp32 (natural log; o = 0 and
 // lse = -inf for a row that attends to no key), as every other kernel of the package.
@@ -48,9 +52,9 @@ namespace hopper {
 constexpr int kRows = kTileRows;     // M of a wgmma: (token, query head) rows per CTA
 constexpr int kChunkKeys = 64;       // keys per step: one TMA box along T, the N of Q K^T
 constexpr int kThreads = 128;        // one warpgroup
-// Two copy stages, so two CTAs fit on an SM up to d128. As many stages as fit one CTA per SM
-// (8 / 6 / 5 / 3 for d64 / d128 / d192-128 / d256) measured 1.4x slower on the H200: the two
-// CTAs' overlap is worth more than deeper copies (notes/hopper.md).
+// Two K stages (and one V buffer), so three CTAs fit on an SM at d128. As many stages as fit one
+// CTA per SM (8 / 6 / 5 / 3 for d64 / d128 / d192-128 / d256) measured 1.4x slower on the H200:
+// several CTAs' overlap is worth more than deeper copies (notes/hopper.md).
 constexpr int kCopyStages = 2;
 constexpr int kPanelBytes = 64 * 128;
 // Shared memory for the tile's canonical rows (one per token, S entries): used when QT x S
@@ -146,19 +150,29 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 
 
+// Q, kStages K stages, one V buffer, the row sets, and 1 KB for the 1024-byte alignment.
 template <int kDk, int kDv, int kStages>
 constexpr int tile_smem_bytes() {
-  return kDk / 64 * kPanelBytes + kStages * (kDk + kDv) / 64 * kPanelBytes +
+  return kDk / 64 * kPanelBytes + kStages * kDk / 64 * kPanelBytes + kDv / 64 * kPanelBytes +
          kRowSetEntries * 4 + 1024;
 }
 
+// CTAs per SM the instance is built for (ptxas keeps its registers within 65536 / (128 x this)):
+// d64 four, d128 three (69 KB of shared memory each), wider ones one.
+template <int kDk, int kDv>
+constexpr int tile_ctas_per_sm() {
+  return kDk + kDv <= 128 ? 4 : kDk + kDv <= 256 ? 3 : 1;
+}
+
 template <typename T, int kDk, int kDv, int kStages>
-__global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
+__global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     selection_tile_sm90_kernel(const __grid_constant__ CUtensorMap k_map,
                                const __grid_constant__ CUtensorMap v_map, const TileParams tp) {
   constexpr int kPanelsK = kDk / 64;
   constexpr int kPanelsV = kDv / 64;
-  constexpr int kStageBytes = (kPanelsK + kPanelsV) * kPanelBytes;
+  static_assert(kStages == 2, "V's single buffer is refilled with chunk it + 1: two K stages");
+  constexpr int kKBytes = kPanelsK * kPanelBytes;
+  constexpr int kVBytes = kPanelsV * kPanelBytes;
   const SelectionFwdParams& p = tp.fwd;
 
   extern __shared__ uint8_t smem_raw[];
@@ -166,8 +180,10 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                              ~uintptr_t(1023));
   uint8_t* q_smem = smem;
-  uint8_t* kv_smem = smem + kPanelsK * kPanelBytes;
-  __shared__ __align__(8) uint64_t full[kStages];
+  uint8_t* k_smem = smem + kPanelsK * kPanelBytes;        // kStages K stages
+  uint8_t* v_smem = k_smem + kStages * kKBytes;             // one V buffer
+  __shared__ __align__(8) uint64_t full_k[kStages];
+  __shared__ __align__(8) uint64_t full_v;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -193,27 +209,38 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
   // copy_start (thread 0): the union start of the next chunk to copy; chunk_start (every
   // thread): the current chunk's. Both are loaded one chunk ahead, while the S MMAs run.
   int64_t copy_start = 0, chunk_start = 0;
-  auto issue = [&](int it, int64_t block_start) {
+  auto key_row = [&](int it, int64_t block_start) {
+    return kv_row_base + int32_t(block_start + (it % chunks_per_block) * kChunkKeys);
+  };
+  auto issue_k = [&](int it, int64_t block_start) {
     const int s = it % kStages;
-    const int32_t row = kv_row_base + int32_t(block_start + (it % chunks_per_block) * kChunkKeys);
-    uint8_t* dst = kv_smem + s * kStageBytes;
-    mbar_expect_tx(&full[s], kStageBytes);
+    uint8_t* dst = k_smem + s * kKBytes;
+    mbar_expect_tx(&full_k[s], kKBytes);
 #pragma unroll
     for (int c = 0; c < kPanelsK; ++c)
-      tma_load_3d(dst + c * kPanelBytes, &k_map, &full[s], c * 64, int32_t(h), row);
+      tma_load_3d(dst + c * kPanelBytes, &k_map, &full_k[s], c * 64, int32_t(h),
+                  key_row(it, block_start));
+  };
+  auto issue_v = [&](int it, int64_t block_start) {
+    mbar_expect_tx(&full_v, kVBytes);
 #pragma unroll
     for (int c = 0; c < kPanelsV; ++c)
-      tma_load_3d(dst + (kPanelsK + c) * kPanelBytes, &v_map, &full[s], c * 64, int32_t(h), row);
+      tma_load_3d(v_smem + c * kPanelBytes, &v_map, &full_v, c * 64, int32_t(h),
+                  key_row(it, block_start));
   };
 
   // The first chunks' copies go out before anything else: their latency then overlaps the Q
   // and canonical-row loads below instead of following them (the copies write only the stages;
   // the other threads wait on the barrier after the __syncthreads that publishes its init).
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    for (int s = 0; s < kStages; ++s) mbar_init(&full_k[s], 1);
+    mbar_init(&full_v, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    // Chunks are copied kStages - 1 ahead: the prologue fills stages 0 .. kStages - 2.
-    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue(it, starts[it / chunks_per_block]);
+    // K is copied kStages - 1 chunks ahead (the prologue fills K stages 0 .. kStages - 2), V
+    // one chunk ahead into its single buffer (chunk 0 here, chunk it + 1 once chunk it's P V is
+    // done).
+    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue_k(it, starts[it / chunks_per_block]);
+    if (n_iter > 0) issue_v(0, starts[0]);
     if (kStages - 1 < n_iter) copy_start = starts[(kStages - 1) / chunks_per_block];
   }
   if (n_iter > 0) chunk_start = starts[0];
@@ -239,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
   // Each token's canonical row, once per tile, into shared memory where they fit: a row's cursor
   // step at a block's end then reads shared memory, not global memory whose latency would sit
   // right before the loop's closing barrier (every warp waits there for the slowest).
-  int32_t* row_sets = reinterpret_cast<int32_t*>(kv_smem + kStages * kStageBytes);
+  int32_t* row_sets = reinterpret_cast<int32_t*>(v_smem + kVBytes);
   const bool sets_in_smem = QT * S <= kRowSetEntries;
   if (sets_in_smem)
     for (int c = tid; c < QT * S; c += kThreads) {
@@ -293,14 +320,16 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
 
   for (int it = 0; it < n_iter; ++it) {
     const int s = it % kStages;
-    // Chunk it + kStages - 1 goes into the stage the previous iteration finished with (every
+    // K of chunk it + kStages - 1 goes into the stage the previous iteration finished with (every
     // thread passed that iteration's closing barrier; at it = 0 the last stage, never used yet).
-    if (tid == 0 && it + kStages - 1 < n_iter) issue(it + kStages - 1, copy_start);
+    // With two stages that is chunk it + 1, whose V is copied at this iteration's end.
+    const int64_t next_start = copy_start;
+    if (tid == 0 && it + kStages - 1 < n_iter) issue_k(it + kStages - 1, next_start);
     const int64_t block_start = chunk_start;
     const int64_t key0 = block_start + (it % chunks_per_block) * kChunkKeys;
-    const uint8_t* k_s = kv_smem + s * kStageBytes;
-    const uint8_t* v_s = k_s + kPanelsK * kPanelBytes;
-    mbar_wait(&full[s], (it / kStages) & 1);
+    const uint8_t* k_s = k_smem + s * kKBytes;
+    const uint8_t* v_s = v_smem;
+    mbar_wait(&full_k[s], (it / kStages) & 1);
 
     float sc[32];
 #pragma unroll
@@ -390,6 +419,7 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
       pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
     }
     pin(o_acc);
+    mbar_wait(&full_v, it & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
@@ -410,7 +440,9 @@ __global__ void __launch_bounds__(kThreads, kDk + kDv <= 128 ? 4 : 1)
         }
       }
     }
-    __syncthreads();   // every thread's MMAs on stage s are done: it may be refilled
+    __syncthreads();   // every thread's MMAs on K stage s and on V are done: refill them
+    // V of chunk it + 1 (kStages == 2: the chunk whose K this iteration's top issued).
+    if (tid == 0 && it + 1 < n_iter) issue_v(it + 1, next_start);
   }
 
   // Epilogue: a row's sum lives in its quad; o = acc / l, lse = (m + log2 l) * ln 2.
