@@ -77,9 +77,11 @@ from bench.common import Shape, Work, environ, fmt_tokens, short_error  # noqa: 
 
 CASE_GROUPS = ("prefill", "groups", "dk192", "decode", "chunked", "train")
 GROUP_PRIORITY = ("prefill", "decode", "groups", "chunked", "dk192", "train")   # run order
-NSA_ROWS = ("nsa:cuda", "nsa:cuda-row", "nsa:cuda-tile", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
+# nsa:auto: what a user gets (backend="auto": the dispatcher's order, and the tile schedule's
+# measured backend, which named-backend rows never use).
+NSA_ROWS = ("nsa:auto", "nsa:cuda", "nsa:cuda-row", "nsa:cuda-tile", "nsa:triton", "nsa:triton-row", "nsa:triton-tile", "nsa:triton-kv",
             "nsa:triton-head", "nsa:sdpa")
-SCHEDULE_ROWS = {"nsa:triton": "auto", "nsa:triton-row": "row", "nsa:triton-tile": "tile",
+SCHEDULE_ROWS = {"nsa:auto": "auto", "nsa:triton": "auto", "nsa:triton-row": "row", "nsa:triton-tile": "tile",
                  "nsa:triton-kv": "kv", "nsa:triton-head": "row",
                  "nsa:cuda-row": "row", "nsa:cuda-tile": "tile"}
 ANCHOR_ROWS = ("fla", "dense:cudnn", "dense:flash", "flex")

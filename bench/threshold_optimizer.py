@@ -277,7 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--apply-json", default=None, help="write the decision of a saved sweep, no measuring")
     parser.add_argument("--from-bench", default=None,
                         help="a bench_selection.json: write the backend order (sel_cuda_first, "
-                             "sel_cuda_first_eager_rows) its auto rows measured, no measuring")
+                             "sel_cuda_first_tile, sel_cuda_first_eager_rows) its rows measured, "
+                             "no measuring")
     parser.add_argument("--budget-s", type=float, default=150.0)
     parser.add_argument("--warmup-ms", type=float, default=10)
     parser.add_argument("--rep-ms", type=float, default=40)
@@ -289,16 +290,20 @@ def main(argv=None) -> int:
         gpu = (bench.get("environment") or {}).get("gpu")
         sm = str((bench.get("environment") or {}).get("sm") or "")
         arch = args.arch or ("sm" + sm.replace(".", "") if sm else None)
-        order = backend_order(bench)
-        print(f"backend order from {args.from_bench} ({gpu}): cuda faster on {order['cuda_wins']} "
-              f"of {order['rows']} rows, geometric mean cuda/triton "
-              f"{order['geomean'] if order['geomean'] is None else round(order['geomean'], 3)}")
-        if order["value"] is None or arch is None:
-            print("nothing to write: no row with both backends" if order["value"] is None
+        order, tiles = backend_order(bench), tile_order(bench)
+        for key, found in (("sel_cuda_first", order), ("sel_cuda_first_tile", tiles)):
+            if found["value"] is not None:
+                print(f"{key} from {args.from_bench} ({gpu}), {found['compared']}: cuda faster on "
+                      f"{found['cuda_wins']} of {found['rows']} rows, geometric mean cuda/triton "
+                      f"{round(found['geomean'], 3)} -> {found['value']}")
+        if (order["value"] is None and tiles["value"] is None) or arch is None:
+            print("nothing to write: no row with both backends" if arch is not None
                   else "nothing to write: name the architecture with --arch (e.g. sm90)")
             return 0
         date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-        values = {"sel_cuda_first": order["value"]}
+        values = {key: found["value"] for key, found in (("sel_cuda_first", order),
+                                                          ("sel_cuda_first_tile", tiles))
+                  if found["value"] is not None}
         eager = eager_order(bench)
         if eager["value"] is not None:
             values["sel_cuda_first_eager_rows"] = eager["value"]
@@ -367,25 +372,41 @@ def main(argv=None) -> int:
     return 0
 
 
-def backend_order(bench: dict) -> Dict[str, object]:
-    """Whether auto should try the CUDA extension before Triton, from one bench run's rows
-    (bench/bench_selection.py --json): the forward rows where both `nsa:cuda` and `nsa:triton`
-    (each with its own schedule choice) have a time. CUDA goes first when it is faster on more
-    than half of them and not slower overall (geometric mean of cuda / triton <= 1)."""
+def _faster_first(bench: dict, cuda: str, triton: str) -> Dict[str, object]:
+    """1 when the `cuda` rows are faster than the `triton` rows of the same (case, pattern, mode)
+    on more than half of the pairs and not slower overall (geometric mean of cuda / triton <= 1),
+    else 0; None without a pair."""
     import math
 
     times: Dict[tuple, Dict[str, float]] = {}
     for row in bench.get("rows", []):
-        if row.get("status") == "ok" and row.get("ms") and row.get("backend") in ("nsa:cuda",
-                                                                                 "nsa:triton"):
+        if row.get("status") == "ok" and row.get("ms") and row.get("backend") in (cuda, triton):
             times.setdefault((row["case"], row["pattern"], row.get("mode")), {})[row["backend"]] = row["ms"]
-    pairs = [(t["nsa:cuda"], t["nsa:triton"]) for t in times.values() if len(t) == 2]
+    pairs = [(t[cuda], t[triton]) for t in times.values() if len(t) == 2]
     if not pairs:
-        return {"value": None, "rows": 0, "cuda_wins": 0, "geomean": None}
+        return {"value": None, "rows": 0, "cuda_wins": 0, "geomean": None, "compared": ""}
     wins = sum(c < t for c, t in pairs)
     geomean = math.exp(sum(math.log(c / t) for c, t in pairs) / len(pairs))
     value = int(wins * 2 > len(pairs) and geomean <= 1.0)
-    return {"value": value, "rows": len(pairs), "cuda_wins": wins, "geomean": geomean}
+    return {"value": value, "rows": len(pairs), "cuda_wins": wins, "geomean": geomean,
+            "compared": f"{cuda} vs {triton}"}
+
+
+def backend_order(bench: dict) -> Dict[str, object]:
+    """Whether auto should try the CUDA extension before Triton (`sel_cuda_first`), from one
+    bench run's rows (bench/bench_selection.py --json). The tile schedule has its own key
+    (`tile_order`), so where the run has both backends' forced-row rows (nsa:cuda-row,
+    nsa:triton-row) those decide; else the rows where both `nsa:cuda` and `nsa:triton` (each
+    with its own schedule choice) have a time."""
+    order = _faster_first(bench, "nsa:cuda-row", "nsa:triton-row")
+    return order if order["value"] is not None else _faster_first(bench, "nsa:cuda", "nsa:triton")
+
+
+def tile_order(bench: dict) -> Dict[str, object]:
+    """Whether auto's tile calls run on the CUDA extension's tile kernel rather than Triton's
+    (`sel_cuda_first_tile`, nsa_ext/dispatch.py), from the rows with both nsa:cuda-tile and
+    nsa:triton-tile (each backend's tile schedule forced)."""
+    return _faster_first(bench, "nsa:cuda-tile", "nsa:triton-tile")
 
 
 def eager_order(bench: dict) -> Dict[str, object]:

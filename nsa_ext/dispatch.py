@@ -42,6 +42,18 @@ CUDA_FIRST_KEY = "sel_cuda_first"
 # `threshold_optimizer.py --from-bench` rewrites it from a bench run's decode, chunk and prefill
 # rows (eager times where measured).
 CUDA_FIRST_EAGER_ROWS_KEY = "sel_cuda_first_eager_rows"
+# Per architecture, whether a call that Triton serves under auto and whose chosen schedule is
+# `tile` runs the CUDA extension's Hopper tile kernel instead of Triton's (0 or 1). The order
+# above is metadata-only, but which schedule a call takes depends on its indices (the chooser
+# reads the union statistic), and the two backends rank differently per schedule (H200,
+# 2026-11-30: the CUDA tile kernel 1.22-1.25x faster than Triton's on every model / clustered
+# prefill row, while Triton's row kernel is 3-8 % faster than the CUDA row kernel on random
+# prefill; notes/hopper.md). So the tile schedule gets its own measured backend:
+# `threshold_optimizer.py --from-bench` writes it from the bench's nsa:cuda-tile and
+# nsa:triton-tile rows. Triton hands the call over after its chooser picked tile, with the
+# chooser's canonical rows and union (nsa_ext/backends/triton.py); a named backend always runs
+# its own kernels.
+CUDA_TILE_KEY = "sel_cuda_first_tile"
 
 
 def capturing(device) -> bool:
@@ -103,6 +115,9 @@ class Decision:
     preferences: Dict[str, List[str]] = field(default_factory=dict)  # backend -> why auto skips it
     details: Dict[str, List[str]] = field(default_factory=dict)  # backend -> how it would run (explain)
     order: str = ""                   # auto's order of the backends, and why (explain)
+    tile_backend: Optional[str] = None  # runs the tile schedule of the chosen backend's calls
+    tile_why: str = ""
+
 
     def __str__(self) -> str:
         lines = [f"nsa_ext selection_attention: {self.call_summary}",
@@ -110,6 +125,8 @@ class Decision:
                  f"chosen: {self.chosen or 'none'}"]
         if self.order:
             lines.append(f"order: {self.order}")
+        if self.tile_why:
+            lines.append(f"tile schedule: {self.tile_why}")
         for name, why in self.reasons.items():
             if not why:
                 lines.append(f"  {name}: can serve this call")
@@ -156,8 +173,30 @@ def decide(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
         chosen = (preferred or able or [None])[0]
     else:
         chosen = able[0] if able else None
+    tile_backend, tile_why = (_tile_backend(call, settings, facts, chosen)
+                              if requested == "auto" else (None, ""))
     return Decision(chosen, requested, reasons, call.summary(), facts.describe(), preferences,
-                    order=order)
+                    order=order, tile_backend=tile_backend, tile_why=tile_why)
+
+
+def _tile_backend(call: SelectionCall, settings: Settings, facts: DeviceFacts,
+                  chosen: Optional[str]):
+    """(the backend that runs the tile schedule when auto's `chosen` backend picks it, or None
+    for `chosen` itself; why), per CUDA_TILE_KEY."""
+    key = f"runtime.thresholds.{facts.arch}.{CUDA_TILE_KEY}"
+    if chosen != "triton" or not int(settings.thresholds.get(facts.arch or "", {})
+                                     .get(CUDA_TILE_KEY, 0)):
+        return None, ""
+    try:
+        cuda = backend_module("cuda")
+    except ImportError as err:
+        return None, f"Triton's own ({key} = 1, but the CUDA backend failed to import: {err})"
+    why_not = list(cuda.reasons_unsupported(call, settings, facts)) + \
+        list(cuda.tile_reasons(call, facts))
+    if why_not:
+        return None, f"Triton's own ({key} = 1, but the CUDA tile kernel cannot: {'; '.join(why_not)})"
+    return "cuda", (f"where the chooser picks tile, the CUDA extension's Hopper tile kernel runs "
+                    f"it ({key} = 1)")
 
 
 # Decisions of earlier calls, keyed on the call's metadata (SelectionCall.dispatch_key), the

@@ -48,7 +48,11 @@ def run_forward(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
     (eager calls that need no gradient, see api.selection_attention)."""
     call, decision = plan(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
                           cu_seqlens_k, block_size, scale, backend, return_lse)
-    o, lse = backend_module(decision.chosen).forward(call)
+    module = backend_module(decision.chosen)
+    if decision.tile_backend is None:
+        o, lse = module.forward(call)
+    else:               # the tile schedule's measured backend (dispatch.CUDA_TILE_KEY)
+        o, lse = module.forward(call, tile_runner=backend_module(decision.tile_backend).run_tile)
     lse = _to_caller_layout(call, lse) if return_lse else lse.new_empty(0)
     return _to_caller_layout(call, o), lse
 

@@ -257,3 +257,39 @@ def test_tile_may_run_decides_from_metadata(monkeypatch, schedule, T, min_rows, 
     thresholds = {} if min_rows is None else {"sm90": {"sel_tile_min_rows": min_rows}}
     settings = Settings(sel_schedule=schedule, thresholds=thresholds)
     assert cuda_backend.tile_may_run(meta_call(T=T), settings, H200) is expected
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("measured", [1, 0])
+def test_auto_runs_tile_calls_on_the_measured_tile_backend(tile_spy, monkeypatch, tmp_path,
+                                                           measured):
+    """Under auto Triton is chosen; where its chooser picks tile, the CUDA tile kernel runs the
+    call when runtime.thresholds.sm90.sel_cuda_first_tile = 1 (Triton's own tile kernel at 0),
+    with the same result."""
+    import yaml
+
+    from nsa_ext.config import config_path
+
+    data = yaml.safe_load(config_path().read_text())
+    data["runtime"]["thresholds"]["sm90"].update(sel_cuda_first_tile=measured, sel_cuda_first=0,
+                                                 sel_tile_min_rows=1024)
+    path = tmp_path / "nsa.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("NSA_CONFIG", str(path))
+    T, S = 4096, 8
+    case = make_case(B=1, TQ=T, HQ=8, H=2, Dk=128, S=S, block_size=64, dtype=torch.bfloat16,
+                     device="cuda", seed=5)
+    own = torch.arange(T, device="cuda") // 64        # each query's last visible block
+    sliding = own[:, None] - torch.arange(S, device="cuda")      # neighbours share their blocks
+    case.block_indices.copy_(sliding.clamp(min=-1)[None, :, None, :].expand_as(case.block_indices))
+    decision = nsa_ext.explain(*case.args(), **case.kwargs())
+    assert decision.chosen == "triton"
+    assert (decision.tile_backend == "cuda") == bool(measured), str(decision)
+    assert any("schedule: tile" in line for line in decision.details["triton"]), str(decision)
+    o, lse = nsa_ext.selection_attention(*case.args(), **case.kwargs(), return_lse=True)
+    assert len(tile_spy) == measured, "the tile call did not run where the key says"
+    ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
+                             case.block_size, **case.kwargs(), need_lse=True)
+    o_ref, lse_ref = reference_forward(ref_call)
+    assert_close_to_reference(o, o_ref.to(o.dtype), o.dtype, lse, lse_ref)

@@ -425,6 +425,19 @@ def test_optimizer_derives_the_backend_order_from_bench_rows():
     assert optimizer.backend_order(rows([1.0, 1.0, 2.0], [2.0, 2.0, 1.0]))["value"] == 1
     assert optimizer.backend_order(rows([1.0, 3.0, 3.0], [2.0, 2.0, 2.0]))["value"] == 0
     assert optimizer.backend_order({"rows": []})["value"] is None
+    # The tile schedule's order from the forced-tile rows; the forced-row rows, where present,
+    # decide the plain order (the tile rows do not sway it).
+    def renamed(bench, cuda, triton):
+        names = {"nsa:cuda": cuda, "nsa:triton": triton}
+        return [dict(row, backend=names[row["backend"]]) for row in bench["rows"]]
+
+    tile = renamed(rows([1.0, 1.0, 1.0], [2.0, 2.0, 2.0]), "nsa:cuda-tile", "nsa:triton-tile")
+    row = renamed(rows([2.1, 2.1, 2.1], [2.0, 2.0, 2.0]), "nsa:cuda-row", "nsa:triton-row")
+    auto = rows([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])["rows"]
+    assert optimizer.tile_order({"rows": tile + auto})["value"] == 1
+    assert optimizer.tile_order({"rows": auto})["value"] is None
+    assert optimizer.backend_order({"rows": tile + row + auto})["value"] == 0
+    assert optimizer.backend_order({"rows": tile + auto})["value"] == 1
 
     def eager_bench(points):       # (TQ, cuda, triton, eager?) per case: B = 1, H = 4
         cases, out = [], []
@@ -449,3 +462,63 @@ def test_optimizer_derives_the_backend_order_from_bench_rows():
     assert optimizer.eager_order({"rows": [], "cases": []})["value"] is None
     no_eager_rows = eager_bench([(8192, 2020.0, 1886.0, False), (16384, 1.0, 2.0, False)])
     assert optimizer.eager_order(no_eager_rows)["value"] is None       # keep the config's value
+
+
+def test_the_tile_schedule_gets_its_measured_backend(monkeypatch):
+    """sel_cuda_first_tile: under auto, where Triton is chosen, its tile calls go to the CUDA
+    extension's tile kernel when that kernel can serve the call; never for a named backend,
+    never without the key, and not when the CUDA tile kernel names a reason."""
+    from nsa_ext import dispatch
+
+    cuda = dispatch.backend_module("cuda")
+    facts = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
+    call = a_call()
+    measured = Settings(thresholds={"sm90": {"sel_cuda_first_tile": 1}})
+    monkeypatch.setattr(cuda, "reasons_unsupported", lambda *a: [])
+    monkeypatch.setattr(cuda, "tile_reasons", lambda *a: [])
+    monkeypatch.setattr(dispatch.backend_module("triton"), "reasons_unsupported", lambda *a: [])
+    decision = decide(call, "auto", measured, facts)
+    assert decision.chosen == "triton" and decision.tile_backend == "cuda"
+    assert "tile schedule: where the chooser picks tile, the CUDA extension" in str(decision)
+    assert decide(call, "triton", measured, facts).tile_backend is None
+    assert decide(call, "auto", Settings(), facts).tile_backend is None
+    assert decide(call, "auto", Settings(thresholds={"sm90": {"sel_cuda_first_tile": 0}}),
+                  facts).tile_backend is None
+    first = Settings(thresholds={"sm90": {"sel_cuda_first_tile": 1, "sel_cuda_first": 1}})
+    assert decide(call, "auto", first, facts).chosen == "cuda"
+    assert decide(call, "auto", first, facts).tile_backend is None   # CUDA runs its own tile
+    monkeypatch.setattr(cuda, "tile_reasons", lambda *a: ["the tile kernel runs on SM 9.0 only"])
+    refused = decide(call, "auto", measured, facts)
+    assert refused.tile_backend is None and "SM 9.0 only" in refused.tile_why
+
+
+def test_triton_hands_a_tile_call_to_the_runner_it_is_given(monkeypatch):
+    """The Triton backend runs `tile_runner(prepared)` exactly where its chooser picked tile,
+    with the chooser's canonical rows, and its own kernels elsewhere."""
+    from common import import_triton_for_the_interpreter
+
+    if torch.cuda.is_available() or not import_triton_for_the_interpreter():
+        pytest.skip("needs Triton's CPU interpreter (machines without a GPU)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from nsa_ext.backends import triton as triton_backend
+    from nsa_ext.reference import reference_forward
+    from nsa_ext.schedules import schedule_module
+
+    case = make_case(B=1, TQ=48, HQ=4, H=2, Dk=32, S=3, block_size=16, dtype=torch.float16)
+    call = describe_call(*case.args(), need_lse=True)
+    seen = []
+
+    def runner(prep):
+        seen.append(prep)
+        o, lse, _ = schedule_module("tile").forward(prep)
+        return o, lse
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", "tile")
+    o, lse = triton_backend.forward(call, tile_runner=runner)
+    assert len(seen) == 1
+    blocks, num_blocks = canonical_blocks(call)
+    assert torch.equal(seen[0].blocks, blocks) and torch.equal(seen[0].num_blocks, num_blocks)
+    o_ref, lse_ref = reference_forward(call)
+    torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-3, rtol=2e-3)
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", "row")
+    triton_backend.forward(call, tile_runner=runner)
+    assert len(seen) == 1                                  # row: Triton's own kernel

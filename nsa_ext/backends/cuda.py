@@ -255,6 +255,20 @@ def explain_schedule(call: SelectionCall, settings, facts) -> List[str]:
         return [f"schedule: row (the chooser needs Triton: {err})"]
 
 
+def run_tile(prep):
+    """(o, lse) of the Hopper tile kernel on a call whose schedule is tile, from the chooser's
+    Prepared (canonical rows; the union where the chooser computed it): this backend's tile path,
+    and what auto hands Triton where the tile schedule's measured backend is this one
+    (nsa_ext/dispatch.py CUDA_TILE_KEY)."""
+    call, geometry = prep.call, prep.geometry
+    q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
+    QT = TILE_ROWS // call.group_size
+    union = prep.union(QT)
+    return tile_forward(q, k, v, prep.blocks.contiguous(), prep.num_blocks.contiguous(),
+                        geometry.pos.contiguous(), geometry.k_offset.contiguous(), union.starts,
+                        union.counts, QT, call.block_size, call.scale)
+
+
 def forward(call: SelectionCall, force_splits: Optional[int] = None):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32). `force_splits` replaces the
     split-KV choice (tests and scripts/sanitize_cuda.py drive every slicing through it)."""
@@ -271,11 +285,7 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
             blocks, num_blocks = canonical_blocks(call, geometry)
             prep = prepared(call, settings, geometry, blocks, num_blocks)
             if choose_schedule(call, settings, facts, prep).chosen == "tile":
-                QT = TILE_ROWS // call.group_size
-                union = prep.union(QT)          # computed by the chooser where it could
-                return tile_forward(q, k, v, blocks.contiguous(), num_blocks.contiguous(), pos,
-                                    k_offset, union.starts, union.counts, QT, call.block_size,
-                                    call.scale)
+                return run_tile(prep)
             return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                         num_blocks.contiguous(), pos, k_offset,
                                                         call.block_size, call.scale, splits)

@@ -20,7 +20,7 @@ forward's o and lse when they were kept.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -149,13 +149,15 @@ def explain_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts
         return [f"schedule: none ({err})"]
 
 
-def forward(call: SelectionCall):
-    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32), launched on the call's device."""
+def forward(call: SelectionCall, tile_runner: Optional[Callable] = None):
+    """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32), launched on the call's device.
+    `tile_runner(prepared) -> (o, lse)`: what runs the tile schedule where it is chosen instead
+    of Triton's kernel (auto's measured tile backend, nsa_ext/dispatch.py CUDA_TILE_KEY)."""
     with on_device(call.device):
-        return _forward(call)
+        return _forward(call, tile_runner)
 
 
-def _forward(call: SelectionCall):
+def _forward(call: SelectionCall, tile_runner: Optional[Callable] = None):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32).
 
     The schedule (nsa_ext/schedules: row, tile, kv) is `NSA_SEL_SCHEDULE`'s, or under auto the
@@ -182,6 +184,12 @@ def _forward(call: SelectionCall):
     else:
         prep = _prepare(call, settings, geometry, interpret)
         chosen = choose_schedule(call, settings, device_facts(call.device), prep).chosen
+        if chosen == "tile" and tile_runner is not None:
+            if settings.debug:
+                log_event("sel.triton.launch", variant="tile, handed to the CUDA tile kernel",
+                          schedule=chosen, rows=call.batch * call.seqlen_q * call.num_heads_kv,
+                          G=call.group_size, dtype=str(call.dtype).replace("torch.", ""))
+            return tile_runner(prep)
         schedule = schedule_module(chosen)
         o, lse, launch = schedule.forward(prep)
         variant, grid, group = launch.variant, launch.grid, launch.variant != "head"
