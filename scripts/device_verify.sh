@@ -74,7 +74,7 @@ if has profile; then  # Nsight Compute on one CUDA tile-kernel call (notes/hoppe
 fi
 if has tile; then
   $PYTHON bench/bench_selection.py --cases prefill,groups --patterns model,clustered,random \
-    --backends fla,floor/row,floor/tile,nsa:triton,nsa:triton-row,nsa:triton-tile,nsa:cuda,nsa:cuda-row,nsa:cuda-tile \
+    --backends fla,floor/row,floor/tile,nsa:auto,nsa:triton,nsa:triton-row,nsa:triton-tile,nsa:cuda,nsa:cuda-row,nsa:cuda-tile \
     --no-progress --out "$OUT/tile" > "$OUT/tile.log" 2>&1 || fail tile $?
   tail -n 40 "$OUT/tile.log"
 fi
