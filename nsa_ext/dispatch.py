@@ -47,7 +47,7 @@ CUDA_FIRST_EAGER_ROWS_KEY = "sel_cuda_first_eager_rows"
 # above is metadata-only, but which schedule a call takes depends on its indices (the chooser
 # reads the union statistic), and the two backends rank differently per schedule (H200,
 # 2026-11-30: the CUDA tile kernel 1.22-1.25x faster than Triton's on every model / clustered
-# prefill row, while Triton's row kernel is 3-8 % faster than the CUDA row kernel on random
+# prefill row, while Triton's row kernel is 2-8 % faster than the CUDA row kernel on random
 # prefill; notes/hopper.md). So the tile schedule gets its own measured backend:
 # `threshold_optimizer.py --from-bench` writes it from the bench's nsa:cuda-tile and
 # nsa:triton-tile rows. Triton hands the call over after its chooser picked tile, with the
@@ -117,7 +117,6 @@ class Decision:
     order: str = ""                   # auto's order of the backends, and why (explain)
     tile_backend: Optional[str] = None  # runs the tile schedule of the chosen backend's calls
     tile_why: str = ""
-
 
     def __str__(self) -> str:
         lines = [f"nsa_ext selection_attention: {self.call_summary}",
