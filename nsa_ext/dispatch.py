@@ -46,7 +46,7 @@ CUDA_FIRST_EAGER_ROWS_KEY = "sel_cuda_first_eager_rows"
 # `tile` runs the CUDA extension's Hopper tile kernel instead of Triton's (0 or 1). The order
 # above is metadata-only, but which schedule a call takes depends on its indices (the chooser
 # reads the union statistic), and the two backends rank differently per schedule (H200,
-# 2026-11-30: the CUDA tile kernel 1.22-1.25x faster than Triton's on every model / clustered
+# 2026-11-30: the CUDA tile kernel 1.20-1.24x faster than Triton's on every model / clustered
 # prefill row, while Triton's row kernel is 2-8 % faster than the CUDA row kernel on random
 # prefill; notes/hopper.md). So the tile schedule gets its own measured backend:
 # `threshold_optimizer.py --from-bench` writes it from the bench's nsa:cuda-tile and
