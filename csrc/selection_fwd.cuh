@@ -509,8 +509,8 @@ cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
   constexpr size_t smem = Layout::total_bytes();
   auto kernel = selection_fwd_kernel<T, kHeadDimQK, kHeadDimV, kRowTiles, Layout::blocks_per_sm()>;
   if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    static thread_local SmemAttributes attributes;     // this kernel instance's
+    const cudaError_t err = attributes.set(kernel, int(smem), false);
     if (err != cudaSuccess) return err;
   }
   const int64_t tiles = (p.group + Layout::kRows - 1) / Layout::kRows;

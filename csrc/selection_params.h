@@ -43,6 +43,32 @@ struct SelectionFwdParams {
 };
 
 #ifdef __CUDACC__
+// cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, smem) (and, with `max_carveout`, the
+// whole unified L1 / shared memory as shared memory) once per kernel, device and host thread
+// instead of on every launch: the attribute stays set on the device, and an eager decode step's
+// cost is host time, of which every driver call is a part. Each launcher keeps one
+// `static thread_local SmemAttributes` of its own (the launchers are templates, one per kernel
+// instance: a mask shared between kernels would skip the second one's call). A failed call is
+// returned and not remembered.
+struct SmemAttributes {
+  uint64_t done = 0;   // bit d: set on device d (devices 0..63; others are set every launch)
+
+  template <typename Kernel>
+  cudaError_t set(Kernel kernel, int smem, bool max_carveout) {
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+    if (bit && (done & bit)) return cudaSuccess;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err == cudaSuccess && max_carveout)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared);
+    if (err == cudaSuccess) done |= bit;
+    return err;
+  }
+};
+
 // Entries [x, y) of a row with `row_entries` canonical entries that slice `split` takes (all of
 // them when not splitting); empty (x == y) for a slice past the row's end.
 __device__ __forceinline__ int2 split_entries(const SelectionFwdParams& p, int row_entries,

@@ -47,11 +47,9 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtenso
   constexpr int smem = hopper::tile_smem_bytes<kDk, kDv, kStages>();
   static_assert(smem <= hopper::kMaxDynamicSmem, "tile kernel: shared memory past 227 KB");
   const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv, kStages>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   // The whole 228 KB for shared memory: three CTAs of d128 (69 KB each) per SM, four of d64.
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                               cudaSharedmemCarveoutMaxShared);
+  static thread_local SmemAttributes attributes;       // this kernel instance's
+  const cudaError_t err = attributes.set(kernel, smem, true);
   if (err != cudaSuccess) return err;
   const int64_t grid = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
   kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(k_map, v_map, tp);
