@@ -13,7 +13,9 @@ importable) in the same run:
 
 `--stages` adds the host-time breakdown of one call (each stage timed in a loop of its own:
 argument checks, describe_call, load_settings, device_facts, choose, the backend's forward
-enqueue, the custom op's dispatch) and `--profile` a torch.profiler table of 20 calls.
+enqueue, the custom op's dispatch; for the cuda path also the extension's pieces: each
+operator through torch.ops, the direct pybind11 entry, an allocation, a tiny PyTorch kernel) and
+`--profile` a torch.profiler table of 20 calls.
 On a machine without a GPU it runs small CPU shapes (packed SDPA), plainly labelled.
 `--stub-forward` replaces every backend's forward by one returning preallocated outputs: the
 rows then time only the package's Python around the kernels (the GPU rows' shapes on any device;
@@ -111,6 +113,56 @@ def stages(q, k, v, block_indices, backend: str, device, calls: int) -> Dict[str
             lambda: nsa_ext.selection_attention(q, k, v, block_indices, BS, backend=backend),
             device, calls),
     }
+    return out
+
+
+def extension_parts(q, k, v, block_indices, device, calls: int) -> Dict[str, float]:
+    """Host time (us) of the CUDA extension's pieces on this call's inputs, each in a loop of
+    its own: where an eager decode call's enqueue goes below the package's Python (the
+    operators through torch.ops, the direct pybind11 entry, the plan's launch closure, and two
+    anchors: one allocation and one tiny PyTorch kernel). {} without the extension."""
+    from nsa_ext import _ext
+    from nsa_ext.backends import cuda
+    from nsa_ext.selection import canonical_op_args, row_geometry
+
+    if not _ext.available() or device.type != "cuda":
+        return {}
+    call = describe_call(q, k, v, block_indices, BS)
+    geometry = row_geometry(call)
+    args = canonical_op_args(call, geometry)
+    if args is None:
+        return {}
+    splits = cuda.num_splits(call, device_facts(call.device).sm_count)
+    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
+    limit, scale = call.block_count_limit, call.scale
+    ops_ns = torch.ops.nsa_ext_cuda
+    blocks, counts = ops_ns.canonical_blocks.default(block_indices, pos, None, limit, BS)
+    tiny = torch.zeros(4, device=device)
+    out = {
+        "torch.empty (4 floats, cuda)": loop_us(lambda: torch.empty(4, device=device), device),
+        "torch.add (tiny, cuda: 1 alloc + 1 launch)": loop_us(lambda: torch.add(tiny, tiny),
+                                                               device),
+        "torch.ops canonical_blocks (2 allocs, 1 launch)": loop_us(
+            lambda: ops_ns.canonical_blocks.default(block_indices, pos, None, limit, BS), device),
+        "torch.ops selection_fwd, 1 slice (2 allocs, 1 launch)": loop_us(
+            lambda: ops_ns.selection_fwd.default(q, k, v, blocks, counts, pos, k_offset, BS,
+                                                 scale, 1), device),
+        f"torch.ops selection_fwd, {splits} slices (3 allocs, 2 launches)": loop_us(
+            lambda: ops_ns.selection_fwd.default(q, k, v, blocks, counts, pos, k_offset, BS,
+                                                 scale, splits), device),
+        f"torch.ops selection_fwd_rows, {splits} slices (3 allocs, 3 launches)": loop_us(
+            lambda: ops_ns.selection_fwd_rows.default(q, k, v, block_indices, None, limit, pos,
+                                                      k_offset, BS, scale, splits), device),
+    }
+    direct = _ext.direct_rows()
+    if direct is not None:
+        out[f"pybind11 selection_fwd_rows, {splits} slices"] = loop_us(
+            lambda: direct(q, k, v, block_indices, None, limit, pos, k_offset, BS, scale, splits),
+            device)
+    launch = cuda.eager_launch(call, load_settings(), device_facts(call.device))
+    if launch is not None:
+        out["the cuda eager plan's launch closure"] = loop_us(
+            lambda: launch(q, k, v, block_indices), device)
     return out
 
 
@@ -221,6 +273,9 @@ def run(args, device, dtype, rows, where) -> dict:
             if args.stages and fn is not None and entry["path"] != "fla":
                 entry["stages_us"] = stages(q, k, v, block_indices, entry["path"], device,
                                             args.calls)
+                if entry["path"] == "cuda":
+                    entry["stages_us"].update(extension_parts(q, k, v, block_indices, device,
+                                                              args.calls))
             results["rows"].append(entry)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile

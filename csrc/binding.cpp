@@ -1,6 +1,7 @@
 // The C++ boundary of nsa_ext._C: the operators nsa_ext_cuda::selection_fwd and
 // nsa_ext_cuda::canonical_blocks (TORCH_LIBRARY, CUDA implementations below; the fake
-// implementations live in nsa_ext/_ext.py) and a small pybind11 module with the build's facts.
+// implementations live in nsa_ext/_ext.py) and a small pybind11 module with the build's facts
+// and the eager plans' dispatcher-free entry to selection_fwd_rows.
 //
 // torch.ops callers skip the Python validation, so every input is checked here, naming the
 // argument. The operator takes the canonical selection (nsa_ext.selection.canonical_blocks) and
@@ -15,7 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #ifndef NSA_EXT_NO_PYTHON
-#include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>   // at::Tensor <-> torch.Tensor casters (libtorch_python)
 #endif
 #include <torch/library.h>
 
@@ -539,5 +540,15 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "nsa_ext's CUDA kernels; the operator is torch.ops.nsa_ext_cuda.selection_fwd";
   m.def("build_info_json", []() { return build_info_json(); },
         "The build's facts (archs, torch and CUDA versions, kernel instances) as JSON");
+  // The eager plans' entry (nsa_ext/eager_plan.py): the same function as the operator
+  // selection_fwd_rows, called without the dispatcher. Only plain eager calls take it (no
+  // autograd, tracing, modes or fake tensors to serve), and an eager decode call is bound by
+  // host time, so the boxed dispatch of 11 arguments is worth skipping there.
+  m.def("selection_fwd_rows", &nsa_ext::selection_fwd_rows_cuda, pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("block_indices"),
+        pybind11::arg("block_counts"), pybind11::arg("count_limit"), pybind11::arg("pos"),
+        pybind11::arg("k_offset"), pybind11::arg("block_size"), pybind11::arg("scale"),
+        pybind11::arg("num_splits"),
+        "nsa_ext_cuda::selection_fwd_rows without the dispatcher (plain eager calls only)");
 }
 #endif

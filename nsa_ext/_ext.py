@@ -113,6 +113,14 @@ def build_info() -> dict:
     return dict(_load().info)
 
 
+def direct_rows():
+    """The pybind11 module's `selection_fwd_rows` (the operator's C++ function without the
+    dispatcher), or None where the module has none (built without Python's headers, or an
+    older build). Only plain eager calls may use it: it serves no autograd, tracing or modes."""
+    module = _load().module
+    return getattr(module, "selection_fwd_rows", None) if not isinstance(module, str) else None
+
+
 def compiled_archs() -> list:
     """["8.0", "9.0+PTX", ...] as the build was told; [] without the extension."""
     return list(build_info().get("archs", []))

@@ -256,3 +256,44 @@ def test_gpu_eager_decode_takes_cuda_first_and_a_capture_takes_triton():
     ref = nsa_ext.selection_attention(c.q.float(), c.k.float(), c.v.float(), c.block_indices, 64,
                                       backend="reference")
     torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_plans_launch_through_the_direct_entry_with_the_operators_result(monkeypatch):
+    from nsa_ext import _ext, eager_plan
+    from nsa_ext.backends import cuda
+    from nsa_ext.call import describe_call
+    from nsa_ext.selection import row_geometry
+
+    direct = _ext.direct_rows()
+    c = make_case(B=1, TQ=1, TK=8192, HQ=64, H=4, Dk=128, S=16, block_size=64,
+                  dtype=torch.bfloat16, device="cuda")
+    if direct is None or nsa_ext.explain(*c.args(), backend="cuda").chosen is None:
+        pytest.skip("no extension with the direct entry here")
+    seen = []
+
+    def counting(*args):
+        seen.append(len(args))
+        return direct(*args)
+
+    monkeypatch.setattr(_ext, "direct_rows", lambda: counting)
+    eager_plan.clear()
+    o, lse = nsa_ext.selection_attention(*c.args(), backend="cuda", return_lse=True)
+    assert seen == [11]
+    call = describe_call(*c.args())
+    geometry = row_geometry(call)
+    sms = torch.cuda.get_device_properties(c.q.device).multi_processor_count
+    args = (c.q, c.k, c.v, c.block_indices, None, call.block_count_limit, geometry.pos,
+            geometry.k_offset, 64, call.scale, cuda.num_splits(call, sms))
+    o_op, lse_op = torch.ops.nsa_ext_cuda.selection_fwd_rows.default(*args)
+    o_direct, lse_direct = direct(*args)
+    assert torch.equal(o_op, o_direct) and torch.equal(lse_op, lse_direct)
+    assert torch.equal(o, o_op) and torch.equal(lse, lse_op)
+    # The same checks as the operator: a CPU tensor is refused by both, in the same words.
+    bad = (args[0].cpu(),) + args[1:]
+    with pytest.raises(RuntimeError) as by_op:
+        torch.ops.nsa_ext_cuda.selection_fwd_rows.default(*bad)
+    with pytest.raises(RuntimeError) as by_direct:
+        direct(*bad)
+    assert str(by_direct.value).splitlines()[0] == str(by_op.value).splitlines()[0]
+    eager_plan.clear()

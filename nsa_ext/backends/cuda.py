@@ -319,7 +319,9 @@ def eager_launch(call: SelectionCall, settings, facts):
     geometry = row_geometry(call)
     if canonical_op_args(call, geometry) is None:
         return None
-    op = torch.ops.nsa_ext_cuda.selection_fwd_rows.default
+    # The pybind11 entry skips the dispatcher's boxing of 11 arguments (eager plans serve plain
+    # eager calls only); a build without it takes the operator.
+    op = _ext.direct_rows() or torch.ops.nsa_ext_cuda.selection_fwd_rows.default
     pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
     limit, block_size, scale = call.block_count_limit, call.block_size, call.scale
 
