@@ -101,12 +101,13 @@ struct ForwardShapes {
   int64_t B, TQ, HQ, Dk, TK, H, Dv, S;
 };
 
-ForwardShapes check_forward_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                   const at::Tensor& v, const at::Tensor& blocks,
-                                   const at::Tensor& num_blocks, const at::Tensor& pos,
-                                   const at::Tensor& k_offset, int64_t block_size) {
-  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&blocks, "blocks"},
-                         {&num_blocks, "num_blocks"}, {&pos, "pos"}, {&k_offset, "k_offset"}})
+// The checks of every forward: q, k, v, pos, k_offset, block_size; S is the selection rows'
+// width (the canonical rows' or the caller's indices', checked by the caller).
+ForwardShapes check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& pos,
+                                     const at::Tensor& k_offset, int64_t block_size, int64_t S) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&pos, "pos"},
+                         {&k_offset, "k_offset"}})
     check_cuda_contiguous(*t, name, q, op);
 
   const auto dtype = q.scalar_type();
@@ -116,10 +117,6 @@ ForwardShapes check_forward_inputs(const char* op, const at::Tensor& q, const at
               c10::toString(dtype), "), got ", c10::toString(k.scalar_type()));
   TORCH_CHECK(v.scalar_type() == dtype, op, "v must have q's dtype (",
               c10::toString(dtype), "), got ", c10::toString(v.scalar_type()));
-  TORCH_CHECK(blocks.scalar_type() == at::kInt,
-              op, "blocks must be int32, got ", c10::toString(blocks.scalar_type()));
-  TORCH_CHECK(num_blocks.scalar_type() == at::kInt,
-              op, "num_blocks must be int32, got ", c10::toString(num_blocks.scalar_type()));
   TORCH_CHECK(pos.scalar_type() == at::kLong,
               op, "pos must be int64, got ", c10::toString(pos.scalar_type()));
   TORCH_CHECK(k_offset.scalar_type() == at::kLong,
@@ -138,11 +135,6 @@ ForwardShapes check_forward_inputs(const char* op, const at::Tensor& q, const at
               shape_of(v));
   const int64_t Dv = v.size(3);
   check_shape(v, "v", {B, TK, H, Dv}, "[B, TK, H, Dv]", op);
-  TORCH_CHECK(blocks.dim() == 4, op, "blocks must be 4-d [B, TQ, H, S], got ",
-              shape_of(blocks));
-  const int64_t S = blocks.size(3);
-  check_shape(blocks, "blocks", {B, TQ, H, S}, "[B, TQ, H, S]", op);
-  check_shape(num_blocks, "num_blocks", {B, TQ, H}, "[B, TQ, H]", op);
   check_shape(pos, "pos", {B, TQ}, "[B, TQ]", op);
   check_shape(k_offset, "k_offset", {B, TQ}, "[B, TQ]", op);
   TORCH_CHECK(block_size >= kMinBlockSize && (block_size & (block_size - 1)) == 0 &&
@@ -169,10 +161,30 @@ ForwardShapes check_forward_inputs(const char* op, const at::Tensor& q, const at
   return {B, TQ, HQ, Dk, TK, H, Dv, S};
 }
 
+// ... and the canonical rows' tensors (selection_fwd, selection_fwd_tile).
+ForwardShapes check_forward_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& blocks,
+                                   const at::Tensor& num_blocks, const at::Tensor& pos,
+                                   const at::Tensor& k_offset, int64_t block_size) {
+  check_cuda_contiguous(blocks, "blocks", q, op);
+  check_cuda_contiguous(num_blocks, "num_blocks", q, op);
+  TORCH_CHECK(blocks.scalar_type() == at::kInt,
+              op, "blocks must be int32, got ", c10::toString(blocks.scalar_type()));
+  TORCH_CHECK(num_blocks.scalar_type() == at::kInt,
+              op, "num_blocks must be int32, got ", c10::toString(num_blocks.scalar_type()));
+  TORCH_CHECK(blocks.dim() == 4, op, "blocks must be 4-d [B, TQ, H, S], got ",
+              shape_of(blocks));
+  const ForwardShapes shapes =
+      check_attention_inputs(op, q, k, v, pos, k_offset, block_size, blocks.size(3));
+  check_shape(blocks, "blocks", {shapes.B, shapes.TQ, shapes.H, shapes.S}, "[B, TQ, H, S]", op);
+  check_shape(num_blocks, "num_blocks", {shapes.B, shapes.TQ, shapes.H}, "[B, TQ, H]", op);
+  return shapes;
+}
+
 // The launch description shared by every forward kernel (splitting off).
 SelectionFwdParams forward_params(const ForwardShapes& shapes, const at::Tensor& q,
                                   const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& blocks, const at::Tensor& num_blocks,
+                                  const int32_t* blocks, const int32_t* num_blocks,
                                   const at::Tensor& pos, const at::Tensor& k_offset, at::Tensor& o,
                                   at::Tensor& lse, int64_t block_size, double scale) {
   [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
@@ -180,8 +192,8 @@ SelectionFwdParams forward_params(const ForwardShapes& shapes, const at::Tensor&
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.blocks = blocks.data_ptr<int32_t>();
-  p.num_blocks = num_blocks.data_ptr<int32_t>();
+  p.blocks = blocks;
+  p.num_blocks = num_blocks;
   p.pos = pos.data_ptr<int64_t>();
   p.k_offset = k_offset.data_ptr<int64_t>();
   p.o = o.data_ptr();
@@ -212,15 +224,24 @@ int64_t partial_floats(int64_t query_rows, int64_t num_splits, int64_t Dv) {
   return round_up_64(query_rows * num_splits * Dv) + 2 * round_up_64(query_rows * num_splits);
 }
 
-// The forward on checked inputs. `partials`: partial_floats(...) fp32 values of workspace, or
+// The caller's selection rows, for the tensor-core kernel to canonicalise itself
+// (SelectionFwdParams::raw_indices); checked by check_canonical_inputs.
+struct RawRows {
+  const at::Tensor& indices;
+  const std::optional<at::Tensor>& counts;
+  int64_t count_limit;
+};
+
+// The forward on checked inputs: canonical rows `blocks` / `num_blocks`, or (fp16/bf16 only)
+// `raw` rows and null blocks. `partials`: partial_floats(...) fp32 values of workspace, or
 // nullptr to allocate them here.
 std::tuple<at::Tensor, at::Tensor> run_forward(const ForwardShapes& shapes, const at::Tensor& q,
                                                const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& blocks,
-                                               const at::Tensor& num_blocks,
+                                               const int32_t* blocks, const int32_t* num_blocks,
                                                const at::Tensor& pos, const at::Tensor& k_offset,
                                                int64_t block_size, double scale,
-                                               int64_t num_splits, float* partials) {
+                                               int64_t num_splits, float* partials,
+                                               const RawRows* raw = nullptr) {
   [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
   const auto dtype = q.scalar_type();
   TORCH_CHECK(num_splits >= 1, "nsa_ext_cuda::selection_fwd: num_splits must be >= 1, got ",
@@ -241,6 +262,14 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const ForwardShapes& shapes, cons
                                         block_size, scale);
   p.num_splits = int(num_splits);
   p.entries_per_split = int(S > 0 ? (S + num_splits - 1) / num_splits : 0);
+  if (raw != nullptr) {
+    TORCH_CHECK(dtype != at::kFloat, "nsa_ext_cuda: the float32 kernel takes canonical rows only");
+    p.raw_indices = raw->indices.data_ptr();
+    p.raw_indices_int64 = raw->indices.scalar_type() == at::kLong;
+    p.raw_counts = raw->counts ? raw->counts->data_ptr() : nullptr;
+    p.raw_counts_int64 = raw->counts && raw->counts->scalar_type() == at::kLong;
+    p.count_limit = raw->count_limit;
+  }
   // Split-KV partials: every slot is written by the forward kernel (empty slices too), so
   // uninitialised memory suffices.
   at::Tensor owned_partials;
@@ -283,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
                                                       int64_t num_splits) {
   const ForwardShapes shapes = check_forward_inputs(kFwd, q, k, v, blocks, num_blocks, pos,
                                                     k_offset, block_size);
-  return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
-                     num_splits, nullptr);
+  return run_forward(shapes, q, k, v, blocks.data_ptr<int32_t>(), num_blocks.data_ptr<int32_t>(),
+                     pos, k_offset, block_size, scale, num_splits, nullptr);
 }
 
 // nsa_ext_cuda::selection_fwd_tile: the query-tile schedule (csrc/hopper/) over the unions of
@@ -343,8 +372,8 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
   auto lse = at::empty({B, TQ, HQ}, q.options().dtype(at::kFloat));
   if (B * TQ == 0 || HQ == 0) return {o, lse};
   TileParams tp{};
-  tp.fwd = forward_params(shapes, q, k, v, blocks, num_blocks, pos, k_offset, o, lse, block_size,
-                          scale);
+  tp.fwd = forward_params(shapes, q, k, v, blocks.data_ptr<int32_t>(),
+                          num_blocks.data_ptr<int32_t>(), pos, k_offset, o, lse, block_size, scale);
   tp.union_starts = union_starts.data_ptr<int64_t>();
   tp.union_counts = union_counts.data_ptr<int32_t>();
   tp.num_tiles = NT;
@@ -435,9 +464,11 @@ std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indic
 
 // nsa_ext_cuda::selection_fwd_rows: canonical rows + the row-schedule forward (+ the split-KV
 // merge) in one call from Python: the eager fast path of the CUDA backend (one operator
-// dispatch instead of two; the same kernels and checks as the two operators). One int32
-// workspace holds the canonical rows, their counts and the split-KV partials: an eager decode
-// call is bound by host time, and that is three allocations instead of seven.
+// dispatch instead of two; the same checks and the same results as the two operators). An
+// eager decode call is bound by host time, where each launch and allocation counts: with
+// fp16/bf16 the forward kernel canonicalises each row itself (no canonical-rows launch, no
+// workspace for the rows), and the split-KV partials are the only workspace; fp32 keeps the
+// canonical-rows kernel, its rows in the workspace beside the partials.
 std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
     const std::optional<at::Tensor>& counts, int64_t count_limit, const at::Tensor& pos,
@@ -448,23 +479,31 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
   TORCH_CHECK(q.dim() == 4 && v.dim() == 4, op, "q and v must be 4-d, got ", shape_of(q),
               " and ", shape_of(v));
   TORCH_CHECK(num_splits >= 1, op, "num_splits must be >= 1, got ", std::to_string(num_splits));
-  const int64_t blocks_words = round_up_64(B * TQ * H * S);
-  const int64_t counts_words = round_up_64(B * TQ * H);
+  const bool in_kernel = q.scalar_type() != at::kFloat;   // rows canonicalised by the forward
+  const ForwardShapes shapes =
+      check_attention_inputs(op, q, k, v, pos, k_offset, block_size, S);
+  check_shape(indices, "block_indices", {shapes.B, shapes.TQ, shapes.H, S}, "[B, TQ, H, S]", op);
+  const int64_t blocks_words = in_kernel ? 0 : round_up_64(B * TQ * H * S);
+  const int64_t counts_words = in_kernel ? 0 : round_up_64(B * TQ * H);
   const int64_t partials = partial_floats(q.size(0) * q.size(1) * q.size(2), num_splits, v.size(3));
   const c10::cuda::CUDAGuard guard(indices.device());
   // int32 words; the partials reinterpret theirs as fp32 (both 4 bytes).
-  auto workspace = at::empty({blocks_words + counts_words + partials},
-                             indices.options().dtype(at::kInt));
-  auto blocks = workspace.narrow(0, 0, B * TQ * H * S).view({B, TQ, H, S});
-  auto num_blocks = workspace.narrow(0, blocks_words, B * TQ * H).view({B, TQ, H});
-  fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks, num_blocks);
-  const ForwardShapes shapes = check_forward_inputs(kFwd, q, k, v, blocks, num_blocks, pos,
-                                                    k_offset, block_size);
+  at::Tensor workspace;
+  if (blocks_words + counts_words + partials > 0)
+    workspace = at::empty({blocks_words + counts_words + partials}, indices.options().dtype(at::kInt));
   float* partial_base =
       partials ? reinterpret_cast<float*>(workspace.data_ptr<int32_t>() + blocks_words + counts_words)
                : nullptr;
-  return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
-                     num_splits, partial_base);
+  if (in_kernel) {
+    const RawRows raw{indices, counts, count_limit};
+    return run_forward(shapes, q, k, v, nullptr, nullptr, pos, k_offset, block_size, scale,
+                       num_splits, partial_base, &raw);
+  }
+  auto blocks = workspace.narrow(0, 0, B * TQ * H * S).view({B, TQ, H, S});
+  auto num_blocks = workspace.narrow(0, blocks_words, B * TQ * H).view({B, TQ, H});
+  fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks, num_blocks);
+  return run_forward(shapes, q, k, v, blocks.data_ptr<int32_t>(), num_blocks.data_ptr<int32_t>(),
+                     pos, k_offset, block_size, scale, num_splits, partial_base);
 }
 
 }  // namespace nsa_ext

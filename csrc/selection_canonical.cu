@@ -4,20 +4,18 @@
 // there are. The same function as nsa_ext.selection.canonical_blocks (a dozen PyTorch launches,
 // which cost ~0.2 ms at T = 8k and dominate a CUDA-graph decode step).
 //
-// One warp per row, for S <= 32: lane i holds entry i (an invalid one, or a lane past S, holds
-// the largest int64, which sorts last), a bitonic sort across the lanes (shuffles), a repeat is
-// equal to its left neighbour, and a ballot gives each kept value its output slot.
+// One warp per row, for S <= 32 (canonical_row.cuh).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "canonical_row.cuh"
 #include "selection_params.h"
 
 namespace nsa_ext {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-constexpr int64_t kAbsent = INT64_MAX;
 
 template <typename Index, typename Count>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
@@ -30,29 +28,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (row >= rows) return;   // whole warps leave together
   const int64_t last_visible = pos[row / heads_kv] / block_size;
   const int64_t count = counts ? int64_t(counts[row]) : count_limit;
-  int64_t key = kAbsent;
-  if (lane < S && lane < count) {
-    const int64_t idx = int64_t(indices[row * S + lane]);
-    if (idx >= 0 && idx <= last_visible) key = idx;
-  }
-  // Bitonic sort, ascending over the 32 lanes.
-#pragma unroll
-  for (int k = 2; k <= 32; k <<= 1) {
-#pragma unroll
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      const int64_t other = __shfl_xor_sync(0xffffffffu, key, j);
-      const bool ascending = (lane & k) == 0;
-      const bool lower = (lane & j) == 0;
-      key = (lower == ascending) ? min(key, other) : max(key, other);
-    }
-  }
-  const int64_t left = __shfl_up_sync(0xffffffffu, key, 1);
-  const bool keep = key != kAbsent && (lane == 0 || key != left);
-  const unsigned kept = __ballot_sync(0xffffffffu, keep);
-  const int n = __popc(kept);
-  int32_t* out = blocks + row * S;
-  if (keep) out[__popc(kept & ((1u << lane) - 1u))] = int32_t(key);
-  if (lane >= n && lane < S) out[lane] = -1;
+  const int n = canonical_row_warp(indices + row * S, S, count, last_visible, blocks + row * S, lane);
   if (lane == 0) num_blocks[row] = n;
 }
 

@@ -38,7 +38,8 @@
 // the fp32 workspace, which launch_selection_merge (selection_merge.cu) turns into o and lse.
 //
 // Input contract (the Python backend builds it with nsa_ext.selection.canonical_blocks): each
-// row's blocks sorted ascending, de-duplicated, -1 padded, none past the query's own block.
+// row's blocks sorted ascending, de-duplicated, -1 padded, none past the query's own block; or
+// (p.raw_indices) the caller's rows, which each thread block canonicalises itself first.
 // Memory safety does not rest on it: a key is loaded only when 0 <= j <= pos and it lies inside
 // k's T axis; others are zero-filled and masked.
 #pragma once
@@ -50,6 +51,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "canonical_row.cuh"
 #include "selection_params.h"
 
 namespace nsa_ext {
@@ -159,8 +161,11 @@ struct SmemLayout {
   static constexpr size_t p_bytes() { return size_t(kRows) * kStrideP * 2; }
   // row maxima and sums [kWarps][kRows] fp32; per chunk [2][4]: K and V element offsets
   // (int64) and visible keys (int32)
+  // and the row's canonical entries and their count when the kernel canonicalises it itself
+  // (p.raw_indices; 132 bytes, which change no instance's blocks per SM).
   static constexpr size_t misc_bytes() {
-    return 2 * size_t(kWarps) * kRows * 4 + 2 * kChunksPerStage * (8 + 8 + 4);
+    return 2 * size_t(kWarps) * kRows * 4 + 2 * kChunksPerStage * (8 + 8 + 4) +
+           (kCanonicalMaxSelected + 1) * 4;
   }
   static constexpr size_t total_bytes() {
     return q_bytes() + k_bytes() + v_bytes() + p_bytes() + misc_bytes();
@@ -203,6 +208,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   int64_t* sOffK = reinterpret_cast<int64_t*>(sSum + kWarps * kRows);
   int64_t* sOffV = sOffK + 2 * kChunksPerStage;
   int* sVisible = reinterpret_cast<int*>(sOffV + 2 * kChunksPerStage);
+  int32_t* sRow = sVisible + 2 * kChunksPerStage;      // [kCanonicalMaxSelected], then the count
 
   const int64_t bt = blockIdx.x;             // b * TQ + t
   const int h = blockIdx.y;
@@ -220,14 +226,50 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int block_size = p.block_size;
   const int chunks_per_block = block_size / kChunkKeys;   // a power of two
   const int cpb_shift = __ffs(chunks_per_block) - 1;
+  const T* q = static_cast<const T*>(p.q);
+  // Q rows [kRows, Dk]: zeros past the group's end. Issued first: the copy overlaps the row's
+  // canonicalisation below.
+  {
+    const T* q_rows = q + (bt * p.heads_q + int64_t(h) * G + g0) * kHeadDimQK;
+    for (int i = tid; i < kRows * kSegQK; i += kThreads) {
+      const int r = i / kSegQK, seg = i % kSegQK;
+      const bool valid = g0 + r < G;
+      cp_async_16(sQ + r * kHeadDimQK + swizzle(r, seg) * 8,
+                  valid ? q_rows + r * kHeadDimQK + seg * 8 : q, valid);
+    }
+    cp_async_commit();
+  }
+
+  // The row's canonical entries: given (p.blocks), or canonicalised here by warp 0 from the
+  // caller's indices (every thread block of the row computes the same set).
+  const int32_t* row_all = p.blocks + row * p.num_selected;
+  int row_count = 0;
+  if (p.raw_indices != nullptr) {
+    if (warp == 0) {
+      const int64_t count = p.raw_counts == nullptr ? p.count_limit
+                            : p.raw_counts_int64   ? static_cast<const int64_t*>(p.raw_counts)[row]
+                                                   : static_cast<const int32_t*>(p.raw_counts)[row];
+      const int S = int(p.num_selected);
+      const int n =
+          p.raw_indices_int64
+              ? canonical_row_warp(static_cast<const int64_t*>(p.raw_indices) + row * S, S, count,
+                                   pos / block_size, sRow, lane)
+              : canonical_row_warp(static_cast<const int32_t*>(p.raw_indices) + row * S, S, count,
+                                   pos / block_size, sRow, lane);
+      if (lane == 0) sRow[kCanonicalMaxSelected] = n;
+    }
+    __syncthreads();
+    row_all = sRow;
+    row_count = sRow[kCanonicalMaxSelected];
+  } else {
+    row_count = p.num_blocks[row];
+  }
   // Clamped so that a malformed count can never index past the row; this block's slice of it.
-  const int2 entries =
-      split_entries(p, max(0, min(p.num_blocks[row], int(p.num_selected))), split);
-  const int32_t* row_blocks = p.blocks + row * p.num_selected + entries.x;
+  const int2 entries = split_entries(p, max(0, min(row_count, int(p.num_selected))), split);
+  const int32_t* row_blocks = row_all + entries.x;
   const int total_chunks = count_chunks(row_blocks, entries.y - entries.x, pos, block_size);
   const int num_stages = (total_chunks + kChunksPerStage - 1) / kChunksPerStage;
 
-  const T* q = static_cast<const T*>(p.q);
   const int64_t k_stride = p.heads_kv * kHeadDimQK;   // key j is j rows of H * D elements further
   const int64_t v_stride = p.heads_kv * kHeadDimV;
   // This thread's row within a chunk and first 16-byte segment of it.
@@ -240,18 +282,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   // Row crow of every chunk has crow % 8 == crow's: one swizzled unit for all of them.
   T* sK_thread = sK + crow * kHeadDimQK + swizzle(crow, cseg) * 8;
   T* sV_thread = sV + crow * kHeadDimV + swizzle(crow, cseg) * 8;
-
-  // Q rows [kRows, Dk]: zeros past the group's end.
-  {
-    const T* q_rows = q + (bt * p.heads_q + int64_t(h) * G + g0) * kHeadDimQK;
-    for (int i = tid; i < kRows * kSegQK; i += kThreads) {
-      const int r = i / kSegQK, seg = i % kSegQK;
-      const bool valid = g0 + r < G;
-      cp_async_16(sQ + r * kHeadDimQK + swizzle(r, seg) * 8,
-                  valid ? q_rows + r * kHeadDimQK + seg * 8 : q, valid);
-    }
-    cp_async_commit();
-  }
 
   // Threads 0-3: chunk tid of `stage` -> slot stage % 2 (first key; visible keys, 0 if none).
   auto describe_stage = [&](int stage) {

@@ -40,6 +40,14 @@ struct SelectionFwdParams {
   float* part_acc;         // [B*TQ*HQ, num_splits, Dv]: unnormalised sum of exp(s - m) * v
   float* part_m;           // [B*TQ*HQ, num_splits]: max scaled score (natural log), -inf if none
   float* part_l;           // [B*TQ*HQ, num_splits]: sum of exp(s - m), 0 if none
+  // Rows as the caller gave them (the tensor-core row kernel only; null elsewhere): with
+  // raw_indices set, `blocks` and `num_blocks` are unused and each thread block canonicalises
+  // its own row (canonical_row.cuh; S <= kCanonicalMaxSelected) -- one launch fewer than the
+  // canonical-rows kernel before the forward, which an eager decode call feels.
+  const void* raw_indices;   // [B, TQ, H, S] int32 or int64
+  const void* raw_counts;    // [B, TQ, H] int32 or int64, or null: count_limit for every row
+  int64_t count_limit;
+  bool raw_indices_int64, raw_counts_int64;
 };
 
 #ifdef __CUDACC__

@@ -469,6 +469,35 @@ def test_rows_operator_fake_gives_the_output_shapes():
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("name", CANONICAL_CASES)
+def test_rows_operator_canonicalising_in_the_kernel_equals_the_canonical_rows(name, splits, dtype):
+    """With fp16/bf16 selection_fwd_rows launches no canonical-rows kernel: each thread block of
+    the forward canonicalises its own row. Its outputs equal selection_fwd on the canonical rows
+    bitwise, on rows with repeats, -1, other negatives, out-of-range and hidden entries, int32 and
+    int64 indices, a block_counts tensor and int, S = 1 and 32, varlen (fp32 keeps the
+    canonical-rows kernel and is checked the same way)."""
+    case = make_case(dtype=dtype, device="cuda", seed=len(name), Dk=64, **CANONICAL_CASES[name])
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
+    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
+    o2, lse2 = torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks, num_blocks, pos, k_offset,
+                                                    call.block_size, call.scale, splits)
+    counts = call.block_counts
+    o1, lse1 = torch.ops.nsa_ext_cuda.selection_fwd_rows(
+        q, k, v, call.block_indices.contiguous(), None if counts is None else counts.contiguous(),
+        call.block_count_limit, pos, k_offset, call.block_size, call.scale, splits)
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    # Not trivial: canonicalisation dropped entries of some rows and kept some of others.
+    assert (num_blocks > 0).any() and (num_blocks < call.num_selected).any()
+
+
+@pytest.mark.gpu
+@needs_ext
 @pytest.mark.parametrize("name,splits", [("G3", 1), ("counts_tensor", 1), ("varlen_ragged", 1),
                                          ("decode_TQ1", 3), ("counts_int", 2)])
 def test_rows_operator_equals_the_two_step_path(name, splits):

@@ -13,7 +13,8 @@ pick kv (small G).
 The kernels read each row's selected set in canonical form (nsa_ext.selection.canonical_blocks:
 sorted, de-duplicated, -1 padded, causally trimmed) and each query's absolute position and key
 offset (row_geometry). The row schedule takes both in one operator call,
-`torch.ops.nsa_ext_cuda.selection_fwd_rows` (canonical rows + forward + split-KV merge); the tile
+`torch.ops.nsa_ext_cuda.selection_fwd_rows` (canonical rows + forward + split-KV merge; with
+fp16/bf16 each thread block canonicalises its own row, so no separate launch); the tile
 schedule computes the canonical rows and the tile unions first (the chooser's statistic reads
 them), then calls `selection_fwd_tile`. The backend has no backward of its own: the dispatcher
 borrows Triton's (or packed SDPA's where Triton cannot serve).
