@@ -166,7 +166,8 @@ ForwardShapes check_forward_inputs(const char* op, const at::Tensor& q, const at
                                    const at::Tensor& v, const at::Tensor& blocks,
                                    const at::Tensor& num_blocks, const at::Tensor& pos,
                                    const at::Tensor& k_offset, int64_t block_size) {
-  check_cuda_contiguous(blocks, "blocks", q, op);
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&blocks, "blocks"}})
+    check_cuda_contiguous(*t, name, q, op);
   check_cuda_contiguous(num_blocks, "num_blocks", q, op);
   TORCH_CHECK(blocks.scalar_type() == at::kInt,
               op, "blocks must be int32, got ", c10::toString(blocks.scalar_type()));
@@ -462,13 +463,15 @@ std::tuple<at::Tensor, at::Tensor> canonical_blocks_cuda(const at::Tensor& indic
   return {blocks, num_blocks};
 }
 
+constexpr int64_t kInKernelCanonicalMaxRows = 8192;
+
 // nsa_ext_cuda::selection_fwd_rows: canonical rows + the row-schedule forward (+ the split-KV
 // merge) in one call from Python: the eager fast path of the CUDA backend (one operator
 // dispatch instead of two; the same checks and the same results as the two operators). An
 // eager decode call is bound by host time, where each launch and allocation counts: with
-// fp16/bf16 the forward kernel canonicalises each row itself (no canonical-rows launch, no
-// workspace for the rows), and the split-KV partials are the only workspace; fp32 keeps the
-// canonical-rows kernel, its rows in the workspace beside the partials.
+// fp16/bf16 and few rows the forward kernel canonicalises each row itself (no canonical-rows
+// launch, no workspace for the rows), and the split-KV partials are the only workspace; fp32
+// and large calls keep the canonical-rows kernel, its rows in the workspace beside the partials.
 std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
     const std::optional<at::Tensor>& counts, int64_t count_limit, const at::Tensor& pos,
@@ -479,7 +482,11 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
   TORCH_CHECK(q.dim() == 4 && v.dim() == 4, op, "q and v must be 4-d, got ", shape_of(q),
               " and ", shape_of(v));
   TORCH_CHECK(num_splits >= 1, op, "num_splits must be >= 1, got ", std::to_string(num_splits));
-  const bool in_kernel = q.scalar_type() != at::kFloat;   // rows canonicalised by the forward
+  // Rows canonicalised by the forward kernel (fp16/bf16) in calls of up to
+  // kInKernelCanonicalMaxRows rows. Measured on the H200 (notes/eager.md): decode -4.6 us of
+  // host time, chunk TQ=512 (2048 rows) unchanged, prefills of 32768+ rows 0.3-0.8 % slower
+  // (every thread block waits for its warp's sort; one kernel over all rows costs less there).
+  const bool in_kernel = q.scalar_type() != at::kFloat && B * TQ * H <= kInKernelCanonicalMaxRows;
   const ForwardShapes shapes =
       check_attention_inputs(op, q, k, v, pos, k_offset, block_size, S);
   check_shape(indices, "block_indices", {shapes.B, shapes.TQ, shapes.H, S}, "[B, TQ, H, S]", op);

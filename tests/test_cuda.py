@@ -472,14 +472,16 @@ def test_rows_operator_fake_gives_the_output_shapes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
                          ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("name", CANONICAL_CASES)
+@pytest.mark.parametrize("name", list(CANONICAL_CASES) + ["rows_past_in_kernel"])
 def test_rows_operator_canonicalising_in_the_kernel_equals_the_canonical_rows(name, splits, dtype):
     """With fp16/bf16 selection_fwd_rows launches no canonical-rows kernel: each thread block of
     the forward canonicalises its own row. Its outputs equal selection_fwd on the canonical rows
     bitwise, on rows with repeats, -1, other negatives, out-of-range and hidden entries, int32 and
     int64 indices, a block_counts tensor and int, S = 1 and 32, varlen (fp32 keeps the
-    canonical-rows kernel and is checked the same way)."""
-    case = make_case(dtype=dtype, device="cuda", seed=len(name), Dk=64, **CANONICAL_CASES[name])
+    canonical-rows kernel and is checked the same way, as are calls of more rows than the
+    in-kernel limit, 8192)."""
+    shape = CANONICAL_CASES.get(name, dict(B=1, TQ=4200, HQ=2, H=2, S=16, block_size=16))
+    case = make_case(dtype=dtype, device="cuda", seed=len(name), Dk=64, **shape)
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks(call, geometry)
