@@ -15,8 +15,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
-#ifndef NSA_EXT_NO_PYTHON
+#if !defined(NSA_EXT_NO_PYTHON) && !defined(NSA_EXT_NO_DIRECT_ENTRY)
 #include <torch/csrc/utils/pybind.h>   // at::Tensor <-> torch.Tensor casters (libtorch_python)
+#elif !defined(NSA_EXT_NO_PYTHON)
+#include <pybind11/pybind11.h>
 #endif
 #include <torch/library.h>
 
@@ -590,11 +592,13 @@ PYBIND11_MODULE(_C, m) {
   // selection_fwd_rows, called without the dispatcher. Only plain eager calls take it (no
   // autograd, tracing, modes or fake tensors to serve), and an eager decode call is bound by
   // host time, so the boxed dispatch of 11 arguments is worth skipping there.
+#ifndef NSA_EXT_NO_DIRECT_ENTRY
   m.def("selection_fwd_rows", &nsa_ext::selection_fwd_rows_cuda, pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("block_indices"),
         pybind11::arg("block_counts"), pybind11::arg("count_limit"), pybind11::arg("pos"),
         pybind11::arg("k_offset"), pybind11::arg("block_size"), pybind11::arg("scale"),
         pybind11::arg("num_splits"),
         "nsa_ext_cuda::selection_fwd_rows without the dispatcher (plain eager calls only)");
+#endif
 }
 #endif

@@ -1,0 +1,87 @@
+"""One GPU, the local calls of context parallelism: where a pattern's weak scaling goes.
+
+Weak scaling compares W GPUs on W*T tokens with 1 GPU on T (bench/cp_bench.py); the W-GPU time
+is the last rank's local call, TQ = T queries that are the last T of TK = W*T keys. This script
+times, on one GPU and in one process, the three shapes that comparison rests on -- 1 GPU on T
+(TQ = TK = T), the last rank of 2 (TQ = T, TK = 2T), 1 GPU on 2T (TQ = TK = 2T) -- through `auto`
+and with every backend's forward schedule forced (NSA_SEL_SCHEDULE), forward only, median ms of
+triton.testing.do_bench (L2 flushed before each call). It answers two questions no 2-GPU run
+can: does the last rank's call take the schedule that is fastest for its shape, and how much of
+its cost over the T call is the shape itself (keys spread over twice the range).
+
+    python bench/cp_local_shapes.py --T 131072 --pattern random [--out shapes.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nsa_ext  # noqa: E402
+from bench.common import PATTERNS, Shape, make_block_indices, make_qkv  # noqa: E402
+
+PATHS = (("auto", "auto"), ("triton", "row"), ("triton", "tile"), ("triton", "kv"),
+         ("cuda", "row"), ("cuda", "tile"))
+
+
+def time_path(q, k, v, bi, block_size, backend, schedule) -> float:
+    import triton.testing
+
+    os.environ["NSA_SEL_SCHEDULE"] = schedule
+    try:
+        def call():
+            with torch.no_grad():
+                nsa_ext.selection_attention(q, k, v, bi, block_size, backend=backend)
+        call()
+        return float(triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median"))
+    except (ValueError, RuntimeError) as err:
+        print(f"  {backend}/{schedule}: n/a ({str(err).splitlines()[0][:100]})")
+        return float("nan")
+    finally:
+        os.environ.pop("NSA_SEL_SCHEDULE", None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--T", type=int, nargs="+", default=[131072])
+    parser.add_argument("--pattern", default="random", choices=list(PATTERNS))
+    parser.add_argument("--HQ", type=int, default=64)
+    parser.add_argument("--H", type=int, default=4)
+    parser.add_argument("--D", type=int, default=128)
+    parser.add_argument("--S", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows = []
+    print(f"# {torch.cuda.get_device_name(device)} | bf16 HQ={args.HQ} H={args.H} D={args.D} "
+          f"S={args.S} block={args.block_size} pattern={args.pattern} | forward ms (median)")
+    print("| shape | TQ | TK | " + " | ".join(f"{b}/{s}" for b, s in PATHS) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in PATHS) + " |")
+    for T in args.T:
+        for label, TQ, TK in (("1 GPU on T", T, T), ("last rank of 2", T, 2 * T),
+                              ("1 GPU on 2T", 2 * T, 2 * T)):
+            shape = Shape(B=1, TQ=TQ, TK=TK, HQ=args.HQ, H=args.H, Dk=args.D, Dv=args.D,
+                          S=args.S, block_size=args.block_size)
+            q, k, v = make_qkv(shape, torch.bfloat16, device, seed=T)
+            bi = make_block_indices(shape, args.pattern, device=device, seed=T)
+            row = {"T": T, "shape": label, "TQ": TQ, "TK": TK,
+                   "ms": {f"{b}/{s}": time_path(q, k, v, bi, args.block_size, b, s)
+                          for b, s in PATHS}}
+            rows.append(row)
+            print(f"| {label} (T={T}) | {TQ} | {TK} | " +
+                  " | ".join(f"{row['ms'][f'{b}/{s}']:.3f}" for b, s in PATHS) + " |",
+                  flush=True)
+            del q, k, v, bi
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
