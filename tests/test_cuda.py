@@ -467,6 +467,24 @@ def test_rows_operator_fake_gives_the_output_shapes():
     assert o.shape == (2, 5, 6, 32) and lse.shape == (2, 5, 6) and lse.dtype == torch.float32
 
 
+def _rows_operator_equals_the_two_step_path(case, splits):
+    """Asserts selection_fwd_rows(case) == canonical_blocks then selection_fwd, bitwise;
+    returns the call and the canonical rows' counts."""
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
+    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
+    o2, lse2 = torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks, num_blocks, pos, k_offset,
+                                                    call.block_size, call.scale, splits)
+    counts = call.block_counts
+    o1, lse1 = torch.ops.nsa_ext_cuda.selection_fwd_rows(
+        q, k, v, call.block_indices.contiguous(), None if counts is None else counts.contiguous(),
+        call.block_count_limit, pos, k_offset, call.block_size, call.scale, splits)
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    return call, num_blocks
+
+
 @pytest.mark.gpu
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
@@ -482,18 +500,7 @@ def test_rows_operator_canonicalising_in_the_kernel_equals_the_canonical_rows(na
     in-kernel limit, 8192)."""
     shape = CANONICAL_CASES.get(name, dict(B=1, TQ=4200, HQ=2, H=2, S=16, block_size=16))
     case = make_case(dtype=dtype, device="cuda", seed=len(name), Dk=64, **shape)
-    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
-    geometry = row_geometry(call)
-    blocks, num_blocks = canonical_blocks(call, geometry)
-    q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
-    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
-    o2, lse2 = torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks, num_blocks, pos, k_offset,
-                                                    call.block_size, call.scale, splits)
-    counts = call.block_counts
-    o1, lse1 = torch.ops.nsa_ext_cuda.selection_fwd_rows(
-        q, k, v, call.block_indices.contiguous(), None if counts is None else counts.contiguous(),
-        call.block_count_limit, pos, k_offset, call.block_size, call.scale, splits)
-    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    call, num_blocks = _rows_operator_equals_the_two_step_path(case, splits)
     # Not trivial: canonicalisation dropped entries of some rows and kept some of others.
     assert (num_blocks > 0).any() and (num_blocks < call.num_selected).any()
 
@@ -506,15 +513,4 @@ def test_rows_operator_equals_the_two_step_path(name, splits):
     """selection_fwd_rows (canonical rows + forward in one operator) is the same kernels as
     canonical_blocks then selection_fwd: bitwise the same outputs."""
     case = make_case(dtype=torch.bfloat16, device="cuda", seed=5, **CASES[name])
-    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
-    geometry = row_geometry(call)
-    blocks, num_blocks = canonical_blocks(call, geometry)
-    q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))
-    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
-    o2, lse2 = torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks, num_blocks, pos, k_offset,
-                                                    call.block_size, call.scale, splits)
-    counts = call.block_counts
-    o1, lse1 = torch.ops.nsa_ext_cuda.selection_fwd_rows(
-        q, k, v, call.block_indices.contiguous(), None if counts is None else counts.contiguous(),
-        call.block_count_limit, pos, k_offset, call.block_size, call.scale, splits)
-    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    _rows_operator_equals_the_two_step_path(case, splits)
