@@ -9,7 +9,8 @@ triton.testing.do_bench (L2 flushed before each call). It answers two questions 
 can: does the last rank's call take the schedule that is fastest for its shape, and how much of
 its cost over the T call is the shape itself (keys spread over twice the range).
 
-    python bench/cp_local_shapes.py --T 131072 --pattern random [--out shapes.json]
+    python bench/cp_local_shapes.py --T 131072 --pattern random [--rounds 2] [--log-auto]
+        [--paths auto/auto triton/row] [--out shapes.json]
 """
 from __future__ import annotations
 
@@ -27,6 +28,27 @@ from bench.common import PATTERNS, Shape, make_block_indices, make_qkv  # noqa: 
 
 PATHS = (("auto", "auto"), ("triton", "row"), ("triton", "tile"), ("triton", "kv"),
          ("cuda", "row"), ("cuda", "tile"))
+
+
+def log_auto(q, k, v, bi, block_size) -> None:
+    """One auto call with NSA_DEBUG_LOG=1: its sel.* records (dispatch, schedule, launch)."""
+    import logging
+
+    logger = logging.getLogger("nsa_ext")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  log: %(message)s"))
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    os.environ["NSA_DEBUG_LOG"] = "1"
+    try:
+        with torch.no_grad():
+            nsa_ext.selection_attention(q, k, v, bi, block_size)
+        torch.cuda.synchronize()
+    finally:
+        os.environ.pop("NSA_DEBUG_LOG", None)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def time_path(q, k, v, bi, block_size, backend, schedule) -> float:
@@ -56,13 +78,21 @@ def main() -> None:
     parser.add_argument("--S", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--paths", nargs="+", default=None,
+                        help="backend/schedule pairs to time (default: all of PATHS)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every path this many times in turns and keep the best (a "
+                             "process's first measurement can run at other clocks)")
+    parser.add_argument("--log-auto", action="store_true",
+                        help="print one auto call's sel.* log records per shape")
     args = parser.parse_args()
     device = torch.device("cuda")
+    paths = PATHS if args.paths is None else tuple(tuple(p.split("/")) for p in args.paths)
     rows = []
     print(f"# {torch.cuda.get_device_name(device)} | bf16 HQ={args.HQ} H={args.H} D={args.D} "
           f"S={args.S} block={args.block_size} pattern={args.pattern} | forward ms (median)")
-    print("| shape | TQ | TK | " + " | ".join(f"{b}/{s}" for b, s in PATHS) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in PATHS) + " |")
+    print("| shape | TQ | TK | " + " | ".join(f"{b}/{s}" for b, s in paths) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in paths) + " |")
     for T in args.T:
         for label, TQ, TK in (("1 GPU on T", T, T), ("last rank of 2", T, 2 * T),
                               ("1 GPU on 2T", 2 * T, 2 * T)):
@@ -70,13 +100,21 @@ def main() -> None:
                           S=args.S, block_size=args.block_size)
             q, k, v = make_qkv(shape, torch.bfloat16, device, seed=T)
             bi = make_block_indices(shape, args.pattern, device=device, seed=T)
-            row = {"T": T, "shape": label, "TQ": TQ, "TK": TK,
-                   "ms": {f"{b}/{s}": time_path(q, k, v, bi, args.block_size, b, s)
-                          for b, s in PATHS}}
+            if args.log_auto:
+                log_auto(q, k, v, bi, args.block_size)
+            times = {f"{b}/{s}": [] for b, s in paths}
+            for _ in range(args.rounds):
+                for b, s in paths:
+                    times[f"{b}/{s}"].append(time_path(q, k, v, bi, args.block_size, b, s))
+            row = {"T": T, "shape": label, "TQ": TQ, "TK": TK, "rounds_ms": times,
+                   "ms": {key: min(values) for key, values in times.items()}}
             rows.append(row)
             print(f"| {label} (T={T}) | {TQ} | {TK} | " +
-                  " | ".join(f"{row['ms'][f'{b}/{s}']:.3f}" for b, s in PATHS) + " |",
+                  " | ".join(f"{row['ms'][f'{b}/{s}']:.3f}" for b, s in paths) + " |",
                   flush=True)
+            if args.rounds > 1:
+                print("  rounds: " + "; ".join(f"{key} " + " ".join(f"{t:.3f}" for t in values)
+                                               for key, values in times.items()), flush=True)
             del q, k, v, bi
             torch.cuda.empty_cache()
     if args.out:
