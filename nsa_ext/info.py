@@ -26,7 +26,10 @@ def _extension_status() -> dict:
     except ImportError as err:
         return {"built": False, "reason": f"nsa_ext._ext missing: {err}"}
     if _ext.available():
-        return {"built": True, **_ext.build_info()}
+        # eager_direct_entry: the pybind11 entry the eager plans call (built with Python's
+        # headers and libtorch_python; without it they take the operator).
+        return {"built": True, **_ext.build_info(),
+                "eager_direct_entry": _ext.direct_rows() is not None}
     return {"built": False, "reason": _ext.unavailable_reason()}
 
 
