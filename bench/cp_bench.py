@@ -42,6 +42,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nsa_ext  # noqa: E402
 import nsa_ext.distributed as cp  # noqa: E402
+from nsa_ext.device import elapsed_ms  # noqa: E402
 from bench.common import PATTERNS, Shape, environment, make_block_indices, make_qkv  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,16 +59,7 @@ class Clock:
             torch.cuda.synchronize()
 
     def time(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return elapsed_ms(fn, self.cuda)
 
 
 def median_ms(fn, clock: Clock, iters: int, warmup: int, together: bool) -> float:

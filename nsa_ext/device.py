@@ -53,3 +53,21 @@ def on_device(device: torch.device):
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+def elapsed_ms(fn, cuda: bool) -> float:
+    """Milliseconds of one call of `fn`: CUDA events around it on the current stream (waiting
+    for the end event only) when `cuda`, else perf_counter. The autotuner's one-run timing of a
+    long launch (triton_ref/selection_fwd.py) and the CP bench (bench/cp_bench.py) share it."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3

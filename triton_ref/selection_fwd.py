@@ -27,11 +27,12 @@ beyond 2^31 elements are addressed correctly.
 from __future__ import annotations
 
 import inspect
-import time
 
 import torch
 import triton
 import triton.language as tl
+
+from nsa_ext.device import elapsed_ms
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernels
@@ -64,24 +65,11 @@ def autotuned(programs: int, threshold: int = None) -> bool:
 LONG_LAUNCH_MS = 20.0
 
 
-def _elapsed_ms(fn) -> float:
-    if torch.cuda.is_available():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def tuning_bench(kernel_call, quantiles=None, **kwargs):
     """The autotuner's timing of one config (Triton's `do_bench` hook): one warm-up run, one
     timed run, and Triton's do_bench only for a launch shorter than LONG_LAUNCH_MS."""
     kernel_call()
-    ms = _elapsed_ms(kernel_call)
+    ms = elapsed_ms(kernel_call, torch.cuda.is_available())
     if ms < LONG_LAUNCH_MS:
         return triton.testing.do_bench(kernel_call, quantiles=quantiles, **kwargs)
     return [ms] * len(quantiles) if quantiles else ms
