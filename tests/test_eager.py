@@ -226,6 +226,8 @@ def test_gpu_planned_calls_match_the_full_path_bitwise(backend, TQ, TK):
     chosen = nsa_ext.explain(*first.args(), backend=backend).chosen
     if TQ == 1 or chosen == "cuda":       # the split-KV step and the CUDA row path have launchers
         assert launches and all(launch is not None for launch in launches)
+    if TQ == 1 and chosen == "triton":    # calls 2 and 3 skipped Triton's launcher
+        assert [launch.split.direct_launches for launch in launches] == [2]
 
 
 @pytest.mark.gpu

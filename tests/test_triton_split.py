@@ -68,6 +68,60 @@ def test_split_kernel_gpu(name, dtype, num_splits):
               num_splits, False)
 
 
+DIRECT_CASES = {name: CASES[name] for name in ("decode_G16", "decode_G3_dk96_dv64",
+                                                "decode_G1_bs64", "counts_int", "G80_two_tiles")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", DIRECT_CASES)
+def test_gpu_split_launch_relaunches_directly_and_equals_the_normal_launch(name, dtype,
+                                                                          num_splits):
+    """SplitLaunch (eager plans): after its first call the kernels go through
+    triton_ref/direct_launch.py; every call's o and lse are bitwise those of
+    selection_split_fwd on the same tensors, for new tensors at new addresses each call."""
+    from triton_ref.selection_split import SplitLaunch, selection_split_fwd
+
+    shape = DIRECT_CASES[name]
+    c = make_case(dtype=dtype, device="cuda", **shape)
+    call = describe_call(*c.args(), **c.kwargs())
+    scalars = dict(scale=call.scale, block_size=call.block_size,
+                   count_limit=call.block_count_limit, num_splits=num_splits)
+    launch = SplitLaunch(**scalars)
+    for seed in range(3):
+        c = make_case(dtype=dtype, device="cuda", seed=seed, **shape)
+        o, lse = launch(c.q, c.k, c.v, c.block_indices)
+        o_ref, lse_ref = selection_split_fwd(c.q, c.k, c.v, c.block_indices, **scalars)
+        assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+    assert launch.direct_launches == 2        # calls 2 and 3 went direct
+
+
+@pytest.mark.gpu
+def test_gpu_split_launch_declines_a_misaligned_tensor_and_stays_right():
+    """A q view 2 elements into its storage is not 16-byte aligned, which Triton specialised the
+    kernel on: SplitLaunch launches the normal way for it (no direct launch) with the same
+    result."""
+    from triton_ref.selection_split import SplitLaunch, selection_split_fwd
+
+    shape = dict(B=1, TQ=1, TK=512, HQ=16, H=2, Dk=64, S=5, block_size=32)
+    c = make_case(dtype=torch.float16, device="cuda", seed=3, **shape)
+    scalars = dict(scale=0.125, block_size=32, count_limit=5, num_splits=2)
+    launch = SplitLaunch(**scalars)
+    launch(c.q, c.k, c.v, c.block_indices)
+    storage = torch.empty(c.q.numel() + 2, dtype=c.q.dtype, device="cuda")
+    q = storage[2:].view_as(c.q)
+    q.copy_(c.q)
+    assert q.data_ptr() % 16
+    o, lse = launch(q, c.k, c.v, c.block_indices)
+    o_ref, lse_ref = selection_split_fwd(c.q, c.k, c.v, c.block_indices, **scalars)
+    assert launch.direct_launches == 0
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+    launch(c.q, c.k, c.v, c.block_indices)
+    assert launch.direct_launches == 1
+
+
 def test_num_splits_heuristic():
     from triton_ref.selection_split import choose_num_splits
 

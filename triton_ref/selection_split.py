@@ -162,17 +162,10 @@ def choose_num_splits(work_items: int, num_entries: int, sm_count: int) -> int:
     return triton.cdiv(num_entries, triton.cdiv(num_entries, splits))   # no empty slice
 
 
-def selection_split_fwd(q, k, v, block_indices, *, scale: float, block_size: int,
-                        block_counts=None, count_limit: int = None, pos=None, k_offset=None,
-                        num_splits: int = 1, kernels=None):
-    """Launch the split kernel (and the merge kernel when num_splits > 1). Returns (o, lse).
-
-    q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv] (last dim contiguous); block_indices
-    [B, TQ, H, S] raw; block_counts [B, TQ, H] or None with `count_limit` (an int <= S);
-    pos/k_offset [B, TQ] int64 for varlen. `kernels` replaces (split, merge), e.g. with
-    interpreted twins for CPU tests.
-    """
-    split_kernel, merge_kernel = kernels or (selection_split_kernel, selection_merge_kernel)
+def _launch_args(q, k, v, block_indices, *, scale: float, block_size: int, block_counts=None,
+                 count_limit: int = None, pos=None, k_offset=None, num_splits: int = 1):
+    """(split kernel's grid, its keyword arguments, merge kernel's grid or None, its keyword
+    arguments) with freshly allocated o, lse and workspaces: what `selection_split_fwd` launches."""
     B, TQ, HQ, Dk = q.shape
     _, TK, H, Dv = v.shape
     G = HQ // H
@@ -193,22 +186,88 @@ def selection_split_fwd(q, k, v, block_indices, *, scale: float, block_size: int
         pos = pos.to(torch.int64).contiguous()
         k_offset = k_offset.to(torch.int64).contiguous()
     counts_strides = block_counts.stride() if block_counts is not None else (0, 0, 0)
+    split = dict(
+        q=q, k=k, v=v, o=o, lse=lse, acc_ws=acc_ws, m_ws=m_ws, l_ws=l_ws,
+        block_indices=block_indices, block_counts=block_counts, count_limit=count_limit,
+        pos=pos, k_offset=k_offset,
+        stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2),
+        stride_kb=k.stride(0), stride_kt=k.stride(1), stride_kh=k.stride(2),
+        stride_vb=v.stride(0), stride_vt=v.stride(1), stride_vh=v.stride(2),
+        stride_ib=block_indices.stride(0), stride_it=block_indices.stride(1),
+        stride_ih=block_indices.stride(2), stride_is=block_indices.stride(3),
+        stride_cb=counts_strides[0], stride_ct=counts_strides[1], stride_ch=counts_strides[2],
+        qk_scale=scale * LOG2E, TQ=TQ, TK=TK, S=S, EPS=eps,
+        H=H, G=G, K=Dk, V=Dv, BLOCK=block_size, NSPLIT=num_splits, num_warps=4, num_stages=3)
     grid = (B * TQ * H, num_splits, triton.cdiv(G, group_tile(G)))
-    split_kernel[grid](
-        q, k, v, o, lse, acc_ws, m_ws, l_ws, block_indices, block_counts, count_limit, pos, k_offset,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *block_indices.stride(), *counts_strides,
-        scale * LOG2E, TQ, TK, S, eps,
-        H=H, G=G, K=Dk, V=Dv, BLOCK=block_size, NSPLIT=num_splits,
-        num_warps=4, num_stages=3,
-    )
-    if num_splits > 1:
-        merge_kernel[(B * TQ * HQ,)](o, lse, acc_ws, m_ws, l_ws, V=Dv, NSPLIT=num_splits,
-                                     num_warps=1 if Dv <= 64 else 2)
-    return o, lse
+    if num_splits == 1:
+        return grid, split, None, None
+    merge = dict(o=o, lse=lse, acc_ws=acc_ws, m_ws=m_ws, l_ws=l_ws, V=Dv, NSPLIT=num_splits,
+                 num_warps=1 if Dv <= 64 else 2)
+    return grid, split, (B * TQ * HQ,), merge
 
 
-__all__ = ["selection_split_fwd", "selection_split_kernel", "selection_merge_kernel",
+def selection_split_fwd(q, k, v, block_indices, *, scale: float, block_size: int,
+                        block_counts=None, count_limit: int = None, pos=None, k_offset=None,
+                        num_splits: int = 1, kernels=None):
+    """Launch the split kernel (and the merge kernel when num_splits > 1). Returns (o, lse).
+
+    q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv] (last dim contiguous); block_indices
+    [B, TQ, H, S] raw; block_counts [B, TQ, H] or None with `count_limit` (an int <= S);
+    pos/k_offset [B, TQ] int64 for varlen. `kernels` replaces (split, merge), e.g. with
+    interpreted twins for CPU tests.
+    """
+    split_kernel, merge_kernel = kernels or (selection_split_kernel, selection_merge_kernel)
+    grid, split, merge_grid, merge = _launch_args(
+        q, k, v, block_indices, scale=scale, block_size=block_size, block_counts=block_counts,
+        count_limit=count_limit, pos=pos, k_offset=k_offset, num_splits=num_splits)
+    split_kernel[grid](**split)
+    if merge is not None:
+        merge_kernel[merge_grid](**merge)
+    return split["o"], split["lse"]
+
+
+# The tensors a SplitLaunch puts in each kernel's argument list per call.
+_SPLIT_SLOTS = ("q", "k", "v", "o", "lse", "acc_ws", "m_ws", "l_ws", "block_indices")
+_MERGE_SLOTS = ("o", "lse", "acc_ws", "m_ws", "l_ws")
+
+
+class SplitLaunch:
+    """`selection_split_fwd` for eager calls that repeat one call's metadata (an eager plan, dense
+    layout, no block_counts tensor, no varlen): after the first call each launch skips Triton's
+    per-call launcher (triton_ref/direct_launch.py), ~60 us of host time per kernel on the H200
+    host. Same kernels, same arguments, so the same bits as `selection_split_fwd`."""
+
+    def __init__(self, *, scale: float, block_size: int, count_limit: int, num_splits: int):
+        self._scalars = dict(scale=scale, block_size=block_size, count_limit=count_limit,
+                             num_splits=num_splits)
+        self._split = self._merge = None
+        self.direct_launches = 0          # launches that skipped Triton's launcher (tests)
+
+    def __call__(self, q, k, v, block_indices):
+        from .direct_launch import DirectLaunch
+
+        grid, split, merge_grid, merge = _launch_args(q, k, v, block_indices, **self._scalars)
+        tensors = [split[name] for name in _SPLIT_SLOTS]
+        if self._split is not None and self._split(*tensors):
+            self.direct_launches += 1
+            if merge is not None:
+                if not self._merge(*(merge[name] for name in _MERGE_SLOTS)):
+                    selection_merge_kernel[merge_grid](**merge)
+            return split["o"], split["lse"]
+        if self._split is None:
+            _, self._split = DirectLaunch.first(selection_split_kernel, grid, _SPLIT_SLOTS,
+                                                **split)
+            if merge is not None:
+                _, self._merge = DirectLaunch.first(selection_merge_kernel, merge_grid,
+                                                    _MERGE_SLOTS, **merge)
+            if self._split is not None and merge is not None and self._merge is None:
+                self._split = None                        # relaunch both or neither directly
+        else:
+            selection_split_kernel[grid](**split)
+            if merge is not None:
+                selection_merge_kernel[merge_grid](**merge)
+        return split["o"], split["lse"]
+
+
+__all__ = ["selection_split_fwd", "SplitLaunch", "selection_split_kernel", "selection_merge_kernel",
            "choose_num_splits"]
