@@ -197,9 +197,11 @@ def test_one_launch_tile_unions_match_pytorch(QT, S, seqlens, stride, monkeypatc
     geometry = row_geometry(call)
     blocks, num_blocks = canonical_blocks_torch(call, geometry)
     want = tile_unions_torch(call, geometry, blocks, QT)
+    totals = torch.zeros(2, dtype=torch.int64, device=device)
     starts, counts, selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
-                                            interpret=not CUDA)
+                                            interpret=not CUDA, totals=totals)
     assert torch.equal(counts, want.counts) and torch.equal(starts, want.starts)
+    assert totals.tolist() == [int(num_blocks.sum()), int(want.counts.sum())]
     assert counts.sum() > 0 and bool((counts < selections).any()) == (QT > 1)
     # (a tile of several rows has blocks two rows chose, merged; one row has no repeats)
     _, sampled, sampled_selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
@@ -477,10 +479,16 @@ def test_gpu_stress_bf16(device_lane, monkeypatch, name, schedule):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["messy", "model"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_chooser_reads_the_whole_union_and_the_tile_path_reuses_it(monkeypatch, backend):
+def test_gpu_chooser_reads_the_whole_union_and_the_tile_path_reuses_it(monkeypatch, backend,
+                                                                      pattern):
     """On CUDA the chooser's overlap statistic is the whole union's (launched before its sync,
-    kept on the call's Prepared) and exact; the tile path then runs on that same union."""
+    kept on the call's Prepared; its launch sums the two counts) and exact; the tile path then
+    runs on that same union. The forward's choice without details (detail=False) is the same."""
+    import sys
+    from pathlib import Path
+
     from nsa_ext.backends import cuda as cuda_backend
     from nsa_ext.config import load_settings
     from nsa_ext.device import device_facts
@@ -490,6 +498,13 @@ def test_gpu_chooser_reads_the_whole_union_and_the_tile_path_reuses_it(monkeypat
     # Enough rows that the measured crossovers read the statistic (sel_tile_min_rows).
     case = make_case(B=1, TQ=16384, HQ=16, H=4, Dk=64, S=16, block_size=64, seed=2,
                      dtype=torch.bfloat16, device="cuda")
+    if pattern == "model":       # neighbours share most blocks: the tile side of the crossover
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from bench import common
+
+        shape = common.Shape(B=1, TQ=16384, TK=16384, HQ=16, H=4, Dk=64, Dv=64, S=16,
+                             block_size=64)
+        case.block_indices = common.make_block_indices(shape, "model", device="cuda")
     call = describe_call(*case.args(), **case.kwargs())
     settings, facts = load_settings(), device_facts(call.device)
     if backend == "cuda" and (nsa_ext.explain(*case.args(), **case.kwargs(), backend="cuda").chosen
@@ -508,6 +523,14 @@ def test_gpu_chooser_reads_the_whole_union_and_the_tile_path_reuses_it(monkeypat
     assert choice.stats["union/selections"] == pytest.approx(
         overlap_ratio(union, prep.num_blocks).item(), rel=1e-6)
     assert prep.union(QT) is union                        # the tile path's input, not recomputed
+    assert union.totals.tolist() == [int(prep.num_blocks.sum()), int(union.counts.sum())]
+    if backend == "triton":
+        quick = chooser.choose_schedule(call, settings, facts, prep, detail=False)
+    else:
+        quick = cuda_backend.choose_schedule(call, settings, facts, prep, detail=False)
+    assert quick.chosen == choice.chosen
+    if chooser.MEASURED_KEYS[0] in settings.thresholds.get(facts.arch or "", {}):
+        assert not quick.reasons and not quick.stats      # nothing formatted on the hot path
 
 
 def test_the_whole_union_is_read_only_on_cuda_and_within_its_budget(monkeypatch):

@@ -21,9 +21,9 @@ MAX_WIDTH = 4096                           # QT * S entries one program sorts (G
 
 
 @triton.jit
-def tile_union_kernel(blocks, k_offset, starts, counts, selections, TQ, H, S, NT, NT_OUT,
-                      stride_tile, block_size, QT: tl.constexpr, BW: tl.constexpr,
-                      STORE: tl.constexpr):
+def tile_union_kernel(blocks, k_offset, starts, counts, selections, totals, TQ, H, S, NT,
+                      NT_OUT, stride_tile, block_size, QT: tl.constexpr, BW: tl.constexpr,
+                      STORE: tl.constexpr, TOTALS: tl.constexpr):
     pid = tl.program_id(0)
     h = pid % H
     j = (pid // H) % NT_OUT
@@ -40,17 +40,24 @@ def tile_union_kernel(blocks, k_offset, starts, counts, selections, TQ, H, S, NT
     name = tl.sort(name)
     prev = tl.gather(name, tl.maximum(offs - 1, 0), 0)
     first = (name != 9223372036854775807) & ((name != prev) | (offs == 0))
-    tl.store(counts + pid, tl.sum(first.to(tl.int32), 0))
-    tl.store(selections + pid, tl.sum((blk >= 0).to(tl.int32), 0))
+    union_size = tl.sum(first.to(tl.int32), 0)
+    selected = tl.sum((blk >= 0).to(tl.int32), 0)
+    tl.store(counts + pid, union_size)
+    tl.store(selections + pid, selected)
+    if TOTALS:      # integer sums: the same totals in any order of the programs
+        tl.atomic_add(totals, selected.to(tl.int64))
+        tl.atomic_add(totals + 1, union_size.to(tl.int64))
     if STORE:
         kept = tl.sort(tl.where(first, name, 9223372036854775807))
         tl.store(starts + pid.to(tl.int64) * (QT * S) + offs, kept, mask=offs < QT * S)
 
 
 def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: int = 1,
-               store: bool = True, interpret: bool = False):
+               store: bool = True, interpret: bool = False, totals=None):
     """(starts [B, NT', H, QT * S] int64 or None, counts [B, NT', H] int32, selections [B, NT', H]
     int32) for every `stride`-th tile (NT' = ceil(NT / stride)) of `tokens_per_tile` tokens.
+    `totals` (int64 [2], zeroed): the kernel adds (selections, union blocks) of its tiles into it,
+    the chooser's statistic without the ~5 reduction launches of summing the outputs.
 
     blocks [B, TQ, H, S] canonical rows (S >= 1, QT * S <= MAX_WIDTH), k_offset [B, TQ] int64:
     the first key of each query token's sequence along k's T axis (0 for a dense call)."""
@@ -74,8 +81,8 @@ def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: 
     BW = triton.next_power_of_2(width)
     kernel[(B * NT_OUT * H,)](
         blocks.contiguous(), k_offset.to(torch.int64).contiguous(), starts, counts, selections,
-        TQ, H, S, NT, NT_OUT, stride, block_size,
-        QT=QT, BW=BW, STORE=store,
+        totals, TQ, H, S, NT, NT_OUT, stride, block_size,
+        QT=QT, BW=BW, STORE=store, TOTALS=totals is not None,
         num_warps=max(4, min(16, BW // 256)))   # <= 8 names a thread: no spills at 4096
     return (starts if store else None), counts, selections
 

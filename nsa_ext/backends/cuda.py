@@ -229,16 +229,17 @@ def prepared(call: SelectionCall, settings, geometry, blocks, num_blocks):
     return Prepared(call, settings, geometry, blocks, num_blocks, interpret=False)
 
 
-def choose_schedule(call: SelectionCall, settings, facts, prep):
+def choose_schedule(call: SelectionCall, settings, facts, prep, detail: bool = True):
     """The chooser's ScheduleChoice for a call this backend runs unsplit, with `kv` (Triton's)
-    and, where the Hopper kernel cannot serve, `tile` marked unable."""
+    and, where the Hopper kernel cannot serve, `tile` marked unable (`detail`: see the
+    chooser's)."""
     from ..schedules.chooser import choose_schedule as choose
 
     extra = {"kv": ["the CUDA backend runs row and tile; kv is the Triton backend's"]}
     why_not_tile = tile_reasons(call, facts)
     if why_not_tile:
         extra["tile"] = why_not_tile
-    return choose(call, settings, facts, prep, extra_reasons=extra)
+    return choose(call, settings, facts, prep, extra_reasons=extra, detail=detail)
 
 
 def explain_schedule(call: SelectionCall, settings, facts) -> List[str]:
@@ -285,7 +286,7 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
         if tile_may_run(call, settings, facts):
             blocks, num_blocks = canonical_blocks(call, geometry)
             prep = prepared(call, settings, geometry, blocks, num_blocks)
-            if choose_schedule(call, settings, facts, prep).chosen == "tile":
+            if choose_schedule(call, settings, facts, prep, detail=False).chosen == "tile":
                 return run_tile(prep)
             return torch.ops.nsa_ext_cuda.selection_fwd(q, k, v, blocks.contiguous(),
                                                         num_blocks.contiguous(), pos, k_offset,

@@ -183,7 +183,8 @@ def _forward(call: SelectionCall, tile_runner: Optional[Callable] = None):
         chosen = "row"
     else:
         prep = _prepare(call, settings, geometry, interpret)
-        chosen = choose_schedule(call, settings, device_facts(call.device), prep).chosen
+        chosen = choose_schedule(call, settings, device_facts(call.device), prep,
+                                 detail=False).chosen
         if chosen == "tile" and tile_runner is not None:
             if settings.debug:
                 log_event("sel.triton.launch", variant="tile, handed to the CUDA tile kernel",

@@ -174,11 +174,16 @@ def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers)
 
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
                     prep: Optional[Prepared] = None, split: bool = False,
-                    extra_reasons: Optional[Dict[str, List[str]]] = None) -> ScheduleChoice:
+                    extra_reasons: Optional[Dict[str, List[str]]] = None,
+                    detail: bool = True) -> ScheduleChoice:
     """The schedule for `call` (see the module docstring). `prep` gives the canonical rows for
     the statistics (without it, auto uses the shape bounds); `split`: the backend will run the
     split-KV kernel (a small call), which belongs to the row schedule; `extra_reasons`: why the
-    calling backend cannot run a schedule (the CUDA backend: kv, and tile off SM 9.0)."""
+    calling backend cannot run a schedule (the CUDA backend: kv, and tile off SM 9.0).
+    `detail=False` (the backends' forward): where measured crossovers decide, the choice comes
+    back without the other schedules' reasons, predicted times and statistics -- the same
+    `chosen`, with less Python between the statistic's sync and the kernel's launch, while the
+    GPU waits (~35 us at T = 8k on the H200 host); explain() asks for them."""
     requested = settings.sel_schedule
     reasons = {name: list(schedule_module(name).reasons_unsupported(call, settings, facts))
                + list((extra_reasons or {}).get(name, [])) for name in SCHEDULES}
@@ -211,6 +216,7 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
         reasons["tile"] = reasons["tile"] + [
             f"{rows} rows < {crossovers['sel_tile_min_rows']} (runtime.thresholds.{facts.arch}"
             f".sel_tile_min_rows): its statistic and pre-pass cost more than it saves"]
+    able = [name for name in SCHEDULES if not reasons[name]]
     if prep is not None and _may_sync(call) and not small:
         from triton_ref.selection_tile import tile_shape
 
@@ -219,11 +225,17 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
         QT, _ = tile_shape(call.group_size)
         if not reasons["tile"] and union_before_sync(prep.blocks, QT):
             # The whole union, launched before the sync and kept on `prep`: exact, and the tile
-            # kernel can follow the sync at once (no pre-pass left between them).
+            # kernel can follow the sync at once (no pre-pass left between them). Its launch
+            # summed the two counts (`totals`) where Triton built it.
             union = prep.union(QT)
-            total, unions = torch.stack([prep.num_blocks.sum(dtype=torch.int64),
-                                         union.counts.sum(dtype=torch.int64)]).tolist()
+            totals = union.totals if union.totals is not None else torch.stack(
+                [prep.num_blocks.sum(dtype=torch.int64), union.counts.sum(dtype=torch.int64)])
+            total, unions = totals.tolist()                                          # one sync
             ratio = unions / total if total else 1.0
+            if crossovers is not None and not detail:
+                return ScheduleChoice(pick_measured(call, ratio, able, crossovers), "auto",
+                                      f"auto: measured crossovers of runtime.thresholds."
+                                      f"{facts.arch} (explain() gives the details)")
         else:
             total, union_sample, selected_sample = sampled_overlap(
                 call, prep.geometry, prep.blocks, prep.num_blocks, QT).tolist()     # one sync
@@ -237,7 +249,6 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     times = predicted_ms(call, selections, unions, rates,
                          wgmma=facts.sm is not None and facts.sm >= (9, 0))
     margin = rates["sel_row_margin_pct"]
-    able = [name for name in SCHEDULES if not reasons[name]]
     if crossovers is not None:
         chosen = pick_measured(call, stats.get("union/selections"), able, crossovers)
         why = (f"auto: measured crossovers of runtime.thresholds.{facts.arch} "

@@ -19,6 +19,7 @@ rows in int64.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,6 +35,9 @@ class TileUnion:
     starts: torch.Tensor   # [B, NT, H, U] int64: first keys of the union's blocks, ascending
     counts: torch.Tensor   # [B, NT, H] int32: union size per tile
     tokens_per_tile: int   # QT
+    # int64 [2] on the device: (selections, union blocks) of the whole call, where the union's
+    # launch summed them (the chooser reads it); None from the PyTorch ops
+    totals: Optional[torch.Tensor] = None
 
     @property
     def num_tiles(self) -> int:
@@ -86,10 +90,11 @@ def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor
     if _one_launch(blocks, tokens_per_tile):
         from triton_ref.tile_union import tile_union
 
+        totals = torch.zeros(2, dtype=torch.int64, device=blocks.device)
         with on_device(blocks.device):     # Triton launches on the current device
             starts, counts, _ = tile_union(blocks, geometry.k_offset, call.block_size,
-                                           tokens_per_tile)
-        return TileUnion(starts, counts, tokens_per_tile)
+                                           tokens_per_tile, totals=totals)
+        return TileUnion(starts, counts, tokens_per_tile, totals)
     return tile_unions_torch(call, geometry, blocks, tokens_per_tile)
 
 
