@@ -239,6 +239,22 @@ def adjacent_jaccard(block_indices: torch.Tensor, skip: int = 256) -> float:
     return (inter / union.clamp(min=1)).mean().item()
 
 
+def add_prefill_arguments(parser, T: int = 32768) -> None:
+    """--T, --G and --pattern of the profiling scripts' one prefill call (prefill_inputs)."""
+    parser.add_argument("--T", type=int, default=T)
+    parser.add_argument("--G", type=int, default=16, help="query heads per KV head (H = 4)")
+    parser.add_argument("--pattern", default="model", choices=list(PATTERNS))
+
+
+def prefill_inputs(args, device="cuda"):
+    """(q, k, v, block_indices) of the bench's prefill shape at args.T, args.G, args.pattern:
+    bf16, B = 1, HQ = 4G, H = 4, D = 128, 16 blocks of 64."""
+    shape = Shape(B=1, TQ=args.T, TK=args.T, HQ=4 * args.G, H=4, Dk=128, Dv=128, S=16,
+                  block_size=64)
+    q, k, v = make_qkv(shape, torch.bfloat16, device)
+    return q, k, v, make_block_indices(shape, args.pattern, device=device)
+
+
 def make_qkv(shape: Shape, dtype, device, *, seed: int = 0, requires_grad: bool = False):
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + 1)

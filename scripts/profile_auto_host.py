@@ -18,15 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import nsa_ext  # noqa: E402
-from bench.common import PATTERNS, Shape, make_block_indices, make_qkv  # noqa: E402
+from bench.common import add_prefill_arguments, prefill_inputs  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--T", type=int, default=8192)
-    parser.add_argument("--G", type=int, default=16)
-    parser.add_argument("--pattern", default="model", choices=list(PATTERNS))
+    add_prefill_arguments(parser, T=8192)
     parser.add_argument("--calls", type=int, default=8)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -34,10 +32,7 @@ def main() -> None:
     import triton.testing
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    shape = Shape(B=1, TQ=args.T, TK=args.T, HQ=4 * args.G, H=4, Dk=128, Dv=128, S=16,
-                  block_size=64)
-    q, k, v = make_qkv(shape, torch.bfloat16, "cuda")
-    block_indices = make_block_indices(shape, args.pattern, device="cuda")
+    q, k, v, block_indices = prefill_inputs(args)
 
     def call():
         return nsa_ext.selection_attention(q, k, v, block_indices, 64, backend=args.backend)

@@ -21,23 +21,18 @@ os.environ.setdefault("NSA_SEL_SCHEDULE", "tile")
 import torch  # noqa: E402
 
 import nsa_ext  # noqa: E402
-from bench.common import PATTERNS, Shape, make_block_indices, make_qkv  # noqa: E402
+from bench.common import add_prefill_arguments, prefill_inputs  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
-    parser.add_argument("--T", type=int, default=32768)
-    parser.add_argument("--G", type=int, default=16, help="query heads per KV head (H = 4)")
-    parser.add_argument("--pattern", default="model", choices=list(PATTERNS))
+    add_prefill_arguments(parser, T=32768)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_tile.py: needs a CUDA GPU")
-    shape = Shape(B=1, TQ=args.T, TK=args.T, HQ=4 * args.G, H=4, Dk=128, Dv=128, S=16,
-                  block_size=64)
-    q, k, v = make_qkv(shape, torch.bfloat16, "cuda")
-    block_indices = make_block_indices(shape, args.pattern, device="cuda")
+    q, k, v, block_indices = prefill_inputs(args)
     decision = nsa_ext.explain(q, k, v, block_indices, 64, backend=args.backend)
     print(decision)
 
