@@ -122,6 +122,26 @@ def test_gpu_split_launch_declines_a_misaligned_tensor_and_stays_right():
     assert launch.direct_launches == 1
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="needs Triton importable")
+def test_direct_launch_only_on_the_triton_versions_read(monkeypatch):
+    """DirectLaunch repeats the call Triton 3.4-3.8's launcher ends with; on any other version
+    (or an autotuned kernel) `first` launches the normal way and offers no direct launch."""
+    from triton_ref import direct_launch
+
+    assert direct_launch._version("3.8.0") == (3, 8)
+    assert direct_launch._version("3.10.0+git12ab") == (3, 10)
+    assert direct_launch._version("3.4") == (3, 4)
+    launched = []
+
+    class Kernel:          # stands for kernel[grid](**kwargs)
+        def __getitem__(self, grid):
+            return lambda **kwargs: launched.append((grid, kwargs)) or "compiled"
+
+    monkeypatch.setattr(direct_launch, "SUPPORTED", False)
+    result, again = direct_launch.DirectLaunch.first(Kernel(), (4,), ("x",), x=None, n=3)
+    assert (result, again) == ("compiled", None) and launched == [((4,), dict(x=None, n=3))]
+
+
 def test_num_splits_heuristic():
     from triton_ref.selection_split import choose_num_splits
 

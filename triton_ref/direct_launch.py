@@ -8,7 +8,10 @@ compiled kernel up, and only then calls `CompiledKernel.run`. On the H200 bench 
 tensors' addresses change. `DirectLaunch.first` launches once through Triton's own path (which
 compiles or finds the kernel), keeps the CompiledKernel and the whole argument list in the
 kernel's order, and later launches call `CompiledKernel.run` with the new tensors in their slots:
-the call Triton's launcher itself ends with (Triton 3.4-3.8 keep that signature).
+the call Triton's launcher itself ends with. Triton 3.4 to 3.8 end their launcher with the same
+call (every parameter, constexprs included, in signature order; the launch hooks from
+`triton.knobs`), read in each release's runtime/jit.py; other versions take the normal launch
+(`SUPPORTED`), since a changed signature could misplace arguments rather than fail.
 
 Safe because nothing the kernel was specialised on can differ: the plan's key fixes shapes,
 strides, dtypes, devices and scalars, and the tensors in the slots must be 16-byte aligned as the
@@ -33,6 +36,18 @@ except ImportError:                     # a Triton without knobs has another lau
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+# The Triton releases whose launcher was read to end in the call DirectLaunch repeats.
+SUPPORTED = (3, 4) <= _version(triton.__version__) <= (3, 8)
+
+
 class DirectLaunch:
     """One kernel launch, repeatable with new tensors in `slots` (see the module docstring)."""
 
@@ -53,8 +68,8 @@ class DirectLaunch:
         while isinstance(fn, Heuristics):
             heuristics.append(fn.values)
             fn = fn.fn
-        if isinstance(fn, Autotuner) or not isinstance(fn, JITFunction) or _knobs is None or \
-                not all(_aligned(kwargs[name]) for name in slots):
+        if not SUPPORTED or isinstance(fn, Autotuner) or not isinstance(fn, JITFunction) or \
+                _knobs is None or not all(_aligned(kwargs[name]) for name in slots):
             return kernel[grid](**kwargs), None
         args = {name: value for name, value in kwargs.items() if name not in _OPTIONS}
         options = {name: value for name, value in kwargs.items() if name in _OPTIONS}
