@@ -125,7 +125,8 @@ def test_gpu_split_launch_declines_a_misaligned_tensor_and_stays_right():
 @pytest.mark.skipif(not INTERPRETER, reason="needs Triton importable")
 def test_direct_launch_only_on_the_triton_versions_read(monkeypatch):
     """DirectLaunch repeats the call Triton 3.4-3.8's launcher ends with; on any other version
-    (or an autotuned kernel) `first` launches the normal way and offers no direct launch."""
+    (or an autotuned kernel) `first` launches the normal way and offers no direct launch. Its
+    argument template holds no tensor of the launch it was made from."""
     from triton_ref import direct_launch
 
     assert direct_launch._version("3.8.0") == (3, 8)
@@ -137,6 +138,9 @@ def test_direct_launch_only_on_the_triton_versions_read(monkeypatch):
         def __getitem__(self, grid):
             return lambda **kwargs: launched.append((grid, kwargs)) or "compiled"
 
+    kept = direct_launch.DirectLaunch("compiled", (4,), [torch.ones(2), 7, torch.ones(3)],
+                                      [0, 2], 0)
+    assert kept._values == [None, 7, None]       # no tensor of the first launch kept alive
     monkeypatch.setattr(direct_launch, "SUPPORTED", False)
     result, again = direct_launch.DirectLaunch.first(Kernel(), (4,), ("x",), x=None, n=3)
     assert (result, again) == ("compiled", None) and launched == [((4,), dict(x=None, n=3))]

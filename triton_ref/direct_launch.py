@@ -54,8 +54,11 @@ class DirectLaunch:
     def __init__(self, compiled, grid, values: list, slots: Sequence[int], device: int):
         self._compiled = compiled
         self._grid = tuple(grid) + (1,) * (3 - len(grid))
-        self._values = values
         self._slots = tuple(slots)
+        # The slots are filled per launch: the template keeps none of the first launch's tensors
+        # alive (a plan lives as long as its metadata is cached; a decode step's K/V cache is
+        # one of those tensors).
+        self._values = [None if i in self._slots else value for i, value in enumerate(values)]
         self._device = device
 
     @classmethod
