@@ -44,9 +44,12 @@ def main() -> None:
                 call()
         torch.cuda.synchronize()
     events = prof.events()
+    # The callN ranges show on the GPU timeline too (user annotations): not kernels.
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                      and e.time_range.elapsed_us() > 0), key=lambda e: e.time_range.start)
-    marks = {e.name: e for e in events if e.name.startswith("call")}
+                      and e.time_range.elapsed_us() > 0 and not e.name.startswith("call")),
+                     key=lambda e: e.time_range.start)
+    marks = {e.name: e for e in events if e.name.startswith("call")
+             and e.device_type != torch.autograd.DeviceType.CUDA}
     first, last = marks["call1"], marks[f"call{args.calls - 1}"]
     span = [e for e in kernels if e.time_range.start >= first.time_range.start]
     busy = sum(e.time_range.elapsed_us() for e in span)
