@@ -10,7 +10,12 @@ can: does the last rank's call take the schedule that is fastest for its shape, 
 its cost over the T call is the shape itself (keys spread over twice the range).
 
     python bench/cp_local_shapes.py --T 131072 --pattern random [--rounds 2] [--log-auto]
-        [--paths auto/auto triton/row] [--out shapes.json]
+        [--paths auto/auto triton/row] [--key-splits 2 4] [--out shapes.json]
+
+`--key-splits N`: also time the call as N `auto` calls, each keeping only the selected blocks in
+one N-th of the key range (the others -1), their (o, lse) merged through the lse in fp32: an
+experiment for the last rank, whose keys span twice the 1-GPU call's range (notes/cp_h200x2.txt:
+does a pass over a smaller range gather faster, by more than the merge costs?).
 """
 from __future__ import annotations
 
@@ -51,6 +56,44 @@ def log_auto(q, k, v, bi, block_size) -> None:
         logger.setLevel(level)
 
 
+def merge_partials(parts):
+    """(o, lse) of attention over the union of disjoint key sets from each set's (o, lse):
+    weights exp(lse_i - lse) in fp32 (a part with no key has lse -inf and weight 0)."""
+    lse = parts[0][1]
+    for _, part_lse in parts[1:]:
+        lse = torch.logaddexp(lse, part_lse)
+    finite = torch.isfinite(lse)
+    o = None
+    for part_o, part_lse in parts:
+        weight = torch.where(finite, torch.exp(part_lse - lse), torch.zeros_like(lse))
+        term = part_o.float() * weight[..., None]
+        o = term if o is None else o + term
+    return o.to(parts[0][0].dtype), lse
+
+
+def key_split_indices(bi, num_blocks: int, splits: int):
+    """The selection cut into `splits` passes over equal ranges of block numbers (-1 elsewhere)."""
+    edges = [num_blocks * i // splits for i in range(splits + 1)]
+    return [torch.where((bi >= lo) & (bi < hi), bi, torch.full_like(bi, -1))
+            for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def key_split_call(q, k, v, parts_bi, block_size):
+    with torch.no_grad():
+        return merge_partials([nsa_ext.selection_attention(q, k, v, part, block_size,
+                                                           return_lse=True)
+                               for part in parts_bi])
+
+
+def time_key_split(q, k, v, bi, block_size, splits: int) -> float:
+    import triton.testing
+
+    parts_bi = key_split_indices(bi, -(-k.shape[1] // block_size), splits)
+    key_split_call(q, k, v, parts_bi, block_size)
+    return float(triton.testing.do_bench(lambda: key_split_call(q, k, v, parts_bi, block_size),
+                                         warmup=25, rep=200, return_mode="median"))
+
+
 def time_path(q, k, v, bi, block_size, backend, schedule) -> float:
     import triton.testing
 
@@ -83,11 +126,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every path this many times in turns and keep the best (a "
                              "process's first measurement can run at other clocks)")
+    parser.add_argument("--key-splits", type=int, nargs="*", default=[],
+                        help="also time auto as this many passes over parts of the key range")
     parser.add_argument("--log-auto", action="store_true",
                         help="print one auto call's sel.* log records per shape")
     args = parser.parse_args()
     device = torch.device("cuda")
     paths = PATHS if args.paths is None else tuple(tuple(p.split("/")) for p in args.paths)
+    paths = paths + tuple(("auto", f"key-split {n}") for n in args.key_splits)
     rows = []
     print(f"# {torch.cuda.get_device_name(device)} | bf16 HQ={args.HQ} H={args.H} D={args.D} "
           f"S={args.S} block={args.block_size} pattern={args.pattern} | forward ms (median)")
@@ -105,7 +151,10 @@ def main() -> None:
             times = {f"{b}/{s}": [] for b, s in paths}
             for _ in range(args.rounds):
                 for b, s in paths:
-                    times[f"{b}/{s}"].append(time_path(q, k, v, bi, args.block_size, b, s))
+                    times[f"{b}/{s}"].append(
+                        time_key_split(q, k, v, bi, args.block_size, int(s.split()[1]))
+                        if s.startswith("key-split") else
+                        time_path(q, k, v, bi, args.block_size, b, s))
             row = {"T": T, "shape": label, "TQ": TQ, "TK": TK, "rounds_ms": times,
                    "ms": {key: min(values) for key, values in times.items()}}
             rows.append(row)

@@ -236,3 +236,25 @@ def test_the_sampler_for_huge_selections_draws_distinct_visible_blocks(monkeypat
     counts = torch.bincount(common._distinct_below(torch.full((20000,), 61), 14, 3000, g).flatten(),
                             minlength=61)[1:].float() / 20000
     assert counts.min() > 0.2 and counts.max() < 0.27          # 14 of 60: 0.233 each
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_key_split_passes_merge_to_the_whole_call(splits):
+    """bench/cp_local_shapes.py's key-split experiment computes the same attention: passes over
+    disjoint block ranges (rows with no block in a pass included: lse -inf there), merged through
+    their lse, equal the one call over every selected block (fp32, TQ < TK, -1 padding)."""
+    import nsa_ext
+    from bench import cp_local_shapes as cls
+
+    q, k, v = common.make_qkv(SMALL, torch.float32, "cpu", seed=4)
+    bi = common.make_block_indices(SMALL, "random", seed=4)
+    num_blocks = -(-SMALL.TK // SMALL.block_size)
+    parts = cls.key_split_indices(bi, num_blocks, splits)
+    assert sum(int((part >= 0).sum()) for part in parts) == int((bi >= 0).sum())
+    o, lse = cls.key_split_call(q, k, v, parts, SMALL.block_size)
+    o_ref, lse_ref = nsa_ext.selection_attention(q, k, v, bi, SMALL.block_size, return_lse=True)
+    empty_somewhere = any(bool(torch.isinf(nsa_ext.selection_attention(
+        q, k, v, part, SMALL.block_size, return_lse=True)[1]).any()) for part in parts)
+    assert empty_somewhere          # the -inf weights are exercised
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
