@@ -7,8 +7,13 @@ to 64; G = 1 to 8, powers of two or not; Dk != Dv; S = 0 to 8 with messy entries
 indices; a given scale; and, for half the seeds, q/k/v/block_indices/block_counts as strided
 views (a [B, H, T, D] tensor transposed, a slice of a wider last dim, a strided last dim).
 CPU lane: packed SDPA, and Triton in its interpreter (fp16/fp32; its bf16 tl.dot is wrong).
-GPU lane (marked): every backend that can serve the call, bf16 too.
+GPU lane (marked): every backend that can serve the call, bf16 too; and calls drawn around the
+shapes the compiled kernels are built for (head dims 64-256, block 64 or 128, G up to 64, rows
+long enough for tiles) with each forward schedule forced (NSA_SEL_SCHEDULE), so the tile and kv
+schedules and the Hopper tile kernel meet messy calls too, not only what auto picks for small
+ones. `NSA_TEST_SWEEP_SEEDS=N` widens that sweep (default 16 seeds) for a longer run on a GPU.
 """
+import os
 import random
 
 import pytest
@@ -21,6 +26,7 @@ CUDA = torch.cuda.is_available()
 INTERPRETER = import_triton_for_the_interpreter()
 CPU_SEEDS = range(16)
 GPU_SEEDS = range(24)
+SWEEP_SEEDS = range(int(os.environ.get("NSA_TEST_SWEEP_SEEDS", "16")))
 
 
 def _strided(t, how):
@@ -38,23 +44,37 @@ def _strided(t, how):
     return t
 
 
-def random_case(seed, dtype, device):
+def random_case(seed, dtype, device, kernel_shapes=False):
+    """One seeded call (module docstring). `kernel_shapes`: drawn around the compiled kernels'
+    instances (head dims 64 / 128 / 192-128 / 256, blocks of 64 or 128 with some 32, G up to 64,
+    up to 16 blocks per row, longer sequences) instead of the small general draw."""
     rnd = random.Random(seed)
-    S = rnd.choice([0, 1, 2, 3, 5, 8])
-    H, G = rnd.choice([1, 2, 3]), rnd.choice([1, 2, 3, 4, 5, 8])
-    Dk = rnd.choice([8, 16, 24, 32, 64])
-    kw = dict(HQ=H * G, H=H, Dk=Dk, Dv=rnd.choice([Dk, 16, 48]), S=S,
-              block_size=rnd.choice([1, 2, 4, 8, 16, 32, 64]), dtype=dtype, device=device,
+    if kernel_shapes:
+        S = rnd.choice([1, 4, 8, 16])
+        H, G = rnd.choice([1, 2]), rnd.choice([1, 2, 3, 5, 8, 16, 24, 64])
+        Dk, Dv = rnd.choice([(64, 64), (128, 128), (128, 128), (192, 128), (256, 256), (32, 48)])
+        block_size = rnd.choice([32, 64, 64, 128])
+        max_q, max_extra, max_varlen = 300, 500, 120   # dense TQ, extra keys, varlen TQ
+    else:
+        S = rnd.choice([0, 1, 2, 3, 5, 8])
+        H, G = rnd.choice([1, 2, 3]), rnd.choice([1, 2, 3, 4, 5, 8])
+        Dk = rnd.choice([8, 16, 24, 32, 64])
+        Dv = rnd.choice([Dk, 16, 48])
+        block_size = rnd.choice([1, 2, 4, 8, 16, 32, 64])
+        max_q, max_extra, max_varlen = 70, 90, 40
+    kw = dict(HQ=H * G, H=H, Dk=Dk, Dv=Dv, S=S,
+              block_size=block_size, dtype=dtype, device=device,
               seed=seed, index_dtype=rnd.choice([torch.int32, torch.int64]),
               block_counts=rnd.choice([None, None, "tensor", rnd.randint(0, S + 1)]),
               scale=rnd.choice([None, 0.3]))
     layout = rnd.choice(["dense", "dense", "varlen", "batchless"])
     if layout == "dense":
-        TQ = rnd.randint(1, 70)
-        kw.update(B=rnd.randint(1, 3), TQ=TQ, TK=TQ + rnd.choice([0, 0, rnd.randint(1, 90)]))
+        TQ = rnd.randint(1, max_q)
+        kw.update(B=rnd.randint(1, 3), TQ=TQ,
+                  TK=TQ + rnd.choice([0, 0, rnd.randint(1, max_extra)]))
     else:
-        seqlens = [rnd.randint(1, 40) for _ in range(rnd.randint(1, 3))]
-        kw.update(seqlens=seqlens, seqlens_k=[n + rnd.choice([0, rnd.randint(0, 50)])
+        seqlens = [rnd.randint(1, max_varlen) for _ in range(rnd.randint(1, 3))]
+        kw.update(seqlens=seqlens, seqlens_k=[n + rnd.choice([0, rnd.randint(0, max_extra)])
                                              for n in seqlens],
                   batchless=layout == "batchless")
     case = make_case(**kw)
@@ -132,3 +152,19 @@ def test_random_call_gpu(seed, dtype):
     case = random_case(seed, dtype, "cuda")
     served = [b for b in ("auto", "triton", "cuda", "sdpa") if check_backend(case, b, dtype)]
     assert "auto" in served
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["row", "tile", "kv"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seed", SWEEP_SEEDS)
+def test_random_kernel_shapes_each_schedule_gpu(seed, dtype, schedule, monkeypatch):
+    """Kernel-shaped random calls with one forward schedule forced, through both kernel
+    backends: Triton serves every schedule; CUDA serves row, and tile on SM 9.0 where its Hopper
+    kernel takes the call (otherwise explain() says why and the call is skipped for it)."""
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    case = random_case(10_000 + seed, dtype, "cuda", kernel_shapes=True)
+    monkeypatch.setenv("NSA_SEL_SCHEDULE", schedule)
+    served = [b for b in ("triton", "cuda") if check_backend(case, b, dtype)]
+    assert "triton" in served
