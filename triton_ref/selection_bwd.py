@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .selection_fwd import (_HEURISTICS, LOG2E, _python_function, _with_interpreted_helpers,
                             autotune, autotuned, default_chunk, group_tile, query_of_program,
-                            untuned)
+                            selected_chunk, untuned)
 
 DQ_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
               for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)]
@@ -154,16 +154,7 @@ def selection_bwd_dq_kernel(
 
     dq_acc = tl.zeros([BG, BK], dtype=tl.float32)
     for it in range(n * NC):
-        if NC == 1:
-            blk = tl.load(row_blocks + it).to(tl.int64)
-            o_j = o_s
-        else:
-            blk = tl.load(row_blocks + it // NC).to(tl.int64)
-            o_j = (it % NC) * BS + o_s
-        j = blk * BLOCK + o_j
-        m_j = j <= p_abs
-        if BS > BLOCK:
-            m_j = m_j & (o_j < BLOCK)
+        j, m_j = selected_chunk(row_blocks, it, o_s, p_abs, BLOCK, BS, NC)
         # [BS, BK], [BS, BV]
         b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
                       mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)

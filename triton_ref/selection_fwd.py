@@ -150,6 +150,27 @@ def query_of_program(pid, TQ, TK, heads, pos, k_offset, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
+def selected_chunk(row_blocks, it, o_s, p_abs, BLOCK: tl.constexpr, BS: tl.constexpr,
+                   NC: tl.constexpr):
+    """Step `it` of a row's walk over its canonical blocks, NC chunks of BS keys per block:
+    (j [BS] key positions from the sequence's first key, m_j [BS] visible ones). Canonical
+    entries are in range and causally trimmed, so the only masks are causality and, where a
+    chunk is wider than a block, the keys past the block's end. Shared by the row kernels of the
+    forward and the dq kernel of the backward."""
+    if NC == 1:
+        blk = tl.load(row_blocks + it).to(tl.int64)
+        o_j = o_s
+    else:
+        blk = tl.load(row_blocks + it // NC).to(tl.int64)
+        o_j = (it % NC) * BS + o_s
+    j = blk * BLOCK + o_j
+    m_j = j <= p_abs
+    if BS > BLOCK:
+        m_j = m_j & (o_j < BLOCK)
+    return j, m_j
+
+
+@triton.jit
 def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk_scale,
                  m_i, l_i, acc, K: tl.constexpr, V: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  MAY_BE_EMPTY: tl.constexpr = False):
@@ -227,16 +248,7 @@ def selection_fwd_group_kernel(
     l_i = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, BV], dtype=tl.float32)
     for it in range(n * NC):
-        if NC == 1:
-            blk = tl.load(row_blocks + it).to(tl.int64)
-            o_j = o_s
-        else:
-            blk = tl.load(row_blocks + it // NC).to(tl.int64)
-            o_j = (it % NC) * BS + o_s
-        j = blk * BLOCK + o_j                      # [BS] key positions within the sequence
-        m_j = j <= p_abs
-        if BS > BLOCK:
-            m_j = m_j & (o_j < BLOCK)
+        j, m_j = selected_chunk(row_blocks, it, o_s, p_abs, BLOCK, BS, NC)
         m_i, l_i, acc = attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt,
                                      qk_scale, m_i, l_i, acc, K, V, DOT_PRECISION)
 
@@ -293,16 +305,7 @@ def selection_fwd_head_kernel(
     l_i = tl.zeros([BS], dtype=tl.float32)
     acc = tl.zeros([BV], dtype=tl.float32)
     for it in range(n * NC):
-        if NC == 1:
-            blk = tl.load(row_blocks + it).to(tl.int64)
-            o_j = o_s
-        else:
-            blk = tl.load(row_blocks + it // NC).to(tl.int64)
-            o_j = (it % NC) * BS + o_s
-        j = blk * BLOCK + o_j
-        m_j = j <= p_abs
-        if BS > BLOCK:
-            m_j = m_j & (o_j < BLOCK)
+        j, m_j = selected_chunk(row_blocks, it, o_s, p_abs, BLOCK, BS, NC)
         b_k = tl.load(k_base + j[:, None] * stride_kt + o_k[None, :],
                       mask=m_j[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
         b_v = tl.load(v_base + j[:, None] * stride_vt + o_v[None, :],
