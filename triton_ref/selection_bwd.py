@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .selection_fwd import (_HEURISTICS, LOG2E, _python_function, _with_interpreted_helpers,
-                            autotune, autotuned, default_chunk, group_tile, query_of_program,
-                            selected_chunk, untuned)
+                            autotune, autotuned, default_chunk, group_queries, group_tile,
+                            query_of_program, selected_chunk, untuned)
 
 DQ_CONFIGS = [triton.Config({"BS": bs}, num_warps=w, num_stages=st)
               for bs in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)]
@@ -131,18 +131,16 @@ def selection_bwd_dq_kernel(
     NC: tl.constexpr = (BLOCK + BS - 1) // BS
     HQ = H * G
 
-    o_g = i_g * BG + tl.arange(0, BG)
-    m_g = o_g < G
-    heads = i_h * G + o_g
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_s = tl.arange(0, BS)
+    # [BG], [BG], [BG, BK]
+    heads, m_g, b_q = group_queries(q, i_b, i_t, i_h, i_g, G, stride_qb, stride_qt, stride_qh,
+                                    o_k, K, BG)
     m_qk = m_g[:, None] & (o_k < K)[None, :]
     m_ov = m_g[:, None] & (o_v < V)[None, :]
 
-    # [BG, BK], [BG, BV], [BG]
-    b_q = tl.load(q + i_b * stride_qb + i_t * stride_qt + heads[:, None] * stride_qh + o_k[None, :],
-                  mask=m_qk, other=0.0)
+    # [BG, BV], [BG]
     b_do = tl.load(do + (tok * HQ + heads)[:, None] * V + o_v[None, :], mask=m_ov, other=0.0)
     b_delta = tl.load(delta + tok * HQ + heads, mask=m_g, other=0.0)
     # lse in the log2 domain; +inf on padded heads makes their P exactly 0.

@@ -150,6 +150,21 @@ def query_of_program(pid, TQ, TK, heads, pos, k_offset, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
+def group_queries(q, i_b, i_t, i_h, i_g, G, stride_qb, stride_qt, stride_qh, o_k,
+                  K: tl.constexpr, BG: tl.constexpr):
+    """Tile i_g of up to BG of KV head i_h's G query heads at token i_t of batch i_b: (heads [BG]
+    query-head numbers, m_g [BG] which are real, b_q [BG, BK] their queries). Padded rows (beyond
+    G) are zeros, harmless in the dots and never stored. Shared by the group-centric forward, the
+    split-KV forward and the dq kernel."""
+    o_g = i_g * BG + tl.arange(0, BG)
+    m_g = o_g < G
+    heads = i_h * G + o_g
+    b_q = tl.load(q + i_b * stride_qb + i_t * stride_qt + heads[:, None] * stride_qh + o_k[None, :],
+                  mask=m_g[:, None] & (o_k < K)[None, :], other=0.0)
+    return heads, m_g, b_q
+
+
+@triton.jit
 def selected_chunk(row_blocks, it, o_s, p_abs, BLOCK: tl.constexpr, BS: tl.constexpr,
                    NC: tl.constexpr):
     """Step `it` of a row's walk over its canonical blocks, NC chunks of BS keys per block:
@@ -229,16 +244,11 @@ def selection_fwd_group_kernel(
     n = tl.load(num_blocks + row)
     NC: tl.constexpr = (BLOCK + BS - 1) // BS      # chunks per block
 
-    o_g = i_g * BG + tl.arange(0, BG)          # heads within the group
-    m_g = o_g < G
-    heads = i_h * G + o_g
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_s = tl.arange(0, BS)
-
-    # [BG, BK]: padded rows (beyond G) are zeros, harmless in the dots and never stored.
-    p_q = q + i_b * stride_qb + i_t * stride_qt + heads[:, None] * stride_qh + o_k[None, :]
-    b_q = tl.load(p_q, mask=m_g[:, None] & (o_k < K)[None, :], other=0.0)
+    heads, m_g, b_q = group_queries(q, i_b, i_t, i_h, i_g, G, stride_qb, stride_qt, stride_qh,
+                                    o_k, K, BG)
 
     k_base = k + i_b * stride_kb + kv_start * stride_kt + i_h * stride_kh
     v_base = v + i_b * stride_vb + kv_start * stride_vt + i_h * stride_vh

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection_fwd import LOG2E, LN2, _chunk, attend_chunk, group_tile, query_of_program
+from .selection_fwd import (LOG2E, LN2, _chunk, attend_chunk, group_queries, group_tile,
+                            query_of_program)
 
 
 @triton.heuristics({
@@ -75,15 +76,12 @@ def selection_split_kernel(
     entries = tl.load(row_ptr + o_e * stride_is, mask=o_e < limit, other=-1).to(tl.int64)
     counted = (o_e < limit) & (entries >= 0) & (entries <= last_block)
 
-    o_g = i_g * BG + tl.arange(0, BG)
-    m_g = o_g < G
-    heads = i_h * G + o_g
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_s = tl.arange(0, BS)
-    # [BG, BK]
-    b_q = tl.load(q + i_b * stride_qb + i_t * stride_qt + heads[:, None] * stride_qh + o_k[None, :],
-                  mask=m_g[:, None] & (o_k < K)[None, :], other=0.0)
+    # [BG], [BG], [BG, BK]
+    heads, m_g, b_q = group_queries(q, i_b, i_t, i_h, i_g, G, stride_qb, stride_qt, stride_qh,
+                                    o_k, K, BG)
     k_base = k + i_b * stride_kb + kv_start * stride_kt + i_h * stride_kh
     v_base = v + i_b * stride_vb + kv_start * stride_vt + i_h * stride_vh
 
