@@ -71,7 +71,8 @@ cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& k_map, const CU
 
 cudaError_t launch_selection_tile_sm90(const TileParams& tp, ScalarKind kind, cudaStream_t stream) {
   const SelectionFwdParams& p = tp.fwd;
-  if (kind == ScalarKind::kFloat32 || p.block_size % hopper::kChunkKeys || p.group > hopper::kRows)
+  if (kind == ScalarKind::kFloat32 || p.block_size % hopper::kChunkKeys ||
+      (p.block_size & (p.block_size - 1)) || p.group > hopper::kRows)
     return cudaErrorInvalidValue;
   const int64_t grid = p.batch * tp.num_tiles * p.heads_kv;
   if (grid == 0) return cudaSuccess;

@@ -76,6 +76,15 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t leading, u
          (uint64_t((stride >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
+// The descriptor of an operand `byte_offset` bytes past the one `base` describes. The start
+// address (>> 4) is the low 14 bits; shared addresses stay below 2^18, so adding the offset there
+// never carries into the leading offset above it. Built once per kernel from the panels' bases
+// and offset by a constant per MMA: the full encoding per MMA (~5 uniform-datapath instructions
+// each, 20 MMAs a chunk at d128) was a sixth of the chunk loop's instructions (ncu, tenth session).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t base, uint32_t byte_offset) {
+  return (base & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(base) + (byte_offset >> 4));
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -202,15 +211,19 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
 
   const int64_t tile_row = (b * NT + tile) * H + h;
   const int64_t* starts = tp.union_starts + tile_row * tp.union_width;
-  const int chunks_per_block = p.block_size / kChunkKeys;
-  const int n_iter = tp.union_counts[tile_row] * chunks_per_block;
+  // block_size is a power of two (the contract; the launcher checks) and a multiple of 64, so a
+  // block's chunk count is a power of two: the loop's index arithmetic is shifts and masks (a
+  // division by a runtime value is ~20 instructions, and the loop did up to five per chunk).
+  const int chunk_shift = __ffs(p.block_size / kChunkKeys) - 1;
+  const int chunk_mask = (1 << chunk_shift) - 1;
+  const int n_iter = tp.union_counts[tile_row] << chunk_shift;
   const int32_t kv_row_base = int32_t(b * p.seqlen_k);
 
   // copy_start (thread 0): the union start of the next chunk to copy; chunk_start (every
   // thread): the current chunk's. Both are loaded one chunk ahead, while the S MMAs run.
   int64_t copy_start = 0, chunk_start = 0;
   auto key_row = [&](int it, int64_t block_start) {
-    return kv_row_base + int32_t(block_start + (it % chunks_per_block) * kChunkKeys);
+    return kv_row_base + int32_t(block_start + (it & chunk_mask) * kChunkKeys);
   };
   auto issue_k = [&](int it, int64_t block_start) {
     const int s = it % kStages;
@@ -239,9 +252,9 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     // K is copied kStages - 1 chunks ahead (the prologue fills K stages 0 .. kStages - 2), V
     // one chunk ahead into its single buffer (chunk 0 here, chunk it + 1 once chunk it's P V is
     // done).
-    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue_k(it, starts[it / chunks_per_block]);
+    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue_k(it, starts[it >> chunk_shift]);
     if (n_iter > 0) issue_v(0, starts[0]);
-    if (kStages - 1 < n_iter) copy_start = starts[(kStages - 1) / chunks_per_block];
+    if (kStages - 1 < n_iter) copy_start = starts[(kStages - 1) >> chunk_shift];
   }
   if (n_iter > 0) chunk_start = starts[0];
 
@@ -317,6 +330,11 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};
   const int quad = lane & 3;
+  // Q and K are K-major (rows of 128 bytes, 8-row groups 1024 bytes apart); V is read N-major
+  // (the next 64 columns one panel on, the next 8 keys 1024 bytes on).
+  const uint64_t q_desc = smem_desc(q_smem, 16, 1024);
+  const uint64_t k_desc0 = smem_desc(k_smem, 16, 1024);
+  const uint64_t v_desc = smem_desc(v_smem, kPanelBytes, 1024);
 
   for (int it = 0; it < n_iter; ++it) {
     const int s = it % kStages;
@@ -326,9 +344,8 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     const int64_t next_start = copy_start;
     if (tid == 0 && it + kStages - 1 < n_iter) issue_k(it + kStages - 1, next_start);
     const int64_t block_start = chunk_start;
-    const int64_t key0 = block_start + (it % chunks_per_block) * kChunkKeys;
-    const uint8_t* k_s = k_smem + s * kKBytes;
-    const uint8_t* v_s = v_smem;
+    const int64_t key0 = block_start + (it & chunk_mask) * kChunkKeys;
+    const uint64_t k_desc = desc_plus(k_desc0, s * kKBytes);
     mbar_wait(&full_k[s], (it / kStages) & 1);
 
     float sc[32];
@@ -340,15 +357,15 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     for (int c = 0; c < kPanelsK; ++c) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_qk<T, true>(sc, smem_desc(q_smem + c * kPanelBytes + kk * 32, 16, 1024),
-                    smem_desc(k_s + c * kPanelBytes + kk * 32, 16, 1024));
+        wgmma_qk<T, true>(sc, desc_plus(q_desc, c * kPanelBytes + kk * 32),
+                          desc_plus(k_desc, c * kPanelBytes + kk * 32));
     }
     wgmma_commit();
     // The next chunk's start, and thread 0's next copy's, load while the MMAs run.
-    if (it + 1 < n_iter && (it + 1) % chunks_per_block == 0)
-      chunk_start = load_now(starts + (it + 1) / chunks_per_block);
-    if (tid == 0 && it + kStages < n_iter && (it + kStages) % chunks_per_block == 0)
-      copy_start = load_now(starts + (it + kStages) / chunks_per_block);
+    if (it + 1 < n_iter && ((it + 1) & chunk_mask) == 0)
+      chunk_start = load_now(starts + ((it + 1) >> chunk_shift));
+    if (tid == 0 && it + kStages < n_iter && ((it + kStages) & chunk_mask) == 0)
+      copy_start = load_now(starts + ((it + kStages) >> chunk_shift));
     wgmma_wait_all();
     pin(sc);
 
@@ -423,13 +440,13 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_pv<T, kDv>(o_acc, pa[kk], smem_desc(v_s + kk * 16 * 128, kPanelBytes, 1024));
+      wgmma_pv<T, kDv>(o_acc, pa[kk], desc_plus(v_desc, kk * 16 * 128));
     wgmma_commit();
     wgmma_wait_all();
     pin(o_acc);
 
     // Rows move past a block after its last chunk.
-    if (it % chunks_per_block == chunks_per_block - 1) {
+    if ((it & chunk_mask) == chunk_mask) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         if (member[i]) {
