@@ -113,6 +113,6 @@ def explain(q, k, v, block_indices, block_size=64, *, block_counts=None, scale=N
         if decision.chosen else None
     if describe is not None:          # the chosen backend's schedule and why (may sync)
         settings, facts = load_settings(), device_facts(call.device)
-        decision = dataclasses.replace(decision,
-                                       details={decision.chosen: describe(call, settings, facts)})
+        lines = describe(call, settings, facts, tile_backend=decision.tile_backend)
+        decision = dataclasses.replace(decision, details={decision.chosen: lines})
     return decision

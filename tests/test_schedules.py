@@ -423,6 +423,25 @@ def test_measured_crossovers_pick(G, ratio, expected):
     assert chooser.pick_measured(call, ratio, ("row",), MEASURED) == "row"
 
 
+@pytest.mark.parametrize("G,ratio,expected", [(16, 0.605, "tile"), (16, 0.711, "tile"),
+                                              (16, 0.786, "row"), (16, 0.834, "row"),
+                                              (1, 0.3, "kv"), (1, 0.029, "tile")])
+def test_cuda_tile_crossover(G, ratio, expected):
+    """Where the tile schedule runs on the CUDA Hopper kernel, its own union limit
+    (sel_cuda_tile_max_union_pct; the H200's random rows: 61-71 % won, 79-83 % did not); G <= 2
+    keeps kv's limit, and Triton's tile keeps sel_tile_max_union_pct."""
+    measured = {**MEASURED, chooser.CUDA_TILE_UNION_KEY: 75}
+    call = meta_call(32768, G)
+    assert chooser.pick_measured(call, ratio, chooser.SCHEDULES, measured, cuda_tile=True) == expected
+    triton_tile = chooser.pick_measured(call, ratio, chooser.SCHEDULES, measured)
+    assert triton_tile == chooser.pick_measured(call, ratio, chooser.SCHEDULES, MEASURED)
+    if G == 16:
+        assert triton_tile == "row"
+    # Without the key the CUDA tile kernel is held to the common limit.
+    assert chooser.pick_measured(call, ratio, chooser.SCHEDULES, MEASURED, cuda_tile=True) == \
+        triton_tile
+
+
 def test_measured_crossovers_skip_the_statistic_for_small_calls():
     """Below sel_tile_min_rows no statistic is read (no host sync) and tile is not taken."""
     call = meta_call(4096, 16)

@@ -239,11 +239,13 @@ def choose_schedule(call: SelectionCall, settings, facts, prep, detail: bool = T
     why_not_tile = tile_reasons(call, facts)
     if why_not_tile:
         extra["tile"] = why_not_tile
-    return choose(call, settings, facts, prep, extra_reasons=extra, detail=detail)
+    return choose(call, settings, facts, prep, extra_reasons=extra, detail=detail,
+                  tile_backend=None if why_not_tile else NAME)
 
 
-def explain_schedule(call: SelectionCall, settings, facts) -> List[str]:
-    """Which schedule this backend would run for `call`, and why (a host sync under auto)."""
+def explain_schedule(call: SelectionCall, settings, facts, tile_backend=None) -> List[str]:
+    """Which schedule this backend would run for `call`, and why (a host sync under auto).
+    `tile_backend` is the dispatcher's (for Triton's face); this backend's tile is its own."""
     if facts.kind == "cuda" and num_splits(call, facts.sm_count) > 1:
         return ["schedule: row (too few rows to fill the GPU: split-KV)"]
     try:

@@ -135,16 +135,19 @@ def _prepare(call: SelectionCall, settings: Settings, geometry: Optional[RowGeom
     return Prepared(call, settings, geometry, blocks, num_blocks, interpret)
 
 
-def explain_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts) -> list[str]:
+def explain_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
+                     tile_backend: Optional[str] = None) -> list[str]:
     """Which forward schedule (nsa_ext/schedules) would run this call, and why not the others.
-    Computes the canonical rows and, under auto, the overlap statistic (a host sync)."""
+    Computes the canonical rows and, under auto, the overlap statistic (a host sync).
+    `tile_backend`: auto's backend for the tile schedule (Decision.tile_backend)."""
     from ..schedules.chooser import ScheduleUnavailableError, choose_schedule
 
     interpret = settings.triton_interpret or call.device.type != "cuda"
     split = settings.sel_schedule in ("auto", "row") and bool(_num_splits(call, interpret))
     prep = None if split else _prepare(call, settings, None, interpret)
     try:
-        return choose_schedule(call, settings, facts, prep, split).lines()
+        return choose_schedule(call, settings, facts, prep, split,
+                               tile_backend=tile_backend).lines()
     except ScheduleUnavailableError as err:
         return [f"schedule: none ({err})"]
 
@@ -183,8 +186,8 @@ def _forward(call: SelectionCall, tile_runner: Optional[Callable] = None):
         chosen = "row"
     else:
         prep = _prepare(call, settings, geometry, interpret)
-        chosen = choose_schedule(call, settings, device_facts(call.device), prep,
-                                 detail=False).chosen
+        chosen = choose_schedule(call, settings, device_facts(call.device), prep, detail=False,
+                                 tile_backend="cuda" if tile_runner is not None else None).chosen
         if chosen == "tile" and tile_runner is not None:
             if settings.debug:
                 log_event("sel.triton.launch", variant="tile, handed to the CUDA tile kernel",

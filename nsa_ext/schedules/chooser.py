@@ -26,6 +26,10 @@ sm90), they decide instead of the cost model's ranking:
 - `sel_kv_max_g`: otherwise `kv` for G up to this (G = 1 random at 32k: kv 3.29 ms, row 7.77),
   else `row`; for those G, `tile` only at a union of at most `sel_kv_tile_max_union_pct` %
   (G = 1: 64-token tiles; model 3 % took tile 0.87 ms vs kv 3.27, random 23 % kv 3.29 vs tile 4.19).
+- `sel_cuda_tile_max_union_pct` (optional): replaces `sel_tile_max_union_pct` where the tile
+  schedule runs on the CUDA extension's Hopper kernel (`tile_backend="cuda"`), which wins up to
+  larger unions than Triton's tile kernel (H200, G = 16, random: the CUDA tile kernel beat Triton's
+  row schedule at union 61 % (8k) and 71 % (16k), tied at 79 % (32k), lost at 83 % (64k)).
 
 The cost model (per call; bytes and flops are exact counts, the rates are per-architecture
 constants that `configs/base.yaml` `runtime.thresholds.<arch>` may override as integers:
@@ -160,13 +164,27 @@ def pick(times: Dict[str, float], able, margin_pct: float) -> str:
 
 MEASURED_KEYS = ("sel_tile_min_rows", "sel_tile_max_union_pct", "sel_kv_max_g",
                  "sel_kv_tile_max_union_pct")
+CUDA_TILE_UNION_KEY = "sel_cuda_tile_max_union_pct"      # optional, see the module docstring
 
 
-def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers) -> str:
+def tile_union_limit(call: SelectionCall, able, crossovers, cuda_tile: bool = False):
+    """(the largest union / selections, in %, at which auto takes tile; the key it came from)."""
+    if "kv" in able and call.group_size <= crossovers["sel_kv_max_g"]:
+        key = "sel_kv_tile_max_union_pct"
+    elif cuda_tile and CUDA_TILE_UNION_KEY in crossovers:
+        key = CUDA_TILE_UNION_KEY
+    else:
+        key = "sel_tile_max_union_pct"
+    return crossovers[key], key
+
+
+def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers,
+                  cuda_tile: bool = False) -> str:
     """The schedule by the measured crossovers (module docstring); `ratio` = sampled union /
-    selections, None when not read."""
+    selections, None when not read; `cuda_tile`: the tile schedule would run on the CUDA Hopper
+    kernel."""
     kv = "kv" in able and call.group_size <= crossovers["sel_kv_max_g"]
-    limit = crossovers["sel_kv_tile_max_union_pct" if kv else "sel_tile_max_union_pct"]
+    limit, _ = tile_union_limit(call, able, crossovers, cuda_tile)
     if "tile" in able and ratio is not None and ratio * 100 <= limit:
         return "tile"
     return "kv" if kv else "row"
@@ -175,7 +193,7 @@ def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers)
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
                     prep: Optional[Prepared] = None, split: bool = False,
                     extra_reasons: Optional[Dict[str, List[str]]] = None,
-                    detail: bool = True) -> ScheduleChoice:
+                    detail: bool = True, tile_backend: Optional[str] = None) -> ScheduleChoice:
     """The schedule for `call` (see the module docstring). `prep` gives the canonical rows for
     the statistics (without it, auto uses the shape bounds); `split`: the backend will run the
     split-KV kernel (a small call), which belongs to the row schedule; `extra_reasons`: why the
@@ -183,7 +201,8 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     `detail=False` (the backends' forward): where measured crossovers decide, the choice comes
     back without the other schedules' reasons, predicted times and statistics -- the same
     `chosen`, with less Python between the statistic's sync and the kernel's launch, while the
-    GPU waits (~35 us at T = 8k on the H200 host); explain() asks for them."""
+    GPU waits (~35 us at T = 8k on the H200 host); explain() asks for them. `tile_backend`:
+    "cuda" where the tile schedule would run on the CUDA Hopper kernel (its own crossover)."""
     requested = settings.sel_schedule
     reasons = {name: list(schedule_module(name).reasons_unsupported(call, settings, facts))
                + list((extra_reasons or {}).get(name, [])) for name in SCHEDULES}
@@ -208,8 +227,10 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     bound = float(call.batch * call.seqlen_q * call.num_heads_kv * call.block_count_limit)
     selections, unions = bound, None
     measured = settings.thresholds.get(facts.arch or "", {})
-    crossovers = ({key: measured[key] for key in MEASURED_KEYS}
+    crossovers = ({key: measured[key] for key in MEASURED_KEYS + (CUDA_TILE_UNION_KEY,)
+                   if key in measured}
                   if all(key in measured for key in MEASURED_KEYS) else None)
+    cuda_tile = tile_backend == "cuda"
     rows = call.batch * call.seqlen_q * call.num_heads_kv
     small = crossovers is not None and rows < crossovers["sel_tile_min_rows"]
     if small:
@@ -233,7 +254,7 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
             total, unions = totals.tolist()                                          # one sync
             ratio = unions / total if total else 1.0
             if crossovers is not None and not detail:
-                return ScheduleChoice(pick_measured(call, ratio, able, crossovers), "auto",
+                return ScheduleChoice(pick_measured(call, ratio, able, crossovers, cuda_tile), "auto",
                                       f"auto: measured crossovers of runtime.thresholds."
                                       f"{facts.arch} (explain() gives the details)")
         else:
@@ -250,9 +271,10 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
                          wgmma=facts.sm is not None and facts.sm >= (9, 0))
     margin = rates["sel_row_margin_pct"]
     if crossovers is not None:
-        chosen = pick_measured(call, stats.get("union/selections"), able, crossovers)
+        chosen = pick_measured(call, stats.get("union/selections"), able, crossovers, cuda_tile)
+        limit, key = tile_union_limit(call, able, crossovers, cuda_tile)
         why = (f"auto: measured crossovers of runtime.thresholds.{facts.arch} "
-               f"(tile at union/selections <= {crossovers['sel_tile_max_union_pct']}%, "
+               f"(tile at union/selections <= {limit}% ({key}), "
                f"kv at G <= {crossovers['sel_kv_max_g']}, else row)")
         for name in SCHEDULES:
             if name != chosen and not reasons[name]:
