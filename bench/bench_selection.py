@@ -55,6 +55,7 @@ import contextlib
 import csv
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -977,8 +978,10 @@ def main(argv=None) -> int:
             progress.bar.write(block + "\n")
         else:
             print(block + "\n", flush=True)
+        union = re.search(r"union/selections ([0-9.eE+-]+)", auto or "")
         case_records.append({"case": case.label, "group": case.group, "pattern": pattern,
                              "shape": vars(case.shape), "train": case.train, "auto": auto,
+                             "union_ratio": float(union.group(1)) if union else None,
                              "work": vars(ctx.work), "input_sets": len(ctx.sets)})
         done_contexts.append((case.label, pattern))
         del ctx

@@ -3,7 +3,8 @@
     python bench/threshold_optimizer.py --dry-run          # sweep and print, write nothing
     python bench/threshold_optimizer.py                    # ... and write configs/base.yaml
     python bench/threshold_optimizer.py --apply-json F     # write a saved sweep's decision
-    python bench/threshold_optimizer.py --from-bench bench_selection.json   # backend order
+    python bench/threshold_optimizer.py --from-bench bench_selection.json   # backend order,
+                                              # and the CUDA tile kernel's union crossover
 
 Sweep: the total selected length per row L = S x 64 (S blocks of 64; default 64 .. 2048 tokens)
 and the group size G (HQ = 4G, H = 4), prefill of --seqlen tokens, bf16, D = 128, the `random`
@@ -277,8 +278,9 @@ def main(argv=None) -> int:
     parser.add_argument("--apply-json", default=None, help="write the decision of a saved sweep, no measuring")
     parser.add_argument("--from-bench", default=None,
                         help="a bench_selection.json: write the backend order (sel_cuda_first, "
-                             "sel_cuda_first_tile, sel_cuda_first_eager_rows) its rows measured, "
-                             "no measuring")
+                             "sel_cuda_first_tile, sel_cuda_first_eager_rows) and the CUDA tile "
+                             "kernel's union crossover (sel_cuda_tile_max_union_pct) its rows "
+                             "measured, no measuring")
     parser.add_argument("--budget-s", type=float, default=150.0)
     parser.add_argument("--warmup-ms", type=float, default=10)
     parser.add_argument("--rep-ms", type=float, default=40)
@@ -296,7 +298,8 @@ def main(argv=None) -> int:
                 print(f"{key} from {args.from_bench} ({gpu}), {found['compared']}: cuda faster on "
                       f"{found['cuda_wins']} of {found['rows']} rows, geometric mean cuda/triton "
                       f"{round(found['geomean'], 3)} -> {found['value']}")
-        if (order["value"] is None and tiles["value"] is None) or arch is None:
+        if (order["value"] is None and tiles["value"] is None
+                and cuda_tile_union_limit(bench)["value"] is None) or arch is None:
             print("nothing to write: no row with both backends" if arch is not None
                   else "nothing to write: name the architecture with --arch (e.g. sm90)")
             return 0
@@ -304,6 +307,11 @@ def main(argv=None) -> int:
         values = {key: found["value"] for key, found in (("sel_cuda_first", order),
                                                           ("sel_cuda_first_tile", tiles))
                   if found["value"] is not None}
+        union = cuda_tile_union_limit(bench)
+        if union["value"] is not None:
+            values["sel_cuda_tile_max_union_pct"] = union["value"]
+            print(f"sel_cuda_tile_max_union_pct: {union['value']} (union ratio, cuda-tile faster "
+                  f"than Triton's row: {[(round(r, 3), w) for r, w in union['points']]})")
         eager = eager_order(bench)
         if eager["value"] is not None:
             values["sel_cuda_first_eager_rows"] = eager["value"]
@@ -407,6 +415,63 @@ def tile_order(bench: dict) -> Dict[str, object]:
     (`sel_cuda_first_tile`, nsa_ext/dispatch.py), from the rows with both nsa:cuda-tile and
     nsa:triton-tile (each backend's tile schedule forced)."""
     return _faster_first(bench, "nsa:cuda-tile", "nsa:triton-tile")
+
+
+_UNION_NOTE = re.compile(r"union/selections ([0-9.eE+-]+)")
+
+
+def case_union_ratios(bench: dict, kv_max_g: int = 2) -> Dict[tuple, float]:
+    """(case, pattern) -> the tile unions' size / the selections of that case's inputs, for the
+    cases with G > kv_max_g (at G <= kv_max_g the tile crossover is kv's): the case record's
+    `union_ratio` (bench_selection.py), or for older runs the number in its `auto` note
+    ("...; nsa:triton's schedule: row (union/selections 0.605)")."""
+    ratios = {}
+    for case in bench.get("cases", []):
+        shape = case.get("shape") or {}
+        if not shape.get("H") or shape.get("HQ", 0) // shape["H"] <= kv_max_g:
+            continue
+        ratio = case.get("union_ratio")
+        if ratio is None:
+            found = _UNION_NOTE.search(str(case.get("auto") or ""))
+            ratio = float(found.group(1)) if found else None
+        if ratio is not None:
+            ratios[(case["case"], case["pattern"])] = ratio
+    return ratios
+
+
+def cuda_tile_union_limit(bench: dict, kv_max_g: int = 2) -> Dict[str, object]:
+    """`sel_cuda_tile_max_union_pct` (nsa_ext/schedules/chooser.py): the union, in % of the
+    selections, up to which auto takes the tile schedule where it runs on the CUDA Hopper kernel.
+    From one run's forward rows with both nsa:cuda-tile and Triton's row schedule (nsa:triton-row,
+    else nsa:triton where that case's Triton schedule was row), cases ordered by union ratio: the
+    midpoint between the last case of the run of wins from the smallest union and the first case
+    that lost (0 for the lower end when the smallest lost), 100 when none lost; None without a
+    pair. Cases with G <= kv_max_g are left out."""
+    ratios = case_union_ratios(bench, kv_max_g)
+    row_schedule = {(c["case"], c["pattern"]) for c in bench.get("cases", [])
+                    if "nsa:triton's schedule: row" in str(c.get("auto") or "")}
+    times: Dict[tuple, Dict[str, float]] = {}
+    for row in bench.get("rows", []):
+        key = (row.get("case"), row.get("pattern"))
+        if row.get("status") != "ok" or row.get("mode") != "fwd" or not row.get("ms") or \
+                key not in ratios:
+            continue
+        name = row.get("backend")
+        if name == "nsa:triton" and key in row_schedule:
+            times.setdefault(key, {}).setdefault("row", row["ms"])
+        elif name == "nsa:triton-row":
+            times.setdefault(key, {})["row"] = row["ms"]       # the forced row wins over auto's
+        elif name == "nsa:cuda-tile":
+            times.setdefault(key, {})["tile"] = row["ms"]
+    points = sorted((ratios[key], t["tile"] < t["row"]) for key, t in times.items() if len(t) == 2)
+    if not points:
+        return {"value": None, "points": []}
+    last_win = 0.0
+    for ratio, won in points:
+        if not won:
+            return {"value": int(50 * (last_win + ratio)), "points": points}
+        last_win = ratio
+    return {"value": 100, "points": points}
 
 
 def eager_order(bench: dict) -> Dict[str, object]:

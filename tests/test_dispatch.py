@@ -406,7 +406,8 @@ def test_the_decision_cache_sees_a_capture(monkeypatch):
     assert len(seen) == 2          # one decision per capture state, then the cache
 
 
-def test_optimizer_derives_the_backend_order_from_bench_rows():
+def load_optimizer():
+    """bench/threshold_optimizer.py as a module (bench/ is not a package on the path)."""
     import importlib.util
     from pathlib import Path
 
@@ -414,6 +415,11 @@ def test_optimizer_derives_the_backend_order_from_bench_rows():
     spec = importlib.util.spec_from_file_location("threshold_optimizer", path)
     optimizer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(optimizer)
+    return optimizer
+
+
+def test_optimizer_derives_the_backend_order_from_bench_rows():
+    optimizer = load_optimizer()
 
     def rows(cuda, triton):
         out = []
@@ -462,6 +468,40 @@ def test_optimizer_derives_the_backend_order_from_bench_rows():
     assert optimizer.eager_order({"rows": [], "cases": []})["value"] is None
     no_eager_rows = eager_bench([(8192, 2020.0, 1886.0, False), (16384, 1.0, 2.0, False)])
     assert optimizer.eager_order(no_eager_rows)["value"] is None       # keep the config's value
+
+
+def test_optimizer_cuda_tile_union_limit():
+    """sel_cuda_tile_max_union_pct from a run's forced cuda-tile rows against Triton's row
+    schedule, by the cases' union ratios (the H200's random rows of the tenth session)."""
+    optimizer = load_optimizer()
+
+    def bench(points, G=16, forced_row=True):      # (ratio, cuda-tile ms, row ms) per case
+        cases, rows = [], []
+        for i, (ratio, tile, row) in enumerate(points):
+            note = f"triton; nsa:triton's schedule: row (union/selections {ratio})"
+            cases.append(dict(case=f"c{i}", pattern="random", auto=note,
+                              shape=dict(B=1, TQ=8192, H=4, HQ=4 * G)))
+            for backend, ms in (("nsa:cuda-tile", tile),
+                                ("nsa:triton-row" if forced_row else "nsa:triton", row)):
+                rows.append(dict(case=f"c{i}", pattern="random", mode="fwd", status="ok",
+                                 backend=backend, ms=ms))
+        return {"cases": cases, "rows": rows}
+
+    h200 = [(0.605, 1.54, 2.04), (0.711, 3.64, 4.09), (0.786, 8.33, 8.22), (0.834, 17.8, 16.7)]
+    assert optimizer.cuda_tile_union_limit(bench(h200))["value"] == 74
+    assert optimizer.cuda_tile_union_limit(bench(h200, forced_row=False))["value"] == 74
+    assert optimizer.cuda_tile_union_limit(bench(h200[:2]))["value"] == 100
+    assert optimizer.cuda_tile_union_limit(bench([(0.3, 2.0, 1.0)]))["value"] == 15
+    assert optimizer.cuda_tile_union_limit(bench(h200, G=2))["value"] is None    # kv's side
+    numeric = bench(h200)
+    for i, case in enumerate(numeric["cases"]):  # bench_selection.py's own field wins
+        case["union_ratio"], case["auto"] = 0.1 * (i + 1), "triton; nsa:triton's schedule: row"
+    assert optimizer.cuda_tile_union_limit(numeric)["value"] == 25
+    # Triton's own schedule was tile there: its time is no row time.
+    tiled = bench(h200, forced_row=False)
+    for case in tiled["cases"]:
+        case["auto"] = case["auto"].replace("schedule: row", "schedule: tile")
+    assert optimizer.cuda_tile_union_limit(tiled)["value"] is None
 
 
 def test_the_tile_schedule_gets_its_measured_backend(monkeypatch):
