@@ -112,6 +112,8 @@ CASES = {
     "dk192_dv128": dict(B=1, TQ=150, HQ=8, H=2, Dk=192, Dv=128, S=4, block_size=64),
     "d256": dict(B=1, TQ=160, HQ=16, H=1, Dk=256, S=3, block_size=64),
     "bs128": dict(B=1, TQ=400, HQ=4, H=1, Dk=64, S=3, block_size=128),
+    # Four 64-key chunks per block: the kernel's chunk index is a shift and a mask.
+    "bs256": dict(B=1, TQ=700, HQ=8, H=1, Dk=128, S=3, block_size=256),
     "chunked_prefill": dict(B=2, TQ=37, TK=700, HQ=4, H=2, Dk=128, S=3, block_size=64),
     "TQ1": dict(B=3, TQ=1, TK=1000, HQ=16, H=2, Dk=128, S=8, block_size=64),
     "counts_tensor": dict(B=2, TQ=64, HQ=4, H=2, Dk=64, S=6, block_size=64,
