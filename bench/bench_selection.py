@@ -144,10 +144,14 @@ def gpu_cases(full: bool, quick: bool, schedules: bool = False) -> List[CaseSpec
     k = 1024
     cases: List[CaseSpec] = []
     if schedules:
-        # The forward schedules (issue 12): G = 16 at 8k and 32k, G = 1, 4, 8 at 32k.
-        return ([CaseSpec("prefill", f"prefill T={T}k", _prefill_shape(T * k), x=T * k) for T in (8, 32)]
+        # The forward schedules (issue 12): G = 16 at 8k, 16k and 32k, G = 1, 4, 8 at 32k, and
+        # G = 4, 8 at 8k: where the tile kernels' union crossovers (sel_*tile_max_union_pct) fall
+        # on `random` selections (small T: smaller unions).
+        return ([CaseSpec("prefill", f"prefill T={T}k", _prefill_shape(T * k), x=T * k) for T in (8, 16, 32)]
                 + [CaseSpec("groups", f"G={G} T=32k", _prefill_shape(32 * k, HQ=4 * G), x=32 * k)
-                   for G in (1, 4, 8)])
+                   for G in (1, 4, 8)]
+                + [CaseSpec("groups", f"G={G} T=8k", _prefill_shape(8 * k, HQ=4 * G), x=8 * k)
+                   for G in (4, 8)])
     if quick:
         return [
             CaseSpec("prefill", "prefill T=8k", _prefill_shape(8 * k), x=8 * k),
