@@ -183,11 +183,10 @@ def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers,
     """The schedule by the measured crossovers (module docstring); `ratio` = sampled union /
     selections, None when not read; `cuda_tile`: the tile schedule would run on the CUDA Hopper
     kernel."""
-    kv = "kv" in able and call.group_size <= crossovers["sel_kv_max_g"]
-    limit, _ = tile_union_limit(call, able, crossovers, cuda_tile)
+    limit, key = tile_union_limit(call, able, crossovers, cuda_tile)
     if "tile" in able and ratio is not None and ratio * 100 <= limit:
         return "tile"
-    return "kv" if kv else "row"
+    return "kv" if key == "sel_kv_tile_max_union_pct" else "row"
 
 
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
