@@ -381,51 +381,79 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
       const int64_t d = lim[i] - key0 - 2 * quad;
       keep_upto[i] = !member[i] || d < 0 ? -1 : d > kChunkKeys ? kChunkKeys : int(d);
     }
+    // Most warps see one of two uniform cases (at G = 16 a warp's 16 rows are one token's
+    // heads, which share a selection): every element kept (a chosen block, not the diagonal
+    // chunk) or none (a block only the tile's other tokens chose). The first skips the mask and,
+    // for scale > 0, folds the scale into the exponent's FFMA (max commutes with a positive
+    // scale, rounding included); the second skips the softmax and O's rescale (P = 0, alpha = 1).
+    // Only a mixed warp runs the general masked path. ~96 fewer instructions per full chunk.
+    // The d64 instance (four CTAs per SM, <= 128 registers) keeps the general path alone: the
+    // three paths spill there.
+    constexpr bool kUniformCases = kDk + kDv > 128;
+    constexpr int kLastColumn = 8 * 7 + 1;   // the largest 8j + e of a thread's elements
+    const bool warp_full = kUniformCases && __all_sync(0xffffffff, keep_upto[0] >= kLastColumn &&
+                                                                       keep_upto[1] >= kLastColumn);
+    const bool warp_none =
+        kUniformCases && __all_sync(0xffffffff, keep_upto[0] < 0 && keep_upto[1] < 0);
+    const bool fold = warp_full && p.scale_log2 > 0.f;
     float mx[2] = {-INFINITY, -INFINITY};
+    if (fold) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < 32; ++j) mx[(j >> 1) & 1] = fmaxf(mx[(j >> 1) & 1], sc[j]);
+    } else if (!warp_none) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          float& x = sc[4 * j + 2 * i + e];
-          x = 8 * j + e <= keep_upto[i] ? x * p.scale_log2 : -INFINITY;
-          mx[i] = fmaxf(mx[i], x);
-        }
-      }
-    }
-    float alpha[2], m_use[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-      const float m_new = fmaxf(m_run[i], mx[i]);
-      // A row that saw no key yet keeps -inf: keep -inf - -inf away from exp2.
-      m_use[i] = m_new == -INFINITY ? 0.f : m_new;
-      alpha[i] = exp2_ftz(m_run[i] - m_use[i]);
-      m_run[i] = m_new;
-    }
-    float rowsum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int j = 0; j < 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float& x = sc[4 * j + 2 * i + e];
-          x = exp2_ftz(x - m_use[i]);
-          rowsum[i] += x;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float& x = sc[4 * j + 2 * i + e];
+            x = 8 * j + e <= keep_upto[i] ? x * p.scale_log2 : -INFINITY;
+            mx[i] = fmaxf(mx[i], x);
+          }
         }
       }
     }
+    float alpha[2] = {1.f, 1.f}, m_use[2] = {0.f, 0.f}, rowsum[2] = {0.f, 0.f};
+    if (!warp_none) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+        if (fold) mx[i] *= p.scale_log2;
+        const float m_new = fmaxf(m_run[i], mx[i]);
+        // A row that saw no key yet keeps -inf: keep -inf - -inf away from exp2.
+        m_use[i] = m_new == -INFINITY ? 0.f : m_new;
+        alpha[i] = exp2_ftz(m_run[i] - m_use[i]);
+        m_run[i] = m_new;
+      }
+      if (fold) {
 #pragma unroll
-    for (int j = 0; j < kDv / 8; ++j) {
-      o_acc[4 * j + 0] *= alpha[0];
-      o_acc[4 * j + 1] *= alpha[0];
-      o_acc[4 * j + 2] *= alpha[1];
-      o_acc[4 * j + 3] *= alpha[1];
+        for (int j = 0; j < 32; ++j) {
+          float& x = sc[j];
+          x = exp2_ftz(fmaf(x, p.scale_log2, -m_use[(j >> 1) & 1]));
+          rowsum[(j >> 1) & 1] += x;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          float& x = sc[j];
+          x = exp2_ftz(x - m_use[(j >> 1) & 1]);
+          rowsum[(j >> 1) & 1] += x;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
+#pragma unroll
+      for (int j = 0; j < kDv / 8; ++j) {
+        o_acc[4 * j + 0] *= alpha[0];
+        o_acc[4 * j + 1] *= alpha[0];
+        o_acc[4 * j + 2] *= alpha[1];
+        o_acc[4 * j + 3] *= alpha[1];
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) sc[j] = 0.f;
     }
     // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
     uint32_t pa[4][4];
