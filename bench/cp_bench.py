@@ -12,6 +12,8 @@ calls (the largest rank's).
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         torchrun --standalone --nproc_per_node=2 bench/cp_bench.py --T 131072 262144 --out cp.json
+    # the same with the work rebalanced by each rank's measured local time (balance=):
+    #   ... bench/cp_bench.py --T 131072 262144 --balance measured
     # the longest sequence that trains: one launch per length (an out-of-memory rank would leave
     # the others waiting in a collective), doubling T until it fails:
     #   2 GPUs: torchrun --nproc_per_node=2 ... --T $T --modes train --no-baseline --no-parts
@@ -165,6 +167,10 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--pattern", default="random", choices=list(PATTERNS),
                         help="selection pattern (bench/common.py); random is the worst case")
+    parser.add_argument("--balance", default=None,
+                        help="also time the W-GPU call with balance= (nsa_ext.distributed): "
+                             "'measured' = each rank's local time of this row's unbalanced call "
+                             "(needs the per-piece timings), or one comma-separated cost per rank")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -240,8 +246,9 @@ def main() -> None:
             for t in (q, k, v):
                 t.requires_grad_(train)
 
-            def distributed(q, k, v):
-                return cp.selection_attention(q, k, v, bi, bs, backend=args.backend)
+            def distributed(q, k, v, balance=None):
+                return cp.selection_attention(q, k, v, bi, bs, backend=args.backend,
+                                              balance=balance)
 
             run = step(distributed, q, k, v, go, train)
             progress(f"{world} GPUs, T={T}/GPU {mode}: timing")
@@ -269,12 +276,26 @@ def main() -> None:
                         args.iters, args.warmup, True)
                     del dk, dv
                 del k_prefix, v_prefix, qd
+            if args.balance:
+                costs = (row.get("local_kernel_ms_per_rank") if args.balance == "measured"
+                         else [float(c) for c in args.balance.split(",")])
+                if costs:
+                    progress(f"{world} GPUs, T={T}/GPU {mode}: timing with balance={costs}")
+                    row["balance"] = list(costs)
+                    balanced = step(lambda q_, k_, v_: distributed(q_, k_, v_, costs), q, k, v,
+                                    go, train)
+                    row["world_balanced_ms"] = median_ms(balanced, clock, args.iters,
+                                                         args.warmup, True)
+                    row["world_balanced_peak_gib"] = peak_gib(balanced, clock, True)
+                    del balanced
             if not args.no_baseline:    # rank 0's numbers, on every rank
                 one = torch.tensor([row.get("one_gpu_ms", 0.0), row.get("one_gpu_peak_gib", 0.0)],
                                    dtype=torch.float64, device=DEVICE)
                 dist.broadcast(one, 0)
                 row["one_gpu_ms"], row["one_gpu_peak_gib"] = one.tolist()
                 row["ratio"] = row["world_ms"] / row["one_gpu_ms"]
+                if "world_balanced_ms" in row:
+                    row["ratio_balanced"] = row["world_balanced_ms"] / row["one_gpu_ms"]
             rows.append(row)
             del q, k, v, bi, go, run
             if clock.cuda:
@@ -311,6 +332,12 @@ def print_row(row: dict) -> None:
           f"(W={row['world']}) | {ratio} | {ms('all_gather_ms')} | {local} | "
           f"{ms('reduce_scatter_ms')} | {gib('one_gpu_peak_gib')} | {gib('world_peak_gib')} |",
           flush=True)
+    if "world_balanced_ms" in row:
+        costs = ", ".join(f"{c:.3g}" for c in row["balance"])
+        ratio = f"{row['ratio_balanced']:.3f}" if "ratio_balanced" in row else "-"
+        print(f"|   balance=[{costs}] | {row['mode']} | {ms('one_gpu_ms')} | "
+              f"{ms('world_balanced_ms')} (W={row['world']}) | {ratio} | | | | | "
+              f"{gib('world_balanced_peak_gib')} |", flush=True)
 
 
 if __name__ == "__main__":

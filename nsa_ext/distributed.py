@@ -26,6 +26,15 @@ from the sequence's start to the shard's end (0 for sequences starting later). B
 per sequence; a block past the truncation holds only keys after every local query, which
 causality drops in the whole batch's call too. No block alignment of the shards is needed there.
 
+Balance: equal shards are equal work only where every query costs the same. Selections without
+locality (uniformly random blocks) cost more per query the more keys they spread over, so the
+last rank is the slowest (notes: 1.28x at 2 x 128k on an H200). `balance=` takes each rank's
+relative cost per query (e.g. each rank's local time in an unbalanced step): the global query
+order is then cut into W contiguous ranges of equal estimated cost, rounded to block_size, and
+rank r computes range r, the queries it does not own moved to it and their o / lse (and in the
+backward dO in, dQ out) moved back by all-to-all. Range r's queries are the last ones of the keys
+up to its end, so its local call is again SPEC.md's `TQ < TK` form, on a longer prefix.
+
 Every collective is one of torch.distributed's (NCCL on GPUs, gloo on CPUs). Before the first
 collective that could block, the ranks exchange a small description of their call (shapes,
 dtype, options, and any local error text) in one all-gather, so a bad input on any rank raises
@@ -33,7 +42,9 @@ the same ValueError on every rank instead of leaving the others waiting.
 """
 from __future__ import annotations
 
+import math
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,7 +70,7 @@ _DTYPE_IDS = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 # local error text (utf-8, cut to _MESSAGE_BYTES).
 _FIELDS = ("error", "B", "T_local", "HQ", "H", "Dk", "Dv", "S", "block_size", "dtype",
            "block_counts_kind", "block_counts_int", "scale_bits", "backend", "grad_flags",
-           "batchless", "cu_n", "cu_hash")
+           "batchless", "cu_n", "cu_hash", "balance_n", "balance_hash")
 _MESSAGE_BYTES = 1024
 _PREFIX = "nsa_ext.distributed.selection_attention"
 
@@ -82,6 +93,8 @@ _MUST_MATCH = (
     ("batchless", "q", "layout ([1, T_local, ...] or [T_local, ...])"),
     ("cu_n", "cu_seqlens_q", "number of sequences (0: not varlen)"),
     ("cu_hash", "cu_seqlens_q", "the batch's cu_seqlens_q (a checksum of its values)"),
+    ("balance_n", "balance", "number of per-rank costs (0: None)"),
+    ("balance_hash", "balance", "per-rank costs (a checksum of their values)"),
 )
 
 
@@ -98,6 +111,8 @@ class _Plan:
     backend: str
     cu_seqlens_q: Optional[torch.Tensor] = None   # the local call's (varlen), on q's device
     cu_seqlens_k: Optional[torch.Tensor] = None
+    # With balance: every rank's query range [ranges[r], ranges[r+1]) of the global order
+    ranges: Optional[tuple] = None
 
 
 def _resolve_group(group):
@@ -192,8 +207,41 @@ def _local_cu(cu: list, rank: int, T_local: int, device: torch.device):
     return _LOCAL_CU[key]
 
 
+def _query_ranges(costs, T_local: int, world: int, align: int) -> tuple:
+    """W + 1 boundaries 0 = a_0 <= a_1 <= ... <= a_W = W * T_local of the global query order such
+    that each range [a_r, a_r+1) holds about 1/W of the estimated cost, where a query of shard s
+    costs costs[s]; inner boundaries rounded to a multiple of `align` (every shard boundary is
+    one, so equal costs give the shards themselves)."""
+    total = sum(costs) * T_local
+    bounds, cum, s = [0], 0.0, 0
+    for r in range(1, world):
+        want = total * r / world
+        while s < world - 1 and cum + costs[s] * T_local < want:
+            cum += costs[s] * T_local
+            s += 1
+        inside = (want - cum) / costs[s]                       # queries into shard s
+        a = s * T_local + min(T_local, max(0, round(inside / align) * align))
+        bounds.append(max(a, bounds[-1]))
+    bounds.append(world * T_local)
+    return tuple(bounds)
+
+
+def _check_balance(balance, world: int) -> tuple:
+    """balance as a tuple of `world` positive finite floats (ValueError otherwise)."""
+    try:
+        costs = tuple(float(c) for c in balance)
+    except (TypeError, ValueError):
+        raise ValueError(f"balance: expected None or a sequence of {world} positive numbers (each "
+                         f"rank's cost per query), got {balance!r}") from None
+    if len(costs) != world or not all(math.isfinite(c) and c > 0 for c in costs):
+        raise ValueError(f"balance: expected {world} positive finite numbers (one per rank of "
+                         f"the group), got {list(costs)}")
+    return costs
+
+
 def _local_description(q, k, v, block_indices, block_size, block_counts, scale, backend,
-                       cu_seqlens_q, cu_seqlens_k, device_types, backend_name, world):
+                       cu_seqlens_q, cu_seqlens_k, device_types, backend_name, world,
+                       balance=None):
     """(fields, error message or "", the batch's cu_seqlens as a list or None) of this rank's
     call. Never raises for bad tensors: the error travels to every rank first."""
     fields = dict.fromkeys(_FIELDS, 0)
@@ -226,6 +274,12 @@ def _local_description(q, k, v, block_indices, block_size, block_counts, scale, 
         elif T_local % call.block_size:
             raise ValueError(f"q: shard length T_local={T_local} is not a multiple of "
                              f"block_size={call.block_size}")
+        costs = None
+        if balance is not None:
+            costs = _check_balance(balance, world)
+            if varlen:
+                raise ValueError("balance: not supported with cu_seqlens_q yet (varlen shards "
+                                 "are balanced by token count)")
         counts_kind = (0 if block_counts is None
                        else 2 if isinstance(block_counts, torch.Tensor) else 1)
         grad = torch.is_grad_enabled()
@@ -238,7 +292,9 @@ def _local_description(q, k, v, block_indices, block_size, block_counts, scale, 
             backend=BACKEND_NAMES.index(backend),
             grad_flags=sum(1 << i for i, t in enumerate((q, k, v)) if grad and t.requires_grad),
             batchless=int(batchless), cu_n=len(cu) - 1 if cu else 0,
-            cu_hash=sum((i + 1) * c for i, c in enumerate(cu)) % (1 << 61) if cu else 0)
+            cu_hash=sum((i + 1) * c for i, c in enumerate(cu)) % (1 << 61) if cu else 0,
+            balance_n=len(costs) if costs else 0,
+            balance_hash=zlib.crc32(struct.pack(f"<{len(costs)}d", *costs)) if costs else 0)
         return fields, "", cu
     except (ValueError, TypeError) as e:
         fields["error"] = 1
@@ -295,10 +351,12 @@ def _exchange_and_check(fields: dict, message: str, group, rank: int, world: int
                          + "; ".join(problems))
 
 
-def gather_kv_prefix(k: torch.Tensor, v: torch.Tensor, rank: int, world: int, group):
-    """All-gather K and V (both issued before either is waited on) and return the prefix rank
-    `rank`'s causal queries can reach: [B, (rank+1)*T_local, H, D] each. With B == 1 the prefix
-    is a view of the gathered buffer; otherwise it is one copy of the prefix."""
+def gather_kv_prefix(k: torch.Tensor, v: torch.Tensor, rank: int, world: int, group,
+                     prefix: Optional[int] = None):
+    """All-gather K and V (both issued before either is waited on) and return the first `prefix`
+    tokens of the whole sequence (default (rank+1)*T_local: what rank `rank`'s own causal queries
+    can reach): [B, prefix, H, D] each. With B == 1 the prefix is a view of the gathered buffer;
+    otherwise it is one copy of the prefix."""
     works, stacks = [], []
     for t in (k, v):
         stack = t.new_empty(world, *t.shape)               # [world, B, T_local, H, D]
@@ -308,22 +366,29 @@ def gather_kv_prefix(k: torch.Tensor, v: torch.Tensor, rank: int, world: int, gr
     for work in works:
         work.wait()
     B, T_local, H = k.shape[:3]
-    return tuple(s[:rank + 1].transpose(0, 1).reshape(B, (rank + 1) * T_local, H, s.shape[-1])
+    if prefix is None:
+        prefix = (rank + 1) * T_local
+    chunks = -(-prefix // T_local)
+    return tuple(s[:chunks].transpose(0, 1).reshape(B, chunks * T_local, H, s.shape[-1])[:, :prefix]
                  for s in stacks)
 
 
-def reduce_scatter_prefix(grads, rank: int, world: int, group):
-    """Sum the prefix gradients [B, (rank+1)*T_local, H, D] of every rank into each owner's
-    shard [B, T_local, H, D]: zero-pad to the whole gathered length and reduce-scatter (one
-    collective per tensor, issued together). The sum is the backend's reduce-scatter, in a fixed
-    order fixed by the group and the message size, so gradients are the same from run to run."""
+def reduce_scatter_prefix(grads, rank: int, world: int, group, T_local: Optional[int] = None):
+    """Sum the prefix gradients [B, prefix, H, D] of every rank (prefix: (rank+1)*T_local unless
+    T_local is given) into each owner's shard [B, T_local, H, D]: zero-pad to the whole gathered
+    length and reduce-scatter (one collective per tensor, issued together). The sum is the
+    backend's reduce-scatter, in a fixed order fixed by the group and the message size, so
+    gradients are the same from run to run."""
     works, outs = [], []
     for g in grads:
         B, prefix, H, D = g.shape
-        T_local = prefix // (rank + 1)
-        padded = g.new_zeros(world, B, T_local, H, D)       # chunk i goes to rank i
-        padded[:rank + 1].copy_(g.reshape(B, rank + 1, T_local, H, D).transpose(0, 1))
-        out = g.new_empty(B, T_local, H, D)
+        T = T_local if T_local is not None else prefix // (rank + 1)
+        padded = g.new_zeros(world, B, T, H, D)             # chunk i goes to rank i
+        full, rest = divmod(prefix, T)
+        padded[:full].copy_(g[:, :full * T].reshape(B, full, T, H, D).transpose(0, 1))
+        if rest:
+            padded[full, :, :rest].copy_(g[:, full * T:])
+        out = g.new_empty(B, T, H, D)
         works.append(_reduce_scatter(out, padded.flatten(0, 1), group=group, async_op=True))
         outs.append(out)
     for work in works:
@@ -331,49 +396,129 @@ def reduce_scatter_prefix(grads, rank: int, world: int, group):
     return outs
 
 
+def _row_splits(ranges: tuple, rank: int, T_local: int, world: int):
+    """(send, recv) token counts of the all-to-all that moves queries from their owners to the
+    ranks that compute them: send[r] = this shard's tokens in range r, recv[s] = range rank's
+    tokens in shard s (both ordered, so the pieces concatenate in sequence order)."""
+    def overlap(a0, a1, b0, b1):
+        return max(0, min(a1, b1) - max(a0, b0))
+    mine = (rank * T_local, (rank + 1) * T_local)
+    send = [overlap(*mine, ranges[r], ranges[r + 1]) for r in range(world)]
+    recv = [overlap(ranges[rank], ranges[rank + 1], s * T_local, (s + 1) * T_local)
+            for s in range(world)]
+    return send, recv
+
+
+def _exchange_rows(tensors, send, recv, rank: int, group):
+    """Move token rows (dim 1 of each [B, n, ...] tensor) between ranks: send[r] of this rank's
+    rows, in order, to rank r; recv[s] rows, in order, from rank s. This rank's own piece
+    (send[rank] == recv[rank] rows) stays where it is: a result that is only that piece is a view,
+    and only the moved rows go through the all-to-all (one per tensor, all issued before any is
+    waited on). None passes through."""
+    send_moved = [0 if r == rank else n for r, n in enumerate(send)]
+    recv_moved = [0 if r == rank else n for r, n in enumerate(recv)]
+    starts = [sum(send[:r]) for r in range(len(send))]
+    works, pending = [], []
+    for t in tensors:
+        if t is None:
+            pending.append(None)
+            continue
+        rows = t.transpose(0, 1)                            # [n, B, ...]: rows on dim 0
+        own = rows[starts[rank]:starts[rank] + send[rank]]
+        moved = [rows[starts[r]:starts[r] + n] for r, n in enumerate(send_moved) if n]
+        outgoing = (moved[0] if len(moved) == 1 else torch.cat(moved) if moved
+                    else rows[:0]).contiguous()
+        incoming = rows.new_empty(sum(recv_moved), *rows.shape[1:])
+        works.append(dist.all_to_all_single(incoming, outgoing, output_split_sizes=recv_moved,
+                                            input_split_sizes=send_moved, group=group,
+                                            async_op=True))
+        pending.append((own, incoming))
+    for work in works:
+        work.wait()
+    outs = []
+    for item in pending:
+        if item is None:
+            outs.append(None)
+            continue
+        own, incoming = item
+        pieces = list(incoming.split(recv_moved))
+        pieces[rank] = own
+        pieces = [p for p in pieces if p.shape[0]] or [own]
+        outs.append((pieces[0] if len(pieces) == 1 else torch.cat(pieces)).transpose(0, 1))
+    return outs
+
+
 class _ContextParallelSelection(torch.autograd.Function):
     """Gather K/V, run the public call on this rank's prefix, keep its autograd graph for the
-    backward (torch.autograd.grad through the public op), reduce-scatter dK/dV."""
+    backward (torch.autograd.grad through the public op), reduce-scatter dK/dV. With
+    plan.ranges (balance), the queries of this rank's range come in first and their o / lse go
+    back to their owners (and dO in, dQ out in the backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_counts, plan: _Plan, need_grad: bool):
         ctx.set_materialize_grads(False)
         ctx.plan = plan
-        k_prefix, v_prefix = gather_kv_prefix(k, v, plan.rank, plan.world, plan.group)
+        B, T_local = q.shape[:2]
+        prefix = None if plan.ranges is None else plan.ranges[plan.rank + 1]
+        k_prefix, v_prefix = gather_kv_prefix(k, v, plan.rank, plan.world, plan.group, prefix)
         counts = block_counts if block_counts is not None else plan.block_counts_int
+        if plan.ranges is not None:
+            ctx.splits = _row_splits(plan.ranges, plan.rank, T_local, plan.world)
+            ctx.shard_shapes = ((B, T_local, q.shape[2], v.shape[3]), (B, T_local, q.shape[2]))
+            q, block_indices, block_counts = _exchange_rows(
+                (q, block_indices, block_counts), *ctx.splits, plan.rank, plan.group)
+            counts = block_counts if block_counts is not None else plan.block_counts_int
         kwargs = dict(block_counts=counts, scale=plan.scale, backend=plan.backend, return_lse=True,
                       cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k)
-        if not need_grad:
-            ctx.graph = None
-            return _selection_attention(q, k_prefix, v_prefix, block_indices, plan.block_size,
-                                        **kwargs)
-        with torch.enable_grad():
-            leaves = (q.detach().requires_grad_(ctx.needs_input_grad[0]),
-                      k_prefix.detach().requires_grad_(ctx.needs_input_grad[1]),
-                      v_prefix.detach().requires_grad_(ctx.needs_input_grad[2]))
-            o, lse = _selection_attention(*leaves, block_indices, plan.block_size, **kwargs)
-        ctx.graph = (o, lse, leaves)
-        return o.detach(), lse.detach()
+        empty = q.shape[1] == 0          # a range with no queries (balance): nothing to call
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            leaves = (q.detach().requires_grad_(need_grad and ctx.needs_input_grad[0]),
+                      k_prefix.detach().requires_grad_(need_grad and ctx.needs_input_grad[1]),
+                      v_prefix.detach().requires_grad_(need_grad and ctx.needs_input_grad[2]))
+            if empty:
+                o = q.new_zeros(B, 0, q.shape[2], v.shape[3])
+                lse = q.new_zeros(B, 0, q.shape[2], dtype=torch.float32)
+            else:
+                o, lse = _selection_attention(*leaves, block_indices, plan.block_size, **kwargs)
+        ctx.graph = (o, lse, leaves, empty) if need_grad else None
+        o, lse = o.detach(), lse.detach()
+        if plan.ranges is not None:      # back to the owners
+            send, recv = ctx.splits
+            o, lse = _exchange_rows((o, lse), recv, send, plan.rank, plan.group)
+            o, lse = o.contiguous(), lse.contiguous()
+        return o, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_o, grad_lse):
         plan = ctx.plan
-        o, lse, leaves = ctx.graph
+        o, lse, leaves, empty = ctx.graph
         ctx.graph = None
+        if plan.ranges is not None:
+            # Every rank takes part in the same exchanges whatever its own outputs fed.
+            o_shape, lse_shape = ctx.shard_shapes
+            grad_o = o.new_zeros(o_shape) if grad_o is None else grad_o
+            grad_lse = lse.new_zeros(lse_shape) if grad_lse is None else grad_lse
+            grad_o, grad_lse = _exchange_rows((grad_o, grad_lse), *ctx.splits, plan.rank,
+                                              plan.group)
         outputs = [t for t, g in ((o, grad_o), (lse, grad_lse)) if g is not None]
         grads_out = [g for g in (grad_o, grad_lse) if g is not None]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grads = torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True) \
-            if outputs else [None] * len(wanted)
+            if outputs and wanted and not empty else [None] * len(wanted)
         by_leaf = dict(zip(map(id, wanted), grads))
         dq, dk_prefix, dv_prefix = (None if not leaf.requires_grad
                                     else by_leaf[id(leaf)] if by_leaf[id(leaf)] is not None
                                     else torch.zeros_like(leaf) for leaf in leaves)
+        if plan.ranges is not None and dq is not None:      # dQ back to the owners
+            send, recv = ctx.splits
+            dq = _exchange_rows((dq,), recv, send, plan.rank, plan.group)[0].contiguous()
         # Every rank takes part in the reduce-scatter even when its own contribution is zero
         # (the exchange made sure the ranks agree on which of k and v need gradients).
         kv = [g for g in (dk_prefix, dv_prefix) if g is not None]
-        reduced = iter(reduce_scatter_prefix(kv, plan.rank, plan.world, plan.group) if kv else ())
+        T_local = None if plan.ranges is None else plan.ranges[-1] // plan.world
+        reduced = iter(reduce_scatter_prefix(kv, plan.rank, plan.world, plan.group, T_local)
+                       if kv else ())
         dk = next(reduced) if dk_prefix is not None else None
         dv = next(reduced) if dv_prefix is not None else None
         return dq, dk, dv, None, None, None, None
@@ -381,7 +526,7 @@ class _ContextParallelSelection(torch.autograd.Function):
 
 def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, block_counts=None,
                         scale=None, backend="auto", return_lse=False, cu_seqlens_q=None,
-                        cu_seqlens_k=None):
+                        cu_seqlens_k=None, balance=None):
     """Context-parallel NSA selection attention: `nsa_ext.selection_attention` (SPEC.md) where
     each rank of `group` passes its contiguous shard of the sequence.
 
@@ -408,6 +553,15 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
             on every rank; its last entry is world x T_local): a sequence may start, end or lie
             anywhere, across shard boundaries, and be empty.
         cu_seqlens_k: None or equal to cu_seqlens_q (q, k and v shard the same tokens).
+        balance: None (each rank computes its own queries: balanced when every query costs the
+            same, as with selections that have locality, like trained models') or one positive
+            number per rank, the same on every rank: the relative cost of one query of each
+            rank's shard, e.g. each rank's local time in an unbalanced step (on 2 H200s with
+            uniformly random selections the last rank's queries cost ~1.3x the first's). The
+            global query order is then cut into contiguous ranges of equal estimated cost
+            (boundaries multiples of block_size) and rank r computes range r: queries move to it
+            and o / lse (dO / dQ in the backward) back to their owners by all-to-all. The
+            results do not depend on it beyond rounding. Dense layout only (varlen: ValueError).
 
     Returns:
         This rank's shard of o [B, T_local, HQ, Dv] (and lse with return_lse=True).
@@ -429,7 +583,8 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
     device_types = _group_device_types(group)
     fields, message, cu = _local_description(q, k, v, block_indices, block_size, block_counts,
                                              scale, backend, cu_seqlens_q, cu_seqlens_k,
-                                             device_types, str(dist.get_backend(group)), world)
+                                             device_types, str(dist.get_backend(group)), world,
+                                             balance)
     _exchange_and_check(fields, message, group, rank, world, _exchange_device(device_types, q))
 
     batchless = bool(fields["batchless"])
@@ -440,9 +595,16 @@ def selection_attention(q, k, v, block_indices, block_size=64, *, group=None, bl
     local_cu = (None, None) if cu is None else _local_cu(cu, rank, fields["T_local"], q.device)
     counts_tensor = block_counts if isinstance(block_counts, torch.Tensor) else None
     counts_int = None if block_counts is None or counts_tensor is not None else int(block_counts)
+    ranges = None
+    if balance is not None:
+        ranges = _query_ranges(_check_balance(balance, world), fields["T_local"], world,
+                               fields["block_size"])
+        if ranges == tuple(r * fields["T_local"] for r in range(world + 1)):
+            ranges = None                                   # the shards themselves
     plan = _Plan(group=group, rank=rank, world=world, block_size=int(block_size),
                  block_counts_int=counts_int, scale=None if scale is None else float(scale),
-                 backend=backend, cu_seqlens_q=local_cu[0], cu_seqlens_k=local_cu[1])
+                 backend=backend, cu_seqlens_q=local_cu[0], cu_seqlens_k=local_cu[1],
+                 ranges=ranges)
     need_grad = fields["grad_flags"] != 0
     o, lse = _ContextParallelSelection.apply(q, k, v, block_indices, counts_tensor, plan,
                                              need_grad)

@@ -196,7 +196,8 @@ def _sharded_call(spec, rank, world, group=None, device="cpu"):
     with torch.set_grad_enabled(bool(grad_of)):
         o, lse = nsa_ext.distributed.selection_attention(
             q, k, v, block_indices, spec["block_size"], group=group, block_counts=counts,
-            backend=spec["backend"], cu_seqlens_q=t.get("cu_seqlens_q"), return_lse=True)
+            backend=spec["backend"], cu_seqlens_q=t.get("cu_seqlens_q"), return_lse=True,
+            balance=spec.get("balance"))
     if batchless:
         assert o.dim() == 3 and lse.dim() == 2
     if grad_of and batchless:
@@ -246,6 +247,12 @@ def job_errors(rank, world, cases):
                          cu_seqlens_k=torch.tensor([0, 10, 64], dtype=torch.int32))
         if kind == "dtype" and rank == 1:
             extra = dict(dtype=torch.float16)
+        if kind == "balance_length":
+            extra = dict(balance=[1.0])
+        if kind == "balance_differs":
+            extra = dict(balance=[1.0, 2.0 + rank])
+        if kind == "balance_varlen":
+            extra = dict(balance=[1.0, 2.0], cu_seqlens_q=torch.tensor([0, 9, 64], dtype=torch.int32))
         dtype = extra.pop("dtype", torch.float32)
         q = torch.randn(1, T_local, 4, 16, dtype=dtype, device=device)
         k = torch.randn(1, T_local, 2, 16, dtype=dtype, device=device)
@@ -335,12 +342,25 @@ CASES = {
         base(seqlens=[64], HQ=4, H=1, block_size=16, S=3, seed=12, block_counts="tensor",
              backend="reference"),
         base(seqlens=[5, 40, 19], seed=13, batchless=True, backend="auto"),
+        # balance: rank 1's first queries computed on rank 0 (and the reverse), B = 2, G = 16,
+        # a block_counts tensor, gradients of q only, inference
+        base(indices="causal", seed=20, balance=[1, 3], repeat=True),
+        base(seed=21, balance=[1000, 1], backend="auto"),
+        base(HQ=16, H=1, Dk=32, Dv=16, S=4, seed=22, block_counts="tensor", balance=[1, 2]),
+        base(B=2, HQ=3, H=3, seed=23, block_counts=2, backend="reference", balance=[1, 1.5]),
+        base(seed=24, grad_of="q", balance=[1, 3]),
+        base(seed=25, grad_of="", balance=[1, 3]),
         ],
     3: [base(indices="causal", T_local=16, seed=5),
         base(HQ=16, H=1, S=5, block_size=16, seed=6, block_counts="tensor"),
         base(HQ=2, H=2, Dk=24, Dv=40, seed=7, repeat=True),                   # G = 1, Dv != Dk
         base(seqlens=[3, 70, 0, 1, 22], HQ=6, H=2, block_size=8, S=5, seed=14),  # spans 3 ranks
         base(seqlens=[32, 32, 32], block_size=2, seed=15, block_counts=2),       # on the seams
+        # balance: rank 0's range spans all three shards; then rank 2's range is empty
+        base(indices="causal", HQ=16, H=1, S=5, block_size=16, seed=26, block_counts="tensor",
+             balance=[1, 1, 1e6], repeat=True),
+        base(T_local=16, block_size=16, seed=27, balance=[1, 1, 100]),
+        base(indices="causal", T_local=16, seed=28, balance=[1, 2, 3], backend="auto"),
         ],
 }
 CASES[2] += random_specs(1, 6)
@@ -375,6 +395,9 @@ ERROR_CASES = {
     "varlen_k": ("rank 0", "cu_seqlens_k", "equal cu_seqlens_q"),
     "dtype": ("rank 1", "q:", "dtype"),
     "grad": ("rank 1", "q/k/v", "require grad"),
+    "balance_length": ("rank 0", "rank 1", "balance", "2 positive finite numbers"),
+    "balance_differs": ("rank 1", "balance", "checksum"),
+    "balance_varlen": ("rank 0", "balance", "cu_seqlens_q"),
 }
 
 
@@ -434,6 +457,28 @@ def test_device_mesh_and_subgroup(launched):
         assert r[2] is not None and "1-d DeviceMesh" in r[2]
 
 
+def test_query_ranges():
+    """balance's cut of the global query order: the shards themselves for equal costs; else
+    monotone, on multiples of the alignment, each range's estimated cost near 1/W of the whole."""
+    ranges = nsa_ext.distributed._query_ranges
+    assert ranges([2.0, 2.0, 2.0], 64, 3, 16) == (0, 64, 128, 192)
+    assert ranges([1.0, 3.0], 32, 2, 8) == (0, 40, 64)
+    assert ranges([1000.0, 1.0], 32, 2, 8) == (0, 16, 64)
+    assert ranges([1.0, 1.0, 100.0], 16, 3, 16) == (0, 32, 48, 48)      # an empty last range
+    rnd = random.Random(0)
+    for _ in range(200):
+        world, align = rnd.randint(2, 6), rnd.choice([1, 16, 64])
+        T = align * rnd.randint(1, 20)
+        costs = [rnd.uniform(0.5, 3.0) for _ in range(world)]
+        cut = ranges(costs, T, world, align)
+        assert cut[0] == 0 and cut[-1] == world * T
+        assert all(a <= b for a, b in zip(cut, cut[1:])) and all(a % align == 0 for a in cut)
+        cost = lambda a, b: sum(costs[p // T] for p in range(a, b))      # noqa: E731
+        share = sum(costs) * T / world
+        for r in range(world):       # off by at most the rounding at both ends
+            assert abs(cost(cut[r], cut[r + 1]) - share) <= max(costs) * align + 1e-6
+
+
 @pytest.mark.parametrize("name,types", [("gloo", ("cpu",)), ("nccl", ("cuda",)),
                                         ("cpu:gloo,cuda:nccl", ("cpu", "cuda"))])
 def test_group_device_types(monkeypatch, name, types):
@@ -452,7 +497,7 @@ def test_cp_bench_runs_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(repo / "bench" / "cp_bench.py"), "--device", "cpu", "--dtype", "fp32",
            "--T", "64", "--HQ", "2", "--H", "1", "--D", "16", "--S", "2", "--block-size", "16",
-           "--iters", "1", "--warmup", "0", "--out", str(out)]
+           "--iters", "1", "--warmup", "0", "--balance", "measured", "--out", str(out)]
     env = {**os.environ, **NO_MULTICAST_ENV, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S["gloo"],
                          env=env)
@@ -465,12 +510,14 @@ def test_cp_bench_runs_on_cpu(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["world"], r["T_total"]) for r in rows] == [("fwd", 2, 128), ("train", 2, 128)]
-    for key in ("one_gpu_ms", "world_ms", "ratio", "all_gather_ms", "local_kernel_ms"):
+    for key in ("one_gpu_ms", "world_ms", "ratio", "all_gather_ms", "local_kernel_ms",
+                "world_balanced_ms", "ratio_balanced"):
         assert all(r[key] > 0 for r in rows), key
     assert rows[1]["reduce_scatter_ms"] > 0
     for r in rows:                        # every rank's local call, the column its slowest
         assert len(r["local_kernel_ms_per_rank"]) == 2
         assert r["local_kernel_ms"] == max(r["local_kernel_ms_per_rank"])
+        assert r["balance"] == r["local_kernel_ms_per_rank"]     # --balance measured
 
 
 @pytest.mark.gpu
@@ -484,7 +531,10 @@ def test_nccl_two_gpus():
              base(indices="causal", T_local=1024, HQ=64, H=4, Dk=128, S=16, block_size=64,
                   seed=2, backend="auto", dtype=torch.bfloat16, repeat=True),
              base(seqlens=[300, 0, 700, 24], T_local=512, HQ=16, H=1, Dk=64, S=4,
-                  block_size=64, seed=3, backend="auto", repeat=True)]      # varlen
+                  block_size=64, seed=3, backend="auto", repeat=True),      # varlen
+             base(indices="causal", T_local=1024, HQ=64, H=4, Dk=128, S=16, block_size=64,
+                  seed=4, backend="auto", dtype=torch.bfloat16, balance=[1, 1.3],
+                  repeat=True)]                                             # balance
     results = run_ranks(2, "sharded", specs, "cuda", backend="nccl")
     for i, spec in enumerate(specs):
         check_against_one_process(spec, 2, [results[r][i] for r in range(2)], device="cuda")
