@@ -351,26 +351,39 @@ def _exchange_and_check(fields: dict, message: str, group, rank: int, world: int
                          + "; ".join(problems))
 
 
+def _issue_kv_gather(k: torch.Tensor, v: torch.Tensor, world: int, group):
+    """Start the all-gather of K and V (both issued, neither waited on): (works, stacks), each
+    stack [world, B, T_local, H, D]."""
+    works, stacks = [], []
+    for t in (k, v):
+        stack = t.new_empty(world, *t.shape)
+        # the concatenated form [world * B, ...] (gloo takes no other), same memory
+        works.append(_all_gather(stack.flatten(0, 1), t.contiguous(), group=group, async_op=True))
+        stacks.append(stack)
+    return works, stacks
+
+
+def _gathered_prefix(stacks, prefix: int):
+    """The first `prefix` tokens of the whole sequence from the gathered stacks: [B, prefix, H, D]
+    each, a view of the buffer with B == 1, else one copy."""
+    out = []
+    for s in stacks:
+        _, B, T_local, H, D = s.shape
+        chunks = max(1, -(-prefix // T_local))
+        out.append(s[:chunks].transpose(0, 1).reshape(B, chunks * T_local, H, D)[:, :prefix])
+    return tuple(out)
+
+
 def gather_kv_prefix(k: torch.Tensor, v: torch.Tensor, rank: int, world: int, group,
                      prefix: Optional[int] = None):
     """All-gather K and V (both issued before either is waited on) and return the first `prefix`
     tokens of the whole sequence (default (rank+1)*T_local: what rank `rank`'s own causal queries
     can reach): [B, prefix, H, D] each. With B == 1 the prefix is a view of the gathered buffer;
     otherwise it is one copy of the prefix."""
-    works, stacks = [], []
-    for t in (k, v):
-        stack = t.new_empty(world, *t.shape)               # [world, B, T_local, H, D]
-        # the concatenated form [world * B, ...] (gloo takes no other), same memory
-        works.append(_all_gather(stack.flatten(0, 1), t.contiguous(), group=group, async_op=True))
-        stacks.append(stack)
+    works, stacks = _issue_kv_gather(k, v, world, group)
     for work in works:
         work.wait()
-    B, T_local, H = k.shape[:3]
-    if prefix is None:
-        prefix = (rank + 1) * T_local
-    chunks = -(-prefix // T_local)
-    return tuple(s[:chunks].transpose(0, 1).reshape(B, chunks * T_local, H, s.shape[-1])[:, :prefix]
-                 for s in stacks)
+    return _gathered_prefix(stacks, (rank + 1) * k.shape[1] if prefix is None else prefix)
 
 
 def reduce_scatter_prefix(grads, rank: int, world: int, group, T_local: Optional[int] = None):
@@ -396,131 +409,250 @@ def reduce_scatter_prefix(grads, rank: int, world: int, group, T_local: Optional
     return outs
 
 
-def _row_splits(ranges: tuple, rank: int, T_local: int, world: int):
-    """(send, recv) token counts of the all-to-all that moves queries from their owners to the
-    ranks that compute them: send[r] = this shard's tokens in range r, recv[s] = range rank's
-    tokens in shard s (both ordered, so the pieces concatenate in sequence order)."""
-    def overlap(a0, a1, b0, b1):
-        return max(0, min(a1, b1) - max(a0, b0))
-    mine = (rank * T_local, (rank + 1) * T_local)
-    send = [overlap(*mine, ranges[r], ranges[r + 1]) for r in range(world)]
-    recv = [overlap(ranges[rank], ranges[rank + 1], s * T_local, (s + 1) * T_local)
-            for s in range(world)]
-    return send, recv
+@dataclass(frozen=True)
+class _Layout:
+    """Which queries this rank computes (balance) and how rows move. Global query order;
+    `calls`: (start, end, source) per local call, in sequence order, each the last end - start
+    queries of the keys 0 .. end - 1 (SPEC.md's TQ < TK form); source "left" / "right" = rows of
+    lower / higher shards, "own" = this shard's. send / recv: rows of this shard to each rank's
+    range, rows of this range from each shard (own entry included), in rank order."""
+
+    calls: tuple
+    send: tuple
+    recv: tuple
+    moves: bool         # any row changes rank (else no row exchange at all)
 
 
-def _exchange_rows(tensors, send, recv, rank: int, group):
-    """Move token rows (dim 1 of each [B, n, ...] tensor) between ranks: send[r] of this rank's
-    rows, in order, to rank r; recv[s] rows, in order, from rank s. This rank's own piece
-    (send[rank] == recv[rank] rows) stays where it is: a result that is only that piece is a view,
-    and only the moved rows go through the all-to-all (one per tensor, all issued before any is
-    waited on). None passes through."""
-    send_moved = [0 if r == rank else n for r, n in enumerate(send)]
-    recv_moved = [0 if r == rank else n for r, n in enumerate(recv)]
-    starts = [sum(send[:r]) for r in range(len(send))]
-    works, pending = [], []
+def _layout(ranges, rank: int, world: int, T_local: int) -> _Layout:
+    lo, hi = rank * T_local, (rank + 1) * T_local
+    if ranges is None:
+        return _Layout(calls=((lo, hi, "own"),), send=(), recv=(), moves=False)
+    a, b = ranges[rank], ranges[rank + 1]
+
+    def overlap(x0, x1, y0, y1):
+        return max(0, min(x1, y1) - max(x0, y0))
+    send = tuple(overlap(lo, hi, ranges[r], ranges[r + 1]) for r in range(world))
+    recv = tuple(overlap(a, b, s * T_local, (s + 1) * T_local) for s in range(world))
+    calls = tuple((x, y, kind) for x, y, kind in ((a, min(b, lo), "left"),
+                                                  (max(a, lo), min(b, hi), "own"),
+                                                  (max(a, hi), b, "right")) if y > x)
+    return _Layout(calls=calls, send=send, recv=recv, moves=True)
+
+
+def _moved(counts, rank: int) -> list:
+    """Per-rank row counts with this rank's own entry zeroed (it never goes through a collective)."""
+    return [0 if r == rank else n for r, n in enumerate(counts)]
+
+
+def _all_to_all_rows(outgoing, send, recv, rank: int, group):
+    """Start one all-to-all of token rows ([n, B, ...], rows on dim 0): send[r] rows to rank r,
+    recv[s] rows from rank s, this rank's own entries skipped. Returns (work, incoming)."""
+    send, recv = _moved(send, rank), _moved(recv, rank)
+    incoming = outgoing.new_empty(sum(recv), *outgoing.shape[1:])
+    work = dist.all_to_all_single(incoming, outgoing.contiguous(), output_split_sizes=recv,
+                                  input_split_sizes=send, group=group, async_op=True)
+    return work, incoming
+
+
+def _issue_rows(tensors, send, recv, rank: int, group):
+    """Start moving token rows (dim 1 of [B, n, ...]) between ranks: rows [0, n) of each tensor
+    minus this rank's own piece go out in order, send[r] to rank r (send[rank] stays: the caller
+    keeps it); recv[s] rows come from rank s (recv[rank] ignored). Returns (works, incoming),
+    incoming[i] the received rows [sum recv - recv[rank], B, ...] of tensor i, from lower ranks
+    first; None passes through."""
+    start = sum(send[:rank])
+    works, incoming = [], []
     for t in tensors:
         if t is None:
-            pending.append(None)
+            incoming.append(None)
             continue
         rows = t.transpose(0, 1)                            # [n, B, ...]: rows on dim 0
-        own = rows[starts[rank]:starts[rank] + send[rank]]
-        moved = [rows[starts[r]:starts[r] + n] for r, n in enumerate(send_moved) if n]
-        outgoing = (moved[0] if len(moved) == 1 else torch.cat(moved) if moved
-                    else rows[:0]).contiguous()
-        incoming = rows.new_empty(sum(recv_moved), *rows.shape[1:])
-        works.append(dist.all_to_all_single(incoming, outgoing, output_split_sizes=recv_moved,
-                                            input_split_sizes=send_moved, group=group,
-                                            async_op=True))
+        parts = [p for p in (rows[:start], rows[start + send[rank]:]) if p.shape[0]]
+        outgoing = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else rows[:0]
+        work, into = _all_to_all_rows(outgoing, send, recv, rank, group)
+        works.append(work)
+        incoming.append(into)
+    return works, incoming
+
+
+def _rows_back(ctx, *per_call, empties=()):
+    """Each argument: one tensor per local call ([B, rows of the call, ...], in call order);
+    returns, per argument, this shard's tensor [B, T_local, ...]: the rows of the "own" call stay,
+    the "left" / "right" calls' rows go back to their shards, and this shard's rows computed on
+    other ranks come in (one all-to-all per argument, all issued before any is waited on).
+    empties: per argument, zero rows [0, B, ...] of its shape and dtype, for a rank with no call."""
+    plan, lay = ctx.plan, ctx.layout
+    kinds = [kind for _, _, kind in lay.calls]
+    if not lay.moves:                                       # one "own" call: the shard itself
+        return [tensors[0] for tensors in per_call]
+    works, pending = [], []
+    for tensors in per_call:
+        rows = {kind: t.transpose(0, 1) for kind, t in zip(kinds, tensors)}
+        moved = [rows[k] for k in ("left", "right") if k in rows]
+        if "own" in rows:
+            own = rows["own"]
+        else:                                               # a template for shape and dtype
+            like = (moved or [None])[0]
+            own = like[:0] if like is not None else None
+        if own is None:      # no call on this rank: rows of the shape the other ranks send
+            own = empties[len(pending)]
+        outgoing = moved[0] if len(moved) == 1 else torch.cat(moved) if moved else own[:0]
+        # back: this range's rows to the shards they came from, this shard's rows from the ranges
+        work, incoming = _all_to_all_rows(outgoing, lay.recv, lay.send, plan.rank, plan.group)
+        works.append(work)
         pending.append((own, incoming))
+    _wait(works)
+    lower = sum(lay.send[:plan.rank])        # this shard's first rows were computed by lower ranks
+    out = []
+    for own, incoming in pending:
+        pieces = [p for p in (incoming[:lower], own, incoming[lower:]) if p.shape[0]] or [own]
+        out.append((pieces[0] if len(pieces) == 1 else torch.cat(pieces)).transpose(0, 1))
+    return out
+
+
+def _wait(works):
     for work in works:
         work.wait()
-    outs = []
-    for item in pending:
-        if item is None:
-            outs.append(None)
-            continue
-        own, incoming = item
-        pieces = list(incoming.split(recv_moved))
-        pieces[rank] = own
-        pieces = [p for p in pieces if p.shape[0]] or [own]
-        outs.append((pieces[0] if len(pieces) == 1 else torch.cat(pieces)).transpose(0, 1))
-    return outs
 
 
 class _ContextParallelSelection(torch.autograd.Function):
-    """Gather K/V, run the public call on this rank's prefix, keep its autograd graph for the
-    backward (torch.autograd.grad through the public op), reduce-scatter dK/dV. With
-    plan.ranges (balance), the queries of this rank's range come in first and their o / lse go
-    back to their owners (and dO in, dQ out in the backward)."""
+    """Gather K/V, run the public call on this rank's queries over the keys they reach, keep
+    its autograd graph for the backward (torch.autograd.grad through the public op),
+    reduce-scatter dK/dV. With balance (plan.ranges) this rank's range may hold rows of other
+    shards ("left" / "right" calls): their q come in by all-to-all and their o / lse go back
+    (dO in, dQ out in the backward). Rank 0's own rows need no other rank's keys: its call runs
+    while the collectives are in flight."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_counts, plan: _Plan, need_grad: bool):
         ctx.set_materialize_grads(False)
         ctx.plan = plan
         B, T_local = q.shape[:2]
-        prefix = None if plan.ranges is None else plan.ranges[plan.rank + 1]
-        k_prefix, v_prefix = gather_kv_prefix(k, v, plan.rank, plan.world, plan.group, prefix)
-        counts = block_counts if block_counts is not None else plan.block_counts_int
-        if plan.ranges is not None:
-            ctx.splits = _row_splits(plan.ranges, plan.rank, T_local, plan.world)
-            ctx.shard_shapes = ((B, T_local, q.shape[2], v.shape[3]), (B, T_local, q.shape[2]))
-            q, block_indices, block_counts = _exchange_rows(
-                (q, block_indices, block_counts), *ctx.splits, plan.rank, plan.group)
-            counts = block_counts if block_counts is not None else plan.block_counts_int
-        kwargs = dict(block_counts=counts, scale=plan.scale, backend=plan.backend, return_lse=True,
+        lay = _layout(plan.ranges, plan.rank, plan.world, T_local)
+        ctx.layout = lay
+        kv_works, stacks = _issue_kv_gather(k, v, plan.world, plan.group)
+        row_works, incoming = ([], (None, None, None)) if not lay.moves else _issue_rows(
+            (q, block_indices, block_counts), lay.send, lay.recv, plan.rank, plan.group)
+        wants = [need_grad and ctx.needs_input_grad[i] for i in range(3)]
+        kwargs = dict(scale=plan.scale, backend=plan.backend, return_lse=True,
                       cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k)
-        empty = q.shape[1] == 0          # a range with no queries (balance): nothing to call
-        with torch.enable_grad() if need_grad else torch.no_grad():
-            leaves = (q.detach().requires_grad_(need_grad and ctx.needs_input_grad[0]),
-                      k_prefix.detach().requires_grad_(need_grad and ctx.needs_input_grad[1]),
-                      v_prefix.detach().requires_grad_(need_grad and ctx.needs_input_grad[2]))
-            if empty:
-                o = q.new_zeros(B, 0, q.shape[2], v.shape[3])
-                lse = q.new_zeros(B, 0, q.shape[2], dtype=torch.float32)
+        n_left = sum(y - x for x, y, kind in lay.calls if kind == "left")
+        local_leaves = gathered_leaves = None
+        outs = []                      # per call: (o, lse, q leaf)
+        grad_mode = torch.enable_grad() if need_grad else torch.no_grad()
+
+        def call(x, y, kind, k_keys, v_keys):
+            if kind == "own":
+                sl = slice(x - plan.rank * T_local, y - plan.rank * T_local)
+                q_c, bi_c = q[:, sl], block_indices[:, sl]
+                bc_c = None if block_counts is None else block_counts[:, sl]
             else:
-                o, lse = _selection_attention(*leaves, block_indices, plan.block_size, **kwargs)
-        ctx.graph = (o, lse, leaves, empty) if need_grad else None
-        o, lse = o.detach(), lse.detach()
-        if plan.ranges is not None:      # back to the owners
-            send, recv = ctx.splits
-            o, lse = _exchange_rows((o, lse), recv, send, plan.rank, plan.group)
-            o, lse = o.contiguous(), lse.contiguous()
-        return o, lse
+                sl = slice(0, y - x) if kind == "left" else slice(n_left, n_left + y - x)
+                q_c, bi_c = (t[sl].transpose(0, 1) for t in incoming[:2])
+                bc_c = None if incoming[2] is None else incoming[2][sl].transpose(0, 1)
+            counts = bc_c if bc_c is not None else plan.block_counts_int
+            with grad_mode:
+                q_leaf = q_c.detach().requires_grad_(wants[0])
+                o, lse = _selection_attention(q_leaf, k_keys[:, :y], v_keys[:, :y], bi_c,
+                                              plan.block_size, block_counts=counts, **kwargs)
+            outs.append((o, lse, q_leaf))
+
+        # Rank 0's own rows reach only its own keys: they start before any collective is waited on.
+        first_local = plan.rank == 0 and lay.calls and lay.calls[0][2] == "own" and \
+            lay.calls[0][1] <= T_local
+        if first_local:
+            local_leaves = tuple(t.detach().requires_grad_(w) for t, w in ((k, wants[1]),
+                                                                           (v, wants[2])))
+            call(*lay.calls[0], *local_leaves)
+        _wait(kv_works)
+        _wait(row_works)
+        rest = lay.calls[1:] if first_local else lay.calls
+        if rest:
+            prefix = max(y for _, y, _ in rest)
+            gathered_leaves = tuple(t.detach().requires_grad_(w) for t, w in
+                                    zip(_gathered_prefix(stacks, prefix), wants[1:]))
+            for c in rest:
+                call(*c, *gathered_leaves)
+        ctx.graph = (outs, local_leaves, gathered_leaves) if need_grad else None
+        ctx.shapes = (B, T_local, q.shape[2], v.shape[3])
+        ctx.kv_dims = ((k.shape[2], k.shape[3]), (v.shape[2], v.shape[3]))
+        ctx.dtype, ctx.device, ctx.q_dim = q.dtype, q.device, q.shape[3]
+        HQ, Dv = q.shape[2], v.shape[3]
+        o, lse = _rows_back(ctx, [out[0].detach() for out in outs],
+                            [out[1].detach() for out in outs],
+                            empties=(q.new_empty(0, B, HQ, Dv),
+                                     q.new_empty(0, B, HQ, dtype=torch.float32)))
+        return o.contiguous(), lse.contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_o, grad_lse):
-        plan = ctx.plan
-        o, lse, leaves, empty = ctx.graph
+        plan, lay = ctx.plan, ctx.layout
+        outs, local_leaves, gathered_leaves = ctx.graph
         ctx.graph = None
-        if plan.ranges is not None:
+        B, T_local, HQ, Dv = ctx.shapes
+        if lay.moves:
             # Every rank takes part in the same exchanges whatever its own outputs fed.
-            o_shape, lse_shape = ctx.shard_shapes
-            grad_o = o.new_zeros(o_shape) if grad_o is None else grad_o
-            grad_lse = lse.new_zeros(lse_shape) if grad_lse is None else grad_lse
-            grad_o, grad_lse = _exchange_rows((grad_o, grad_lse), *ctx.splits, plan.rank,
-                                              plan.group)
-        outputs = [t for t, g in ((o, grad_o), (lse, grad_lse)) if g is not None]
-        grads_out = [g for g in (grad_o, grad_lse) if g is not None]
+            if grad_o is None:
+                grad_o = torch.zeros(B, T_local, HQ, Dv, dtype=ctx.dtype, device=ctx.device)
+            if grad_lse is None:
+                grad_lse = torch.zeros(B, T_local, HQ, dtype=torch.float32, device=ctx.device)
+            works, incoming = _issue_rows((grad_o, grad_lse), lay.send, lay.recv, plan.rank,
+                                          plan.group)
+            _wait(works)
+        n_left = sum(y - x for x, y, kind in lay.calls if kind == "left")
+        outputs, grads_out = [], []
+        for (x, y, kind), (o, lse, _) in zip(lay.calls, outs):
+            if kind == "own":
+                sl = slice(x - plan.rank * T_local, y - plan.rank * T_local)
+                g_o = None if grad_o is None else grad_o[:, sl]
+                g_lse = None if grad_lse is None else grad_lse[:, sl]
+            else:
+                sl = slice(0, y - x) if kind == "left" else slice(n_left, n_left + y - x)
+                g_o, g_lse = (t[sl].transpose(0, 1) for t in incoming)
+            for t, g in ((o, g_o), (lse, g_lse)):
+                if g is not None:
+                    outputs.append(t)
+                    grads_out.append(g)
+        leaves = [leaf for _, _, leaf in outs] + list(local_leaves or ()) + list(gathered_leaves or ())
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grads = torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True) \
-            if outputs and wanted and not empty else [None] * len(wanted)
+            if outputs and wanted else [None] * len(wanted)
         by_leaf = dict(zip(map(id, wanted), grads))
-        dq, dk_prefix, dv_prefix = (None if not leaf.requires_grad
-                                    else by_leaf[id(leaf)] if by_leaf[id(leaf)] is not None
-                                    else torch.zeros_like(leaf) for leaf in leaves)
-        if plan.ranges is not None and dq is not None:      # dQ back to the owners
-            send, recv = ctx.splits
-            dq = _exchange_rows((dq,), recv, send, plan.rank, plan.group)[0].contiguous()
-        # Every rank takes part in the reduce-scatter even when its own contribution is zero
-        # (the exchange made sure the ranks agree on which of k and v need gradients).
-        kv = [g for g in (dk_prefix, dv_prefix) if g is not None]
-        T_local = None if plan.ranges is None else plan.ranges[-1] // plan.world
-        reduced = iter(reduce_scatter_prefix(kv, plan.rank, plan.world, plan.group, T_local)
-                       if kv else ())
-        dk = next(reduced) if dk_prefix is not None else None
-        dv = next(reduced) if dv_prefix is not None else None
+
+        def grad_of(leaf):
+            if not leaf.requires_grad:
+                return None
+            g = by_leaf[id(leaf)]
+            return torch.zeros_like(leaf) if g is None else g
+
+        want_q, want_k, want_v = ctx.needs_input_grad[:3]
+        dq = None
+        if want_q:
+            dq = _rows_back(ctx, [grad_of(out[2]) for out in outs],
+                            empties=(torch.empty(0, B, HQ, ctx.q_dim, dtype=ctx.dtype,
+                                                 device=ctx.device),))[0].contiguous()
+        # dK / dV over the keys this rank's calls reached, summed over its calls' leaves, then
+        # reduce-scattered to the owners. Every rank takes part even when its own contribution
+        # is zero (the exchange made sure the ranks agree on which of k and v need gradients).
+        reduced = []
+        for i, want in ((0, want_k), (1, want_v)):
+            if not want:
+                continue
+            parts = [grad_of(leaves[i]) for leaves in (local_leaves, gathered_leaves) if leaves]
+            if len(parts) == 1:
+                reduced.append(parts[0])
+                continue
+            H, D = ctx.kv_dims[i]
+            total = torch.zeros(B, max([T_local] + [p.shape[1] for p in parts]), H, D,
+                                dtype=ctx.dtype, device=ctx.device)
+            for part in parts:
+                total[:, :part.shape[1]] += part
+            reduced.append(total)
+        reduced = iter(reduce_scatter_prefix(reduced, plan.rank, plan.world, plan.group, T_local)
+                       if reduced else ())
+        dk = next(reduced) if want_k else None
+        dv = next(reduced) if want_v else None
         return dq, dk, dv, None, None, None, None
 
 
