@@ -520,8 +520,7 @@ class _ContextParallelSelection(torch.autograd.Function):
     its autograd graph for the backward (torch.autograd.grad through the public op),
     reduce-scatter dK/dV. With balance (plan.ranges) this rank's range may hold rows of other
     shards ("left" / "right" calls): their q come in by all-to-all and their o / lse go back
-    (dO in, dQ out in the backward). Rank 0's own rows need no other rank's keys: its call runs
-    while the collectives are in flight."""
+    (dO in, dQ out in the backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_counts, plan: _Plan, need_grad: bool):
@@ -537,7 +536,7 @@ class _ContextParallelSelection(torch.autograd.Function):
         kwargs = dict(scale=plan.scale, backend=plan.backend, return_lse=True,
                       cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k)
         n_left = sum(y - x for x, y, kind in lay.calls if kind == "left")
-        local_leaves = gathered_leaves = None
+        gathered_leaves = None
         outs = []                      # per call: (o, lse, q leaf)
         grad_mode = torch.enable_grad() if need_grad else torch.no_grad()
 
@@ -557,23 +556,19 @@ class _ContextParallelSelection(torch.autograd.Function):
                                               plan.block_size, block_counts=counts, **kwargs)
             outs.append((o, lse, q_leaf))
 
-        # Rank 0's own rows reach only its own keys: they start before any collective is waited on.
-        first_local = plan.rank == 0 and lay.calls and lay.calls[0][2] == "own" and \
-            lay.calls[0][1] <= T_local
-        if first_local:
-            local_leaves = tuple(t.detach().requires_grad_(w) for t, w in ((k, wants[1]),
-                                                                           (v, wants[2])))
-            call(*lay.calls[0], *local_leaves)
+        # Every call waits for the collectives first. Rank 0's own rows need no other rank's keys
+        # and were once computed while the collectives ran: on 2 H200s its kernel then held the
+        # SMs that rank 0's NCCL kernels needed, and rank 1 waited for the K/V rank 0 sends until
+        # rank 0's call ended (256k tokens per GPU: 165.7 ms instead of 102.3, notes).
         _wait(kv_works)
         _wait(row_works)
-        rest = lay.calls[1:] if first_local else lay.calls
-        if rest:
-            prefix = max(y for _, y, _ in rest)
+        if lay.calls:
+            prefix = max(y for _, y, _ in lay.calls)
             gathered_leaves = tuple(t.detach().requires_grad_(w) for t, w in
                                     zip(_gathered_prefix(stacks, prefix), wants[1:]))
-            for c in rest:
+            for c in lay.calls:
                 call(*c, *gathered_leaves)
-        ctx.graph = (outs, local_leaves, gathered_leaves) if need_grad else None
+        ctx.graph = (outs, gathered_leaves) if need_grad else None
         ctx.shapes = (B, T_local, q.shape[2], v.shape[3])
         ctx.kv_dims = ((k.shape[2], k.shape[3]), (v.shape[2], v.shape[3]))
         ctx.dtype, ctx.device, ctx.q_dim = q.dtype, q.device, q.shape[3]
@@ -588,7 +583,7 @@ class _ContextParallelSelection(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_o, grad_lse):
         plan, lay = ctx.plan, ctx.layout
-        outs, local_leaves, gathered_leaves = ctx.graph
+        outs, gathered_leaves = ctx.graph
         ctx.graph = None
         B, T_local, HQ, Dv = ctx.shapes
         if lay.moves:
@@ -614,7 +609,7 @@ class _ContextParallelSelection(torch.autograd.Function):
                 if g is not None:
                     outputs.append(t)
                     grads_out.append(g)
-        leaves = [leaf for _, _, leaf in outs] + list(local_leaves or ()) + list(gathered_leaves or ())
+        leaves = [leaf for _, _, leaf in outs] + list(gathered_leaves or ())
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grads = torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True) \
             if outputs and wanted else [None] * len(wanted)
@@ -632,23 +627,16 @@ class _ContextParallelSelection(torch.autograd.Function):
             dq = _rows_back(ctx, [grad_of(out[2]) for out in outs],
                             empties=(torch.empty(0, B, HQ, ctx.q_dim, dtype=ctx.dtype,
                                                  device=ctx.device),))[0].contiguous()
-        # dK / dV over the keys this rank's calls reached, summed over its calls' leaves, then
+        # dK / dV over the keys this rank's calls reached (one leaf, shared by the calls),
         # reduce-scattered to the owners. Every rank takes part even when its own contribution
         # is zero (the exchange made sure the ranks agree on which of k and v need gradients).
         reduced = []
         for i, want in ((0, want_k), (1, want_v)):
-            if not want:
-                continue
-            parts = [grad_of(leaves[i]) for leaves in (local_leaves, gathered_leaves) if leaves]
-            if len(parts) == 1:
-                reduced.append(parts[0])
-                continue
-            H, D = ctx.kv_dims[i]
-            total = torch.zeros(B, max([T_local] + [p.shape[1] for p in parts]), H, D,
-                                dtype=ctx.dtype, device=ctx.device)
-            for part in parts:
-                total[:, :part.shape[1]] += part
-            reduced.append(total)
+            if want and gathered_leaves is not None:
+                reduced.append(grad_of(gathered_leaves[i]))
+            elif want:                                      # no call here: a zero contribution
+                H, D = ctx.kv_dims[i]
+                reduced.append(torch.zeros(B, T_local, H, D, dtype=ctx.dtype, device=ctx.device))
         reduced = iter(reduce_scatter_prefix(reduced, plan.rank, plan.world, plan.group, T_local)
                        if reduced else ())
         dk = next(reduced) if want_k else None
