@@ -475,27 +475,22 @@ def _issue_rows(tensors, send, recv, rank: int, group):
     return works, incoming
 
 
-def _rows_back(ctx, *per_call, empties=()):
+def _rows_back(ctx, *per_call, empties):
     """Each argument: one tensor per local call ([B, rows of the call, ...], in call order);
     returns, per argument, this shard's tensor [B, T_local, ...]: the rows of the "own" call stay,
     the "left" / "right" calls' rows go back to their shards, and this shard's rows computed on
     other ranks come in (one all-to-all per argument, all issued before any is waited on).
-    empties: per argument, zero rows [0, B, ...] of its shape and dtype, for a rank with no call."""
+    empties: per argument, zero rows [0, B, ...] of its shape and dtype (this rank's own rows
+    where none of them is computed here)."""
     plan, lay = ctx.plan, ctx.layout
     kinds = [kind for _, _, kind in lay.calls]
     if not lay.moves:                                       # one "own" call: the shard itself
         return [tensors[0] for tensors in per_call]
     works, pending = [], []
-    for tensors in per_call:
+    for tensors, empty in zip(per_call, empties):
         rows = {kind: t.transpose(0, 1) for kind, t in zip(kinds, tensors)}
         moved = [rows[k] for k in ("left", "right") if k in rows]
-        if "own" in rows:
-            own = rows["own"]
-        else:                                               # a template for shape and dtype
-            like = (moved or [None])[0]
-            own = like[:0] if like is not None else None
-        if own is None:      # no call on this rank: rows of the shape the other ranks send
-            own = empties[len(pending)]
+        own = rows.get("own", empty)
         outgoing = moved[0] if len(moved) == 1 else torch.cat(moved) if moved else own[:0]
         # back: this range's rows to the shards they came from, this shard's rows from the ranges
         work, incoming = _all_to_all_rows(outgoing, lay.recv, lay.send, plan.rank, plan.group)
