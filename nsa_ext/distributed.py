@@ -229,6 +229,8 @@ def _query_ranges(costs, T_local: int, world: int, align: int) -> tuple:
 def _check_balance(balance, world: int) -> tuple:
     """balance as a tuple of `world` positive finite floats (ValueError otherwise)."""
     try:
+        if isinstance(balance, (str, bytes)):
+            raise TypeError
         costs = tuple(float(c) for c in balance)
     except (TypeError, ValueError):
         raise ValueError(f"balance: expected None or a sequence of {world} positive numbers (each "

@@ -465,6 +465,11 @@ def test_query_ranges():
     assert ranges([1.0, 3.0], 32, 2, 8) == (0, 40, 64)
     assert ranges([1000.0, 1.0], 32, 2, 8) == (0, 16, 64)
     assert ranges([1.0, 1.0, 100.0], 16, 3, 16) == (0, 32, 48, 48)      # an empty last range
+    check = nsa_ext.distributed._check_balance
+    assert check(torch.tensor([1.0, 2.5]), 2) == (1.0, 2.5)
+    for bad in ("12", [1.0], [1.0, 0.0], [1.0, float("nan")], [1.0, None], 3.0):
+        with pytest.raises(ValueError, match="balance"):
+            check(bad, 2)
     rnd = random.Random(0)
     for _ in range(200):
         world, align = rnd.randint(2, 6), rnd.choice([1, 16, 64])
