@@ -124,6 +124,21 @@ def peak_gib(fn, clock: Clock, together: bool) -> float:
     return slowest(peak) if together else peak
 
 
+def profile_step(fn, clock: Clock, path: Path) -> None:
+    """One call of fn under torch.profiler (after a barrier), this rank's table of kernels and ops
+    by device time written to path."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+    dist.barrier()
+    clock.sync()
+    with profile(activities=activities) as prof:
+        fn()
+        clock.sync()
+    key = "cuda_time_total" if clock.cuda else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+
+
 def inputs(args, TQ: int, TK: int, seed: int, requires_grad: bool):
     shape = Shape(B=1, TQ=TQ, TK=TK, HQ=args.HQ, H=args.H, Dk=args.D, Dv=args.D, S=args.S,
                   block_size=args.block_size)
@@ -171,6 +186,10 @@ def main() -> None:
                         help="also time the W-GPU call with balance= (nsa_ext.distributed): "
                              "'measured' = each rank's local time of this row's unbalanced call "
                              "(needs the per-piece timings), or one comma-separated cost per rank")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also run torch.profiler over one W-GPU step (the balanced one where "
+                             "--balance is given) and write each rank's kernel table to DIR: where "
+                             "a rank's time goes, collectives included")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -254,6 +273,8 @@ def main() -> None:
             progress(f"{world} GPUs, T={T}/GPU {mode}: timing")
             row["world_ms"] = median_ms(run, clock, args.iters, args.warmup, True)
             row["world_peak_gib"] = peak_gib(run, clock, True)
+            if args.profile and not args.balance:
+                profile_step(run, clock, Path(args.profile) / f"T{T}_{mode}_rank{rank}.txt")
             if not args.no_parts:
                 group = dist.group.WORLD
                 kd, vd = k.detach(), v.detach()
@@ -286,7 +307,12 @@ def main() -> None:
                                     go, train)
                     row["world_balanced_ms"] = median_ms(balanced, clock, args.iters,
                                                          args.warmup, True)
+                    row["world_balanced_ms_per_rank"] = median_per_rank(
+                        balanced, clock, args.iters, args.warmup)
                     row["world_balanced_peak_gib"] = peak_gib(balanced, clock, True)
+                    if args.profile:
+                        profile_step(balanced, clock, Path(args.profile) /
+                                     f"T{T}_{mode}_balanced_rank{rank}.txt")
                     del balanced
             if not args.no_baseline:    # rank 0's numbers, on every rank
                 one = torch.tensor([row.get("one_gpu_ms", 0.0), row.get("one_gpu_peak_gib", 0.0)],
@@ -335,8 +361,9 @@ def print_row(row: dict) -> None:
     if "world_balanced_ms" in row:
         costs = ", ".join(f"{c:.3g}" for c in row["balance"])
         ratio = f"{row['ratio_balanced']:.3f}" if "ratio_balanced" in row else "-"
+        per_rank = " / ".join(f"{t:.3f}" for t in row.get("world_balanced_ms_per_rank", []))
         print(f"|   balance=[{costs}] | {row['mode']} | {ms('one_gpu_ms')} | "
-              f"{ms('world_balanced_ms')} (W={row['world']}) | {ratio} | | | | | "
+              f"{ms('world_balanced_ms')} (W={row['world']}) | {ratio} | | ({per_rank}) | | | "
               f"{gib('world_balanced_peak_gib')} |", flush=True)
 
 

@@ -30,7 +30,9 @@ Balance: equal shards are equal work only where every query costs the same. Sele
 locality (uniformly random blocks) cost more per query the more keys they spread over, so the
 last rank is the slowest (notes: 1.28x at 2 x 128k on an H200). `balance=` takes each rank's
 relative cost per query (e.g. each rank's local time in an unbalanced step): the global query
-order is then cut into W contiguous ranges of equal estimated cost, rounded to block_size, and
+order is then cut into W contiguous ranges of equal estimated cost (a query's estimate: its
+shard's number, tilted along the shard by the neighbours' numbers, since the cost grows inside a
+shard too), rounded to block_size, and
 rank r computes range r, the queries it does not own moved to it and their o / lse (and in the
 backward dO in, dQ out) moved back by all-to-all. Range r's queries are the last ones of the keys
 up to its end, so its local call is again SPEC.md's `TQ < TK` form, on a longer prefix.
@@ -207,11 +209,36 @@ def _local_cu(cu: list, rank: int, T_local: int, device: torch.device):
     return _LOCAL_CU[key]
 
 
+def _shard_densities(costs, T_local: int) -> list:
+    """Per shard s, (c, g): the estimated cost of the query at offset x of the shard is
+    c + g * (x - T_local / 2), a line whose mean over the shard is costs[s] (the caller's number)
+    and whose slope is the costs' own trend (central difference of the neighbours' costs, one-
+    sided at the ends), capped so every query keeps at least half of the mean (no negative
+    costs). On random selections the cost per query grows along the sequence, inside a shard too:
+    the first queries a rank hands down are cheaper than its mean (notes/cp_h200x2.txt)."""
+    W, out = len(costs), []
+    for s, c in enumerate(costs):
+        lo, hi = costs[max(s - 1, 0)], costs[min(s + 1, W - 1)]
+        span = min(s + 1, W - 1) - max(s - 1, 0)
+        g = (hi - lo) / (span * T_local) if span else 0.0
+        cap = c / T_local                       # |g| * T_local / 2 <= c / 2
+        out.append((c, max(-cap, min(cap, g))))
+    return out
+
+
 def _query_ranges(costs, T_local: int, world: int, align: int) -> tuple:
     """W + 1 boundaries 0 = a_0 <= a_1 <= ... <= a_W = W * T_local of the global query order such
-    that each range [a_r, a_r+1) holds about 1/W of the estimated cost, where a query of shard s
-    costs costs[s]; inner boundaries rounded to a multiple of `align` (every shard boundary is
-    one, so equal costs give the shards themselves)."""
+    that each range [a_r, a_r+1) holds about 1/W of the estimated cost (_shard_densities: a query
+    of shard s costs costs[s] on average, more towards the neighbour that costs more); inner
+    boundaries rounded to a multiple of `align` (every shard boundary is one, so equal costs give
+    the shards themselves)."""
+    dens = _shard_densities(costs, T_local)
+    half = T_local / 2
+
+    def within(s, x):                                 # cost of shard s's queries [0, x)
+        c, g = dens[s]
+        return c * x + g * (x * x / 2 - half * x)
+
     total = sum(costs) * T_local
     bounds, cum, s = [0], 0.0, 0
     for r in range(1, world):
@@ -219,8 +246,11 @@ def _query_ranges(costs, T_local: int, world: int, align: int) -> tuple:
         while s < world - 1 and cum + costs[s] * T_local < want:
             cum += costs[s] * T_local
             s += 1
-        inside = (want - cum) / costs[s]                       # queries into shard s
-        a = s * T_local + min(T_local, max(0, round(inside / align) * align))
+        lo, hi = 0.0, float(T_local)                   # within() is increasing on [0, T_local]
+        for _ in range(64):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cum + within(s, mid) < want else (lo, mid)
+        a = s * T_local + min(T_local, max(0, round(lo / align) * align))
         bounds.append(max(a, bounds[-1]))
     bounds.append(world * T_local)
     return tuple(bounds)

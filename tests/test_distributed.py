@@ -459,10 +459,13 @@ def test_device_mesh_and_subgroup(launched):
 
 def test_query_ranges():
     """balance's cut of the global query order: the shards themselves for equal costs; else
-    monotone, on multiples of the alignment, each range's estimated cost near 1/W of the whole."""
+    monotone, on multiples of the alignment, each range's estimated cost near 1/W of the whole,
+    where a query's estimated cost is a line inside its shard whose mean is the shard's cost."""
     ranges = nsa_ext.distributed._query_ranges
     assert ranges([2.0, 2.0, 2.0], 64, 3, 16) == (0, 64, 128, 192)
-    assert ranges([1.0, 3.0], 32, 2, 8) == (0, 40, 64)
+    # [1, 3], T = 32: shard 1's first x queries cost x + x^2 / 32 (mean 3, slope 2 / 32); rank 0
+    # needs 32 of them: x = 19.8, rounded to 16 (the constant model gave 40)
+    assert ranges([1.0, 3.0], 32, 2, 8) == (0, 48, 64)
     assert ranges([1000.0, 1.0], 32, 2, 8) == (0, 16, 64)
     assert ranges([1.0, 1.0, 100.0], 16, 3, 16) == (0, 32, 48, 48)      # an empty last range
     check = nsa_ext.distributed._check_balance
@@ -475,13 +478,19 @@ def test_query_ranges():
         world, align = rnd.randint(2, 6), rnd.choice([1, 16, 64])
         T = align * rnd.randint(1, 20)
         costs = [rnd.uniform(0.5, 3.0) for _ in range(world)]
+        dens = nsa_ext.distributed._shard_densities(costs, T)
+        per_query = [c + g * (p % T + 0.5 - T / 2) for p in range(world * T)
+                     for c, g in [dens[p // T]]]
+        for s in range(world):       # the line's mean is the caller's cost; no query is free
+            assert sum(per_query[s * T:(s + 1) * T]) == pytest.approx(costs[s] * T)
+            assert min(per_query[s * T:(s + 1) * T]) >= costs[s] / 2 - 1e-9
         cut = ranges(costs, T, world, align)
         assert cut[0] == 0 and cut[-1] == world * T
         assert all(a <= b for a, b in zip(cut, cut[1:])) and all(a % align == 0 for a in cut)
-        cost = lambda a, b: sum(costs[p // T] for p in range(a, b))      # noqa: E731
         share = sum(costs) * T / world
         for r in range(world):       # off by at most the rounding at both ends
-            assert abs(cost(cut[r], cut[r + 1]) - share) <= max(costs) * align + 1e-6
+            got = sum(per_query[cut[r]:cut[r + 1]])
+            assert abs(got - share) <= 1.5 * max(costs) * align + 1e-6
 
 
 @pytest.mark.parametrize("name,types", [("gloo", ("cpu",)), ("nccl", ("cuda",)),
