@@ -41,9 +41,32 @@ cudaError_t encode_kv_map(CUtensorMap* map, const void* base, ScalarKind kind, i
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// Q [B, TQ, HQ, Dk] contiguous as a 4-d tensor (Dk, HQ, TQ, B); a box is 64 elements of Dk x
+// the G heads of one KV head x the tile's QT tokens: rows m = r * G + g of the tile, as the
+// kernel's accumulators take them. Tokens past TQ read as zeros (B is its own dimension, so a
+// tile never reads the next sequence's queries).
+cudaError_t encode_q_map(CUtensorMap* map, const SelectionFwdParams& p, ScalarKind kind, int G,
+                         int QT) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) return cudaErrorNotSupported;
+  const int64_t D = p.head_dim_qk, HQ = p.heads_q;
+  const cuuint64_t dims[4] = {cuuint64_t(D), cuuint64_t(HQ), cuuint64_t(p.seqlen_q),
+                              cuuint64_t(p.batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(D * 2), cuuint64_t(HQ * D * 2),
+                                 cuuint64_t(p.seqlen_q * HQ * D * 2)};
+  const cuuint32_t box[4] = {64, cuuint32_t(G), cuuint32_t(QT), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult res = encode(
+      map, kind == ScalarKind::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      4, const_cast<void*>(p.q), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T, int kDk, int kDv, int kStages>
-cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtensorMap& v_map,
-                   cudaStream_t stream) {
+cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
+                   const CUtensorMap& v_map, cudaStream_t stream) {
   constexpr int smem = hopper::tile_smem_bytes<kDk, kDv, kStages>();
   static_assert(smem <= hopper::kMaxDynamicSmem, "tile kernel: shared memory past 227 KB");
   const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv, kStages>;
@@ -52,16 +75,16 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& k_map, const CUtenso
   const cudaError_t err = attributes.set(kernel, smem, true);
   if (err != cudaSuccess) return err;
   const int64_t grid = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
-  kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(k_map, v_map, tp);
+  kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(q_map, k_map, v_map, tp);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& k_map, const CUtensorMap& v_map,
-                        cudaStream_t stream) {
+cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
+                        const CUtensorMap& v_map, cudaStream_t stream) {
 #define NSA_EXT_TILE(DK, DV)                                                                  \
   if (tp.fwd.head_dim_qk == DK && tp.fwd.head_dim_v == DV)                                     \
-    return launch<T, DK, DV, hopper::kCopyStages>(tp, k_map, v_map, stream);
+    return launch<T, DK, DV, hopper::kCopyStages>(tp, q_map, k_map, v_map, stream);
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_TILE)
 #undef NSA_EXT_TILE
   return cudaErrorInvalidValue;
@@ -76,13 +99,14 @@ cudaError_t launch_selection_tile_sm90(const TileParams& tp, ScalarKind kind, cu
     return cudaErrorInvalidValue;
   const int64_t grid = p.batch * tp.num_tiles * p.heads_kv;
   if (grid == 0) return cudaSuccess;
-  CUtensorMap k_map, v_map;
+  CUtensorMap q_map, k_map, v_map;
   const int64_t rows = p.batch * p.seqlen_k;
-  cudaError_t err = encode_kv_map(&k_map, p.k, kind, p.head_dim_qk, p.heads_kv, rows);
+  cudaError_t err = encode_q_map(&q_map, p, kind, int(p.group), tp.tokens_per_tile);
+  if (err == cudaSuccess) err = encode_kv_map(&k_map, p.k, kind, p.head_dim_qk, p.heads_kv, rows);
   if (err == cudaSuccess) err = encode_kv_map(&v_map, p.v, kind, p.head_dim_v, p.heads_kv, rows);
   if (err != cudaSuccess) return err;
-  return kind == ScalarKind::kBFloat16 ? launch_dims<__nv_bfloat16>(tp, k_map, v_map, stream)
-                                       : launch_dims<__half>(tp, k_map, v_map, stream);
+  return kind == ScalarKind::kBFloat16 ? launch_dims<__nv_bfloat16>(tp, q_map, k_map, v_map, stream)
+                                       : launch_dims<__half>(tp, q_map, k_map, v_map, stream);
 }
 
 }  // namespace nsa_ext

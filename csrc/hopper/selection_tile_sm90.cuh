@@ -27,7 +27,7 @@
 // Shared-memory layout: every operand is cut into panels of 64 rows x 64 elements (128 bytes a
 // row, 8 KB), the 128-byte swizzle atom's width: Q [Dk/64 panels][64 rows], per K stage
 // K [Dk/64][64 keys], then the V buffer [Dv/64][64 keys]. The swizzle XORs a row's 16-byte chunk index with
-// the row index mod 8; TMA writes K and V that way, the Q loader does it by hand, and the
+// the row index mod 8; TMA writes Q, K and V that way, and the
 // descriptors below tell the tensor cores (panels are 1024-byte aligned, as the swizzle needs).
 // After V, 4 KB for the tile's canonical rows (kRowSetEntries int32).
 //
@@ -129,6 +129,15 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int32_t c0, int32_t c1, int32_t c2, int32_t c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
 // 2^x in one MUFU.EX2 (flushing subnormal results to zero): exp2f adds a range check and a
 // rescale per call for subnormals, ~2 more instructions on each of a chunk's 32 scores per thread.
 __device__ __forceinline__ float exp2_ftz(float x) {
@@ -176,7 +185,8 @@ constexpr int tile_ctas_per_sm() {
 
 template <typename T, int kDk, int kDv, int kStages>
 __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
-    selection_tile_sm90_kernel(const __grid_constant__ CUtensorMap k_map,
+    selection_tile_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
+                               const __grid_constant__ CUtensorMap k_map,
                                const __grid_constant__ CUtensorMap v_map, const TileParams tp) {
   constexpr int kPanelsK = kDk / 64;
   constexpr int kPanelsV = kDv / 64;
@@ -194,15 +204,18 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   uint8_t* v_smem = k_smem + kStages * kKBytes;             // one V buffer
   __shared__ __align__(8) uint64_t full_k[kStages];
   __shared__ __align__(8) uint64_t full_v;
+  __shared__ __align__(8) uint64_t full_q;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
   const int64_t NT = tp.num_tiles;
-  const int64_t tile = int64_t(blockIdx.x) % NT;
-  const int64_t bh = int64_t(blockIdx.x) / NT;
-  const int64_t b = bh / p.heads_kv;
-  const int64_t h = bh % p.heads_kv;
+  // 32-bit division: the grid and NT are below 2^31 (the launcher checks); the 64-bit divisions
+  // here were a ~70-instruction subroutine each, in every CTA's prologue.
+  const uint32_t bh32 = blockIdx.x / uint32_t(NT);
+  const int64_t tile = blockIdx.x - bh32 * uint32_t(NT);
+  const int64_t b = bh32 / uint32_t(p.heads_kv);
+  const int64_t h = bh32 - uint32_t(b) * uint32_t(p.heads_kv);
   const int G = int(p.group);
   const int QT = tp.tokens_per_tile;
   const int64_t t0 = tile * QT;
@@ -249,7 +262,15 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&full_k[s], 1);
     mbar_init(&full_v, 1);
+    mbar_init(&full_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    // Q first (the first MMA needs it): one box per 64-column panel, the tile's QT tokens x G
+    // heads, rows m = r * G + g in order; tokens past TQ read as zeros.
+    mbar_expect_tx(&full_q, kPanelsK * QT * G * 128);
+#pragma unroll
+    for (int c = 0; c < kPanelsK; ++c)
+      tma_load_4d(q_smem + c * kPanelBytes, &q_map, &full_q, c * 64, int32_t(h * G), int32_t(t0),
+                  int32_t(b));
     // K is copied kStages - 1 chunks ahead (the prologue fills K stages 0 .. kStages - 2), V
     // one chunk ahead into its single buffer (chunk 0 here, chunk it + 1 once chunk it's P V is
     // done).
@@ -259,24 +280,14 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   }
   if (n_iter > 0) chunk_start = starts[0];
 
-  // Q rows m = r * G + g (token r of the tile, query head g of the group), 16-byte asynchronous
-  // copies all in flight together (plain loads and stores went one round trip per copy: the
-  // compiler cannot tell the shared-memory stores from q); rows past the tile (G not dividing
-  // 64) or past TQ are zero-filled, never stored.
-  const T* q = static_cast<const T*>(p.q);
-  for (int c = tid; c < kRows * (kDk / 8); c += kThreads) {
-    const int m = c / (kDk / 8);
-    const int col8 = c % (kDk / 8);
-    const int r = m / G;
-    const int64_t t = t0 + r;
-    const bool valid = r < QT && t < TQ;
-    const T* src = valid ? q + (((b * TQ + t) * p.heads_q + h * G + m % G) * kDk + col8 * 8) : q;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(
-                     q_smem + (col8 >> 3) * kPanelBytes + m * 128 + (((col8 & 7) ^ (m & 7)) << 4))),
-                 "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-  }
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  // Q comes by the copy engine (above): a per-thread loop of 16-byte copies with the row /
+  // head arithmetic per copy was ~600 of a warp's ~1,400 instructions outside the chunk loop
+  // (ncu, twelfth session). Rows past the tile (G not dividing 64) are outside every box:
+  // zeros, by ordinary stores (whole 128-byte rows, so the swizzle does not matter).
+  for (int c = QT * G * 8 + tid; c < kRows * 8; c += kThreads)
+#pragma unroll
+    for (int panel = 0; panel < kPanelsK; ++panel)
+      *reinterpret_cast<uint4*>(q_smem + panel * kPanelBytes + c * 16) = make_uint4(0, 0, 0, 0);
   // Each token's canonical row, once per tile, into shared memory where they fit: a row's cursor
   // step at a block's end then reads shared memory, not global memory whose latency would sit
   // right before the loop's closing barrier (every warp waits there for the slowest).
@@ -312,10 +323,11 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
       row_n[i] = p.num_blocks[tok * H + h];
     }
   }
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-  // Ordinary stores that the tensor cores read next: the async proxy must see them.
+  // Ordinary stores (Q's zero rows) that the tensor cores read next: the async proxy must see
+  // them.
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
+  mbar_wait(&full_q, 0);
   // next_blk: each row's canonical block after its head, loaded one block ahead so that a row's
   // step at a block's end (right before the loop's closing barrier) waits for no load.
   int32_t next_blk[2] = {0, 0};
