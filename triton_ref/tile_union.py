@@ -83,8 +83,17 @@ def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: 
         blocks.contiguous(), k_offset.to(torch.int64).contiguous(), starts, counts, selections,
         totals, TQ, H, S, NT, NT_OUT, stride, block_size,
         QT=QT, BW=BW, STORE=store, TOTALS=totals is not None,
-        num_warps=max(4, min(16, BW // 256)))   # <= 8 names a thread: no spills at 4096
+        num_warps=_num_warps(BW))
     return (starts if store else None), counts, selections
+
+
+def _num_warps(BW: int) -> int:
+    """Warps per tile's program: one up to 256 names (the sorts and the neighbour gather stay in
+    one warp's shuffles), then 128 names a warp (<= 8 a thread at 4096: no spills). H200, T = 32k,
+    H = 4, totals on (twelfth session, notes/schedules.md): 64 names (G = 16) 118 us with four
+    warps -> 68 us with one; 256 (G = 4) 83 -> 68 us; 1024 (G = 1) 245 us with four -> 186 with
+    eight."""
+    return 1 if BW <= 256 else min(16, BW // 128)
 
 
 __all__ = ["tile_union", "tile_union_kernel", "NONE", "MAX_WIDTH"]
