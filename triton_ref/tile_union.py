@@ -22,38 +22,46 @@ MAX_WIDTH = 4096                           # QT * S entries one program sorts (G
 
 @triton.jit
 def tile_union_kernel(blocks, k_offset, starts, counts, selections, totals, TQ, H, S, NT,
-                      NT_OUT, stride_tile, block_size, QT: tl.constexpr, BW: tl.constexpr,
-                      STORE: tl.constexpr, TOTALS: tl.constexpr):
-    pid = tl.program_id(0)
-    h = pid % H
-    j = (pid // H) % NT_OUT
-    b = pid // (H * NT_OUT)
+                      NT_OUT, stride_tile, block_size, n_rows, QT: tl.constexpr,
+                      BW: tl.constexpr, TPP: tl.constexpr, STORE: tl.constexpr,
+                      TOTALS: tl.constexpr):
+    # TPP tiles per program, one per row of a [TPP, BW] block: the sorts run along each row, and
+    # the program adds its tiles' counts to `totals` with one atomic pair for all of them.
+    row = tl.program_id(0) * TPP + tl.arange(0, TPP)          # (b, j, h) flattened
+    live = row < n_rows
+    h = row % H
+    j = (row // H) % NT_OUT
+    b = row // (H * NT_OUT)
     tile = j * stride_tile
     offs = tl.arange(0, BW)
     r = offs // S
-    t = tile * QT + r
-    valid = (offs < QT * S) & (t < TQ)
-    tok = b.to(tl.int64) * TQ + t
-    blk = tl.load(blocks + (tok * H + h) * S + offs % S, mask=valid, other=-1).to(tl.int64)
+    t = tile[:, None] * QT + r[None, :]
+    valid = live[:, None] & (offs < QT * S)[None, :] & (t < TQ)
+    tok = b[:, None].to(tl.int64) * TQ + t
+    blk = tl.load(blocks + (tok * H + h[:, None]) * S + (offs % S)[None, :], mask=valid,
+                  other=-1).to(tl.int64)
     first_key = tl.load(k_offset + tok, mask=valid, other=0)
     name = tl.where(blk >= 0, first_key + blk * block_size, 9223372036854775807)
     name = tl.sort(name)
-    prev = tl.gather(name, tl.maximum(offs - 1, 0), 0)
-    first = (name != 9223372036854775807) & ((name != prev) | (offs == 0))
-    union_size = tl.sum(first.to(tl.int32), 0)
-    selected = tl.sum((blk >= 0).to(tl.int32), 0)
-    tl.store(counts + pid, union_size)
-    tl.store(selections + pid, selected)
+    before = tl.broadcast_to(tl.maximum(offs - 1, 0)[None, :], (TPP, BW))
+    prev = tl.gather(name, before, 1)
+    first = (name != 9223372036854775807) & ((name != prev) | (offs == 0)[None, :])
+    union_size = tl.sum(first.to(tl.int32), 1)
+    selected = tl.sum((blk >= 0).to(tl.int32), 1)
+    tl.store(counts + row, union_size, mask=live)
+    tl.store(selections + row, selected, mask=live)
     if TOTALS:      # integer sums: the same totals in any order of the programs
-        tl.atomic_add(totals, selected.to(tl.int64))
-        tl.atomic_add(totals + 1, union_size.to(tl.int64))
+        tl.atomic_add(totals, tl.sum(selected.to(tl.int64), 0))
+        tl.atomic_add(totals + 1, tl.sum(union_size.to(tl.int64), 0))
     if STORE:
         kept = tl.sort(tl.where(first, name, 9223372036854775807))
-        tl.store(starts + pid.to(tl.int64) * (QT * S) + offs, kept, mask=offs < QT * S)
+        tl.store(starts + row[:, None].to(tl.int64) * (QT * S) + offs[None, :], kept,
+                 mask=live[:, None] & (offs < QT * S)[None, :])
 
 
 def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: int = 1,
-               store: bool = True, interpret: bool = False, totals=None):
+               store: bool = True, interpret: bool = False, totals=None,
+               tiles_per_program: int = 0, num_warps: int = 0):
     """(starts [B, NT', H, QT * S] int64 or None, counts [B, NT', H] int32, selections [B, NT', H]
     int32) for every `stride`-th tile (NT' = ceil(NT / stride)) of `tokens_per_tile` tokens.
     `totals` (int64 [2], zeroed): the kernel adds (selections, union blocks) of its tiles into it,
@@ -79,12 +87,19 @@ def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: 
 
         kernel = InterpretedFunction(tile_union_kernel.fn)
     BW = triton.next_power_of_2(width)
-    kernel[(B * NT_OUT * H,)](
+    n_rows = B * NT_OUT * H
+    TPP = tiles_per_program if tiles_per_program else _tiles_per_program(BW)
+    kernel[(triton.cdiv(n_rows, TPP),)](
         blocks.contiguous(), k_offset.to(torch.int64).contiguous(), starts, counts, selections,
-        totals, TQ, H, S, NT, NT_OUT, stride, block_size,
-        QT=QT, BW=BW, STORE=store, TOTALS=totals is not None,
-        num_warps=_num_warps(BW))
+        totals, TQ, H, S, NT, NT_OUT, stride, block_size, n_rows,
+        QT=QT, BW=BW, TPP=TPP, STORE=store, TOTALS=totals is not None,
+        num_warps=num_warps or _num_warps(BW * TPP))
     return (starts if store else None), counts, selections
+
+
+def _tiles_per_program(BW: int) -> int:
+    """Tiles per program: one (a tile's sort fills a warp from 64 names up)."""
+    return 1
 
 
 def _num_warps(BW: int) -> int:
