@@ -177,10 +177,14 @@ def test_tile_statistic_spans_its_range(device_lane):
 @pytest.mark.parametrize("QT, S, seqlens, stride", [
     (4, 16, None, 1), (16, 3, None, 3), (1, 5, None, 1), (64, 2, None, 2),
     (5, 4, [9, 1, 23], 1), (8, 7, [17, 30], 2)])
-def test_one_launch_tile_unions_match_pytorch(QT, S, seqlens, stride, monkeypatch):
+@pytest.mark.parametrize("tiles_per_program", [0, 1, 4])
+def test_one_launch_tile_unions_match_pytorch(QT, S, seqlens, stride, tiles_per_program,
+                                              monkeypatch):
     """triton_ref.tile_union (the interpreter here, the compiled kernel on a GPU) gives the
     unions, their counts and the sampled statistic's counts that the PyTorch chain gives: dense
-    with TQ < TK, varlen (k offsets per sequence), TQ not a multiple of QT, every stride-th tile."""
+    with TQ < TK, varlen (k offsets per sequence), TQ not a multiple of QT, every stride-th tile;
+    with the default number of tiles per program (0) and with one and four (programs past the
+    last tile masked)."""
     from nsa_ext.schedules.tiles import tile_unions_torch
     from nsa_ext.selection import canonical_blocks_torch, row_geometry
     from triton_ref.tile_union import tile_union
@@ -199,13 +203,15 @@ def test_one_launch_tile_unions_match_pytorch(QT, S, seqlens, stride, monkeypatc
     want = tile_unions_torch(call, geometry, blocks, QT)
     totals = torch.zeros(2, dtype=torch.int64, device=device)
     starts, counts, selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
-                                            interpret=not CUDA, totals=totals)
+                                            interpret=not CUDA, totals=totals,
+                                            tiles_per_program=tiles_per_program)
     assert torch.equal(counts, want.counts) and torch.equal(starts, want.starts)
     assert totals.tolist() == [int(num_blocks.sum()), int(want.counts.sum())]
     assert counts.sum() > 0 and bool((counts < selections).any()) == (QT > 1)
     # (a tile of several rows has blocks two rows chose, merged; one row has no repeats)
     _, sampled, sampled_selections = tile_union(blocks, geometry.k_offset, call.block_size, QT,
-                                                stride=stride, store=False, interpret=not CUDA)
+                                                stride=stride, store=False, interpret=not CUDA,
+                                                tiles_per_program=tiles_per_program)
     assert torch.equal(sampled, want.counts[:, ::stride])
     NT = want.counts.shape[1]
     padded = torch.cat([num_blocks, num_blocks.new_zeros(num_blocks.shape[0], NT * QT -

@@ -2,7 +2,8 @@
 
 The same result as the PyTorch chain in `nsa_ext.schedules.tiles` (block names -> segmented sort
 -> first of each run -> cumsum -> scatter: ~12 kernels and as many host launches before a tile
-kernel can start), computed by one program per (batch, tile, KV head): it loads the tile's QT * S
+kernel can start), computed by one program per (batch, tile, KV head) -- or per four of them
+where a tile has at most 64 names, one row each of the program's block: it loads the tile's QT * S
 canonical entries, names each block by its first key (`k_offset[token] + block * block_size`,
 so blocks of different varlen sequences never share a name), sorts the names, keeps the first
 of each run, and sorts again so the kept names come first, ascending, padded with NONE (int64
@@ -98,8 +99,11 @@ def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: 
 
 
 def _tiles_per_program(BW: int) -> int:
-    """Tiles per program: one (a tile's sort fills a warp from 64 names up)."""
-    return 1
+    """Tiles per program: four of up to 64 names (G = 16: four rows of one warp's [4, 64] block,
+    one atomic pair for the four), else one. H200, T = 32k, G = 16 (notes/schedules.md): 68.0 us
+    with one tile a program, 48.7 with two, 44.7 with four, 105.7 with eight; at 256 names one
+    tile a program was fastest."""
+    return 4 if BW <= 64 else 1
 
 
 def _num_warps(BW: int) -> int:

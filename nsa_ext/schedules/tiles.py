@@ -9,8 +9,8 @@ chose the same), measured on a sample of tiles (`sampled_overlap`: the full unio
 needed only when the tile schedule runs), to decide whether loading each distinct block once
 pays for the masked rows.
 
-On a CUDA device one Triton launch computes them (triton_ref/tile_union.py: a program per tile
-sorts its QT * S names, keeps the first of each run, counts); elsewhere, and past that kernel's
+On a CUDA device one Triton launch computes them (triton_ref/tile_union.py: a program per tile,
+or per four small tiles, sorts each tile's QT * S names, keeps the first of each run, counts); elsewhere, and past that kernel's
 width, PyTorch ops compute the same: one sort of B * TQ * H * S int64 keys in segments of
 QT * S, a cumulative sum and a scatter (~12 launches). Both take sizes from shapes only (no host
 synchronisation, no data-dependent allocation). Memory: the union is as large as the canonical
