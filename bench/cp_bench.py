@@ -14,6 +14,8 @@ calls (the largest rank's).
         torchrun --standalone --nproc_per_node=2 bench/cp_bench.py --T 131072 262144 --out cp.json
     # the same with the work rebalanced by each rank's measured local time (balance=):
     #   ... bench/cp_bench.py --T 131072 262144 --balance measured
+    # and where each rank's time goes in that step (torch.profiler, one table per rank):
+    #   ... bench/cp_bench.py --T 131072 --balance measured --profile cp_profile/
     # the longest sequence that trains: one launch per length (an out-of-memory rank would leave
     # the others waiting in a collective), doubling T until it fails:
     #   2 GPUs: torchrun --nproc_per_node=2 ... --T $T --modes train --no-baseline --no-parts
