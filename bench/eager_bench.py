@@ -1,9 +1,12 @@
 """Eager calls (no CUDA graph): what one `selection_attention` call costs the host and the GPU.
 
-Two rows, bf16, HQ=64, H=4, D=128, 16 selected blocks of 64 (block 0, the own block, 14 random
-earlier ones): decode B=1 TQ=1 TK=64k, and chunked prefill B=1 TQ=512 TK=32k. Per row, for
-nsa_ext through `auto`, `triton` and `cuda` named, and fla's `parallel_nsa_fwd` (fla-core, when
-importable) in the same run:
+Two shapes, bf16, HQ=64, H=4, D=128, 16 selected blocks of 64: decode B=1 TQ=1 TK=64k (block 0,
+the own block, 14 random earlier ones), and chunked prefill B=1 TQ=512 TK=32k once per selection
+pattern of `--patterns` (default all three of bench/common.py: `random` as the decode row's,
+`clustered` and `model`, where neighbouring queries share blocks). Per row, for nsa_ext through
+`auto`, `triton` and `cuda` named, `cuda tile` (the cuda backend with NSA_SEL_SCHEDULE=tile: the
+Hopper kernel, chunk rows on SM 9.0), and fla's `parallel_nsa_fwd` (fla-core, when importable) in
+the same run:
 
   - eager us/call: wall time of N back-to-back calls with one synchronisation at the end, / N
     (what a model running eagerly pays per call: the larger of host and GPU time);
@@ -21,13 +24,15 @@ On a machine without a GPU it runs small CPU shapes (packed SDPA), plainly label
 rows then time only the package's Python around the kernels (the GPU rows' shapes on any device;
 notes/eager.md's CPU table).
 
-    python bench/eager_bench.py [--stages] [--profile] [--stub-forward] [--out eager.json]
+    python bench/eager_bench.py [--patterns random,clustered,model] [--stages] [--profile]
+                                [--stub-forward] [--out eager.json]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +47,8 @@ from nsa_ext.call import describe_call  # noqa: E402
 from nsa_ext.config import load_settings  # noqa: E402
 from nsa_ext.device import device_facts  # noqa: E402
 from nsa_ext.dispatch import backend_module, choose  # noqa: E402
-from bench.common import eager_times, host_launch_us, sync  # noqa: E402
+from bench.common import (PATTERNS, Shape, eager_times, host_launch_us,  # noqa: E402
+                          make_block_indices, sync)
 
 HQ, H, D, S, BS = 64, 4, 128, 16, 64
 ROWS = {"decode B=1 TK=64k": (1, 1, 65536), "chunk TQ=512 TK=32k": (1, 512, 32768)}
@@ -50,11 +56,14 @@ CPU_ROWS = {"cpu decode B=1 TK=1k": (1, 1, 1024), "cpu chunk TQ=16 TK=1k": (1, 1
 BACKENDS = ("auto", "triton", "cuda")
 
 
-def make_inputs(B: int, TQ: int, TK: int, device, dtype, seed: int = 0):
+def make_inputs(B: int, TQ: int, TK: int, device, dtype, seed: int = 0, pattern: str = "random"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, TQ, HQ, D, generator=g).to(device, dtype)
     k = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
     v = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
+    if pattern != "random":     # the main bench's patterns (bench/common.py), duplicate-free
+        shape = Shape(B=B, TQ=TQ, TK=TK, HQ=HQ, H=H, Dk=D, Dv=D, S=S, block_size=BS)
+        return q, k, v, make_block_indices(shape, pattern, device=device, seed=seed)
     # Block 0, the query's own block and S - 2 distinct earlier ones (fla counts a repeat twice).
     pos = torch.arange(TQ) + (TK - TQ)
     own = pos // BS
@@ -66,6 +75,30 @@ def make_inputs(B: int, TQ: int, TK: int, device, dtype, seed: int = 0):
         rows.append(torch.cat([row, row.new_full((S - row.numel(),), -1)]))
     block_indices = torch.stack(rows)[None, :, None, :].expand(B, TQ, H, S)
     return q, k, v, block_indices.to(device=device, dtype=torch.int32).contiguous()
+
+
+def row_inputs(rows: Dict[str, tuple], patterns: List[str]):
+    """(label, B, TQ, TK, pattern) per timed row: the decode rows once (one query: no neighbours
+    to share with), every other row once per pattern."""
+    out = []
+    for label, (B, TQ, TK) in rows.items():
+        for pattern in (["random"] if TQ == 1 else patterns):
+            out.append((label if TQ == 1 else f"{label} {pattern}", B, TQ, TK, pattern))
+    return out
+
+
+@contextlib.contextmanager
+def schedule_forced(schedule: str):
+    """NSA_SEL_SCHEDULE=schedule for the calls inside (the settings reader sees it at once)."""
+    saved = os.environ.get("NSA_SEL_SCHEDULE")
+    os.environ["NSA_SEL_SCHEDULE"] = schedule
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["NSA_SEL_SCHEDULE"]
+        else:
+            os.environ["NSA_SEL_SCHEDULE"] = saved
 
 
 def loop_us(fn: Callable, device, calls: int = 2000) -> float:
@@ -203,6 +236,9 @@ def fla_forward() -> Optional[Callable]:
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="calls per timed run")
+    parser.add_argument("--patterns", default=",".join(PATTERNS),
+                        help="comma list of the chunk rows' selection patterns "
+                             f"({', '.join(PATTERNS)}; decode rows: random)")
     parser.add_argument("--stages", action="store_true", help="host-time breakdown per stage")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of 20 calls")
     parser.add_argument("--stub-forward", action="store_true",
@@ -210,6 +246,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    args.patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    unknown = sorted(set(args.patterns) - set(PATTERNS))
+    if unknown or not args.patterns:
+        parser.error(f"--patterns: expected a comma list of {', '.join(PATTERNS)}, got "
+                     f"{', '.join(unknown) or 'nothing'}")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu or args.stub_forward else torch.float32
@@ -234,8 +275,8 @@ def run(args, device, dtype, rows, where) -> dict:
     results = {"device": where, "host_launch_us": round(host_us, 2), "rows": []}
     print("| row | path | eager us/call | host us/call | chosen |")
     print("| --- | --- | --- | --- | --- |")
-    for label, (B, TQ, TK) in rows.items():
-        q, k, v, block_indices = make_inputs(B, TQ, TK, device, dtype)
+    for label, B, TQ, TK, pattern in row_inputs(rows, args.patterns):
+        q, k, v, block_indices = make_inputs(B, TQ, TK, device, dtype, pattern=pattern)
         scale = D ** -0.5
         # Every path of the row is timed in turns (5 rounds, best per path), so a slow start of
         # the process (clocks ramping, first calls) does not land on whichever path runs first.
@@ -251,6 +292,17 @@ def run(args, device, dtype, rows, where) -> dict:
                 return nsa_ext.selection_attention(q, k, v, block_indices, BS, backend=backend)
 
             timed.append(({"row": label, "path": backend, "chosen": decision.chosen}, call))
+        if gpu and not args.stub_forward and TQ > 1:
+            # The Hopper tile kernel forced (chunk rows): what auto would pay if it chose tile.
+            with schedule_forced("tile"):
+                decision = nsa_ext.explain(q, k, v, block_indices, BS, backend="cuda")
+            if decision.chosen is not None:
+                def tile_call():
+                    with schedule_forced("tile"):
+                        return nsa_ext.selection_attention(q, k, v, block_indices, BS,
+                                                           backend="cuda")
+
+                timed.append(({"row": label, "path": "cuda tile", "chosen": "cuda"}, tile_call))
         if fla is not None:
             def fla_call():
                 return fla(q, k, v, block_indices, S, BS, scale)
@@ -270,7 +322,7 @@ def run(args, device, dtype, rows, where) -> dict:
                 name = "fla parallel_nsa_fwd" if entry["path"] == "fla" else entry["path"]
                 print(f"| {label} | {name} | {entry['eager_us']:.1f} | {entry['host_us']:.1f} | "
                       f"{entry.get('chosen', 'fla')} |")
-            if args.stages and fn is not None and entry["path"] != "fla":
+            if args.stages and fn is not None and entry["path"] in BACKENDS:
                 entry["stages_us"] = stages(q, k, v, block_indices, entry["path"], device,
                                             args.calls)
                 if entry["path"] == "cuda":

@@ -73,7 +73,10 @@ def test_eager_bench_runs_on_the_cpu(tmp_path):
 
     out = tmp_path / "eager.json"
     results = eager_bench.main(["--device", "cpu", "--calls", "1", "--out", str(out)])
-    assert out.is_file() and len(results["rows"]) == 2
+    # The decode row once, the chunk row once per selection pattern.
+    labels = [row["row"] for row in results["rows"]]
+    assert out.is_file() and len(labels) == 4 and len(set(labels)) == 4
+    assert [label.split()[-1] for label in labels[1:]] == ["random", "clustered", "model"]
     for row in results["rows"]:
         assert row["chosen"] == "sdpa" and row["eager_us"] >= row["host_us"] > 0
     real = ops.backend_module
