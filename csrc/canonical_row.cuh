@@ -1,49 +1,65 @@
-// One selection row in canonical form, computed by one warp (SPEC.md's set semantics): the
-// row's entries that are within its first `count` entries and in 0 <= idx <= last_visible
-// (= pos // block_size), sorted ascending, each value once, padded with -1; and how many there
-// are. Shared by the canonical-rows kernel (selection_canonical.cu: one row per warp, written to
-// global memory) and the row-schedule forward (selection_fwd.cuh: each thread block's warp 0
-// canonicalises its own row into shared memory, which saves the eager decode call a launch).
+// One selection row in canonical form, computed by a segment of a warp's lanes (SPEC.md's set
+// semantics): the row's entries that are within its first `count` entries and in
+// 0 <= idx <= last_visible (= pos // block_size), sorted ascending, each value once, padded with
+// -1; and how many there are. Shared by the canonical-rows kernel (selection_canonical.cu: two
+// rows per warp for S <= 16, one for S <= 32, written to global memory) and the row-schedule
+// forward (selection_fwd.cuh: each thread block's warp 0 canonicalises its own row into shared
+// memory, which saves the eager decode call a launch).
 //
-// S <= 32: lane i holds entry i (an invalid one, or a lane past S, holds the largest int64,
-// which sorts last), a bitonic sort across the lanes (shuffles), a repeat is equal to its left
-// neighbour, and a ballot gives each kept value its output slot.
+// kWidth = 16 or 32 lanes per row, S <= kWidth: lane i of the segment holds entry i as a 32-bit
+// key (an invalid entry, or a lane past S, holds 0xFFFFFFFF, which sorts last; the outputs are
+// int32, so a visible block index is below 2^31), a bitonic sort across the segment (shuffles),
+// a repeat is equal to its left neighbour, and a ballot gives each kept value its output slot.
 #pragma once
 
 #include <cstdint>
 
 namespace nsa_ext {
 
-// Every lane of the warp calls it (full-mask shuffles); `out` gets S entries; returns the count
-// in every lane.
+// Every lane of the warp calls it (full-mask shuffles); `lane` is the lane in the warp, the
+// segment is lanes [lane - lane % kWidth, + kWidth); `out` gets S entries; returns the count in
+// every lane of the segment.
+template <int kWidth, typename Index>
+__device__ __forceinline__ int canonical_row_lanes(const Index* __restrict__ row_indices, int S,
+                                                   int64_t count, int64_t last_visible,
+                                                   int32_t* out, int lane) {
+  static_assert(kWidth == 16 || kWidth == 32, "a row spans half a warp or a whole warp");
+  constexpr uint32_t kAbsent = 0xFFFFFFFFu;
+  const int sub = lane % kWidth;
+  const int64_t last = last_visible < INT32_MAX ? last_visible : INT32_MAX;
+  uint32_t key = kAbsent;
+  if (sub < S && sub < count) {
+    const int64_t idx = int64_t(row_indices[sub]);
+    if (idx >= 0 && idx <= last) key = uint32_t(idx);
+  }
+  // Bitonic sort, ascending over the segment (xor partners stay inside it).
+#pragma unroll
+  for (int k = 2; k <= kWidth; k <<= 1) {
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      const uint32_t other = __shfl_xor_sync(0xffffffffu, key, j);
+      const bool ascending = (sub & k) == 0;
+      const bool lower = (sub & j) == 0;
+      key = (lower == ascending) ? min(key, other) : max(key, other);
+    }
+  }
+  const uint32_t left = __shfl_up_sync(0xffffffffu, key, 1, kWidth);
+  const bool keep = key != kAbsent && (sub == 0 || key != left);
+  const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+  const unsigned kept =
+      kWidth == 32 ? ballot : (ballot >> (lane - sub)) & ((1u << (kWidth & 31)) - 1u);
+  const int n = __popc(kept);
+  if (keep) out[__popc(kept & ((1u << sub) - 1u))] = int32_t(key);
+  if (sub >= n && sub < S) out[sub] = -1;
+  return n;
+}
+
+// One row over the whole warp (S <= 32).
 template <typename Index>
 __device__ __forceinline__ int canonical_row_warp(const Index* __restrict__ row_indices, int S,
                                                   int64_t count, int64_t last_visible,
                                                   int32_t* out, int lane) {
-  constexpr int64_t kAbsent = INT64_MAX;
-  int64_t key = kAbsent;
-  if (lane < S && lane < count) {
-    const int64_t idx = int64_t(row_indices[lane]);
-    if (idx >= 0 && idx <= last_visible) key = idx;
-  }
-  // Bitonic sort, ascending over the 32 lanes.
-#pragma unroll
-  for (int k = 2; k <= 32; k <<= 1) {
-#pragma unroll
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      const int64_t other = __shfl_xor_sync(0xffffffffu, key, j);
-      const bool ascending = (lane & k) == 0;
-      const bool lower = (lane & j) == 0;
-      key = (lower == ascending) ? min(key, other) : max(key, other);
-    }
-  }
-  const int64_t left = __shfl_up_sync(0xffffffffu, key, 1);
-  const bool keep = key != kAbsent && (lane == 0 || key != left);
-  const unsigned kept = __ballot_sync(0xffffffffu, keep);
-  const int n = __popc(kept);
-  if (keep) out[__popc(kept & ((1u << lane) - 1u))] = int32_t(key);
-  if (lane >= n && lane < S) out[lane] = -1;
-  return n;
+  return canonical_row_lanes<32>(row_indices, S, count, last_visible, out, lane);
 }
 
 }  // namespace nsa_ext

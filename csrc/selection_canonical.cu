@@ -4,7 +4,7 @@
 // there are. The same function as nsa_ext.selection.canonical_blocks (a dozen PyTorch launches,
 // which cost ~0.2 ms at T = 8k and dominate a CUDA-graph decode step).
 //
-// One warp per row, for S <= 32 (canonical_row.cuh).
+// Half a warp per row for S <= 16, a warp for S <= 32 (canonical_row.cuh).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -17,19 +17,34 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-template <typename Index, typename Count>
+// kWidth lanes per row (16 for S <= 16: two rows per warp, half the shuffle stages of a whole-warp
+// sort; else 32). Position arithmetic is 32-bit where the sizes allow and the block-size division
+// a shift where block_size is a power of two (block_shift >= 0): a 64-bit division is ~70
+// instructions, more than the rest of a row's work.
+template <int kWidth, typename Index, typename Count>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     canonical_blocks_kernel(const Index* __restrict__ indices, const int64_t* __restrict__ pos,
                             const Count* __restrict__ counts, int64_t count_limit, int64_t rows,
-                            int64_t heads_kv, int S, int64_t block_size,
+                            int64_t heads_kv, int S, int64_t block_size, int block_shift,
                             int32_t* __restrict__ blocks, int32_t* __restrict__ num_blocks) {
+  constexpr int kRowsPerWarp = 32 / kWidth;
   const int lane = threadIdx.x % 32;
-  const int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;   // whole warps leave together
-  const int64_t last_visible = pos[row / heads_kv] / block_size;
-  const int64_t count = counts ? int64_t(counts[row]) : count_limit;
-  const int n = canonical_row_warp(indices + row * S, S, count, last_visible, blocks + row * S, lane);
-  if (lane == 0) num_blocks[row] = n;
+  const int64_t first = (int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32) * kRowsPerWarp;
+  if (first >= rows) return;   // whole warps leave together
+  const int64_t row = first + lane / kWidth;
+  const bool active = row < rows;     // the second half of the last warp may have no row
+  int64_t last_visible = -1, count = 0;
+  if (active) {
+    const int64_t token = rows <= INT32_MAX ? int64_t(uint32_t(row) / uint32_t(heads_kv))
+                                            : row / heads_kv;
+    const int64_t p = pos[token];
+    last_visible = block_shift >= 0 ? (p >> block_shift) : p / block_size;
+    count = counts ? int64_t(counts[row]) : count_limit;
+  }
+  int32_t* out = active ? blocks + row * S : nullptr;
+  const Index* in = indices + (active ? row : first) * S;
+  const int n = canonical_row_lanes<kWidth>(in, active ? S : 0, count, last_visible, out, lane);
+  if (active && lane % kWidth == 0) num_blocks[row] = n;
 }
 
 template <typename Index, typename Count>
@@ -37,10 +52,20 @@ cudaError_t launch_typed(const void* indices, const int64_t* pos, const void* co
                          int64_t count_limit, int64_t rows, int64_t heads_kv, int S,
                          int64_t block_size, int32_t* blocks, int32_t* num_blocks,
                          cudaStream_t stream) {
-  const int64_t grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  canonical_blocks_kernel<Index, Count><<<unsigned(grid), kWarpsPerBlock * 32, 0, stream>>>(
-      static_cast<const Index*>(indices), pos, static_cast<const Count*>(counts), count_limit,
-      rows, heads_kv, S, block_size, blocks, num_blocks);
+  int block_shift = -1;
+  if ((block_size & (block_size - 1)) == 0)
+    for (block_shift = 0; (int64_t(1) << block_shift) < block_size; ++block_shift) {}
+  const auto* in = static_cast<const Index*>(indices);
+  const auto* cnt = static_cast<const Count*>(counts);
+  if (S <= 16) {
+    const int64_t grid = (rows + 2 * kWarpsPerBlock - 1) / (2 * kWarpsPerBlock);
+    canonical_blocks_kernel<16, Index, Count><<<unsigned(grid), kWarpsPerBlock * 32, 0, stream>>>(
+        in, pos, cnt, count_limit, rows, heads_kv, S, block_size, block_shift, blocks, num_blocks);
+  } else {
+    const int64_t grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    canonical_blocks_kernel<32, Index, Count><<<unsigned(grid), kWarpsPerBlock * 32, 0, stream>>>(
+        in, pos, cnt, count_limit, rows, heads_kv, S, block_size, block_shift, blocks, num_blocks);
+  }
   return cudaGetLastError();
 }
 

@@ -421,6 +421,10 @@ CANONICAL_CASES = {
     "S9_counts_int": dict(B=1, TQ=64, HQ=4, H=2, S=9, block_size=32, block_counts=4),
     "varlen": dict(seqlens=[37, 1, 130, 13], seqlens_k=[50, 16, 130, 400], HQ=4, H=2, S=12,
                    block_size=16),
+    # Half a warp per row up to S = 16: an odd row count leaves the last warp's second half
+    # without a row.
+    "S16_odd_rows": dict(B=1, TQ=37, HQ=1, H=1, S=16, block_size=32),
+    "S17_whole_warp": dict(B=1, TQ=90, HQ=2, H=1, S=17, block_size=16),
 }
 
 
@@ -441,6 +445,43 @@ def test_canonical_op_matches_python(name):
     assert torch.equal(got[1], expected[1])
     assert torch.equal(got[0], expected[0])
     assert (expected[1] > 0).any() and (expected[1] < call.num_selected).any()   # not trivial
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_canonical_op_drops_indices_past_int32():
+    """Entries of 2^31 and more are past every visible block (the rows are int32): dropped, not
+    wrapped, on both the half-warp (S = 16) and whole-warp (S = 20) paths."""
+    for S in (16, 20):
+        case = make_case(B=1, TQ=40, HQ=2, H=1, Dk=64, S=S, block_size=16, dtype=torch.bfloat16,
+                         device="cuda", seed=S)
+        case.block_indices[..., 0] = 2 ** 31 + 1       # int32 2^31 + 1 would read as -2^31 + 1
+        case.block_indices[..., 1] = 2 ** 32           # ... and 2^32 as 0
+        call = describe_call(*case.args(), **case.kwargs())
+        geometry = row_geometry(call)
+        expected = canonical_blocks_torch(call, geometry)
+        got = canonical_blocks(call, geometry)
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("S", [5, 16, 24])
+def test_canonical_op_with_a_block_size_not_a_power_of_two(S):
+    """The operator takes any positive block_size (the API only powers of two): past the
+    shift, the kernel divides. Checked against the set semantics written out here."""
+    g = torch.Generator().manual_seed(S)
+    B, TQ, H, bs = 2, 45, 3, 48
+    idx = torch.randint(-2, 40, (B, TQ, H, S), generator=g)
+    pos = (torch.arange(TQ) * 37 % 1500).expand(B, TQ).contiguous()
+    blocks, nb = torch.ops.nsa_ext_cuda.canonical_blocks(idx.cuda(), pos.cuda(), None, S - 1, bs)
+    for b in range(B):
+        for t in range(TQ):
+            for h in range(H):
+                want = sorted({int(i) for i in idx[b, t, h, :S - 1] if 0 <= i <= pos[b, t] // bs})
+                row = blocks[b, t, h].tolist()
+                assert nb[b, t, h].item() == len(want)
+                assert row == want + [-1] * (S - len(want))
 
 
 @pytest.mark.gpu
