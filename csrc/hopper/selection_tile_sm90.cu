@@ -3,6 +3,8 @@
 // (CMakeLists.txt: wgmma exists on that target alone); the binding calls it on SM 9.0 devices.
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+
 #include "hopper/selection_tile_sm90.cuh"
 
 namespace nsa_ext {
@@ -74,7 +76,23 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtenso
   static thread_local SmemAttributes attributes;       // this kernel instance's
   const cudaError_t err = attributes.set(kernel, smem, true);
   if (err != cudaSuccess) return err;
-  const int64_t grid = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
+  // Persistent CTAs: as many as fit on the GPU at once (occupancy of this instance x SMs, per
+  // device), each striding over the work items.
+  static thread_local int resident[64] = {};
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (!resident[device]) {
+    int sms = 0, per_sm = 0;
+    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, hopper::kThreads, smem);
+    if (e != cudaSuccess) return e;
+    resident[device] = std::max(1, sms * per_sm);
+  }
+  const int64_t work = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
+  const int64_t grid = std::min<int64_t>(work, resident[device]);
   kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(q_map, k_map, v_map, tp);
   return cudaGetLastError();
 }
