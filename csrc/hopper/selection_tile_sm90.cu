@@ -4,6 +4,7 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "hopper/selection_tile_sm90.cuh"
 
@@ -92,7 +93,14 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtenso
     resident[device] = std::max(1, sms * per_sm);
   }
   const int64_t work = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
-  const int64_t grid = std::min<int64_t>(work, resident[device]);
+  int64_t grid = std::min<int64_t>(work, resident[device]);
+  // Experiment seam (branch only): NSA_TILE_MAX_CTAS caps the grid, so that small test calls run
+  // many tiles per CTA (the cross-tile copies).
+  static const long cap = [] {
+    const char* v = std::getenv("NSA_TILE_MAX_CTAS");
+    return v ? std::strtol(v, nullptr, 10) : 0L;
+  }();
+  if (cap > 0) grid = std::min<int64_t>(grid, cap);
   kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(q_map, k_map, v_map, tp);
   return cudaGetLastError();
 }
