@@ -277,9 +277,10 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(&next_union_count)),
                  "l"(tp.union_counts + row)
                  : "memory");
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(&next_first_start)),
-                 "l"(tp.union_starts + row * tp.union_width)
-                 : "memory");
+    if (tp.union_width > 0)      // (an empty union tensor has no first start to read)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(&next_first_start)),
+                   "l"(tp.union_starts + row * tp.union_width)
+                   : "memory");
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   };
 
