@@ -14,6 +14,8 @@ calls (the largest rank's).
         torchrun --standalone --nproc_per_node=2 bench/cp_bench.py --T 131072 262144 --out cp.json
     # the same with the work rebalanced by each rank's measured local time (balance=):
     #   ... bench/cp_bench.py --T 131072 262144 --balance measured
+    # and where each rank's time goes in that step (torch.profiler, one table per rank):
+    #   ... bench/cp_bench.py --T 131072 --balance measured --profile cp_profile/
     # the longest sequence that trains: one launch per length (an out-of-memory rank would leave
     # the others waiting in a collective), doubling T until it fails:
     #   2 GPUs: torchrun --nproc_per_node=2 ... --T $T --modes train --no-baseline --no-parts
@@ -305,10 +307,9 @@ def main() -> None:
                     row["balance"] = list(costs)
                     balanced = step(lambda q_, k_, v_: distributed(q_, k_, v_, costs), q, k, v,
                                     go, train)
-                    row["world_balanced_ms"] = median_ms(balanced, clock, args.iters,
-                                                         args.warmup, True)
                     row["world_balanced_ms_per_rank"] = median_per_rank(
                         balanced, clock, args.iters, args.warmup)
+                    row["world_balanced_ms"] = max(row["world_balanced_ms_per_rank"])
                     row["world_balanced_peak_gib"] = peak_gib(balanced, clock, True)
                     if args.profile:
                         profile_step(balanced, clock, Path(args.profile) /

@@ -69,7 +69,9 @@ def tile_union(blocks, k_offset, block_size: int, tokens_per_tile: int, stride: 
     the chooser's statistic without the ~5 reduction launches of summing the outputs.
 
     blocks [B, TQ, H, S] canonical rows (S >= 1, QT * S <= MAX_WIDTH), k_offset [B, TQ] int64:
-    the first key of each query token's sequence along k's T axis (0 for a dense call)."""
+    the first key of each query token's sequence along k's T axis (0 for a dense call).
+    tiles_per_program (a power of two) and num_warps: 0 takes the measured defaults
+    (_tiles_per_program, _num_warps); tests and scripts/union_probe.py set them."""
     B, TQ, H, S = blocks.shape
     QT = tokens_per_tile
     NT = -(-TQ // QT)
