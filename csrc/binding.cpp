@@ -325,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
     const at::Tensor& num_blocks, const at::Tensor& pos, const at::Tensor& k_offset,
     const at::Tensor& union_starts, const at::Tensor& union_counts, int64_t tokens_per_tile,
-    int64_t block_size, double scale) {
+    int64_t block_size, double scale, int64_t max_ctas) {
   const char* op = "nsa_ext_cuda::selection_fwd_tile: ";
   const ForwardShapes shapes = check_forward_inputs(op, q, k, v, blocks, num_blocks, pos,
                                                     k_offset, block_size);
@@ -369,6 +369,8 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
   check_shape(union_starts, "union_starts", {B, NT, H, union_starts.size(3)}, "[B, NT, H, U]", op);
   check_shape(union_counts, "union_counts", {B, NT, H}, "[B, NT, H]", op);
   TORCH_CHECK(B * NT * H < (int64_t(1) << 31), op, "grid too large: B*NT*H=", std::to_string(B * NT * H));
+  TORCH_CHECK(max_ctas >= 0, op, "max_ctas must be >= 0 (0: as many CTAs as fit), got ",
+              std::to_string(max_ctas));
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto o = at::empty({B, TQ, HQ, Dv}, q.options());
@@ -390,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
     return {o, lse};
   }
   C10_CUDA_CHECK(launch_selection_tile_sm90(
-      tp, dtype == at::kHalf ? ScalarKind::kFloat16 : ScalarKind::kBFloat16, stream));
+      tp, dtype == at::kHalf ? ScalarKind::kFloat16 : ScalarKind::kBFloat16, max_ctas, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   return {o, lse};
@@ -568,7 +570,7 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
   m.def(
       "selection_fwd_tile(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor num_blocks, "
       "Tensor pos, Tensor k_offset, Tensor union_starts, Tensor union_counts, int tokens_per_tile, "
-      "int block_size, float scale) -> (Tensor o, Tensor lse)");
+      "int block_size, float scale, int max_ctas=0) -> (Tensor o, Tensor lse)");
   // Build facts through the dispatcher too, for a build without the pybind11 module.
   m.def("build_info() -> str", []() { return build_info_json(); });
   m.def(

@@ -114,8 +114,10 @@ struct TileParams {
   int tokens_per_tile;             // QT = 64 / G
 };
 constexpr int kTileRows = 64;      // (token, query head) rows of one tile: QT * G <= 64
+// The kernel is persistent: as many CTAs as fit on the GPU at once, each striding over the
+// (batch, tile, KV head) work items; max_ctas > 0 caps that grid (tests run many tiles per CTA).
 cudaError_t launch_selection_tile_sm90(const TileParams& params, ScalarKind kind,
-                                       cudaStream_t stream);
+                                       int64_t max_ctas, cudaStream_t stream);
 
 // Split-KV merge: part_acc / part_m / part_l -> o (q's dtype, `kind`) and lse.
 cudaError_t launch_selection_merge(const SelectionFwdParams& params, ScalarKind kind,

@@ -139,7 +139,7 @@ def _register_fake() -> None:
 
     @torch.library.register_fake(TILE_OP_NAME)
     def _selection_fwd_tile_fake(q, k, v, blocks, num_blocks, pos, k_offset, union_starts,
-                                 union_counts, tokens_per_tile, block_size, scale):
+                                 union_counts, tokens_per_tile, block_size, scale, max_ctas=0):
         B, TQ, HQ, _ = q.shape
         return (q.new_empty((B, TQ, HQ, v.shape[3])),
                 q.new_empty((B, TQ, HQ), dtype=torch.float32))

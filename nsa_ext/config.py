@@ -34,6 +34,7 @@ class Settings:
     sel_triton_min_L: int = 0          # NSA_SEL_TRITON_MIN_L: min selected tokens per row, Triton
     sel_cuda_min_L: int = 0            # NSA_SEL_CUDA_MIN_L: same for the CUDA extension
     sdpa_gather_budget_mb: int = 512   # NSA_SDPA_GATHER_BUDGET_MB
+    sel_tile_max_ctas: int = 0         # NSA_SEL_TILE_MAX_CTAS: Hopper tile grid cap (0: all fit)
     debug_triton: bool = False         # NSA_DEBUG_TRITON
     debug_log: bool = False            # NSA_DEBUG_LOG
     triton_interpret: bool = False     # TRITON_INTERPRET: Triton runs on the CPU (tests only)
@@ -63,6 +64,7 @@ _ENV = (
     ("NSA_SEL_TRITON_MIN_L", "sel_triton_min_L", "int"),
     ("NSA_SEL_CUDA_MIN_L", "sel_cuda_min_L", "int"),
     ("NSA_SDPA_GATHER_BUDGET_MB", "sdpa_gather_budget_mb", "int"),
+    ("NSA_SEL_TILE_MAX_CTAS", "sel_tile_max_ctas", "int"),
     ("NSA_DEBUG_TRITON", "debug_triton", "bool"),
     ("NSA_DEBUG_LOG", "debug_log", "bool"),
     ("TRITON_INTERPRET", "triton_interpret", "bool"),

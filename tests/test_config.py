@@ -31,10 +31,16 @@ def test_defaults_fill_what_yaml_lacks(tmp_path):
 
 @pytest.mark.parametrize("var,value", [("NSA_SEL_TRITON_MIN_L", "abc"), ("NSA_SEL_TRITON_MIN_L", "-3"),
                                        ("NSA_USE_TRITON_SEL", "maybe"), ("NSA_DEBUG_LOG", "2"),
-                                       ("NSA_SDPA_GATHER_BUDGET_MB", "1.5")])
+                                       ("NSA_SDPA_GATHER_BUDGET_MB", "1.5"),
+                                       ("NSA_SEL_TILE_MAX_CTAS", "-1")])
 def test_bad_env_value_names_the_variable(var, value):
     with pytest.raises(ConfigError, match=var):
         load_settings({var: value})
+
+
+def test_tile_grid_cap_is_read_from_env():
+    assert load_settings({}).sel_tile_max_ctas == 0
+    assert load_settings({"NSA_SEL_TILE_MAX_CTAS": "7"}).sel_tile_max_ctas == 7
 
 
 def test_bad_yaml_value_names_the_key(tmp_path):

@@ -6,7 +6,9 @@ the operator's fake implementation. GPU (marked `gpu`, SM 9.0 with a build that 
 the parity matrix with the tile schedule forced (G = 1, 3, 16, 24, 64, Dk=192/Dv=128, d = 64 and
 256, block sizes 64/128, varlen ragged and chunked, TQ = 1, TQ < TK, messy indices, block_counts,
 empty rows) in bf16 and fp16, tiles whose rows chose the same / disjoint blocks, a block chosen
-by every row, bitwise run-to-run equality, and that the kernel really ran (a spy on the seam).
+by every row, bitwise run-to-run equality, and that the kernel really ran (a spy on the seam);
+the parity cases also with the persistent grid capped (NSA_SEL_TILE_MAX_CTAS), so that each CTA
+runs many tiles.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ from common import assert_close_to_reference, make_case
 from nsa_ext import _ext
 from nsa_ext.backends import cuda as cuda_backend
 from nsa_ext.call import describe_call
-from nsa_ext.config import Settings
+from nsa_ext.config import Settings, load_settings
 from nsa_ext.device import DeviceFacts
 from nsa_ext.reference import reference_forward
+from nsa_ext.schedules.tiles import tile_unions
+from nsa_ext.selection import canonical_blocks, row_geometry
 
 H200 = DeviceFacts("cuda", (9, 0), "NVIDIA H200", 132)
 A100 = DeviceFacts("cuda", (8, 0), "NVIDIA A100", 108)
@@ -139,12 +143,22 @@ def tile_spy(monkeypatch):
     return calls
 
 
+# The kernel's grid caps: 0 = as many persistent CTAs as fit (each small test call then runs one
+# tile per CTA); 2 = every CTA strides over many tiles (the copies issued across tile boundaries).
+GRID_CAPS = [0, 2]
+
+
+def cap_grid(monkeypatch, max_ctas):
+    monkeypatch.setenv("NSA_SEL_TILE_MAX_CTAS", str(max_ctas))
+
+
 def run_tile(case, calls):
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
     before = len(calls)
     o, lse = cuda_backend.forward(call, force_splits=1)
     torch.cuda.synchronize()
     assert len(calls) == before + 1, "the Hopper tile kernel did not run"
+    assert calls[-1][-1] == load_settings().sel_tile_max_ctas, "the grid cap did not reach the op"
     ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
                              case.block_size, **case.kwargs(), need_lse=True)
     o_ref, lse_ref = reference_forward(ref_call)
@@ -155,7 +169,9 @@ def run_tile(case, calls):
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", CASES)
-def test_tile_kernel_matches_reference(tile_spy, name, dtype):
+@pytest.mark.parametrize("max_ctas", GRID_CAPS)
+def test_tile_kernel_matches_reference(tile_spy, monkeypatch, name, dtype, max_ctas):
+    cap_grid(monkeypatch, max_ctas)
     case = make_case(dtype=dtype, device="cuda", seed=sum(map(ord, name)), **CASES[name])
     rows = case.block_indices.shape[1]
     if rows > 1:
@@ -186,7 +202,9 @@ def _pattern_case(pattern, dtype=torch.bfloat16, G=4, T=512, H=2, D=128, S=6):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("pattern", ["shared", "disjoint", "popular"])
-def test_tile_kernel_on_overlap_patterns(tile_spy, pattern):
+@pytest.mark.parametrize("max_ctas", GRID_CAPS)
+def test_tile_kernel_on_overlap_patterns(tile_spy, monkeypatch, pattern, max_ctas):
+    cap_grid(monkeypatch, max_ctas)
     case = _pattern_case(pattern)
     o, lse, o_ref, lse_ref = run_tile(case, tile_spy)
     assert_close_to_reference(o, o_ref.to(o.dtype), o.dtype, lse, lse_ref)
@@ -205,9 +223,11 @@ LONG_CASES = {   # long unions (many more chunks than copy stages), every head-d
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("name", LONG_CASES)
-def test_tile_kernel_on_long_walks(tile_spy, name):
+@pytest.mark.parametrize("max_ctas", [0, 3])
+def test_tile_kernel_on_long_walks(tile_spy, monkeypatch, name, max_ctas):
     """Unions of many blocks: the two-stage copy ring wraps many times and every row's cursor
-    walks its whole canonical row, in every head-dim instance."""
+    walks its whole canonical row, in every head-dim instance (with 3 CTAs: across many tiles)."""
+    cap_grid(monkeypatch, max_ctas)
     case = make_case(dtype=torch.bfloat16, device="cuda", seed=sum(map(ord, name)),
                      **LONG_CASES[name])
     o, lse, o_ref, lse_ref = run_tile(case, tile_spy)
@@ -216,13 +236,33 @@ def test_tile_kernel_on_long_walks(tile_spy, name):
 
 @pytest.mark.gpu
 @needs_hopper
-def test_tile_kernel_is_bitwise_deterministic(tile_spy):
+def test_tile_kernel_is_bitwise_deterministic(tile_spy, monkeypatch):
+    """Bitwise the same across calls and across grid sizes (a tile's result does not depend on
+    which CTA ran it or what that CTA ran before)."""
     case = _pattern_case("popular", G=16, T=1024)
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
-    runs = [cuda_backend.forward(call, force_splits=1) for _ in range(3)]
-    assert len(tile_spy) == 3
+    runs = []
+    for max_ctas in (0, 0, 1, 5):
+        cap_grid(monkeypatch, max_ctas)
+        runs.append(cuda_backend.forward(call, force_splits=1))
+    assert len(tile_spy) == 4
     for o, lse in runs[1:]:
         assert torch.equal(o, runs[0][0]) and torch.equal(lse, runs[0][1])
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_tile_op_rejects_a_negative_grid_cap():
+    case = make_case(B=1, TQ=64, HQ=4, H=1, Dk=64, S=3, block_size=64, dtype=torch.bfloat16,
+                     device="cuda")
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    geometry = row_geometry(call)
+    blocks, nb = canonical_blocks(call, geometry)
+    union = tile_unions(call, geometry, blocks, 16)
+    with pytest.raises(RuntimeError, match="max_ctas must be >= 0"):
+        torch.ops.nsa_ext_cuda.selection_fwd_tile(
+            case.q, case.k, case.v, blocks, nb, geometry.pos, geometry.k_offset, union.starts,
+            union.counts, 16, 64, 0.125, -1)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,8 @@
 // (CMakeLists.txt: wgmma exists on that target alone); the binding calls it on SM 9.0 devices.
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+
 #include "hopper/selection_tile_sm90.cuh"
 
 namespace nsa_ext {
@@ -66,7 +68,7 @@ cudaError_t encode_q_map(CUtensorMap* map, const SelectionFwdParams& p, ScalarKi
 
 template <typename T, int kDk, int kDv, int kStages>
 cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
-                   const CUtensorMap& v_map, cudaStream_t stream) {
+                   const CUtensorMap& v_map, int64_t max_ctas, cudaStream_t stream) {
   constexpr int smem = hopper::tile_smem_bytes<kDk, kDv, kStages>();
   static_assert(smem <= hopper::kMaxDynamicSmem, "tile kernel: shared memory past 227 KB");
   const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv, kStages>;
@@ -74,17 +76,34 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtenso
   static thread_local SmemAttributes attributes;       // this kernel instance's
   const cudaError_t err = attributes.set(kernel, smem, true);
   if (err != cudaSuccess) return err;
-  const int64_t grid = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
+  // Persistent CTAs: as many as fit on the GPU at once (occupancy of this instance x SMs, per
+  // device), each striding over the work items.
+  static thread_local int resident[64] = {};
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (!resident[device]) {
+    int sms = 0, per_sm = 0;
+    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, hopper::kThreads, smem);
+    if (e != cudaSuccess) return e;
+    resident[device] = std::max(1, sms * per_sm);
+  }
+  const int64_t work = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
+  int64_t grid = std::min<int64_t>(work, resident[device]);
+  if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
   kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(q_map, k_map, v_map, tp);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
-                        const CUtensorMap& v_map, cudaStream_t stream) {
+                        const CUtensorMap& v_map, int64_t max_ctas, cudaStream_t stream) {
 #define NSA_EXT_TILE(DK, DV)                                                                  \
   if (tp.fwd.head_dim_qk == DK && tp.fwd.head_dim_v == DV)                                     \
-    return launch<T, DK, DV, hopper::kCopyStages>(tp, q_map, k_map, v_map, stream);
+    return launch<T, DK, DV, hopper::kCopyStages>(tp, q_map, k_map, v_map, max_ctas, stream);
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_TILE)
 #undef NSA_EXT_TILE
   return cudaErrorInvalidValue;
@@ -92,7 +111,8 @@ cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& q_map, const CU
 
 }  // namespace
 
-cudaError_t launch_selection_tile_sm90(const TileParams& tp, ScalarKind kind, cudaStream_t stream) {
+cudaError_t launch_selection_tile_sm90(const TileParams& tp, ScalarKind kind, int64_t max_ctas,
+                                       cudaStream_t stream) {
   const SelectionFwdParams& p = tp.fwd;
   if (kind == ScalarKind::kFloat32 || p.block_size % hopper::kChunkKeys ||
       (p.block_size & (p.block_size - 1)) || p.group > hopper::kRows)
@@ -105,8 +125,9 @@ cudaError_t launch_selection_tile_sm90(const TileParams& tp, ScalarKind kind, cu
   if (err == cudaSuccess) err = encode_kv_map(&k_map, p.k, kind, p.head_dim_qk, p.heads_kv, rows);
   if (err == cudaSuccess) err = encode_kv_map(&v_map, p.v, kind, p.head_dim_v, p.heads_kv, rows);
   if (err != cudaSuccess) return err;
-  return kind == ScalarKind::kBFloat16 ? launch_dims<__nv_bfloat16>(tp, q_map, k_map, v_map, stream)
-                                       : launch_dims<__half>(tp, q_map, k_map, v_map, stream);
+  return kind == ScalarKind::kBFloat16
+             ? launch_dims<__nv_bfloat16>(tp, q_map, k_map, v_map, max_ctas, stream)
+             : launch_dims<__half>(tp, q_map, k_map, v_map, max_ctas, stream);
 }
 
 }  // namespace nsa_ext

@@ -202,327 +202,405 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   uint8_t* q_smem = smem;
   uint8_t* k_smem = smem + kPanelsK * kPanelBytes;        // kStages K stages
   uint8_t* v_smem = k_smem + kStages * kKBytes;             // one V buffer
+  int32_t* row_sets = reinterpret_cast<int32_t*>(v_smem + kVBytes);
   __shared__ __align__(8) uint64_t full_k[kStages];
   __shared__ __align__(8) uint64_t full_v;
   __shared__ __align__(8) uint64_t full_q;
+  // The next work item's first union start and union size, copied in by thread 0 at the start of
+  // a tile (cp.async: no wait there) and read at the tile's last chunk, when its copies go out.
+  __shared__ __align__(8) int64_t next_first_start;
+  __shared__ __align__(8) int32_t next_union_count;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int64_t NT = tp.num_tiles;
-  // 32-bit division: the grid and NT are below 2^31 (the launcher checks); the 64-bit divisions
-  // here were a ~70-instruction subroutine each, in every CTA's prologue.
-  const uint32_t bh32 = blockIdx.x / uint32_t(NT);
-  const int64_t tile = blockIdx.x - bh32 * uint32_t(NT);
-  const int64_t b = bh32 / uint32_t(p.heads_kv);
-  const int64_t h = bh32 - uint32_t(b) * uint32_t(p.heads_kv);
+  const uint32_t NT = uint32_t(tp.num_tiles);
+  const uint32_t H32 = uint32_t(p.heads_kv);
+  // Persistent CTAs: work item w = (b * H + h) * NT + tile (tile fastest, the order of the
+  // earlier one-tile-per-CTA grid); the grid is at most the CTAs that fit at once, and each
+  // strides over the items by the grid's size. A tile's prologue (its Q, its
+  // first chunk's K and V) is copied during the previous tile's last chunk and epilogue: the
+  // prologue and epilogue were ~17 % of a CTA's warp samples when each CTA ran one tile
+  // (notes/hopper.md, twelfth session).
+  const uint32_t total = uint32_t(p.batch) * H32 * NT;
   const int G = int(p.group);
   const int QT = tp.tokens_per_tile;
-  const int64_t t0 = tile * QT;
   const int64_t TQ = p.seqlen_q;
   const int64_t H = p.heads_kv;
   const int S = int(p.num_selected);
-
-  const int64_t tile_row = (b * NT + tile) * H + h;
-  const int64_t* starts = tp.union_starts + tile_row * tp.union_width;
   // block_size is a power of two (the contract; the launcher checks) and a multiple of 64, so a
   // block's chunk count is a power of two: the loop's index arithmetic is shifts and masks (a
   // division by a runtime value is ~20 instructions, and the loop did up to five per chunk).
   const int chunk_shift = __ffs(p.block_size / kChunkKeys) - 1;
   const int chunk_mask = (1 << chunk_shift) - 1;
-  const int n_iter = tp.union_counts[tile_row] << chunk_shift;
-  const int32_t kv_row_base = int32_t(b * p.seqlen_k);
+  const bool sets_in_smem = QT * S <= kRowSetEntries;
 
-  // copy_start (thread 0): the union start of the next chunk to copy; chunk_start (every
-  // thread): the current chunk's. Both are loaded one chunk ahead, while the S MMAs run.
-  int64_t copy_start = 0, chunk_start = 0;
-  auto key_row = [&](int it, int64_t block_start) {
-    return kv_row_base + int32_t(block_start + (it & chunk_mask) * kChunkKeys);
+  // Work item -> batch, KV head, tile (32-bit division: the launcher keeps B * NT * H < 2^31).
+  auto decode = [&](uint32_t w, int64_t& b, int64_t& h, int64_t& tile) {
+    const uint32_t bh = w / NT;
+    tile = w - bh * NT;
+    b = bh / H32;
+    h = bh - uint32_t(b) * H32;
   };
-  auto issue_k = [&](int it, int64_t block_start) {
-    const int s = it % kStages;
+  auto tile_row_of = [&](int64_t b, int64_t h, int64_t tile) { return (b * NT + tile) * H + h; };
+  // Copies, by thread 0. K of global chunk `gc` goes to stage gc % 2; `key_row` is the chunk's
+  // first key along B * TK.
+  auto issue_k = [&](uint32_t gc, int64_t h, int32_t key_row) {
+    const int s = gc & 1;
     uint8_t* dst = k_smem + s * kKBytes;
     mbar_expect_tx(&full_k[s], kKBytes);
 #pragma unroll
     for (int c = 0; c < kPanelsK; ++c)
-      tma_load_3d(dst + c * kPanelBytes, &k_map, &full_k[s], c * 64, int32_t(h),
-                  key_row(it, block_start));
+      tma_load_3d(dst + c * kPanelBytes, &k_map, &full_k[s], c * 64, int32_t(h), key_row);
   };
-  auto issue_v = [&](int it, int64_t block_start) {
+  auto issue_v = [&](int64_t h, int32_t key_row) {
     mbar_expect_tx(&full_v, kVBytes);
 #pragma unroll
     for (int c = 0; c < kPanelsV; ++c)
-      tma_load_3d(v_smem + c * kPanelBytes, &v_map, &full_v, c * 64, int32_t(h),
-                  key_row(it, block_start));
+      tma_load_3d(v_smem + c * kPanelBytes, &v_map, &full_v, c * 64, int32_t(h), key_row);
+  };
+  // Q of a tile: one box per 64-column panel, the tile's QT tokens x G heads, rows m = r * G + g
+  // in order; tokens past TQ read as zeros.
+  auto issue_q = [&](int64_t b, int64_t h, int64_t tile) {
+    mbar_expect_tx(&full_q, kPanelsK * QT * G * 128);
+#pragma unroll
+    for (int c = 0; c < kPanelsK; ++c)
+      tma_load_4d(q_smem + c * kPanelBytes, &q_map, &full_q, c * 64, int32_t(h * G),
+                  int32_t(tile * QT), int32_t(b));
+  };
+  // Thread 0: start copying work item w's union size and first start into shared memory.
+  auto prefetch_next = [&](uint32_t w) {
+    if (w >= total) return;
+    int64_t b, h, tile;
+    decode(w, b, h, tile);
+    const int64_t row = tile_row_of(b, h, tile);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(&next_union_count)),
+                 "l"(tp.union_counts + row)
+                 : "memory");
+    if (tp.union_width > 0)      // (an empty union tensor has no first start to read)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(&next_first_start)),
+                   "l"(tp.union_starts + row * tp.union_width)
+                   : "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
   };
 
-  // The first chunks' copies go out before anything else: their latency then overlaps the Q
-  // and canonical-row loads below instead of following them (the copies write only the stages;
-  // the other threads wait on the barrier after the __syncthreads that publishes its init).
+  uint32_t work = blockIdx.x;
+  if (work >= total) return;
+  // The first tile's copies go out before anything else (the others wait on their barriers
+  // after the __syncthreads that publishes the inits).
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&full_k[s], 1);
     mbar_init(&full_v, 1);
     mbar_init(&full_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    // Q first (the first MMA needs it): one box per 64-column panel, the tile's QT tokens x G
-    // heads, rows m = r * G + g in order; tokens past TQ read as zeros.
-    mbar_expect_tx(&full_q, kPanelsK * QT * G * 128);
-#pragma unroll
-    for (int c = 0; c < kPanelsK; ++c)
-      tma_load_4d(q_smem + c * kPanelBytes, &q_map, &full_q, c * 64, int32_t(h * G), int32_t(t0),
-                  int32_t(b));
-    // K is copied kStages - 1 chunks ahead (the prologue fills K stages 0 .. kStages - 2), V
-    // one chunk ahead into its single buffer (chunk 0 here, chunk it + 1 once chunk it's P V is
-    // done).
-    for (int it = 0; it < kStages - 1 && it < n_iter; ++it) issue_k(it, starts[it >> chunk_shift]);
-    if (n_iter > 0) issue_v(0, starts[0]);
-    if (kStages - 1 < n_iter) copy_start = starts[(kStages - 1) >> chunk_shift];
+    int64_t b, h, tile;
+    decode(work, b, h, tile);
+    const int64_t row = tile_row_of(b, h, tile);
+    issue_q(b, h, tile);
+    if (tp.union_counts[row] > 0) {
+      const int32_t key = int32_t(b * p.seqlen_k + tp.union_starts[row * tp.union_width]);
+      issue_k(0, h, key);
+      issue_v(h, key);
+    }
   }
-  if (n_iter > 0) chunk_start = starts[0];
-
-  // Q comes by the copy engine (above): a per-thread loop of 16-byte copies with the row /
-  // head arithmetic per copy was ~600 of a warp's ~1,400 instructions outside the chunk loop
-  // (ncu, twelfth session). Rows past the tile (G not dividing 64) are outside every box:
-  // zeros, by ordinary stores (whole 128-byte rows, so the swizzle does not matter).
+  // Rows past the tile (G not dividing 64) are outside every Q box: zeros, once, by ordinary
+  // stores (whole 128-byte rows, so the swizzle does not matter).
   for (int c = QT * G * 8 + tid; c < kRows * 8; c += kThreads)
 #pragma unroll
     for (int panel = 0; panel < kPanelsK; ++panel)
       *reinterpret_cast<uint4*>(q_smem + panel * kPanelBytes + c * 16) = make_uint4(0, 0, 0, 0);
-  // Each token's canonical row, once per tile, into shared memory where they fit: a row's cursor
-  // step at a block's end then reads shared memory, not global memory whose latency would sit
-  // right before the loop's closing barrier (every warp waits there for the slowest).
-  int32_t* row_sets = reinterpret_cast<int32_t*>(v_smem + kVBytes);
-  const bool sets_in_smem = QT * S <= kRowSetEntries;
-  if (sets_in_smem)
-    for (int c = tid; c < QT * S; c += kThreads) {
-      const int64_t t = t0 + c / S;
-      if (t < TQ) row_sets[c] = p.blocks[((b * TQ + t) * H + h) * S + c % S];
-    }
 
-  // This thread's two rows of every accumulator: m0 = 16 * warp + lane / 4 and m0 + 8. Their
-  // per-token facts load while the copies above are in flight.
-  int64_t lim[2], head[2], kv0[2];
-  const int32_t* row_blocks[2];
-  int row_n[2], cursor[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int m = 16 * warp + (lane >> 2) + 8 * i;
-    const int r = m / G;
-    const int64_t t = t0 + r;
-    lim[i] = -1;
-    head[i] = -2;
-    kv0[i] = 0;
-    row_blocks[i] = p.blocks;
-    row_n[i] = 0;
-    cursor[i] = 0;
-    if (r < QT && t < TQ) {
-      const int64_t tok = b * TQ + t;
-      kv0[i] = p.k_offset[tok];
-      lim[i] = kv0[i] + p.pos[tok];
-      row_blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * H + h) * S;
-      row_n[i] = p.num_blocks[tok * H + h];
-    }
-  }
-  // Ordinary stores (Q's zero rows) that the tensor cores read next: the async proxy must see
-  // them.
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  mbar_wait(&full_q, 0);
-  // next_blk: each row's canonical block after its head, loaded one block ahead so that a row's
-  // step at a block's end (right before the loop's closing barrier) waits for no load.
-  int32_t next_blk[2] = {0, 0};
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (row_n[i] > 0) head[i] = kv0[i] + int64_t(row_blocks[i][0]) * p.block_size;
-    if (row_n[i] > 1) next_blk[i] = row_blocks[i][1];
-  }
-
-  float o_acc[kDv / 2];
-#pragma unroll
-  for (int i = 0; i < kDv / 2; ++i) o_acc[i] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.f, 0.f};
-  const int quad = lane & 3;
   // Q and K are K-major (rows of 128 bytes, 8-row groups 1024 bytes apart); V is read N-major
   // (the next 64 columns one panel on, the next 8 keys 1024 bytes on).
   const uint64_t q_desc = smem_desc(q_smem, 16, 1024);
   const uint64_t k_desc0 = smem_desc(k_smem, 16, 1024);
   const uint64_t v_desc = smem_desc(v_smem, kPanelBytes, 1024);
+  const int quad = lane & 3;
+  uint32_t gc0 = 0;          // global chunks of this CTA before the current tile's first
+  uint32_t q_phase = 0;
 
-  for (int it = 0; it < n_iter; ++it) {
-    const int s = it % kStages;
-    // K of chunk it + kStages - 1 goes into the stage the previous iteration finished with (every
-    // thread passed that iteration's closing barrier; at it = 0 the last stage, never used yet).
-    // With two stages that is chunk it + 1, whose V is copied at this iteration's end.
-    const int64_t next_start = copy_start;
-    if (tid == 0 && it + kStages - 1 < n_iter) issue_k(it + kStages - 1, next_start);
-    const int64_t block_start = chunk_start;
-    const int64_t key0 = block_start + (it & chunk_mask) * kChunkKeys;
-    const uint64_t k_desc = desc_plus(k_desc0, s * kKBytes);
-    mbar_wait(&full_k[s], (it / kStages) & 1);
+  for (;;) {
+    int64_t b, h, tile;
+    decode(work, b, h, tile);
+    const int64_t t0 = tile * QT;
+    const int64_t tile_row = tile_row_of(b, h, tile);
+    const int64_t* starts = tp.union_starts + tile_row * tp.union_width;
+    const int n_iter = tp.union_counts[tile_row] << chunk_shift;
+    const int32_t kv_row_base = int32_t(b * p.seqlen_k);
+    const uint32_t next_work = work + gridDim.x;
+    if (tid == 0) prefetch_next(next_work);
 
-    float sc[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) sc[i] = 0.f;
-    pin(sc);
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < kPanelsK; ++c) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        wgmma_qk<T, true>(sc, desc_plus(q_desc, c * kPanelBytes + kk * 32),
-                          desc_plus(k_desc, c * kPanelBytes + kk * 32));
-    }
-    wgmma_commit();
-    // The next chunk's start, and thread 0's next copy's, load while the MMAs run.
-    if (it + 1 < n_iter && ((it + 1) & chunk_mask) == 0)
-      chunk_start = load_now(starts + ((it + 1) >> chunk_shift));
-    if (tid == 0 && it + kStages < n_iter && ((it + kStages) & chunk_mask) == 0)
-      copy_start = load_now(starts + ((it + kStages) >> chunk_shift));
-    wgmma_wait_all();
-    pin(sc);
+    // Each token's canonical row, once per tile, into shared memory where they fit: a row's
+    // cursor step at a block's end then reads shared memory, not global memory whose latency
+    // would sit right before the loop's closing barrier (every warp waits there for the slowest).
+    if (sets_in_smem)
+      for (int c = tid; c < QT * S; c += kThreads) {
+        const int64_t t = t0 + c / S;
+        if (t < TQ) row_sets[c] = p.blocks[((b * TQ + t) * H + h) * S + c % S];
+      }
 
-    // Mask and online softmax. Element sc[4j + 2i + e] is row m0 + 8i, key 8j + 2 * quad + e.
-    const bool member[2] = {head[0] == block_start, head[1] == block_start};
-    // One threshold per row folds membership and causality into a compare of the element's
-    // compile-time column 8j + e: keep key0 + 8j + 2 quad + e <= lim, i.e. 8j + e <= lim - key0
-    // - 2 quad, clamped to [-1, 64] (-1 keeps nothing: a row that did not choose the block).
-    int keep_upto[2];
+    // This thread's two rows of every accumulator: m0 = 16 * warp + lane / 4 and m0 + 8.
+    // Key positions along B * TK fit 32 bits (the launcher checks B * TK < 2^31): six registers
+    // fewer than int64 across the chunk loop, which the persistent loop's counters need.
+    int32_t lim[2], head[2], kv0[2];
+    const int32_t* row_blocks[2];
+    int row_n[2], cursor[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int64_t d = lim[i] - key0 - 2 * quad;
-      keep_upto[i] = !member[i] || d < 0 ? -1 : d > kChunkKeys ? kChunkKeys : int(d);
+      const int m = 16 * warp + (lane >> 2) + 8 * i;
+      const int r = m / G;
+      const int64_t t = t0 + r;
+      lim[i] = -1;
+      head[i] = -2;
+      kv0[i] = 0;
+      row_blocks[i] = p.blocks;
+      row_n[i] = 0;
+      cursor[i] = 0;
+      if (r < QT && t < TQ) {
+        const int64_t tok = b * TQ + t;
+        kv0[i] = int32_t(p.k_offset[tok]);
+        lim[i] = kv0[i] + int32_t(p.pos[tok]);
+        row_blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * H + h) * S;
+        row_n[i] = p.num_blocks[tok * H + h];
+      }
     }
-    // Most warps see one of two uniform cases (at G = 16 a warp's 16 rows are one token's
-    // heads, which share a selection): every element kept (a chosen block, not the diagonal
-    // chunk) or none (a block only the tile's other tokens chose). The first skips the mask and,
-    // for scale > 0, folds the scale into the exponent's FFMA (max commutes with a positive
-    // scale, rounding included); the second skips the softmax and O's rescale (P = 0, alpha = 1).
-    // Only a mixed warp runs the general masked path. ~96 fewer instructions per full chunk.
-    // The d64 instance (four CTAs per SM, <= 128 registers) keeps the general path alone: the
-    // three paths spill there.
-    constexpr bool kUniformCases = kDk + kDv > 128;
-    constexpr int kLastColumn = 8 * 7 + 1;   // the largest 8j + e of a thread's elements
-    const bool warp_full = kUniformCases && __all_sync(0xffffffff, keep_upto[0] >= kLastColumn &&
-                                                                       keep_upto[1] >= kLastColumn);
-    const bool warp_none =
-        kUniformCases && __all_sync(0xffffffff, keep_upto[0] < 0 && keep_upto[1] < 0);
-    const bool fold = warp_full && p.scale_log2 > 0.f;
-    float mx[2] = {-INFINITY, -INFINITY};
-    if (fold) {
+    // Ordinary stores (row sets; Q's zero rows) that the next reads need: the async proxy must
+    // see the Q rows.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    mbar_wait(&full_q, q_phase);
+    // next_blk: each row's canonical block after its head, loaded one block ahead so that a
+    // row's step at a block's end (right before the loop's closing barrier) waits for no load.
+    int32_t next_blk[2] = {0, 0};
 #pragma unroll
-      for (int j = 0; j < 32; ++j) mx[(j >> 1) & 1] = fmaxf(mx[(j >> 1) & 1], sc[j]);
-    } else if (!warp_none) {
+    for (int i = 0; i < 2; ++i) {
+      if (row_n[i] > 0) head[i] = kv0[i] + row_blocks[i][0] * int32_t(p.block_size);
+      if (row_n[i] > 1) next_blk[i] = row_blocks[i][1];
+    }
+
+    float o_acc[kDv / 2];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float& x = sc[4 * j + 2 * i + e];
-            x = 8 * j + e <= keep_upto[i] ? x * p.scale_log2 : -INFINITY;
-            mx[i] = fmaxf(mx[i], x);
+    for (int i = 0; i < kDv / 2; ++i) o_acc[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.f, 0.f};
+    // copy_start (thread 0): the union start of chunk it + 1; chunk_start (every thread): the
+    // current chunk's. Both are loaded one chunk ahead, while the S MMAs run.
+    int64_t chunk_start = n_iter > 0 ? starts[0] : 0;
+    int64_t copy_start = (tid == 0 && 1 < n_iter) ? starts[1 >> chunk_shift] : 0;
+
+    for (int it = 0; it < n_iter; ++it) {
+      const uint32_t gc = gc0 + it;
+      const int s = gc & 1;
+      // K of the stream's next chunk goes into the stage the previous iteration finished with
+      // (every thread passed that iteration's closing barrier): this tile's chunk it + 1, or
+      // after its last chunk the next work item's first.
+      const int64_t next_start = copy_start;
+      if (tid == 0) {
+        if (it + 1 < n_iter) {
+          issue_k(gc + 1, h, kv_row_base + int32_t(next_start + ((it + 1) & chunk_mask) * kChunkKeys));
+        } else if (next_work < total) {
+          asm volatile("cp.async.wait_all;\n" ::: "memory");
+          if (next_union_count > 0) {
+            int64_t nb, nh, ntile;
+            decode(next_work, nb, nh, ntile);
+            issue_k(gc + 1, nh, int32_t(nb * p.seqlen_k + next_first_start));
           }
         }
       }
-    }
-    float alpha[2] = {1.f, 1.f}, m_use[2] = {0.f, 0.f}, rowsum[2] = {0.f, 0.f};
-    if (!warp_none) {
+      const int64_t block_start = chunk_start;
+      const int64_t key0 = block_start + (it & chunk_mask) * kChunkKeys;
+      const uint64_t k_desc = desc_plus(k_desc0, s * kKBytes);
+      mbar_wait(&full_k[s], (gc >> 1) & 1);
+
+      float sc[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) sc[i] = 0.f;
+      pin(sc);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < kPanelsK; ++c) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          wgmma_qk<T, true>(sc, desc_plus(q_desc, c * kPanelBytes + kk * 32),
+                            desc_plus(k_desc, c * kPanelBytes + kk * 32));
+      }
+      wgmma_commit();
+      // The next chunk's start, and thread 0's next copy's, load while the MMAs run.
+      if (it + 1 < n_iter && ((it + 1) & chunk_mask) == 0)
+        chunk_start = load_now(starts + ((it + 1) >> chunk_shift));
+      if (tid == 0 && it + 2 < n_iter && ((it + 2) & chunk_mask) == 0)
+        copy_start = load_now(starts + ((it + 2) >> chunk_shift));
+      wgmma_wait_all();
+      pin(sc);
+
+      // Mask and online softmax. Element sc[4j + 2i + e] is row m0 + 8i, key 8j + 2 * quad + e.
+      const bool member[2] = {head[0] == int32_t(block_start), head[1] == int32_t(block_start)};
+      // One threshold per row folds membership and causality into a compare of the element's
+      // compile-time column 8j + e: keep key0 + 8j + 2 quad + e <= lim, i.e. 8j + e <= lim - key0
+      // - 2 quad, clamped to [-1, 64] (-1 keeps nothing: a row that did not choose the block).
+      int keep_upto[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-        if (fold) mx[i] *= p.scale_log2;
-        const float m_new = fmaxf(m_run[i], mx[i]);
-        // A row that saw no key yet keeps -inf: keep -inf - -inf away from exp2.
-        m_use[i] = m_new == -INFINITY ? 0.f : m_new;
-        alpha[i] = exp2_ftz(m_run[i] - m_use[i]);
-        m_run[i] = m_new;
+        const int32_t d = lim[i] - int32_t(key0) - 2 * quad;
+        keep_upto[i] = !member[i] || d < 0 ? -1 : d > kChunkKeys ? kChunkKeys : int(d);
       }
+      // Most warps see one of two uniform cases (at G = 16 a warp's 16 rows are one token's
+      // heads, which share a selection): every element kept (a chosen block, not the diagonal
+      // chunk) or none (a block only the tile's other tokens chose). The first skips the mask and,
+      // for scale > 0, folds the scale into the exponent's FFMA (max commutes with a positive
+      // scale, rounding included); the second skips the softmax and O's rescale (P = 0, alpha = 1).
+      // Only a mixed warp runs the general masked path. ~96 fewer instructions per full chunk.
+      // The d64 instance (four CTAs per SM, <= 128 registers) keeps the general path alone: the
+      // three paths spill there.
+      constexpr bool kUniformCases = kDk + kDv > 128;
+      constexpr int kLastColumn = 8 * 7 + 1;   // the largest 8j + e of a thread's elements
+      const bool warp_full = kUniformCases && __all_sync(0xffffffff, keep_upto[0] >= kLastColumn &&
+                                                                         keep_upto[1] >= kLastColumn);
+      const bool warp_none =
+          kUniformCases && __all_sync(0xffffffff, keep_upto[0] < 0 && keep_upto[1] < 0);
+      const bool fold = warp_full && p.scale_log2 > 0.f;
+      float mx[2] = {-INFINITY, -INFINITY};
       if (fold) {
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          float& x = sc[j];
-          x = exp2_ftz(fmaf(x, p.scale_log2, -m_use[(j >> 1) & 1]));
-          rowsum[(j >> 1) & 1] += x;
+        for (int j = 0; j < 32; ++j) mx[(j >> 1) & 1] = fmaxf(mx[(j >> 1) & 1], sc[j]);
+      } else if (!warp_none) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              float& x = sc[4 * j + 2 * i + e];
+              x = 8 * j + e <= keep_upto[i] ? x * p.scale_log2 : -INFINITY;
+              mx[i] = fmaxf(mx[i], x);
+            }
+          }
+        }
+      }
+      float alpha[2] = {1.f, 1.f}, m_use[2] = {0.f, 0.f}, rowsum[2] = {0.f, 0.f};
+      if (!warp_none) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+          if (fold) mx[i] *= p.scale_log2;
+          const float m_new = fmaxf(m_run[i], mx[i]);
+          // A row that saw no key yet keeps -inf: keep -inf - -inf away from exp2.
+          m_use[i] = m_new == -INFINITY ? 0.f : m_new;
+          alpha[i] = exp2_ftz(m_run[i] - m_use[i]);
+          m_run[i] = m_new;
+        }
+        if (fold) {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            float& x = sc[j];
+            x = exp2_ftz(fmaf(x, p.scale_log2, -m_use[(j >> 1) & 1]));
+            rowsum[(j >> 1) & 1] += x;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            float& x = sc[j];
+            x = exp2_ftz(x - m_use[(j >> 1) & 1]);
+            rowsum[(j >> 1) & 1] += x;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
+#pragma unroll
+        for (int j = 0; j < kDv / 8; ++j) {
+          o_acc[4 * j + 0] *= alpha[0];
+          o_acc[4 * j + 1] *= alpha[0];
+          o_acc[4 * j + 2] *= alpha[1];
+          o_acc[4 * j + 3] *= alpha[1];
         }
       } else {
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          float& x = sc[j];
-          x = exp2_ftz(x - m_use[(j >> 1) & 1]);
-          rowsum[(j >> 1) & 1] += x;
+        for (int j = 0; j < 32; ++j) sc[j] = 0.f;
+      }
+      // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
+      uint32_t pa[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+        pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+        pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+        pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+      }
+      pin(o_acc);
+      mbar_wait(&full_v, gc & 1);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_pv<T, kDv>(o_acc, pa[kk], desc_plus(v_desc, kk * 16 * 128));
+      wgmma_commit();
+      wgmma_wait_all();
+      pin(o_acc);
+
+      // Rows move past a block after its last chunk.
+      if ((it & chunk_mask) == chunk_mask) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (member[i]) {
+            ++cursor[i];
+            head[i] = cursor[i] < row_n[i] ? kv0[i] + next_blk[i] * int32_t(p.block_size)
+                                           : int32_t(-2);
+            if (cursor[i] + 1 < row_n[i]) next_blk[i] = row_blocks[i][cursor[i] + 1];
+          }
         }
       }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
-#pragma unroll
-      for (int j = 0; j < kDv / 8; ++j) {
-        o_acc[4 * j + 0] *= alpha[0];
-        o_acc[4 * j + 1] *= alpha[0];
-        o_acc[4 * j + 2] *= alpha[1];
-        o_acc[4 * j + 3] *= alpha[1];
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) sc[j] = 0.f;
-    }
-    // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
-    uint32_t pa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
-    }
-    pin(o_acc);
-    mbar_wait(&full_v, it & 1);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma_pv<T, kDv>(o_acc, pa[kk], desc_plus(v_desc, kk * 16 * 128));
-    wgmma_commit();
-    wgmma_wait_all();
-    pin(o_acc);
-
-    // Rows move past a block after its last chunk.
-    if ((it & chunk_mask) == chunk_mask) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (member[i]) {
-          ++cursor[i];
-          head[i] = cursor[i] < row_n[i] ? kv0[i] + int64_t(next_blk[i]) * p.block_size
-                                         : int64_t(-2);
-          if (cursor[i] + 1 < row_n[i]) next_blk[i] = row_blocks[i][cursor[i] + 1];
+      __syncthreads();   // every thread's MMAs on K stage s, on V and on Q are done: refill them
+      if (tid == 0) {
+        if (it + 1 < n_iter) {
+          issue_v(h, kv_row_base + int32_t(next_start + ((it + 1) & chunk_mask) * kChunkKeys));
+        } else if (next_work < total) {    // the next work item's Q and first V
+          int64_t nb, nh, ntile;
+          decode(next_work, nb, nh, ntile);
+          issue_q(nb, nh, ntile);
+          if (next_union_count > 0) issue_v(nh, int32_t(nb * p.seqlen_k + next_first_start));
         }
       }
     }
-    __syncthreads();   // every thread's MMAs on K stage s and on V are done: refill them
-    // V of chunk it + 1 (kStages == 2: the chunk whose K this iteration's top issued).
-    if (tid == 0 && it + 1 < n_iter) issue_v(it + 1, next_start);
-  }
 
-  // Epilogue: a row's sum lives in its quad; o = acc / l, lse = (m + log2 l) * ln 2.
-  T* o = static_cast<T*>(p.o);
+    // Epilogue: a row's sum lives in its quad; o = acc / l, lse = (m + log2 l) * ln 2.
+    T* o = static_cast<T*>(p.o);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = l_run[i];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const int m = 16 * warp + (lane >> 2) + 8 * i;
-    const int r = m / G;
-    const int64_t t = t0 + r;
-    if (r >= QT || t >= TQ) continue;
-    const int64_t row = (b * TQ + t) * p.heads_q + h * G + m % G;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* o_row = o + row * kDv;
+    for (int i = 0; i < 2; ++i) {
+      float l = l_run[i];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const int m = 16 * warp + (lane >> 2) + 8 * i;
+      const int r = m / G;
+      const int64_t t = t0 + r;
+      if (r >= QT || t >= TQ) continue;
+      const int64_t row = (b * TQ + t) * p.heads_q + h * G + m % G;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      T* o_row = o + row * kDv;
 #pragma unroll
-    for (int j = 0; j < kDv / 8; ++j)
-      *reinterpret_cast<uint32_t*>(o_row + 8 * j + 2 * quad) =
-          pack2<T>(o_acc[4 * j + 2 * i] * inv, o_acc[4 * j + 2 * i + 1] * inv);
-    if (quad == 0)
-      p.lse[row] = l > 0.f ? (m_run[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+      for (int j = 0; j < kDv / 8; ++j)
+        *reinterpret_cast<uint32_t*>(o_row + 8 * j + 2 * quad) =
+            pack2<T>(o_acc[4 * j + 2 * i] * inv, o_acc[4 * j + 2 * i + 1] * inv);
+      if (quad == 0)
+        p.lse[row] = l > 0.f ? (m_run[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    }
+    if (next_work >= total) break;
+    // A tile without chunks issued nothing for the next one in its (empty) loop: its Q (and
+    // first K / V) go out here. Every thread is past this tile's reads of the row sets and of Q.
+    __syncthreads();
+    if (tid == 0 && n_iter == 0) {
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      int64_t nb, nh, ntile;
+      decode(next_work, nb, nh, ntile);
+      issue_q(nb, nh, ntile);
+      if (next_union_count > 0) {
+        const int32_t key = int32_t(nb * p.seqlen_k + next_first_start);
+        issue_k(gc0, nh, key);
+        issue_v(nh, key);
+      }
+    }
+    gc0 += n_iter;
+    q_phase ^= 1;
+    work = next_work;
   }
 }
 

@@ -270,7 +270,8 @@ def run_tile(prep):
     union = prep.union(QT)
     return tile_forward(q, k, v, prep.blocks.contiguous(), prep.num_blocks.contiguous(),
                         geometry.pos.contiguous(), geometry.k_offset.contiguous(), union.starts,
-                        union.counts, QT, call.block_size, call.scale)
+                        union.counts, QT, call.block_size, call.scale,
+                        prep.settings.sel_tile_max_ctas)
 
 
 def forward(call: SelectionCall, force_splits: Optional[int] = None):
