@@ -398,6 +398,55 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
   return {o, lse};
 }
 
+// nsa_ext_cuda::tile_union: the tile schedule's unions in one launch (selection_union.cu), the
+// same as triton_ref/tile_union.py; `totals` (int64 [2], zeroed by the caller) gets the call's
+// (selections, union blocks) added.
+std::tuple<at::Tensor, at::Tensor> tile_union_cuda(const at::Tensor& blocks,
+                                                   const at::Tensor& k_offset, int64_t block_size,
+                                                   int64_t tokens_per_tile,
+                                                   const std::optional<at::Tensor>& totals) {
+  const char* op = "nsa_ext_cuda::tile_union: ";
+  TORCH_CHECK(blocks.is_cuda() && blocks.dim() == 4 && blocks.scalar_type() == at::kInt, op,
+              "blocks must be a 4-d [B, TQ, H, S] int32 CUDA tensor, got ", shape_of(blocks), " ",
+              c10::toString(blocks.scalar_type()), " on ", blocks.device().str());
+  check_cuda_contiguous(blocks, "blocks", blocks, op);
+  const int64_t B = blocks.size(0), TQ = blocks.size(1), H = blocks.size(2), S = blocks.size(3);
+  check_cuda_contiguous(k_offset, "k_offset", blocks, op);
+  TORCH_CHECK(k_offset.scalar_type() == at::kLong, op, "k_offset must be int64");
+  check_shape(k_offset, "k_offset", {B, TQ}, "[B, TQ]", op);
+  TORCH_CHECK(block_size >= 1, op, "block_size must be positive, got ", std::to_string(block_size));
+  TORCH_CHECK(tokens_per_tile >= 1 && S >= 1 && tokens_per_tile * S <= kTileUnionMaxWidth, op,
+              "tokens_per_tile * S must be in 1..", std::to_string(kTileUnionMaxWidth), ", got ",
+              std::to_string(tokens_per_tile), " * ", std::to_string(S));
+  if (totals) {
+    check_cuda_contiguous(*totals, "totals", blocks, op);
+    TORCH_CHECK(totals->scalar_type() == at::kLong && totals->numel() == 2, op,
+                "totals must be an int64 tensor of 2 elements, got ", shape_of(*totals), " ",
+                c10::toString(totals->scalar_type()));
+  }
+  const int64_t NT = (TQ + tokens_per_tile - 1) / tokens_per_tile;
+  const c10::cuda::CUDAGuard guard(blocks.device());
+  auto starts = at::empty({B, NT, H, tokens_per_tile * S}, blocks.options().dtype(at::kLong));
+  auto counts = at::empty({B, NT, H}, blocks.options().dtype(at::kInt));
+  TileUnionParams p{};
+  p.blocks = blocks.data_ptr<int32_t>();
+  p.k_offset = k_offset.data_ptr<int64_t>();
+  p.starts = starts.data_ptr<int64_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  p.totals = totals ? totals->data_ptr<int64_t>() : nullptr;
+  p.seqlen_q = TQ;
+  p.heads_kv = H;
+  p.num_tiles = NT;
+  p.n_tiles = B * NT * H;
+  p.block_size = block_size;
+  p.num_selected = int(S);
+  p.tokens_per_tile = int(tokens_per_tile);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(blocks.device().index()).stream();
+  C10_CUDA_CHECK(launch_tile_union(p, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {starts, counts};
+}
+
 struct CanonicalShapes {
   int64_t B, TQ, H, S;
 };
@@ -554,7 +603,7 @@ std::string build_info_json() {
 #else
          ", \"hopper_tile\": false" +
 #endif
-         ", \"op\": \"nsa_ext_cuda::selection_fwd\"}";
+         ", \"tile_union\": true" + ", \"op\": \"nsa_ext_cuda::selection_fwd\"}";
 }
 
 }  // namespace
@@ -576,6 +625,9 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
   m.def(
       "canonical_blocks(Tensor block_indices, Tensor pos, Tensor? block_counts, int count_limit, "
       "int block_size) -> (Tensor blocks, Tensor num_blocks)");
+  m.def(
+      "tile_union(Tensor blocks, Tensor k_offset, int block_size, int tokens_per_tile, "
+      "Tensor(a!)? totals) -> (Tensor starts, Tensor counts)");
 }
 
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
@@ -583,6 +635,7 @@ TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
   m.impl("selection_fwd_tile", &nsa_ext::selection_fwd_tile_cuda);
   m.impl("selection_fwd_rows", &nsa_ext::selection_fwd_rows_cuda);
   m.impl("canonical_blocks", &nsa_ext::canonical_blocks_cuda);
+  m.impl("tile_union", &nsa_ext::tile_union_cuda);
 }
 
 #ifndef NSA_EXT_NO_PYTHON

@@ -101,6 +101,21 @@ cudaError_t launch_canonical_blocks(const void* indices, bool indices_int64, con
                                     int64_t rows, int64_t heads_kv, int S, int64_t block_size,
                                     int32_t* blocks, int32_t* num_blocks, cudaStream_t stream);
 
+// Query tiles' unions (selection_union.cu): per (batch, tile of QT tokens, KV head) the sorted
+// distinct first keys of the blocks its canonical rows chose, kNone-padded to QT * S, the
+// union's size, and (totals, when set) the call's (selections, union blocks) added in.
+constexpr int kTileUnionMaxWidth = 4096;   // QT * S names one team of warps sorts
+struct TileUnionParams {
+  const int32_t* blocks;     // [B, TQ, H, S] canonical rows
+  const int64_t* k_offset;   // [B, TQ]: first key of each token's sequence along k's T axis
+  int64_t* starts;           // [B, NT, H, QT * S]
+  int32_t* counts;           // [B, NT, H]
+  int64_t* totals;           // [2] or null
+  int64_t seqlen_q, heads_kv, num_tiles, n_tiles, block_size;   // n_tiles = B * NT * H
+  int num_selected, tokens_per_tile;
+};
+cudaError_t launch_tile_union(const TileUnionParams& params, cudaStream_t stream);
+
 // The query-tile schedule on Hopper (csrc/hopper/, built for sm_90a when the arch list holds
 // 9.0; NSA_EXT_HOPPER is then defined): wgmma + TMA, G <= 64, block_size a multiple of 64,
 // fp16/bf16, every NSA_EXT_FOR_EACH_HEAD_DIM pair.

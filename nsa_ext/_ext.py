@@ -6,8 +6,8 @@ warning when a compiled module exists but cannot be loaded (a build for another 
 undefined symbol). The CUDA backend turns `unavailable_reason()` into its reason for not serving
 a call. Loading the module registers the operators `torch.ops.nsa_ext_cuda.selection_fwd`,
 `selection_fwd_rows` (canonical rows + forward in one call), `selection_fwd_tile` (SM 9.0) and
-`canonical_blocks` (its `TORCH_LIBRARY` block runs at load); their fake (meta) implementations
-are registered here.
+`canonical_blocks` and `tile_union` (its `TORCH_LIBRARY` block runs at load); their fake (meta)
+implementations are registered here.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ TILE_OP_NAME = "nsa_ext_cuda::selection_fwd_tile"      # SM 9.0 (csrc/hopper/)
 ROWS_OP_NAME = "nsa_ext_cuda::selection_fwd_rows"      # canonical rows + selection_fwd in one
 CANONICAL_OP_NAME = "nsa_ext_cuda::canonical_blocks"   # S <= CANONICAL_MAX_SELECTED
 CANONICAL_MAX_SELECTED = 32
+UNION_OP_NAME = "nsa_ext_cuda::tile_union"            # the tile schedule's unions, one launch
+UNION_MAX_WIDTH = 4096                                 # tokens_per_tile * S it takes
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _HOW_TO_BUILD = ("build it with CUDA_HOME=/path/to/cuda pip install --no-build-isolation -v . "
                  "(see the build knobs in setup.py)")
@@ -93,7 +95,7 @@ def _load() -> _LoadResult:
                f"running; rebuild it: {_HOW_TO_BUILD}")
         logger.warning("nsa_ext: %s", why)
         return _LoadResult(None, why, info)
-    _register_fake()
+    _register_fake(info)
     return _LoadResult(module, None, info)
 
 
@@ -113,6 +115,12 @@ def build_info() -> dict:
     return dict(_load().info)
 
 
+def has_tile_union() -> bool:
+    """Does the loaded extension have `tile_union` (builds before it do not)?"""
+    result = _load()
+    return result.module is not None and bool(result.info.get("tile_union"))
+
+
 def direct_rows():
     """The pybind11 module's `selection_fwd_rows` (the operator's C++ function without the
     dispatcher), or None where the module has none (built without Python's headers, or an
@@ -126,7 +134,7 @@ def compiled_archs() -> list:
     return list(build_info().get("archs", []))
 
 
-def _register_fake() -> None:
+def _register_fake(info: dict) -> None:
     # Shapes only; the same for every device. Used by torch.compile, opcheck and meta tensors.
     @torch.library.register_fake(OP_NAME)
     def _selection_fwd_fake(q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale,
@@ -150,6 +158,14 @@ def _register_fake() -> None:
         B, TQ, HQ, _ = q.shape
         return (q.new_empty((B, TQ, HQ, v.shape[3])),
                 q.new_empty((B, TQ, HQ), dtype=torch.float32))
+
+    if info.get("tile_union"):      # builds before it lack the operator
+        @torch.library.register_fake(UNION_OP_NAME)
+        def _tile_union_fake(blocks, k_offset, block_size, tokens_per_tile, totals=None):
+            B, TQ, H, S = blocks.shape
+            NT = -(-TQ // tokens_per_tile)
+            return (blocks.new_empty((B, NT, H, tokens_per_tile * S), dtype=torch.int64),
+                    blocks.new_empty((B, NT, H), dtype=torch.int32))
 
     @torch.library.register_fake(CANONICAL_OP_NAME)
     def _canonical_blocks_fake(block_indices, pos, block_counts, count_limit, block_size):

@@ -503,6 +503,65 @@ def test_gpu_stress_bf16(device_lane, monkeypatch, name, schedule):
     check(STRESS[name]("cuda", torch.bfloat16), schedule, monkeypatch)
 
 
+UNION_CASES = [   # (QT, S, seqlens, TQ): every width instance of the extension's kernel
+    (4, 16, None, 37), (16, 3, None, 37), (1, 5, None, 37), (64, 2, None, 37),
+    (5, 4, [9, 1, 23], None), (8, 7, [17, 30], None), (16, 16, None, 300), (64, 8, None, 300),
+    (64, 16, [200, 1, 130], None), (64, 32, None, 300), (64, 64, None, 300), (3, 33, None, 50)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("QT, S, seqlens, TQ", UNION_CASES)
+def test_gpu_extension_tile_unions_match_pytorch(QT, S, seqlens, TQ):
+    """The extension's tile_union operator (csrc/selection_union.cu) gives the PyTorch chain's
+    unions, counts and totals: teams of one warp (widths to 256, eight tiles a CTA, the last CTA
+    partly empty) and of 2-16 warps (to 4096), dense with TQ < TK and not a multiple of QT,
+    varlen; and tile_unions takes it where the extension has it."""
+    from nsa_ext import _ext
+    from nsa_ext.schedules.tiles import tile_unions, tile_unions_torch
+    from nsa_ext.selection import canonical_blocks_torch, row_geometry
+
+    if not (CUDA and _ext.has_tile_union()):
+        pytest.skip("needs a CUDA GPU and the extension's tile_union")
+    kw = dict(seqlens=seqlens, seqlens_k=[n + 7 for n in seqlens]) if seqlens else \
+        dict(B=2, TQ=TQ, TK=TQ + 33)
+    case = make_case(HQ=2, H=2, S=S, block_size=4, seed=QT * 7 + S, device="cuda", **kw)
+    call = describe_call(*case.args(), **case.kwargs())
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks_torch(call, geometry)
+    want = tile_unions_torch(call, geometry, blocks, QT)
+    totals = torch.zeros(2, dtype=torch.int64, device="cuda")
+    starts, counts = torch.ops.nsa_ext_cuda.tile_union(blocks, geometry.k_offset, call.block_size,
+                                                       QT, totals)
+    assert torch.equal(counts, want.counts) and torch.equal(starts, want.starts)
+    assert totals.tolist() == [int(num_blocks.sum()), int(want.counts.sum())]
+    assert counts.sum() > 0 and bool((counts.sum() < num_blocks.sum())) == (QT > 1)
+    starts2, counts2 = torch.ops.nsa_ext_cuda.tile_union(blocks, geometry.k_offset,
+                                                         call.block_size, QT, None)
+    assert torch.equal(starts2, starts) and torch.equal(counts2, counts)
+    union = tile_unions(call, geometry, blocks, QT)
+    assert torch.equal(union.starts, starts) and union.totals.tolist() == totals.tolist()
+
+
+@pytest.mark.gpu
+def test_gpu_extension_tile_union_checks_and_opcheck():
+    from nsa_ext import _ext
+
+    if not (CUDA and _ext.has_tile_union()):
+        pytest.skip("needs a CUDA GPU and the extension's tile_union")
+    blocks = torch.randint(-1, 5, (1, 70, 2, 8), dtype=torch.int32, device="cuda")
+    k_offset = torch.zeros(1, 70, dtype=torch.int64, device="cuda")
+    totals = torch.zeros(2, dtype=torch.int64, device="cuda")
+    torch.library.opcheck(torch.ops.nsa_ext_cuda.tile_union.default,
+                          (blocks, k_offset, 64, 16, totals),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="tokens_per_tile \\* S must be in 1..4096"):
+        torch.ops.nsa_ext_cuda.tile_union(blocks, k_offset, 64, 513, None)
+    with pytest.raises(RuntimeError, match="totals must be an int64 tensor of 2"):
+        torch.ops.nsa_ext_cuda.tile_union(blocks, k_offset, 64, 16, totals[:1])
+    with pytest.raises(RuntimeError, match="k_offset must be int64"):
+        torch.ops.nsa_ext_cuda.tile_union(blocks, k_offset.int(), 64, 16, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["messy", "model"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

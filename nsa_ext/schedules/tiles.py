@@ -9,10 +9,13 @@ chose the same), measured on a sample of tiles (`sampled_overlap`: the full unio
 needed only when the tile schedule runs), to decide whether loading each distinct block once
 pays for the masked rows.
 
-On a CUDA device one Triton launch computes them (triton_ref/tile_union.py: a program per tile,
-or per four small tiles, sorts each tile's QT * S names, keeps the first of each run, counts); elsewhere, and past that kernel's
-width, PyTorch ops compute the same: one sort of B * TQ * H * S int64 keys in segments of
-QT * S, a cumulative sum and a scatter (~12 launches). Both take sizes from shapes only (no host
+On a CUDA device one launch computes them: the extension's `tile_union` operator
+(csrc/selection_union.cu: a team of warps per tile sorts its QT * S names in shared memory, keeps
+the first of each run, scans, counts) where the extension is built, else Triton's
+(triton_ref/tile_union.py, the same function; its launcher costs the host ~0.1 ms, which made an
+eager tile call host-bound). Elsewhere, and past those kernels' width, PyTorch ops compute the
+same: one sort of B * TQ * H * S int64 keys in segments of QT * S, a cumulative sum and a
+scatter (~12 launches). Both take sizes from shapes only (no host
 synchronisation, no data-dependent allocation). Memory: the union is as large as the canonical
 rows in int64.
 """
@@ -59,11 +62,21 @@ def _tile_keys(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
     return tiles.permute(0, 1, 3, 2, 4).reshape(B, tiles.shape[1], H, QT * S)
 
 
+def _extension_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
+    """Does the extension's tile_union operator serve these canonical rows?"""
+    from .. import _ext
+
+    return (blocks.is_cuda and blocks.shape[-1] > 0 and
+            tokens_per_tile * blocks.shape[-1] <= _ext.UNION_MAX_WIDTH and _ext.has_tile_union())
+
+
 def _one_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
-    """Does triton_ref.tile_union serve these canonical rows (a CUDA device, a tile's QT * S
-    entries within what one program sorts)?"""
+    """Does one launch (the extension's, else triton_ref.tile_union) serve these canonical rows
+    (a CUDA device, a tile's QT * S entries within what one program sorts)?"""
     if not blocks.is_cuda or blocks.shape[-1] == 0:
         return False
+    if _extension_launch(blocks, tokens_per_tile):
+        return True
     try:
         from triton_ref.tile_union import MAX_WIDTH
     except ImportError:
@@ -87,6 +100,12 @@ def union_before_sync(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
 def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
                 tokens_per_tile: int) -> TileUnion:
     """The union of every tile of `tokens_per_tile` tokens' canonical rows `blocks [B, TQ, H, S]`."""
+    if _extension_launch(blocks, tokens_per_tile):
+        totals = torch.zeros(2, dtype=torch.int64, device=blocks.device)
+        starts, counts = torch.ops.nsa_ext_cuda.tile_union(
+            blocks.contiguous(), geometry.k_offset.to(torch.int64).contiguous(), call.block_size,
+            tokens_per_tile, totals)
+        return TileUnion(starts, counts, tokens_per_tile, totals)
     if _one_launch(blocks, tokens_per_tile):
         from triton_ref.tile_union import tile_union
 

@@ -1,0 +1,198 @@
+// Query tiles' unions in one launch (the tile schedule's input; nsa_ext.schedules.tiles): for
+// every (batch, tile of QT query tokens, KV head), the distinct blocks its canonical rows chose,
+// each named by its first key along k's T axis (k_offset[token] + block * block_size, so blocks
+// of different varlen sequences never share a name), ascending, padded with kNone (int64 max);
+// the union's size; and, summed over the call into `totals`, (selections, union blocks): the
+// schedule chooser's statistic. The same function as triton_ref/tile_union.py, without Triton's
+// launcher, whose host cost (~0.1 ms a launch on the H200's host) made an eager tile call
+// host-bound.
+//
+// A team of warps per tile sorts the tile's QT * S names in shared memory (bitonic, padded to a
+// power of two kWidth), marks the first of each run, and writes the marked names to the places
+// an exclusive scan of the marks gives them. Teams are one warp up to 256 names (eight teams per
+// CTA, warp-synchronous), else up to 16 warps, one team per CTA. Each CTA adds its teams' counts
+// to `totals` with one atomic pair (integer sums: the same totals in any order of the CTAs).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "selection_params.h"
+
+namespace nsa_ext {
+namespace {
+
+constexpr int64_t kNone = INT64_MAX;   // sorts after every real name
+
+template <int kWidth, int kTeamWarps>
+struct UnionShape {
+  static constexpr int kTeamThreads = kTeamWarps * 32;
+  static constexpr int kTeams = kTeamWarps == 1 ? 8 : 1;     // teams (tiles) per CTA
+  static constexpr int kThreads = kTeamThreads * kTeams;
+  static constexpr int kPerThread = kWidth / kTeamThreads;    // contiguous names per thread
+  static_assert(kPerThread >= 1 && kWidth % kTeamThreads == 0, "a team covers the width");
+};
+
+template <int kTeamWarps>
+__device__ __forceinline__ void team_sync() {
+  if constexpr (kTeamWarps == 1) {
+    __syncwarp();
+  } else {
+    __syncthreads();   // one team per CTA
+  }
+}
+
+template <int kWidth, int kTeamWarps>
+__global__ void __launch_bounds__(UnionShape<kWidth, kTeamWarps>::kThreads)
+    tile_union_kernel(const int32_t* __restrict__ blocks, const int64_t* __restrict__ k_offset,
+                      int64_t* __restrict__ starts, int32_t* __restrict__ counts,
+                      unsigned long long* __restrict__ totals, int64_t TQ, int64_t H, int S,
+                      int QT, int64_t NT, int64_t block_size, int64_t n_tiles) {
+  using Shape = UnionShape<kWidth, kTeamWarps>;
+  __shared__ int64_t names[Shape::kTeams][kWidth];
+  __shared__ int warp_sums[Shape::kTeams][kTeamWarps];
+  __shared__ unsigned long long cta_sums[2];
+  const int team = threadIdx.x / Shape::kTeamThreads;
+  const int tid = threadIdx.x % Shape::kTeamThreads;
+  const int lane = threadIdx.x % 32;
+  const int warp = tid / 32;
+  const int64_t tile_row = int64_t(blockIdx.x) * Shape::kTeams + team;   // (b, j, h) flattened
+  const bool live = tile_row < n_tiles;     // a whole team: every thread still reaches the syncs
+  const int width = QT * S;
+  const int64_t h = tile_row % H;
+  const int64_t j = (tile_row / H) % NT;
+  const int64_t b = tile_row / (H * NT);
+  int64_t* my = names[team];
+  if (threadIdx.x < 2) cta_sums[threadIdx.x] = 0;
+
+  int selected = 0;
+  for (int i = tid; i < kWidth; i += Shape::kTeamThreads) {
+    int64_t name = kNone;
+    if (live && i < width) {
+      const int r = i / S;
+      const int64_t t = j * QT + r;
+      if (t < TQ) {
+        const int64_t token = b * TQ + t;
+        const int32_t block = blocks[(token * H + h) * S + (i - r * S)];
+        if (block >= 0) {
+          name = k_offset[token] + int64_t(block) * block_size;
+          ++selected;
+        }
+      }
+    }
+    my[i] = name;
+  }
+  team_sync<kTeamWarps>();
+
+  // Bitonic sort, ascending: stage (k, d) compares i and i + d for every i whose bit d is clear,
+  // ascending where bit k of i is clear.
+#pragma unroll 1
+  for (int k = 2; k <= kWidth; k <<= 1) {
+#pragma unroll 1
+    for (int d = k >> 1; d > 0; d >>= 1) {
+      for (int p = tid; p < kWidth / 2; p += Shape::kTeamThreads) {
+        const int lo = 2 * p - (p & (d - 1));
+        const int hi = lo + d;
+        const int64_t a = my[lo], c = my[hi];
+        if ((a > c) == ((lo & k) == 0)) {
+          my[lo] = c;
+          my[hi] = a;
+        }
+      }
+      team_sync<kTeamWarps>();
+    }
+  }
+
+  // The first of each run, counted over this thread's contiguous names, then scanned.
+  const int first_index = tid * Shape::kPerThread;
+  int64_t prev = first_index > 0 ? my[first_index - 1] : kNone;
+  unsigned marks = 0;          // bit e: name first_index + e is the first of its run
+  int mine = 0;
+#pragma unroll
+  for (int e = 0; e < Shape::kPerThread; ++e) {
+    const int64_t name = my[first_index + e];
+    const bool first = name != kNone && (first_index + e == 0 || name != prev);
+    marks |= unsigned(first) << e;
+    mine += first;
+    prev = name;
+  }
+  int before = mine;           // inclusive scan across the warp
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, before, d);
+    if (lane >= d) before += other;
+  }
+  int union_size = __shfl_sync(0xffffffffu, before, 31);
+  before -= mine;              // exclusive within the warp
+  int sel = selected;
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) sel += __shfl_xor_sync(0xffffffffu, sel, d);
+  if constexpr (kTeamWarps > 1) {
+    if (lane == 0) warp_sums[team][warp] = union_size;
+    __syncthreads();
+    int offset = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kTeamWarps; ++w) {
+      const int s = warp_sums[team][w];
+      offset += w < warp ? s : 0;
+      total += s;
+    }
+    before += offset;
+    union_size = total;
+    __syncthreads();
+    if (lane == 0) warp_sums[team][warp] = sel;
+    __syncthreads();
+    sel = 0;
+#pragma unroll
+    for (int w = 0; w < kTeamWarps; ++w) sel += warp_sums[team][w];
+  }
+  if (live) {
+    int64_t* out = starts + tile_row * width;
+    int slot = before;
+#pragma unroll
+    for (int e = 0; e < Shape::kPerThread; ++e)
+      if (marks >> e & 1u) out[slot++] = my[first_index + e];
+    for (int i = union_size + tid; i < width; i += Shape::kTeamThreads) out[i] = kNone;
+    if (tid == 0) counts[tile_row] = union_size;
+  }
+  if (totals != nullptr) {
+    __syncthreads();         // cta_sums zeroed
+    if (live && tid == 0) {
+      atomicAdd(&cta_sums[0], static_cast<unsigned long long>(sel));
+      atomicAdd(&cta_sums[1], static_cast<unsigned long long>(union_size));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      atomicAdd(&totals[0], cta_sums[0]);
+      atomicAdd(&totals[1], cta_sums[1]);
+    }
+  }
+}
+
+template <int kWidth, int kTeamWarps>
+cudaError_t launch_width(const TileUnionParams& p, cudaStream_t stream) {
+  using Shape = UnionShape<kWidth, kTeamWarps>;
+  const int64_t grid = (p.n_tiles + Shape::kTeams - 1) / Shape::kTeams;
+  tile_union_kernel<kWidth, kTeamWarps><<<unsigned(grid), Shape::kThreads, 0, stream>>>(
+      p.blocks, p.k_offset, p.starts, p.counts,
+      reinterpret_cast<unsigned long long*>(p.totals), p.seqlen_q, p.heads_kv, p.num_selected,
+      p.tokens_per_tile, p.num_tiles, p.block_size, p.n_tiles);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_tile_union(const TileUnionParams& p, cudaStream_t stream) {
+  if (p.n_tiles == 0) return cudaSuccess;
+  const int width = p.tokens_per_tile * p.num_selected;
+  if (width <= 32) return launch_width<32, 1>(p, stream);
+  if (width <= 64) return launch_width<64, 1>(p, stream);
+  if (width <= 128) return launch_width<128, 1>(p, stream);
+  if (width <= 256) return launch_width<256, 1>(p, stream);
+  if (width <= 512) return launch_width<512, 2>(p, stream);
+  if (width <= 1024) return launch_width<1024, 4>(p, stream);
+  if (width <= 2048) return launch_width<2048, 8>(p, stream);
+  if (width <= kTileUnionMaxWidth) return launch_width<4096, 16>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace nsa_ext
