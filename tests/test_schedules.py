@@ -617,6 +617,22 @@ def test_gpu_chooser_reads_the_whole_union_and_the_tile_path_reuses_it(monkeypat
         assert not quick.reasons and not quick.stats      # nothing formatted on the hot path
 
 
+@pytest.mark.parametrize("extension, triton, TQ, expected", [
+    (True, True, 64, "extension"),        # 256 tiles: a small call, the launch's host cost decides
+    (True, True, 8192, "triton"),         # 32768 tiles: past EXTENSION_UNION_MAX_TILES
+    (True, False, 8192, "extension"),     # no Triton
+    (False, True, 64, "triton"),          # a build without the operator
+    (False, False, 64, "torch")])
+def test_union_launcher_choice(monkeypatch, extension, triton, TQ, expected):
+    from nsa_ext.schedules import tiles
+
+    monkeypatch.setattr(tiles, "_extension_launch", lambda blocks, QT: extension)
+    monkeypatch.setattr(tiles, "_triton_launch", lambda blocks, QT: triton)
+    assert tiles.EXTENSION_UNION_MAX_TILES == 4096
+    blocks = torch.zeros(1, TQ * 4, 4, 16, dtype=torch.int32)      # QT = 4: TQ tiles x 4 heads
+    assert tiles.union_launcher(blocks, 4) == expected
+
+
 def test_the_whole_union_is_read_only_on_cuda_and_within_its_budget(monkeypatch):
     from nsa_ext.schedules import tiles
 

@@ -11,9 +11,10 @@ pays for the masked rows.
 
 On a CUDA device one launch computes them: the extension's `tile_union` operator
 (csrc/selection_union.cu: a team of warps per tile sorts its QT * S names in shared memory, keeps
-the first of each run, scans, counts) where the extension is built, else Triton's
-(triton_ref/tile_union.py, the same function; its launcher costs the host ~0.1 ms, which made an
-eager tile call host-bound). Elsewhere, and past those kernels' width, PyTorch ops compute the
+the first of each run, scans, counts) or Triton's (triton_ref/tile_union.py, the same function):
+the extension's in small calls, where Triton's launcher (~0.1 ms of host time) would decide the
+call's time, and where Triton is missing; Triton's past EXTENSION_UNION_MAX_TILES tiles, where
+its kernel measured faster. Elsewhere, and past those kernels' width, PyTorch ops compute the
 same: one sort of B * TQ * H * S int64 keys in segments of QT * S, a cumulative sum and a
 scatter (~12 launches). Both take sizes from shapes only (no host
 synchronisation, no data-dependent allocation). Memory: the union is as large as the canonical
@@ -70,18 +71,28 @@ def _extension_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
             tokens_per_tile * blocks.shape[-1] <= _ext.UNION_MAX_WIDTH and _ext.has_tile_union())
 
 
-def _one_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
-    """Does one launch (the extension's, else triton_ref.tile_union) serve these canonical rows
-    (a CUDA device, a tile's QT * S entries within what one program sorts)?"""
+def _triton_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
+    """Does triton_ref.tile_union serve these canonical rows (a CUDA device, a tile's QT * S
+    entries within what one program sorts)?"""
     if not blocks.is_cuda or blocks.shape[-1] == 0:
         return False
-    if _extension_launch(blocks, tokens_per_tile):
-        return True
     try:
         from triton_ref.tile_union import MAX_WIDTH
     except ImportError:
         return False
     return tokens_per_tile * blocks.shape[-1] <= MAX_WIDTH
+
+
+def _one_launch(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
+    """Does one launch (the extension's or Triton's) serve these canonical rows?"""
+    return _extension_launch(blocks, tokens_per_tile) or _triton_launch(blocks, tokens_per_tile)
+
+
+# Where both launches serve, the extension's up to this many tiles (B * NT * H), Triton's past it.
+# H200 (thirteenth session, notes/schedules.md): at model 32k, G = 16 (32768 tiles) the extension's
+# kernel took 48.7 us against Triton's 39.1; in small calls the GPU time is a few us either way and
+# the host's launch cost decides, where Triton's launcher costs ~0.1 ms.
+EXTENSION_UNION_MAX_TILES = 4096
 
 
 # The chooser computes the whole union before its host sync (the tile kernel's own input, then
@@ -97,16 +108,27 @@ def union_before_sync(blocks: torch.Tensor, tokens_per_tile: int) -> bool:
         blocks.numel() * 8 <= UNION_BEFORE_SYNC_BYTES
 
 
+def union_launcher(blocks: torch.Tensor, tokens_per_tile: int) -> str:
+    """Which computes these rows' unions: "extension", "triton" or "torch" (see the docstring)."""
+    triton = _triton_launch(blocks, tokens_per_tile)
+    if _extension_launch(blocks, tokens_per_tile):
+        B, TQ, H, _ = blocks.shape
+        if not triton or B * -(-TQ // tokens_per_tile) * H <= EXTENSION_UNION_MAX_TILES:
+            return "extension"
+    return "triton" if triton else "torch"
+
+
 def tile_unions(call: SelectionCall, geometry: RowGeometry, blocks: torch.Tensor,
                 tokens_per_tile: int) -> TileUnion:
     """The union of every tile of `tokens_per_tile` tokens' canonical rows `blocks [B, TQ, H, S]`."""
-    if _extension_launch(blocks, tokens_per_tile):
+    launcher = union_launcher(blocks, tokens_per_tile)
+    if launcher == "extension":
         totals = torch.zeros(2, dtype=torch.int64, device=blocks.device)
         starts, counts = torch.ops.nsa_ext_cuda.tile_union(
             blocks.contiguous(), geometry.k_offset.to(torch.int64).contiguous(), call.block_size,
             tokens_per_tile, totals)
         return TileUnion(starts, counts, tokens_per_tile, totals)
-    if _one_launch(blocks, tokens_per_tile):
+    if launcher == "triton":
         from triton_ref.tile_union import tile_union
 
         totals = torch.zeros(2, dtype=torch.int64, device=blocks.device)
@@ -160,7 +182,7 @@ def sampled_overlap(call: SelectionCall, geometry: RowGeometry, blocks: torch.Te
     total = num_blocks.sum(dtype=torch.int64)
     if S == 0:
         return torch.stack([total, total, total])
-    if _one_launch(blocks, QT):
+    if _triton_launch(blocks, QT):
         from triton_ref.tile_union import tile_union
 
         with on_device(blocks.device):
