@@ -18,7 +18,7 @@ the same run:
 argument checks, describe_call, load_settings, device_facts, choose, the backend's forward
 enqueue, the custom op's dispatch; for the cuda path also the extension's pieces: each
 operator through torch.ops, the direct pybind11 entry, an allocation, a tiny PyTorch kernel) and
-`--profile` a torch.profiler table of 20 calls.
+`--profile` a torch.profiler table of 20 calls per path and row.
 On a machine without a GPU it runs small CPU shapes (packed SDPA), plainly labelled.
 `--stub-forward` replaces every backend's forward by one returning preallocated outputs: the
 rows then time only the package's Python around the kernels (the GPU rows' shapes on any device;
@@ -240,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help="comma list of the chunk rows' selection patterns "
                              f"({', '.join(PATTERNS)}; decode rows: random)")
     parser.add_argument("--stages", action="store_true", help="host-time breakdown per stage")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler table of 20 calls")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of 20 calls per path and row")
     parser.add_argument("--stub-forward", action="store_true",
                         help="backends return preallocated outputs: host path only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -332,13 +332,17 @@ def run(args, device, dtype, rows, where) -> dict:
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
+            # Every path of the row (where its host time goes, and its kernels' GPU time).
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-            with profile(activities=activities) as prof:
-                for _ in range(20):
-                    nsa_ext.selection_attention(q, k, v, block_indices, BS)
-                sync(device)
-            print(f"\n# torch.profiler, 20 auto calls, {label}")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            for entry, fn in timed:
+                if fn is None:
+                    continue
+                with profile(activities=activities) as prof:
+                    for _ in range(20):
+                        fn()
+                    sync(device)
+                print(f"\n# torch.profiler, 20 calls, {label}, path {entry['path']}")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         del q, k, v, block_indices
         if gpu:
             torch.cuda.empty_cache()

@@ -7,7 +7,9 @@ call inside an NVTX range that ncu can select.
     python scripts/profile_tile.py --backend triton       # the Triton tile kernel instead
 
 Prints the call's time (CUDA events, median of --iters calls) and what ran; notes/hopper.md says
-what the profile is for.
+what the profile is for. `--kernels` adds each kernel's GPU time over --iters calls
+(torch.profiler): the tile kernel beside the canonical rows and the unions
+(notes/kernels_h200_s13.txt came from the same table, under NSA_SEL_SCHEDULE=auto).
 """
 import argparse
 import os
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
     add_prefill_arguments(parser, T=32768)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--kernels", action="store_true",
+                        help="a torch.profiler table of the kernels' GPU time over --iters calls")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_tile.py: needs a CUDA GPU")
@@ -55,6 +59,15 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"{args.backend} tile, {args.pattern} T={args.T} G={args.G}: median "
           f"{statistics.median(times):.3f} ms over {args.iters} calls (CUDA events)")
+    if args.kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                call()
+            torch.cuda.synchronize()
+        print(f"# kernels of {args.iters} calls (divide by {args.iters} for one call)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

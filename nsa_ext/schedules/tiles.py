@@ -16,7 +16,7 @@ the extension's in small calls, where Triton's launcher (~0.1 ms of host time) w
 call's time, and where Triton is missing; Triton's past EXTENSION_UNION_MAX_TILES tiles, where
 its kernel measured faster. Elsewhere, and past those kernels' width, PyTorch ops compute the
 same: one sort of B * TQ * H * S int64 keys in segments of QT * S, a cumulative sum and a
-scatter (~12 launches). Both take sizes from shapes only (no host
+scatter (~12 launches). All three take sizes from shapes only (no host
 synchronisation, no data-dependent allocation). Memory: the union is as large as the canonical
 rows in int64.
 """
