@@ -8,7 +8,10 @@
 # source tree, COMPARE_TREE (e.g. `git worktree add .trees/x branch`, carried to the device), built and
 # run in the same call -- its Hopper tests and its tile rows beside this tree's triton-tile -- then this
 # tree rebuilt: an A/B of a kernel variant with the same anchors);
-# PYTEST_N (default 12) xdist workers; SAN_LIMIT (default 150) seconds per sanitizer run.
+# PYTEST_N (default 12) xdist workers; PYTEST_LIMIT (default none) seconds per pytest run, after
+# which pytest and its xdist workers are killed (a `timeout` alone kills pytest and leaves the
+# workers on the GPU, where they made the next device call's tests run out of memory);
+# SAN_LIMIT (default 150) seconds per sanitizer run.
 #   STEPS=build,tests bash scripts/device_verify.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,13 +36,31 @@ if has build; then
   echo "build: $((SECONDS - t0)) s"; tail -n 2 "$OUT/build.log"
   $PYTHON -m nsa_ext.info > "$OUT/info.json" 2>&1; grep -A2 '"cuda_extension"' "$OUT/info.json" | head -3
 fi
+# pytest "$@", within PYTEST_LIMIT seconds if set: in a process group of its own (setsid), which
+# is killed whole at the limit and after pytest returns, so that no xdist worker outlives it.
+limited_pytest() {
+  if [ -z "${PYTEST_LIMIT:-}" ]; then
+    $PYTHON -m pytest "$@"
+    return
+  fi
+  setsid $PYTHON -m pytest "$@" &
+  local pid=$! rc=0
+  ( trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    sleep "$PYTEST_LIMIT" & nap=$!
+    wait "$nap" && kill -9 -- "-$pid" 2>/dev/null ) &
+  local watchdog=$!
+  wait "$pid" || rc=$?
+  kill "$watchdog" 2>/dev/null
+  kill -9 -- "-$pid" 2>/dev/null
+  return $rc
+}
 if has tests; then
   t0=$SECONDS
   # Tests that fill most of the GPU's memory run alone after the others (16 workers beside a
   # 64 GiB test ran out of memory).
-  $PYTHON -m pytest -m "gpu and not big_memory" -q -rfs -p no:cacheprovider -n "${PYTEST_N:-12}" \
+  limited_pytest -m "gpu and not big_memory" -q -rfs -p no:cacheprovider -n "${PYTEST_N:-12}" \
     ${PYTEST_ARGS:-} tests > "$OUT/pytest_gpu.log" 2>&1 || fail tests $?
-  $PYTHON -m pytest -m "gpu and big_memory" -q -rfs -p no:cacheprovider ${PYTEST_ARGS:-} tests \
+  limited_pytest -m "gpu and big_memory" -q -rfs -p no:cacheprovider ${PYTEST_ARGS:-} tests \
     >> "$OUT/pytest_gpu.log" 2>&1 || fail "big-memory tests" $?
   echo "tests: $((SECONDS - t0)) s"; tail -n 15 "$OUT/pytest_gpu.log"
 fi
