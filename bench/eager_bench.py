@@ -24,8 +24,8 @@ On a machine without a GPU it runs small CPU shapes (packed SDPA), plainly label
 rows then time only the package's Python around the kernels (the GPU rows' shapes on any device;
 notes/eager.md's CPU table).
 
-    python bench/eager_bench.py [--patterns random,clustered,model] [--stages] [--profile]
-                                [--stub-forward] [--out eager.json]
+    python bench/eager_bench.py [--patterns random,clustered,model] [--chunk-tq 512,2048]
+                                [--stages] [--profile] [--stub-forward] [--out eager.json]
 """
 from __future__ import annotations
 
@@ -243,6 +243,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of 20 calls per path and row")
     parser.add_argument("--stub-forward", action="store_true",
                         help="backends return preallocated outputs: host path only")
+    parser.add_argument("--chunk-tq", default="512",
+                        help="comma list of the chunk rows' query lengths (TK=32k each)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -255,6 +257,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu or args.stub_forward else torch.float32
     rows = ROWS if gpu or args.stub_forward else CPU_ROWS
+    if gpu or args.stub_forward:
+        rows = {label: shape for label, shape in rows.items() if shape[1] == 1}
+        for tq in (int(x) for x in args.chunk_tq.split(",") if x.strip()):
+            rows[f"chunk TQ={tq} TK=32k"] = (1, tq, 32768)
     where = (torch.cuda.get_device_name(device) if gpu
              else "CPU (small shapes, packed SDPA only: not the GPU numbers)")
     if args.stub_forward:

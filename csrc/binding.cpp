@@ -244,7 +244,9 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const ForwardShapes& shapes, cons
                                                const at::Tensor& pos, const at::Tensor& k_offset,
                                                int64_t block_size, double scale,
                                                int64_t num_splits, float* partials,
-                                               const RawRows* raw = nullptr) {
+                                               const RawRows* raw = nullptr,
+                                               const int64_t* gate_totals = nullptr,
+                                               int gate_tile_max_union_pct = 0) {
   [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
   const auto dtype = q.scalar_type();
   TORCH_CHECK(num_splits >= 1, "nsa_ext_cuda::selection_fwd: num_splits must be >= 1, got ",
@@ -265,6 +267,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const ForwardShapes& shapes, cons
                                         block_size, scale);
   p.num_splits = int(num_splits);
   p.entries_per_split = int(S > 0 ? (S + num_splits - 1) / num_splits : 0);
+  p.gate_totals = gate_totals;
+  p.gate_tile_max_union_pct = gate_tile_max_union_pct;
   if (raw != nullptr) {
     TORCH_CHECK(dtype != at::kFloat, "nsa_ext_cuda: the float32 kernel takes canonical rows only");
     p.raw_indices = raw->indices.data_ptr();
@@ -319,16 +323,10 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_cuda(const at::Tensor& q, const
                      pos, k_offset, block_size, scale, num_splits, nullptr);
 }
 
-// nsa_ext_cuda::selection_fwd_tile: the query-tile schedule (csrc/hopper/) over the unions of
-// nsa_ext.schedules.tiles.tile_unions; SM 9.0 only, one launch, no workspace, no host sync.
-std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
-    const at::Tensor& num_blocks, const at::Tensor& pos, const at::Tensor& k_offset,
-    const at::Tensor& union_starts, const at::Tensor& union_counts, int64_t tokens_per_tile,
-    int64_t block_size, double scale, int64_t max_ctas) {
-  const char* op = "nsa_ext_cuda::selection_fwd_tile: ";
-  const ForwardShapes shapes = check_forward_inputs(op, q, k, v, blocks, num_blocks, pos,
-                                                    k_offset, block_size);
+// The checks the tile kernel adds to check_attention_inputs' (selection_fwd_tile,
+// selection_fwd_auto): an SM 9.0 device and build, fp16 / bf16, QT = 64 / G, 64-key chunks.
+void check_tile_call(const char* op, const ForwardShapes& shapes, const at::Tensor& q,
+                     int64_t tokens_per_tile, int64_t block_size, int64_t max_ctas) {
   [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
 #ifndef NSA_EXT_HOPPER
   TORCH_CHECK(false, op, "this build has no Hopper kernel (built for ", NSA_EXT_ARCHS,
@@ -360,6 +358,56 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
   TORCH_CHECK(B * TK < (int64_t(1) << 31), op, "B*TK=", std::to_string(B * TK),
               " past the copy engine's 32-bit coordinates");
   const int64_t NT = (TQ + tokens_per_tile - 1) / tokens_per_tile;
+  TORCH_CHECK(B * NT * H < (int64_t(1) << 31), op, "grid too large: B*NT*H=", std::to_string(B * NT * H));
+  TORCH_CHECK(max_ctas >= 0, op, "max_ctas must be >= 0 (0: as many CTAs as fit), got ",
+              std::to_string(max_ctas));
+}
+
+// The tile kernel on checked inputs, writing `o` / `lse`; `gate_totals`: selection_fwd_auto's
+// device choice (SelectionFwdParams::gate_totals), null to run unconditionally.
+void launch_tile(const ForwardShapes& shapes, const at::Tensor& q, const at::Tensor& k,
+                 const at::Tensor& v, const int32_t* blocks, const int32_t* num_blocks,
+                 const at::Tensor& pos, const at::Tensor& k_offset, const int64_t* union_starts,
+                 const int32_t* union_counts, int64_t union_width, int64_t tokens_per_tile,
+                 int64_t block_size, double scale, int64_t max_ctas, at::Tensor& o,
+                 at::Tensor& lse, const int64_t* gate_totals = nullptr,
+                 int gate_tile_max_union_pct = 0) {
+  [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
+  if (B * TQ == 0 || HQ == 0) return;
+  TileParams tp{};
+  tp.fwd = forward_params(shapes, q, k, v, blocks, num_blocks, pos, k_offset, o, lse, block_size,
+                          scale);
+  tp.fwd.gate_totals = gate_totals;
+  tp.fwd.gate_tile_max_union_pct = gate_tile_max_union_pct;
+  tp.union_starts = union_starts;
+  tp.union_counts = union_counts;
+  tp.num_tiles = (TQ + tokens_per_tile - 1) / tokens_per_tile;
+  tp.union_width = union_width;
+  tp.tokens_per_tile = int(tokens_per_tile);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+#ifdef NSA_EXT_HOPPER
+  C10_CUDA_CHECK(launch_selection_tile_sm90(
+      tp, q.scalar_type() == at::kHalf ? ScalarKind::kFloat16 : ScalarKind::kBFloat16, max_ctas,
+      stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+  (void)stream;
+#endif
+}
+
+// nsa_ext_cuda::selection_fwd_tile: the query-tile schedule (csrc/hopper/) over the unions of
+// nsa_ext.schedules.tiles.tile_unions; SM 9.0 only, one launch, no workspace, no host sync.
+std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
+    const at::Tensor& num_blocks, const at::Tensor& pos, const at::Tensor& k_offset,
+    const at::Tensor& union_starts, const at::Tensor& union_counts, int64_t tokens_per_tile,
+    int64_t block_size, double scale, int64_t max_ctas) {
+  const char* op = "nsa_ext_cuda::selection_fwd_tile: ";
+  const ForwardShapes shapes = check_forward_inputs(op, q, k, v, blocks, num_blocks, pos,
+                                                    k_offset, block_size);
+  [[maybe_unused]] const auto [B, TQ, HQ, Dk, TK, H, Dv, S] = shapes;
+  check_tile_call(op, shapes, q, tokens_per_tile, block_size, max_ctas);
+  const int64_t NT = (TQ + tokens_per_tile - 1) / tokens_per_tile;
   for (auto [t, name] : {std::pair{&union_starts, "union_starts"}, {&union_counts, "union_counts"}})
     check_cuda_contiguous(*t, name, q, op);
   TORCH_CHECK(union_starts.scalar_type() == at::kLong, op, "union_starts must be int64");
@@ -368,34 +416,42 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_tile_cuda(
               shape_of(union_starts));
   check_shape(union_starts, "union_starts", {B, NT, H, union_starts.size(3)}, "[B, NT, H, U]", op);
   check_shape(union_counts, "union_counts", {B, NT, H}, "[B, NT, H]", op);
-  TORCH_CHECK(B * NT * H < (int64_t(1) << 31), op, "grid too large: B*NT*H=", std::to_string(B * NT * H));
-  TORCH_CHECK(max_ctas >= 0, op, "max_ctas must be >= 0 (0: as many CTAs as fit), got ",
-              std::to_string(max_ctas));
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto o = at::empty({B, TQ, HQ, Dv}, q.options());
   auto lse = at::empty({B, TQ, HQ}, q.options().dtype(at::kFloat));
   if (B * TQ == 0 || HQ == 0) return {o, lse};
-  TileParams tp{};
-  tp.fwd = forward_params(shapes, q, k, v, blocks.data_ptr<int32_t>(),
-                          num_blocks.data_ptr<int32_t>(), pos, k_offset, o, lse, block_size, scale);
-  tp.union_starts = union_starts.data_ptr<int64_t>();
-  tp.union_counts = union_counts.data_ptr<int32_t>();
-  tp.num_tiles = NT;
-  tp.union_width = union_starts.size(3);
-  tp.tokens_per_tile = int(tokens_per_tile);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-#ifdef NSA_EXT_HOPPER
   if (TK == 0) {   // nothing to attend to (and no tensor map of an empty tensor)
     o.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {o, lse};
   }
-  C10_CUDA_CHECK(launch_selection_tile_sm90(
-      tp, dtype == at::kHalf ? ScalarKind::kFloat16 : ScalarKind::kBFloat16, max_ctas, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
+  launch_tile(shapes, q, k, v, blocks.data_ptr<int32_t>(), num_blocks.data_ptr<int32_t>(), pos,
+              k_offset, union_starts.data_ptr<int64_t>(), union_counts.data_ptr<int32_t>(),
+              union_starts.size(3), tokens_per_tile, block_size, scale, max_ctas, o, lse);
   return {o, lse};
+}
+
+// The union kernel (selection_union.cu) on checked canonical rows [B, TQ, H, S]: `starts`
+// [B, NT, H, QT * S], `counts` [B, NT, H], `totals` (or null) += (selections, union blocks).
+void launch_union(const int32_t* blocks, const int64_t* k_offset, int64_t B, int64_t TQ,
+                  int64_t H, int64_t S, int64_t block_size, int64_t tokens_per_tile,
+                  int64_t* starts, int32_t* counts, int64_t* totals, cudaStream_t stream) {
+  TileUnionParams p{};
+  p.blocks = blocks;
+  p.k_offset = k_offset;
+  p.starts = starts;
+  p.counts = counts;
+  p.totals = totals;
+  p.seqlen_q = TQ;
+  p.heads_kv = H;
+  p.num_tiles = (TQ + tokens_per_tile - 1) / tokens_per_tile;
+  p.n_tiles = B * p.num_tiles * H;
+  p.block_size = block_size;
+  p.num_selected = int(S);
+  p.tokens_per_tile = int(tokens_per_tile);
+  C10_CUDA_CHECK(launch_tile_union(p, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // nsa_ext_cuda::tile_union: the tile schedule's unions in one launch (selection_union.cu), the
@@ -428,22 +484,10 @@ std::tuple<at::Tensor, at::Tensor> tile_union_cuda(const at::Tensor& blocks,
   const c10::cuda::CUDAGuard guard(blocks.device());
   auto starts = at::empty({B, NT, H, tokens_per_tile * S}, blocks.options().dtype(at::kLong));
   auto counts = at::empty({B, NT, H}, blocks.options().dtype(at::kInt));
-  TileUnionParams p{};
-  p.blocks = blocks.data_ptr<int32_t>();
-  p.k_offset = k_offset.data_ptr<int64_t>();
-  p.starts = starts.data_ptr<int64_t>();
-  p.counts = counts.data_ptr<int32_t>();
-  p.totals = totals ? totals->data_ptr<int64_t>() : nullptr;
-  p.seqlen_q = TQ;
-  p.heads_kv = H;
-  p.num_tiles = NT;
-  p.n_tiles = B * NT * H;
-  p.block_size = block_size;
-  p.num_selected = int(S);
-  p.tokens_per_tile = int(tokens_per_tile);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(blocks.device().index()).stream();
-  C10_CUDA_CHECK(launch_tile_union(p, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_union(blocks.data_ptr<int32_t>(), k_offset.data_ptr<int64_t>(), B, TQ, H, S, block_size,
+               tokens_per_tile, starts.data_ptr<int64_t>(), counts.data_ptr<int32_t>(),
+               totals ? totals->data_ptr<int64_t>() : nullptr,
+               c10::cuda::getCurrentCUDAStream(blocks.device().index()).stream());
   return {starts, counts};
 }
 
@@ -566,6 +610,72 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
                      pos, k_offset, block_size, scale, num_splits, partial_base);
 }
 
+// nsa_ext_cuda::selection_fwd_auto: the row and the tile schedule with the choice between them
+// taken on the device, in one call from Python (the CUDA backend's path for unsplit calls below
+// the host chooser's `sel_tile_min_rows`, eager or captured). Canonical rows, the tile unions
+// with the call's (selections, union blocks), then both forward kernels on the same outputs:
+// each reads the counts and returns at once unless it is the choice -- tile where
+// union * 100 <= tile_max_union_pct * selections (the measured crossover the host chooser
+// applies to the same counts), else row. No host synchronisation; the unchosen kernel costs its
+// empty launch (a few us at the row grid of a 2048-row chunk, notes/eager.md). fp16 / bf16 on
+// SM 9.0 with the tile kernel's shapes; S <= 32.
+std::tuple<at::Tensor, at::Tensor> selection_fwd_auto_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const std::optional<at::Tensor>& counts, int64_t count_limit, const at::Tensor& pos,
+    const at::Tensor& k_offset, int64_t block_size, double scale, int64_t tile_max_union_pct,
+    int64_t max_ctas) {
+  const char* op = "nsa_ext_cuda::selection_fwd_auto: ";
+  const CanonicalShapes canon = check_canonical_inputs(op, indices, pos, counts, block_size);
+  const auto [B, TQ, H, S] = canon;
+  TORCH_CHECK(q.dim() == 4 && v.dim() == 4, op, "q and v must be 4-d, got ", shape_of(q),
+              " and ", shape_of(v));
+  const ForwardShapes shapes = check_attention_inputs(op, q, k, v, pos, k_offset, block_size, S);
+  check_shape(indices, "block_indices", {shapes.B, shapes.TQ, shapes.H, S}, "[B, TQ, H, S]", op);
+  const int64_t G = shapes.HQ / H;
+  TORCH_CHECK(G <= kTileRows, op, "the tile kernel takes at most ", std::to_string(kTileRows),
+              " query heads per KV head, got G=", std::to_string(G));
+  const int64_t QT = kTileRows / std::max<int64_t>(G, 1);
+  check_tile_call(op, shapes, q, QT, block_size, max_ctas);
+  TORCH_CHECK(tile_max_union_pct >= 0 && tile_max_union_pct <= 100, op,
+              "tile_max_union_pct must be in 0..100, got ", std::to_string(tile_max_union_pct));
+
+  const c10::cuda::CUDAGuard guard(indices.device());
+  const int64_t rows = B * TQ * H, NT = (TQ + QT - 1) / QT, tiles = B * NT * H;
+  // int64 words: the canonical rows and their counts (int32, two a word), the union counts
+  // (int32), the totals, the union starts.
+  const int64_t blocks_words = round_up_64((rows * S + 1) / 2);
+  const int64_t num_words = round_up_64((rows + 1) / 2);
+  const int64_t counts_words = round_up_64((tiles + 1) / 2);
+  const int64_t totals_words = 64;
+  const bool with_tile = rows > 0 && S > 0 && shapes.TK > 0 && QT * S <= kTileUnionMaxWidth;
+  const int64_t starts_words = with_tile ? tiles * QT * S : 0;
+  auto workspace = at::empty({blocks_words + num_words + counts_words + totals_words + starts_words},
+                             indices.options().dtype(at::kLong));
+  int64_t* base = workspace.data_ptr<int64_t>();
+  int32_t* blocks = reinterpret_cast<int32_t*>(base);
+  int32_t* num_blocks = reinterpret_cast<int32_t*>(base + blocks_words);
+  int32_t* union_counts = reinterpret_cast<int32_t*>(base + blocks_words + num_words);
+  int64_t* totals = base + blocks_words + num_words + counts_words;
+  int64_t* starts = totals + totals_words;
+  auto blocks_view = workspace.narrow(0, 0, blocks_words).view(at::kInt).narrow(0, 0, rows * S)
+                         .view({B, TQ, H, S});
+  auto num_view = workspace.narrow(0, blocks_words, num_words).view(at::kInt).narrow(0, 0, rows)
+                      .view({B, TQ, H});
+  fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks_view, num_view);
+  if (!with_tile)   // nothing to choose: no selection, no keys (the row kernel writes the zeros)
+    return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale, 1,
+                       nullptr);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(totals, 0, 2 * sizeof(int64_t), stream));
+  launch_union(blocks, k_offset.data_ptr<int64_t>(), B, TQ, H, S, block_size, QT, starts,
+               union_counts, totals, stream);
+  auto [o, lse] = run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size,
+                              scale, 1, nullptr, nullptr, totals, int(tile_max_union_pct));
+  launch_tile(shapes, q, k, v, blocks, num_blocks, pos, k_offset, starts, union_counts, QT * S,
+              QT, block_size, scale, max_ctas, o, lse, totals, int(tile_max_union_pct));
+  return {o, lse};
+}
+
 }  // namespace nsa_ext
 
 namespace {
@@ -603,7 +713,7 @@ std::string build_info_json() {
 #else
          ", \"hopper_tile\": false" +
 #endif
-         ", \"tile_union\": true" + ", \"op\": \"nsa_ext_cuda::selection_fwd\"}";
+         ", \"tile_union\": true" + ", \"fwd_auto\": true" + ", \"op\": \"nsa_ext_cuda::selection_fwd\"}";
 }
 
 }  // namespace
@@ -628,6 +738,10 @@ TORCH_LIBRARY(nsa_ext_cuda, m) {
   m.def(
       "tile_union(Tensor blocks, Tensor k_offset, int block_size, int tokens_per_tile, "
       "Tensor(a!)? totals) -> (Tensor starts, Tensor counts)");
+  m.def(
+      "selection_fwd_auto(Tensor q, Tensor k, Tensor v, Tensor block_indices, Tensor? block_counts, "
+      "int count_limit, Tensor pos, Tensor k_offset, int block_size, float scale, "
+      "int tile_max_union_pct, int max_ctas=0) -> (Tensor o, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
@@ -636,6 +750,7 @@ TORCH_LIBRARY_IMPL(nsa_ext_cuda, CUDA, m) {
   m.impl("selection_fwd_rows", &nsa_ext::selection_fwd_rows_cuda);
   m.impl("canonical_blocks", &nsa_ext::canonical_blocks_cuda);
   m.impl("tile_union", &nsa_ext::tile_union_cuda);
+  m.impl("selection_fwd_auto", &nsa_ext::selection_fwd_auto_cuda);
 }
 
 #ifndef NSA_EXT_NO_PYTHON
@@ -654,6 +769,12 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("k_offset"), pybind11::arg("block_size"), pybind11::arg("scale"),
         pybind11::arg("num_splits"),
         "nsa_ext_cuda::selection_fwd_rows without the dispatcher (plain eager calls only)");
+  m.def("selection_fwd_auto", &nsa_ext::selection_fwd_auto_cuda, pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("block_indices"),
+        pybind11::arg("block_counts"), pybind11::arg("count_limit"), pybind11::arg("pos"),
+        pybind11::arg("k_offset"), pybind11::arg("block_size"), pybind11::arg("scale"),
+        pybind11::arg("tile_max_union_pct"), pybind11::arg("max_ctas"),
+        "nsa_ext_cuda::selection_fwd_auto without the dispatcher (plain eager calls only)");
 #endif
 }
 #endif

@@ -195,6 +195,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   static_assert(kSegQK % kLanesPerRow == 0 && kSegV % kLanesPerRow == 0,
                 "head dims: multiples of 64");
 
+  // selection_fwd_auto enqueued the tile kernel too: the one the device chose runs.
+  if (p.gate_totals != nullptr && gate_picks_tile(p)) return;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   T* sQ = reinterpret_cast<T*>(smem);                                          // [kRows][Dk]

@@ -48,6 +48,13 @@ struct SelectionFwdParams {
   const void* raw_counts;    // [B, TQ, H] int32 or int64, or null: count_limit for every row
   int64_t count_limit;
   bool raw_indices_int64, raw_counts_int64;
+  // The schedule chosen on the device (nsa_ext_cuda::selection_fwd_auto; null elsewhere): the
+  // row and the tile kernel are both enqueued after the tile unions, and each reads the call's
+  // (selections, union blocks) that the union kernel summed and returns at once unless the
+  // choice is its own -- tile where union * 100 <= gate_tile_max_union_pct * selections
+  // (gate_picks_tile). No host synchronisation, so the call is capturable in a CUDA graph.
+  const int64_t* gate_totals;
+  int gate_tile_max_union_pct;
 };
 
 #ifdef __CUDACC__
@@ -76,6 +83,15 @@ struct SmemAttributes {
     return err;
   }
 };
+
+// The device's choice of schedule (SelectionFwdParams::gate_totals): the measured crossover of
+// nsa_ext/schedules/chooser.py (pick_measured) on the whole call's counts; a call that selected
+// nothing has the ratio 1.
+__device__ __forceinline__ bool gate_picks_tile(const SelectionFwdParams& p) {
+  const int64_t selections = p.gate_totals[0], unions = p.gate_totals[1];
+  const int64_t pct = p.gate_tile_max_union_pct;
+  return selections > 0 ? unions * 100 <= pct * selections : pct >= 100;
+}
 
 // Entries [x, y) of a row with `row_entries` canonical entries that slice `split` takes (all of
 // them when not splitting); empty (x == y) for a slice past the row's end.

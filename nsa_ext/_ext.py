@@ -6,7 +6,8 @@ warning when a compiled module exists but cannot be loaded (a build for another 
 undefined symbol). The CUDA backend turns `unavailable_reason()` into its reason for not serving
 a call. Loading the module registers the operators `torch.ops.nsa_ext_cuda.selection_fwd`,
 `selection_fwd_rows` (canonical rows + forward in one call), `selection_fwd_tile` (SM 9.0) and
-`canonical_blocks` and `tile_union` (its `TORCH_LIBRARY` block runs at load); their fake (meta)
+`canonical_blocks`, `tile_union` and `selection_fwd_auto` (SM 9.0: the row or tile schedule,
+chosen on the device) (its `TORCH_LIBRARY` block runs at load); their fake (meta)
 implementations are registered here.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ CANONICAL_OP_NAME = "nsa_ext_cuda::canonical_blocks"   # S <= CANONICAL_MAX_SELE
 CANONICAL_MAX_SELECTED = 32
 UNION_OP_NAME = "nsa_ext_cuda::tile_union"            # the tile schedule's unions, one launch
 UNION_MAX_WIDTH = 4096                                 # tokens_per_tile * S it takes
+AUTO_OP_NAME = "nsa_ext_cuda::selection_fwd_auto"      # row or tile, chosen on the device
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _HOW_TO_BUILD = ("build it with CUDA_HOME=/path/to/cuda pip install --no-build-isolation -v . "
                  "(see the build knobs in setup.py)")
@@ -121,6 +123,18 @@ def has_tile_union() -> bool:
     return result.module is not None and bool(result.info.get("tile_union"))
 
 
+def has_fwd_auto() -> bool:
+    """Does the loaded extension have `selection_fwd_auto` (builds before it do not)?"""
+    result = _load()
+    return result.module is not None and bool(result.info.get("fwd_auto"))
+
+
+def direct_auto():
+    """The pybind11 module's `selection_fwd_auto` (see direct_rows), or None."""
+    module = _load().module
+    return getattr(module, "selection_fwd_auto", None) if not isinstance(module, str) else None
+
+
 def direct_rows():
     """The pybind11 module's `selection_fwd_rows` (the operator's C++ function without the
     dispatcher), or None where the module has none (built without Python's headers, or an
@@ -166,6 +180,15 @@ def _register_fake(info: dict) -> None:
             NT = -(-TQ // tokens_per_tile)
             return (blocks.new_empty((B, NT, H, tokens_per_tile * S), dtype=torch.int64),
                     blocks.new_empty((B, NT, H), dtype=torch.int32))
+
+    if info.get("fwd_auto"):
+        @torch.library.register_fake(AUTO_OP_NAME)
+        def _selection_fwd_auto_fake(q, k, v, block_indices, block_counts, count_limit, pos,
+                                     k_offset, block_size, scale, tile_max_union_pct,
+                                     max_ctas=0):
+            B, TQ, HQ, _ = q.shape
+            return (q.new_empty((B, TQ, HQ, v.shape[3])),
+                    q.new_empty((B, TQ, HQ), dtype=torch.float32))
 
     @torch.library.register_fake(CANONICAL_OP_NAME)
     def _canonical_blocks_fake(block_indices, pos, block_counts, count_limit, block_size):

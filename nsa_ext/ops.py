@@ -52,7 +52,9 @@ def run_forward(q, k, v, block_indices, block_counts, block_count, cu_seqlens_q,
     if decision.tile_backend is None:
         o, lse = module.forward(call)
     else:               # the tile schedule's measured backend (dispatch.CUDA_TILE_KEY)
-        o, lse = module.forward(call, tile_runner=backend_module(decision.tile_backend).run_tile)
+        tile_module = backend_module(decision.tile_backend)
+        o, lse = module.forward(call, tile_runner=tile_module.run_tile,
+                                device_runner=tile_module.forward_device_choice)
     lse = _to_caller_layout(call, lse) if return_lse else lse.new_empty(0)
     return _to_caller_layout(call, o), lse
 

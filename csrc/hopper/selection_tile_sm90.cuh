@@ -194,6 +194,8 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   constexpr int kKBytes = kPanelsK * kPanelBytes;
   constexpr int kVBytes = kPanelsV * kPanelBytes;
   const SelectionFwdParams& p = tp.fwd;
+  // selection_fwd_auto enqueued the row kernel too: the one the device chose runs.
+  if (p.gate_totals != nullptr && !gate_picks_tile(p)) return;
 
   extern __shared__ uint8_t smem_raw[];
   // The 128-byte swizzle is a function of address bits 4..9: panels start 1024-byte aligned.

@@ -6,6 +6,11 @@ take the same decision from the same statistic and thresholds):
 - `tile`: on SM 9.0 only (csrc/hopper/, wgmma + TMA), one thread block per 64 / G neighbouring
   query tokens of a KV head walking the union of their selections (G <= 64, block_size a
   multiple of 64, fp16/bf16). Where the tile kernel cannot serve a call, `row` runs.
+Under auto, who picks between them depends on the call's size: from the measured
+`sel_tile_min_rows` up the host chooser (one sync on the union's counts); below it, where the
+tile kernel serves the call, the device (`selection_fwd_auto`: both kernels enqueued, each gated
+on the counts; `device_choice`), so an eager chunk of 2048 rows takes tile where neighbours share
+blocks without waiting for the host.
 `kv` is the Triton backend's alone: forcing it names this backend unable (the dispatcher's auto
 then takes Triton), and `auto_preferences` steers auto to Triton where the measured crossovers
 pick kv (small G).
@@ -216,6 +221,74 @@ def tile_may_run(call: SelectionCall, settings, facts) -> bool:
     return min_rows is None or rows >= min_rows
 
 
+def device_choice(call: SelectionCall, settings, facts) -> Optional[int]:
+    """The `tile_max_union_pct` with which `nsa_ext_cuda::selection_fwd_auto` lets the device
+    choose this unsplit call's schedule, or None where the host decides (or no choice exists).
+
+    The device chooses where the host chooser reads no statistic: under auto, for calls with
+    fewer rows than the measured `sel_tile_min_rows`, which the Hopper tile kernel can serve
+    (SM 9.0, S <= 32). The operator enqueues the canonical rows, the unions with the call's
+    (selections, union blocks) and both kernels, each returning at once unless the counts pick
+    it by the same crossover the host would apply (CUDA_TILE_UNION_KEY, else
+    sel_tile_max_union_pct). No sync, so eager chunks pay no wait and a CUDA graph captures it.
+    Larger calls keep the host's sync: there an unchosen row grid (131072 CTAs at 32k) costs
+    ~2x the sync (notes/hopper.md, eighth session)."""
+    if settings.sel_schedule != "auto" or facts.kind != "cuda" or \
+            not 0 < call.num_selected <= _ext.CANONICAL_MAX_SELECTED:
+        return None
+    from ..schedules.chooser import measured_crossovers, tile_union_limit
+
+    crossovers = measured_crossovers(settings, facts)
+    rows = call.batch * call.seqlen_q * call.num_heads_kv
+    if crossovers is None or rows >= crossovers["sel_tile_min_rows"] or \
+            not _ext.has_fwd_auto() or tile_reasons(call, facts):
+        return None
+    return int(tile_union_limit(call, ("row", "tile"), crossovers, cuda_tile=True)[0])
+
+
+def forward_device_choice(call: SelectionCall) -> Optional[tuple]:
+    """(o, lse) through `selection_fwd_auto` where `device_choice` says the device chooses this
+    call's schedule (and the row kernel would run unsplit), else None: the CUDA backend's own
+    path for such calls, and what the Triton backend hands them to under auto where the tile
+    schedule's measured backend is this one (dispatch.CUDA_TILE_KEY)."""
+    facts = device_facts(call.device)
+    settings = load_settings()
+    pct = device_choice(call, settings, facts)
+    if pct is None or num_splits(call, facts.sm_count) > 1:
+        return None
+    geometry = row_geometry(call)
+    indices, _, counts, limit, _ = canonical_op_args(call, geometry)
+    q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
+    return torch.ops.nsa_ext_cuda.selection_fwd_auto(
+        q, k, v, indices, counts, limit, geometry.pos.contiguous(),
+        geometry.k_offset.contiguous(), call.block_size, call.scale, pct,
+        settings.sel_tile_max_ctas)
+
+
+def device_choice_lines(call: SelectionCall, settings, facts, pct: int) -> List[str]:
+    """explain()'s lines for a call whose schedule the device chooses, with this call's counts
+    (read here: explain may synchronise)."""
+    from ..schedules.chooser import measured_crossovers, tile_union_limit
+    from ..schedules.tiles import tile_unions
+
+    key = tile_union_limit(call, ("row", "tile"), measured_crossovers(settings, facts),
+                           cuda_tile=True)[1]
+    geometry = row_geometry(call)
+    blocks, num_blocks = canonical_blocks(call, geometry)
+    union = tile_unions(call, geometry, blocks, TILE_ROWS // call.group_size)
+    selections = int(num_blocks.sum())
+    unions = int(union.counts.sum())
+    picks_tile = unions * 100 <= pct * selections if selections else pct >= 100
+    where = f"runtime.thresholds.{facts.arch}"
+    return [f"schedule: {'tile' if picks_tile else 'row'} (chosen on the device: "
+            f"nsa_ext_cuda::selection_fwd_auto runs tile where the tile unions hold <= {pct}% "
+            f"of the selections ({where}.{key}), else row; no host sync)",
+            f"  statistics: selections {selections}, union blocks {unions}, union/selections "
+            f"{unions / selections if selections else 1.0:.4g}",
+            f"  the host chooser is not asked: {call.batch * call.seqlen_q * call.num_heads_kv} "
+            f"rows < {where}.sel_tile_min_rows"]
+
+
 def tile_forward(*args):
     """torch.ops.nsa_ext_cuda.selection_fwd_tile (a seam for tests to see that it ran)."""
     return torch.ops.nsa_ext_cuda.selection_fwd_tile(*args)
@@ -248,6 +321,9 @@ def explain_schedule(call: SelectionCall, settings, facts, tile_backend=None) ->
     `tile_backend` is the dispatcher's (for Triton's face); this backend's tile is its own."""
     if facts.kind == "cuda" and num_splits(call, facts.sm_count) > 1:
         return ["schedule: row (too few rows to fill the GPU: split-KV)"]
+    pct = device_choice(call, settings, facts)
+    if pct is not None:
+        return device_choice_lines(call, settings, facts, pct)
     try:
         geometry = row_geometry(call)
         blocks, num_blocks = canonical_blocks(call, geometry)
@@ -286,6 +362,12 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
     splits = force_splits or num_splits(call, facts.sm_count)
     if splits == 1:
         settings = load_settings()
+        pct = device_choice(call, settings, facts)
+        if pct is not None:
+            indices, _, counts, limit, _ = canonical_op_args(call, geometry)
+            return torch.ops.nsa_ext_cuda.selection_fwd_auto(
+                q, k, v, indices, counts, limit, pos, k_offset, call.block_size, call.scale, pct,
+                settings.sel_tile_max_ctas)
         if tile_may_run(call, settings, facts):
             blocks, num_blocks = canonical_blocks(call, geometry)
             prep = prepared(call, settings, geometry, blocks, num_blocks)
@@ -309,26 +391,39 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
 
 
 def eager_launch(call: SelectionCall, settings, facts):
-    """The row schedule's launch for later eager calls with `call`'s metadata
-    (nsa_ext/eager_plan.py): `launch(q, k, v, block_indices) -> (o, lse)`, one operator call
-    with this call's geometry, split count and scalars bound; None where `forward` would do
-    more than that one call (the Hopper tile chooser, non-contiguous inputs, varlen, a
-    block_counts tensor, S past the canonical kernel)."""
+    """The launch for later eager calls with `call`'s metadata (nsa_ext/eager_plan.py):
+    `launch(q, k, v, block_indices) -> (o, lse)`, one operator call with this call's geometry,
+    split count and scalars bound -- the row schedule's, or `selection_fwd_auto` where the
+    device chooses the schedule (device_choice); None where `forward` would do more than that
+    one call (the host's tile chooser, non-contiguous inputs, varlen, a block_counts tensor, S
+    past the canonical kernel)."""
     if call.is_varlen or call.block_counts is not None or facts.kind != "cuda":
         return None
     if not all(t.is_contiguous() for t in (call.q, call.k, call.v, call.block_indices)):
         return None
     splits = num_splits(call, facts.sm_count)
-    if splits == 1 and tile_may_run(call, settings, facts):
+    pct = device_choice(call, settings, facts) if splits == 1 else None
+    if splits == 1 and pct is None and tile_may_run(call, settings, facts):
         return None
     geometry = row_geometry(call)
     if canonical_op_args(call, geometry) is None:
         return None
+    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
+    limit, block_size, scale = call.block_count_limit, call.block_size, call.scale
+    if pct is not None:       # the device's choice of row or tile (device_choice)
+        auto = _ext.direct_auto() or torch.ops.nsa_ext_cuda.selection_fwd_auto.default
+        max_ctas = settings.sel_tile_max_ctas
+
+        def launch_auto(q, k, v, block_indices):
+            if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:    # forward would copy
+                return None
+            return auto(q, k, v, block_indices, None, limit, pos, k_offset, block_size, scale,
+                        pct, max_ctas)
+
+        return launch_auto
     # The pybind11 entry skips the dispatcher's boxing of 11 arguments (eager plans serve plain
     # eager calls only); a build without it takes the operator.
     op = _ext.direct_rows() or torch.ops.nsa_ext_cuda.selection_fwd_rows.default
-    pos, k_offset = geometry.pos.contiguous(), geometry.k_offset.contiguous()
-    limit, block_size, scale = call.block_count_limit, call.block_size, call.scale
 
     def launch(q, k, v, block_indices):
         if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:    # forward would copy: decline

@@ -144,6 +144,13 @@ def explain_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts
 
     interpret = settings.triton_interpret or call.device.type != "cuda"
     split = settings.sel_schedule in ("auto", "row") and bool(_num_splits(call, interpret))
+    if tile_backend == "cuda" and not split:     # forward's device_runner (ops.run_forward)
+        from . import cuda
+
+        pct = cuda.device_choice(call, settings, facts)
+        if pct is not None and cuda.num_splits(call, facts.sm_count) == 1:
+            return ["handed to the CUDA extension, whose device chooses the schedule:"] + \
+                cuda.device_choice_lines(call, settings, facts, pct)
     prep = None if split else _prepare(call, settings, None, interpret)
     try:
         return choose_schedule(call, settings, facts, prep, split,
@@ -152,15 +159,19 @@ def explain_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts
         return [f"schedule: none ({err})"]
 
 
-def forward(call: SelectionCall, tile_runner: Optional[Callable] = None):
+def forward(call: SelectionCall, tile_runner: Optional[Callable] = None,
+            device_runner: Optional[Callable] = None):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32), launched on the call's device.
     `tile_runner(prepared) -> (o, lse)`: what runs the tile schedule where it is chosen instead
-    of Triton's kernel (auto's measured tile backend, nsa_ext/dispatch.py CUDA_TILE_KEY)."""
+    of Triton's kernel (auto's measured tile backend, nsa_ext/dispatch.py CUDA_TILE_KEY);
+    `device_runner(call) -> (o, lse) or None`: that backend's path for the calls whose schedule
+    the device chooses (backends/cuda.py forward_device_choice), tried first on unsplit calls."""
     with on_device(call.device):
-        return _forward(call, tile_runner)
+        return _forward(call, tile_runner, device_runner)
 
 
-def _forward(call: SelectionCall, tile_runner: Optional[Callable] = None):
+def _forward(call: SelectionCall, tile_runner: Optional[Callable] = None,
+             device_runner: Optional[Callable] = None):
     """(o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32).
 
     The schedule (nsa_ext/schedules: row, tile, kv) is `NSA_SEL_SCHEDULE`'s, or under auto the
@@ -185,6 +196,14 @@ def _forward(call: SelectionCall, tile_runner: Optional[Callable] = None):
         variant, grid, group = "split", (call.batch * call.seqlen_q * call.num_heads_kv, splits), True
         chosen = "row"
     else:
+        handed = device_runner(call) if device_runner is not None else None
+        if handed is not None:
+            if settings.debug:
+                log_event("sel.triton.launch", variant="handed to the CUDA extension's "
+                          "device-chosen schedule (selection_fwd_auto)", schedule="row or tile",
+                          rows=call.batch * call.seqlen_q * call.num_heads_kv,
+                          G=call.group_size, dtype=str(call.dtype).replace("torch.", ""))
+            return handed
         prep = _prepare(call, settings, geometry, interpret)
         chosen = choose_schedule(call, settings, device_facts(call.device), prep, detail=False,
                                  tile_backend="cuda" if tile_runner is not None else None).chosen

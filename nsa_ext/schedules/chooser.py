@@ -18,9 +18,13 @@ named backend). `auto`:
 
 Where `runtime.thresholds.<arch>` holds measured crossovers (the H200 bench of 2026-11-30 for
 sm90), they decide instead of the cost model's ranking:
-- `sel_tile_min_rows`: calls with fewer (batch x query x KV head) rows read no statistic and
-  never take `tile` (its union pre-pass, launched after the statistic's sync, cost 0.55-0.8 ms
-  of host time that the GPU waits for: at T = 8k that is more than the tile saves);
+- `sel_tile_min_rows`: calls with fewer (batch x query x KV head) rows read no statistic on
+  the host and never take `tile` here (its union pre-pass, launched after the statistic's sync,
+  cost 0.55-0.8 ms of host time that the GPU waits for: at T = 8k that is more than the tile
+  saves). Where the CUDA extension's Hopper kernel serves such a call, the CUDA backend lets the
+  device choose instead (`nsa_ext_cuda::selection_fwd_auto`: both kernels enqueued behind the
+  union, each gated on the same counts and the same crossover; backends/cuda.py device_choice),
+  which costs no sync;
 - `sel_tile_max_union_pct`: `tile` when the sampled union is at most this % of the selections
   (the model pattern, 15 %, won 1.5-2.7x; random, 67-79 %, lost 1.1-1.6x against row);
 - `sel_kv_max_g`: otherwise `kv` for G up to this (G = 1 random at 32k: kv 3.29 ms, row 7.77),
@@ -189,6 +193,15 @@ def pick_measured(call: SelectionCall, ratio: Optional[float], able, crossovers,
     return "kv" if key == "sel_kv_tile_max_union_pct" else "row"
 
 
+def measured_crossovers(settings: Settings, facts: DeviceFacts) -> Optional[Dict[str, int]]:
+    """The architecture's measured crossovers (MEASURED_KEYS, and CUDA_TILE_UNION_KEY where
+    present) from runtime.thresholds.<arch>, or None unless all of MEASURED_KEYS are there."""
+    measured = settings.thresholds.get(facts.arch or "", {})
+    if not all(key in measured for key in MEASURED_KEYS):
+        return None
+    return {key: measured[key] for key in MEASURED_KEYS + (CUDA_TILE_UNION_KEY,) if key in measured}
+
+
 def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
                     prep: Optional[Prepared] = None, split: bool = False,
                     extra_reasons: Optional[Dict[str, List[str]]] = None,
@@ -225,10 +238,7 @@ def choose_schedule(call: SelectionCall, settings: Settings, facts: DeviceFacts,
     stats: Dict[str, float] = {}
     bound = float(call.batch * call.seqlen_q * call.num_heads_kv * call.block_count_limit)
     selections, unions = bound, None
-    measured = settings.thresholds.get(facts.arch or "", {})
-    crossovers = ({key: measured[key] for key in MEASURED_KEYS + (CUDA_TILE_UNION_KEY,)
-                   if key in measured}
-                  if all(key in measured for key in MEASURED_KEYS) else None)
+    crossovers = measured_crossovers(settings, facts)
     cuda_tile = tile_backend == "cuda"
     rows = call.batch * call.seqlen_q * call.num_heads_kv
     small = crossovers is not None and rows < crossovers["sel_tile_min_rows"]
