@@ -7,7 +7,9 @@ Each call mixes valid blocks, repeats, -1 padding, other negative and out-of-ran
 (tests/common.py: messy_indices), plus rows with nothing selected; the set covers one, two and
 four row tiles per thread block (G = 3, 16, 24, 80), varlen with ragged and chunked sequences,
 block_counts, Dk=192/Dv=128, d=256, fp32, and split-KV decode with forced slice counts (empty
-slices included). Each output is also checked against the fp32 reference, so a run that the
+slices included); on SM 9.0 the Hopper tile kernel forced, and `selection_fwd_auto` (the schedule
+chosen on the device) with its crossover at 0 % and 100 % (the row kernel runs and the tile
+kernel returns at once, then the other way round). Each output is also checked against the fp32 reference, so a run that the
 sanitizer passes but that computes garbage still fails (exit 1).
 """
 from __future__ import annotations
@@ -75,6 +77,24 @@ def run(case, num_splits):
     return o, reference_forward(ref_call)[0]
 
 
+def run_device_choice(case, pct):
+    """selection_fwd_auto with tile_max_union_pct = pct: 0 runs the row kernel, 100 the tile
+    kernel (a union never holds more blocks than its rows selected)."""
+    from nsa_ext.selection import canonical_op_args, row_geometry
+
+    call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    geometry = row_geometry(call)
+    indices, _, counts, limit, _ = canonical_op_args(call, geometry)
+    o, _ = torch.ops.nsa_ext_cuda.selection_fwd_auto(
+        call.q.contiguous(), call.k.contiguous(), call.v.contiguous(), indices, counts, limit,
+        geometry.pos.contiguous(), geometry.k_offset.contiguous(), call.block_size, call.scale,
+        pct, 0)
+    torch.cuda.synchronize()
+    ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
+                             case.block_size, **case.kwargs(), need_lse=True)
+    return o, reference_forward(ref_call)[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true", help="first three cases only (racecheck is slow)")
@@ -85,15 +105,19 @@ def main() -> int:
     failures = 0
     cases = CASES[:3] if args.small else CASES
     if torch.cuda.get_device_capability() == (9, 0) and _ext.build_info().get("hopper_tile"):
-        cases = cases + [(name, kw, "tile") for name, kw in (TILE_CASES[:2] if args.small
-                                                             else TILE_CASES)]
+        tile_cases = TILE_CASES[:2] if args.small else TILE_CASES
+        cases = cases + [(name, kw, "tile") for name, kw in tile_cases]
+        if _ext.has_fwd_auto():
+            cases = cases + [(f"device {pct}% {name[5:]}", kw, f"device{pct}")
+                             for pct in (0, 100) for name, kw in tile_cases]
     for name, kwargs, splits in cases:
         os.environ["NSA_SEL_SCHEDULE"] = "tile" if splits == "tile" else "auto"
-        splits = 1 if splits == "tile" else splits
+        device_pct = int(splits[6:]) if str(splits).startswith("device") else None
+        splits = 1 if splits == "tile" or device_pct is not None else splits
         case = make_case(device="cuda", seed=len(name), **kwargs)
         rows = case.block_indices.shape[1]
         case.block_indices[:, : max(1, rows // 5)] = -1        # rows with nothing selected
-        o, o_ref = run(case, splits)
+        o, o_ref = run(case, splits) if device_pct is None else run_device_choice(case, device_pct)
         mean_err, max_err = spec_errors(o, o_ref.to(o.dtype))
         mean_tol, max_tol = TOLERANCES[o.dtype]
         ok = mean_err <= mean_tol and max_err <= max_tol
