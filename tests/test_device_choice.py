@@ -17,6 +17,7 @@ import torch
 
 import nsa_ext
 from common import assert_close_to_reference, make_case
+from test_cuda_hopper import CASES as TILE_CASES
 from nsa_ext import _ext, eager_plan
 from nsa_ext.backends import cuda as cuda_backend
 from nsa_ext.call import describe_call
@@ -92,19 +93,9 @@ def test_auto_op_fake_gives_the_output_shapes():
 
 # --- GPU ------------------------------------------------------------------------------------
 
-CASES = {
-    "G1": dict(B=2, TQ=150, HQ=4, H=4, Dk=64, S=5, block_size=64),
-    "G3": dict(B=1, TQ=200, HQ=6, H=2, Dk=128, S=6, block_size=64),
-    "G16": dict(B=1, TQ=130, HQ=16, H=1, Dk=128, S=4, block_size=64),
-    "G64": dict(B=1, TQ=100, HQ=64, H=1, Dk=128, S=4, block_size=64),
-    "dk192_dv128": dict(B=1, TQ=150, HQ=8, H=2, Dk=192, Dv=128, S=4, block_size=64),
-    "d256": dict(B=1, TQ=160, HQ=16, H=1, Dk=256, S=3, block_size=64),
-    "bs128": dict(B=1, TQ=400, HQ=4, H=1, Dk=64, S=3, block_size=128),
-    "chunked_prefill": dict(B=2, TQ=37, TK=700, HQ=4, H=2, Dk=128, S=3, block_size=64),
-    "counts_tensor": dict(B=2, TQ=64, HQ=4, H=2, Dk=64, S=6, block_size=64,
-                          block_counts="tensor"),
-    "varlen_ragged": dict(seqlens=[37, 1, 130, 13, 64], HQ=8, H=2, Dk=128, S=5, block_size=64),
-}
+# The tile kernel's parity cases (G = 1..64, head dims, block sizes 64-256, chunked, TQ = 1,
+# block_counts, varlen): every shape the tile side of the operator serves.
+CASES = TILE_CASES
 
 
 def shared_blocks(case):
