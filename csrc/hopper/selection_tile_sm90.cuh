@@ -481,16 +481,29 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
       }
       float alpha[2] = {1.f, 1.f}, m_use[2] = {0.f, 0.f}, rowsum[2] = {0.f, 0.f};
       if (!warp_none) {
+        // Lazy rescaling: a row keeps its (stale) maximum while the chunk's scores stay within
+        // 2^kRescaleSlack of it -- exact, since o / l and lse = m + log2 l all use the same m,
+        // and P <= 2^kRescaleSlack keeps its relative precision in bf16 / fp16 -- so the warp
+        // multiplies its accumulators by alpha only where one of its rows' maximum grew past
+        // that (~70 instructions a chunk, notes/hopper.md fourteenth session).
+        bool grow[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
           if (fold) mx[i] *= p.scale_log2;
-          const float m_new = fmaxf(m_run[i], mx[i]);
+          grow[i] = mx[i] > m_run[i] + kRescaleSlack;     // -inf + slack: a row's first keys
+        }
+        const bool warp_grow = __any_sync(0xffffffff, grow[0] || grow[1]);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (grow[i]) {
+            const float m_new = fmaxf(m_run[i], mx[i]);
+            alpha[i] = exp2_ftz(m_run[i] - m_new);             // 0 for a row's first keys
+            m_run[i] = m_new;
+          }
           // A row that saw no key yet keeps -inf: keep -inf - -inf away from exp2.
-          m_use[i] = m_new == -INFINITY ? 0.f : m_new;
-          alpha[i] = exp2_ftz(m_run[i] - m_use[i]);
-          m_run[i] = m_new;
+          m_use[i] = m_run[i] == -INFINITY ? 0.f : m_run[i];
         }
         if (fold) {
 #pragma unroll
@@ -507,14 +520,19 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
             rowsum[(j >> 1) & 1] += x;
           }
         }
+        if (warp_grow) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
+          for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
 #pragma unroll
-        for (int j = 0; j < kDv / 8; ++j) {
-          o_acc[4 * j + 0] *= alpha[0];
-          o_acc[4 * j + 1] *= alpha[0];
-          o_acc[4 * j + 2] *= alpha[1];
-          o_acc[4 * j + 3] *= alpha[1];
+          for (int j = 0; j < kDv / 8; ++j) {
+            o_acc[4 * j + 0] *= alpha[0];
+            o_acc[4 * j + 1] *= alpha[0];
+            o_acc[4 * j + 2] *= alpha[1];
+            o_acc[4 * j + 3] *= alpha[1];
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) l_run[i] += rowsum[i];
         }
       } else {
 #pragma unroll
