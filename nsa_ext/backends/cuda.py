@@ -256,13 +256,16 @@ def forward_device_choice(call: SelectionCall) -> Optional[tuple]:
     pct = device_choice(call, settings, facts)
     if pct is None or num_splits(call, facts.sm_count) > 1:
         return None
-    geometry = row_geometry(call)
-    indices, _, counts, limit, _ = canonical_op_args(call, geometry)
     q, k, v = (_aligned(t.contiguous()) for t in (call.q, call.k, call.v))
+    return _run_auto_op(call, row_geometry(call), q, k, v, pct, settings.sel_tile_max_ctas)
+
+
+def _run_auto_op(call: SelectionCall, geometry, q, k, v, pct: int, max_ctas: int):
+    """`selection_fwd_auto` on the call's raw rows (aligned, contiguous q, k, v)."""
+    indices, _, counts, limit, _ = canonical_op_args(call, geometry)
     return torch.ops.nsa_ext_cuda.selection_fwd_auto(
         q, k, v, indices, counts, limit, geometry.pos.contiguous(),
-        geometry.k_offset.contiguous(), call.block_size, call.scale, pct,
-        settings.sel_tile_max_ctas)
+        geometry.k_offset.contiguous(), call.block_size, call.scale, pct, max_ctas)
 
 
 def device_choice_lines(call: SelectionCall, settings, facts, pct: int) -> List[str]:
@@ -364,10 +367,7 @@ def forward(call: SelectionCall, force_splits: Optional[int] = None):
         settings = load_settings()
         pct = device_choice(call, settings, facts)
         if pct is not None:
-            indices, _, counts, limit, _ = canonical_op_args(call, geometry)
-            return torch.ops.nsa_ext_cuda.selection_fwd_auto(
-                q, k, v, indices, counts, limit, pos, k_offset, call.block_size, call.scale, pct,
-                settings.sel_tile_max_ctas)
+            return _run_auto_op(call, geometry, q, k, v, pct, settings.sel_tile_max_ctas)
         if tile_may_run(call, settings, facts):
             blocks, num_blocks = canonical_blocks(call, geometry)
             prep = prepared(call, settings, geometry, blocks, num_blocks)
