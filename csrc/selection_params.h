@@ -148,8 +148,9 @@ constexpr int kTileRows = 64;      // (token, query head) rows of one tile: QT *
 // The tile kernel rescales a row's output accumulators only when its maximum grows by more than
 // this (base 2): its exponentials stay <= 2^8 = 256 (csrc/hopper/, lazy rescaling).
 constexpr float kRescaleSlack = 8.f;
-// The kernel is persistent: as many CTAs as fit on the GPU at once, each striding over the
-// (batch, tile, KV head) work items; max_ctas > 0 caps that grid (tests run many tiles per CTA).
+// The kernel is persistent: as many CTAs as fit on the GPU at once (or fewer per SM where that
+// takes as many rounds over the work items), each striding over the (batch, tile, KV head) work
+// items; max_ctas > 0 caps that grid (tests run many tiles per CTA).
 cudaError_t launch_selection_tile_sm90(const TileParams& params, ScalarKind kind,
                                        int64_t max_ctas, cudaStream_t stream);
 

@@ -78,21 +78,31 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtenso
   if (err != cudaSuccess) return err;
   // Persistent CTAs: as many as fit on the GPU at once (occupancy of this instance x SMs, per
   // device), each striding over the work items.
-  static thread_local int resident[64] = {};
+  static thread_local int sms_of[64] = {}, per_sm_of[64] = {};
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (!resident[device]) {
+  if (!sms_of[device]) {
     int sms = 0, per_sm = 0;
     e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess)
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, hopper::kThreads, smem);
     if (e != cudaSuccess) return e;
-    resident[device] = std::max(1, sms * per_sm);
+    sms_of[device] = std::max(1, sms);
+    per_sm_of[device] = std::max(1, per_sm);
   }
+  const int64_t sms = sms_of[device], per_sm = per_sm_of[device];
   const int64_t work = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
-  int64_t grid = std::min<int64_t>(work, resident[device]);
+  const auto rounds = [&](int64_t ctas) { return (work + ctas - 1) / ctas; };
+  // Fewest CTAs per SM that take as many rounds over the work items as the full grid: a CTA
+  // shares its SM with fewer others, so each of its tiles runs faster. At 512 items (a chunk of
+  // TQ = 512 at G = 16) on 132 SMs two per SM beat three by 6 %, at 2048 the full grid won
+  // (notes/tile_caps_h200_s14.txt; the random chunk's call -3.8 % with this rule,
+  // notes/hopper_cuts_grid_ab_s15.txt); from ~3 rounds on this keeps the full grid.
+  int64_t per = per_sm;
+  while (per > 1 && rounds((per - 1) * sms) == rounds(per_sm * sms)) --per;
+  int64_t grid = std::min<int64_t>(work, per * sms);
   if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
   kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(q_map, k_map, v_map, tp);
   return cudaGetLastError();

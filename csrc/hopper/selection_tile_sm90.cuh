@@ -70,8 +70,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // bytes, 8-row groups 1024 bytes apart (stride byte offset); the leading offset is unused.
 // N-major V: the leading offset steps to the next panel of 64 columns (8192 bytes), the stride
 // offset to the next 8 keys (1024 bytes).
-__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t leading, uint32_t stride) {
-  const uint64_t addr = smem_addr(p);
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t leading, uint32_t stride) {
   return ((addr & 0x3FFFF) >> 4) | (uint64_t((leading >> 4) & 0x3FFF) << 16) |
          (uint64_t((stride >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
@@ -98,43 +97,46 @@ __device__ __forceinline__ void pin(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+// The mbarrier and copy helpers take 32-bit shared-memory addresses, computed once per kernel:
+// from generic pointers ptxas re-derived each address (the shared window, the CTA's id in the
+// cluster) at every use. Fewer uniform-datapath instructions per chunk, and no measured change in
+// time (notes/hopper.md, fifteenth session).
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
 
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
-               "r"(bytes)
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
 
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
   uint32_t done = 0;
   while (!done) {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         "selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(phase)
+        : "r"(bar), "r"(phase)
         : "memory");
   }
 }
 
-__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
                                             int32_t c0, int32_t c1, int32_t c2) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
 
-__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar,
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
                                             int32_t c0, int32_t c1, int32_t c2, int32_t c3) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
 
@@ -199,15 +201,17 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
 
   extern __shared__ uint8_t smem_raw[];
   // The 128-byte swizzle is a function of address bits 4..9: panels start 1024-byte aligned.
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                             ~uintptr_t(1023));
-  uint8_t* q_smem = smem;
-  uint8_t* k_smem = smem + kPanelsK * kPanelBytes;        // kStages K stages
-  uint8_t* v_smem = k_smem + kStages * kKBytes;             // one V buffer
-  int32_t* row_sets = reinterpret_cast<int32_t*>(v_smem + kVBytes);
-  __shared__ __align__(8) uint64_t full_k[kStages];
-  __shared__ __align__(8) uint64_t full_v;
-  __shared__ __align__(8) uint64_t full_q;
+  // Shared-memory addresses (32-bit) of the operands and barriers, once per kernel.
+  const uint32_t raw_addr = smem_addr(smem_raw);
+  const uint32_t q_addr = (raw_addr + 1023) & ~1023u;
+  const uint32_t k_addr = q_addr + kPanelsK * kPanelBytes;     // kStages K stages
+  const uint32_t v_addr = k_addr + kStages * kKBytes;          // one V buffer
+  uint8_t* q_smem = smem_raw + (q_addr - raw_addr);             // generic, for ordinary stores
+  int32_t* row_sets = reinterpret_cast<int32_t*>(q_smem + (v_addr + kVBytes - q_addr));
+  __shared__ __align__(8) uint64_t barriers[kStages + 2];      // K stages, V, Q
+  const uint32_t full_k = smem_addr(barriers);                 // stage s: full_k + 8 s
+  const uint32_t full_v = full_k + 8 * kStages;
+  const uint32_t full_q = full_v + 8;
   // The next work item's first union start and union size, copied in by thread 0 at the start of
   // a tile (cp.async: no wait there) and read at the tile's last chunk, when its copies go out.
   __shared__ __align__(8) int64_t next_first_start;
@@ -248,26 +252,26 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   // Copies, by thread 0. K of global chunk `gc` goes to stage gc % 2; `key_row` is the chunk's
   // first key along B * TK.
   auto issue_k = [&](uint32_t gc, int64_t h, int32_t key_row) {
-    const int s = gc & 1;
-    uint8_t* dst = k_smem + s * kKBytes;
-    mbar_expect_tx(&full_k[s], kKBytes);
+    const uint32_t s = gc & 1;
+    const uint32_t dst = k_addr + s * kKBytes;
+    mbar_expect_tx(full_k + 8 * s, kKBytes);
 #pragma unroll
     for (int c = 0; c < kPanelsK; ++c)
-      tma_load_3d(dst + c * kPanelBytes, &k_map, &full_k[s], c * 64, int32_t(h), key_row);
+      tma_load_3d(dst + c * kPanelBytes, &k_map, full_k + 8 * s, c * 64, int32_t(h), key_row);
   };
   auto issue_v = [&](int64_t h, int32_t key_row) {
-    mbar_expect_tx(&full_v, kVBytes);
+    mbar_expect_tx(full_v, kVBytes);
 #pragma unroll
     for (int c = 0; c < kPanelsV; ++c)
-      tma_load_3d(v_smem + c * kPanelBytes, &v_map, &full_v, c * 64, int32_t(h), key_row);
+      tma_load_3d(v_addr + c * kPanelBytes, &v_map, full_v, c * 64, int32_t(h), key_row);
   };
   // Q of a tile: one box per 64-column panel, the tile's QT tokens x G heads, rows m = r * G + g
   // in order; tokens past TQ read as zeros.
   auto issue_q = [&](int64_t b, int64_t h, int64_t tile) {
-    mbar_expect_tx(&full_q, kPanelsK * QT * G * 128);
+    mbar_expect_tx(full_q, kPanelsK * QT * G * 128);
 #pragma unroll
     for (int c = 0; c < kPanelsK; ++c)
-      tma_load_4d(q_smem + c * kPanelBytes, &q_map, &full_q, c * 64, int32_t(h * G),
+      tma_load_4d(q_addr + c * kPanelBytes, &q_map, full_q, c * 64, int32_t(h * G),
                   int32_t(tile * QT), int32_t(b));
   };
   // Thread 0: start copying work item w's union size and first start into shared memory.
@@ -291,9 +295,9 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   // The first tile's copies go out before anything else (the others wait on their barriers
   // after the __syncthreads that publishes the inits).
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(&full_k[s], 1);
-    mbar_init(&full_v, 1);
-    mbar_init(&full_q, 1);
+    for (int s = 0; s < kStages; ++s) mbar_init(full_k + 8 * s, 1);
+    mbar_init(full_v, 1);
+    mbar_init(full_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     int64_t b, h, tile;
     decode(work, b, h, tile);
@@ -314,9 +318,9 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
 
   // Q and K are K-major (rows of 128 bytes, 8-row groups 1024 bytes apart); V is read N-major
   // (the next 64 columns one panel on, the next 8 keys 1024 bytes on).
-  const uint64_t q_desc = smem_desc(q_smem, 16, 1024);
-  const uint64_t k_desc0 = smem_desc(k_smem, 16, 1024);
-  const uint64_t v_desc = smem_desc(v_smem, kPanelBytes, 1024);
+  const uint64_t q_desc = smem_desc(q_addr, 16, 1024);
+  const uint64_t k_desc0 = smem_desc(k_addr, 16, 1024);
+  const uint64_t v_desc = smem_desc(v_addr, kPanelBytes, 1024);
   const int quad = lane & 3;
   uint32_t gc0 = 0;          // global chunks of this CTA before the current tile's first
   uint32_t q_phase = 0;
@@ -370,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     // see the Q rows.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    mbar_wait(&full_q, q_phase);
+    mbar_wait(full_q, q_phase);
     // next_blk: each row's canonical block after its head, loaded one block ahead so that a
     // row's step at a block's end (right before the loop's closing barrier) waits for no load.
     int32_t next_blk[2] = {0, 0};
@@ -412,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
       const int64_t block_start = chunk_start;
       const int64_t key0 = block_start + (it & chunk_mask) * kChunkKeys;
       const uint64_t k_desc = desc_plus(k_desc0, s * kKBytes);
-      mbar_wait(&full_k[s], (gc >> 1) & 1);
+      mbar_wait(full_k + 8 * s, (gc >> 1) & 1);
 
       float sc[32];
 #pragma unroll
@@ -480,6 +484,8 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
         }
       }
       float alpha[2] = {1.f, 1.f}, m_use[2] = {0.f, 0.f}, rowsum[2] = {0.f, 0.f};
+      // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
+      uint32_t pa[4][4];
       if (!warp_none) {
         // Lazy rescaling: a row keeps its (stale) maximum while the chunk's scores stay within
         // 2^kRescaleSlack of it -- exact, since o / l and lse = m + log2 l all use the same m,
@@ -534,21 +540,21 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
 #pragma unroll
           for (int i = 0; i < 2; ++i) l_run[i] += rowsum[i];
         }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+          pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+          pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+          pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+        }
       } else {
+        // P = 0 as 16 packed registers (zeroing S's 32 instead was hoisted by ptxas onto every
+        // warp's path: 16 CS2R per chunk).
 #pragma unroll
-        for (int j = 0; j < 32; ++j) sc[j] = 0.f;
-      }
-      // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
-      uint32_t pa[4][4];
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
-        pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-        pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-        pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+        for (int kk = 0; kk < 4; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
       }
       pin(o_acc);
-      mbar_wait(&full_v, gc & 1);
+      mbar_wait(full_v, gc & 1);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
