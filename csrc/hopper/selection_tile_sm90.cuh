@@ -15,9 +15,9 @@
 //   O += P V    wgmma m64n{Dv}k16, P from registers (the S accumulators, converted in place:
 //               the accumulator layout of two n8 tiles is the A-fragment layout of one k16
 //               slice), V from shared memory read N-major (transposed by the instruction).
-// One warpgroup (128 threads); thread 0 issues chunk i + 1's K copy at the top of chunk i and its
-// V copy once chunk i's P V is done (V is read only after S and the softmax, so half a chunk of
-// work still covers its copy). One V buffer instead of two stages of K and V is what lets three
+// One warpgroup (128 threads); thread 0 issues chunk i's V copy and chunk i + 1's K copy while
+// chunk i's S MMAs run (V is read only after S and the softmax, so half a chunk of work still
+// covers its copy; K has the whole chunk). One V buffer instead of two stages of K and V is what lets three
 // CTAs share an SM at Dk = Dv = 128 (69 KB of shared memory and <= 168 registers each, where two
 // stages of both took 85 KB and allowed two): the kernel is latency-bound, and more CTAs per SM
 // overlap more of one CTA's copies and softmax with the others' MMAs (notes/hopper.md). (A
@@ -305,8 +305,7 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     issue_q(b, h, tile);
     if (tp.union_counts[row] > 0) {
       const int32_t key = int32_t(b * p.seqlen_k + tp.union_starts[row * tp.union_width]);
-      issue_k(0, h, key);
-      issue_v(h, key);
+      issue_k(0, h, key);     // (its V goes out under its S MMAs, as every chunk's)
     }
   }
   // Rows past the tile (G not dividing 64) are outside every Q box: zeros, once, by ordinary
@@ -397,11 +396,11 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     for (int it = 0; it < n_iter; ++it) {
       const uint32_t gc = gc0 + it;
       const int s = gc & 1;
-      // K of the stream's next chunk goes into the stage the previous iteration finished with
-      // (every thread passed that iteration's closing barrier): this tile's chunk it + 1, or
-      // after its last chunk the next work item's first.
       const int64_t next_start = copy_start;
-      if (tid == 0) {
+      // K of the stream's next chunk, into the stage S(gc - 1) finished with (every thread passed
+      // the closing barrier after it): this tile's chunk it + 1, or after its last chunk the next
+      // work item's first.
+      auto issue_next_k = [&] {
         if (it + 1 < n_iter) {
           issue_k(gc + 1, h, kv_row_base + int32_t(next_start + ((it + 1) & chunk_mask) * kChunkKeys));
         } else if (next_work < total) {
@@ -412,7 +411,7 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
             issue_k(gc + 1, nh, int32_t(nb * p.seqlen_k + next_first_start));
           }
         }
-      }
+      };
       const int64_t block_start = chunk_start;
       const int64_t key0 = block_start + (it & chunk_mask) * kChunkKeys;
       const uint64_t k_desc = desc_plus(k_desc0, s * kKBytes);
@@ -431,6 +430,15 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
                             desc_plus(k_desc, c * kPanelBytes + kk * 32));
       }
       wgmma_commit();
+      // Thread 0's copies go out while the tensor cores run S: this chunk's V (its buffer was
+      // released by P V(gc - 1) before the last closing barrier) and the next chunk's K. Warp 0's
+      // path is the warpgroup's (the warps meet at the closing barrier and at every wgmma), and
+      // issued before S (K) or after the barrier (V) the copies sat on it: -2.5 to -5 % on the
+      // prefill rows, -14 % on a random chunk (notes/hopper_late_issue_ab_s16.txt).
+      if (tid == 0) {
+        issue_v(h, kv_row_base + int32_t(key0));
+        issue_next_k();
+      }
       // The next chunk's start, and thread 0's next copy's, load while the MMAs run.
       if (it + 1 < n_iter && ((it + 1) & chunk_mask) == 0)
         chunk_start = load_now(starts + ((it + 1) >> chunk_shift));
@@ -576,15 +584,10 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
         }
       }
       __syncthreads();   // every thread's MMAs on K stage s, on V and on Q are done: refill them
-      if (tid == 0) {
-        if (it + 1 < n_iter) {
-          issue_v(h, kv_row_base + int32_t(next_start + ((it + 1) & chunk_mask) * kChunkKeys));
-        } else if (next_work < total) {    // the next work item's Q and first V
-          int64_t nb, nh, ntile;
-          decode(next_work, nb, nh, ntile);
-          issue_q(nb, nh, ntile);
-          if (next_union_count > 0) issue_v(nh, int32_t(nb * p.seqlen_k + next_first_start));
-        }
+      if (tid == 0 && it + 1 == n_iter && next_work < total) {   // the next work item's Q
+        int64_t nb, nh, ntile;
+        decode(next_work, nb, nh, ntile);
+        issue_q(nb, nh, ntile);
       }
     }
 
@@ -611,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     }
     if (next_work >= total) break;
     // A tile without chunks issued nothing for the next one in its (empty) loop: its Q (and
-    // first K / V) go out here. Every thread is past this tile's reads of the row sets and of Q.
+    // first K) go out here. Every thread is past this tile's reads of the row sets and of Q.
     __syncthreads();
     if (tid == 0 && n_iter == 0) {
       asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -621,7 +624,6 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
       if (next_union_count > 0) {
         const int32_t key = int32_t(nb * p.seqlen_k + next_first_start);
         issue_k(gc0, nh, key);
-        issue_v(nh, key);
       }
     }
     gc0 += n_iter;
