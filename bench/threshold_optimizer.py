@@ -445,8 +445,11 @@ def cuda_tile_union_limit(bench: dict, kv_max_g: int = 2) -> Dict[str, object]:
     From one run's forward rows with both nsa:cuda-tile and Triton's row schedule (nsa:triton-row,
     else nsa:triton where that case's Triton schedule was row), cases ordered by union ratio: the
     midpoint between the last case of the run of wins from the smallest union and the first case
-    that lost (0 for the lower end when the smallest lost), 100 when none lost; None without a
-    pair. Cases with G <= kv_max_g are left out."""
+    that lost (0 for the lower end when the smallest lost); when none lost, the midpoint between
+    the last win and 100 % (a union of 100 %, every token's blocks disjoint from its tile
+    neighbours', is the tile kernel's worst case -- at G = 16 four times the row kernel's MMA
+    rows -- and no bench pattern reaches it, so the limit does not extrapolate that far); None
+    without a pair. Cases with G <= kv_max_g are left out."""
     ratios = case_union_ratios(bench, kv_max_g)
     row_schedule = {(c["case"], c["pattern"]) for c in bench.get("cases", [])
                     if "nsa:triton's schedule: row" in str(c.get("auto") or "")}
@@ -471,7 +474,7 @@ def cuda_tile_union_limit(bench: dict, kv_max_g: int = 2) -> Dict[str, object]:
         if not won:
             return {"value": int(50 * (last_win + ratio)), "points": points}
         last_win = ratio
-    return {"value": 100, "points": points}
+    return {"value": int(50 * (last_win + 1.0)), "points": points}
 
 
 def eager_order(bench: dict) -> Dict[str, object]:

@@ -490,7 +490,8 @@ def test_optimizer_cuda_tile_union_limit():
     h200 = [(0.605, 1.54, 2.04), (0.711, 3.64, 4.09), (0.786, 8.33, 8.22), (0.834, 17.8, 16.7)]
     assert optimizer.cuda_tile_union_limit(bench(h200))["value"] == 74
     assert optimizer.cuda_tile_union_limit(bench(h200, forced_row=False))["value"] == 74
-    assert optimizer.cuda_tile_union_limit(bench(h200[:2]))["value"] == 100
+    # No loss measured: halfway from the last win (71.1 %) to 100 %.
+    assert optimizer.cuda_tile_union_limit(bench(h200[:2]))["value"] == 85
     assert optimizer.cuda_tile_union_limit(bench([(0.3, 2.0, 1.0)]))["value"] == 15
     assert optimizer.cuda_tile_union_limit(bench(h200, G=2))["value"] is None    # kv's side
     numeric = bench(h200)
