@@ -17,9 +17,9 @@
 //               slice), V from shared memory read N-major (transposed by the instruction).
 // One warpgroup (128 threads); thread 0 issues chunk i's V copy and chunk i + 1's K copy while
 // chunk i's S MMAs run (V is read only after S and the softmax, so half a chunk of work still
-// covers its copy; K has the whole chunk). One V buffer instead of two stages of K and V is what lets three
-// CTAs share an SM at Dk = Dv = 128 (69 KB of shared memory and <= 168 registers each, where two
-// stages of both took 85 KB and allowed two): the kernel is latency-bound, and more CTAs per SM
+// covers its copy; K has the whole chunk). One V buffer instead of two stages of K and V is what
+// lets three CTAs share an SM at Dk = Dv = 128 (69 KB of shared memory and <= 168 registers
+// each, where two stages of both took 85 KB and allowed two): the kernel is latency-bound, and more CTAs per SM
 // overlap more of one CTA's copies and softmax with the others' MMAs (notes/hopper.md). (A
 // FlashAttention-3-style variant with S(i) and P V(i-1) in flight together and three copy stages
 // measured 20-25 % slower on the H200, and so did one CTA per SM with up to eight stages.)
@@ -583,7 +583,9 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
           }
         }
       }
-      __syncthreads();   // every thread's MMAs on K stage s, on V and on Q are done: refill them
+      // Every thread's MMAs on K stage s, on V and on Q are done: thread 0 may refill them (V and
+      // the next K under the next chunk's S, the next tile's Q here).
+      __syncthreads();
       if (tid == 0 && it + 1 == n_iter && next_work < total) {   // the next work item's Q
         int64_t nb, nh, ntile;
         decode(next_work, nb, nh, ntile);
