@@ -19,8 +19,9 @@
 // chunk i's S MMAs run (V is read only after S and the softmax, so half a chunk of work still
 // covers its copy; K has the whole chunk). One V buffer instead of two stages of K and V is what
 // lets three CTAs share an SM at Dk = Dv = 128 (69 KB of shared memory and <= 168 registers
-// each, where two stages of both took 85 KB and allowed two): the kernel is latency-bound, and more CTAs per SM
-// overlap more of one CTA's copies and softmax with the others' MMAs (notes/hopper.md). (A
+// each, where two stages of both took 85 KB and allowed two): the kernel is latency-bound, and
+// more CTAs per SM overlap more of one CTA's copies and softmax with the others' MMAs
+// (notes/hopper.md). (A
 // FlashAttention-3-style variant with S(i) and P V(i-1) in flight together and three copy stages
 // measured 20-25 % slower on the H200, and so did one CTA per SM with up to eight stages.)
 //
