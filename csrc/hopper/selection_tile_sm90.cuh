@@ -21,9 +21,9 @@
 // lets three CTAs share an SM at Dk = Dv = 128 (69 KB of shared memory and <= 168 registers
 // each, where two stages of both took 85 KB and allowed two): the kernel is latency-bound, and
 // more CTAs per SM overlap more of one CTA's copies and softmax with the others' MMAs
-// (notes/hopper.md). (A
-// FlashAttention-3-style variant with S(i) and P V(i-1) in flight together and three copy stages
-// measured 20-25 % slower on the H200, and so did one CTA per SM with up to eight stages.)
+// (notes/hopper.md). (A FlashAttention-3-style variant with S(i) and P V(i-1) in flight together
+// and three copy stages measured 20-25 % slower on the H200, and so did one CTA per SM with up to
+// eight stages; so did four CTAs per SM with one K slot, sixteenth session.)
 //
 // Shared-memory layout: every operand is cut into panels of 64 rows x 64 elements (128 bytes a
 // row, 8 KB), the 128-byte swizzle atom's width: Q [Dk/64 panels][64 rows], per K stage
