@@ -48,6 +48,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -212,327 +213,340 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   int* sVisible = reinterpret_cast<int*>(sOffV + 2 * kChunksPerStage);
   int32_t* sRow = sVisible + 2 * kChunksPerStage;      // [kCanonicalMaxSelected], then the count
 
-  const int64_t bt = blockIdx.x;             // b * TQ + t
-  const int h = blockIdx.y;
-  const int tiles = int(gridDim.z) / p.num_splits;
-  const int split = int(blockIdx.z) / tiles;
-  const int64_t g0 = int64_t(int(blockIdx.z) % tiles) * kRows;   // first group row of this block
-  const int64_t b = bt / p.seqlen_q;
-  const int64_t G = p.group;
-  const int64_t row = bt * p.heads_kv + h;   // selection row
-  const int64_t pos = p.pos[bt];
-  const int64_t k_offset = p.k_offset[bt];
-  const int64_t kv_row0 = b * p.seqlen_k + k_offset;   // row of key 0 of the sequence in [B*TK]
-  // Keys 0 .. key_end - 1 of the sequence are visible to this query and inside the tensor.
-  const int64_t key_end = min(pos + 1, p.seqlen_k - k_offset);
-  const int block_size = p.block_size;
-  const int chunks_per_block = block_size / kChunkKeys;   // a power of two
-  const int cpb_shift = __ffs(chunks_per_block) - 1;
-  const T* q = static_cast<const T*>(p.q);
-  // Q rows [kRows, Dk]: zeros past the group's end. Issued first: the copy overlaps the row's
-  // canonicalisation below.
-  {
-    const T* q_rows = q + (bt * p.heads_q + int64_t(h) * G + g0) * kHeadDimQK;
-    for (int i = tid; i < kRows * kSegQK; i += kThreads) {
-      const int r = i / kSegQK, seg = i % kSegQK;
-      const bool valid = g0 + r < G;
-      cp_async_16(sQ + r * kHeadDimQK + swizzle(r, seg) * 8,
-                  valid ? q_rows + r * kHeadDimQK + seg * 8 : q, valid);
+  // Work items (b * TQ + t, KV head, row tile x split), the first fastest: the launch's grid is
+  // (B * TQ, H, tiles * splits) and each block takes its own item, or -- selection_fwd_auto's
+  // launch, where the device may choose the tile kernel instead -- a grid of at most the blocks
+  // that fit at once, each striding over the items: an unchosen kernel then costs a few hundred
+  // blocks that read the choice and return, not one per item (131072 at T = 32k, ~83 us).
+  // (The loop's bounds are recomputed from the parameters, not held in registers across the
+  // body: the d128 instances are at their register bound.)
+  const int tiles = int((p.group + kRows - 1) / kRows);
+  for (int64_t item = blockIdx.x + int64_t(gridDim.x) * (blockIdx.y + int64_t(gridDim.y) * blockIdx.z);
+       item < p.batch * p.seqlen_q * p.heads_kv * tiles * p.num_splits;
+       item += int64_t(gridDim.x) * gridDim.y * gridDim.z) {
+    const int64_t bt = item % (p.batch * p.seqlen_q);             // b * TQ + t
+    const int h = int((item / (p.batch * p.seqlen_q)) % p.heads_kv);
+    const int z = int(item / (p.batch * p.seqlen_q * p.heads_kv));
+    const int split = z / tiles;
+    const int64_t g0 = int64_t(z % tiles) * kRows;   // first group row of this block
+    const int64_t b = bt / p.seqlen_q;
+    const int64_t G = p.group;
+    const int64_t row = bt * p.heads_kv + h;   // selection row
+    const int64_t pos = p.pos[bt];
+    const int64_t k_offset = p.k_offset[bt];
+    const int64_t kv_row0 = b * p.seqlen_k + k_offset;   // row of key 0 of the sequence in [B*TK]
+    // Keys 0 .. key_end - 1 of the sequence are visible to this query and inside the tensor.
+    const int64_t key_end = min(pos + 1, p.seqlen_k - k_offset);
+    const int block_size = p.block_size;
+    const int chunks_per_block = block_size / kChunkKeys;   // a power of two
+    const int cpb_shift = __ffs(chunks_per_block) - 1;
+    const T* q = static_cast<const T*>(p.q);
+    // Q rows [kRows, Dk]: zeros past the group's end. Issued first: the copy overlaps the row's
+    // canonicalisation below.
+    {
+      const T* q_rows = q + (bt * p.heads_q + int64_t(h) * G + g0) * kHeadDimQK;
+      for (int i = tid; i < kRows * kSegQK; i += kThreads) {
+        const int r = i / kSegQK, seg = i % kSegQK;
+        const bool valid = g0 + r < G;
+        cp_async_16(sQ + r * kHeadDimQK + swizzle(r, seg) * 8,
+                    valid ? q_rows + r * kHeadDimQK + seg * 8 : q, valid);
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
-  }
 
-  // The row's canonical entries: given (p.blocks), or canonicalised here by warp 0 from the
-  // caller's indices (every thread block of the row computes the same set).
-  const int32_t* row_all = p.blocks + row * p.num_selected;
-  int row_count = 0;
-  if (p.raw_indices != nullptr) {
-    if (warp == 0) {
-      const int64_t count = p.raw_counts == nullptr ? p.count_limit
-                            : p.raw_counts_int64   ? static_cast<const int64_t*>(p.raw_counts)[row]
-                                                   : static_cast<const int32_t*>(p.raw_counts)[row];
-      const int S = int(p.num_selected);
-      const int n =
-          p.raw_indices_int64
-              ? canonical_row_warp(static_cast<const int64_t*>(p.raw_indices) + row * S, S, count,
-                                   pos / block_size, sRow, lane)
-              : canonical_row_warp(static_cast<const int32_t*>(p.raw_indices) + row * S, S, count,
-                                   pos / block_size, sRow, lane);
-      if (lane == 0) sRow[kCanonicalMaxSelected] = n;
+    // The row's canonical entries: given (p.blocks), or canonicalised here by warp 0 from the
+    // caller's indices (every thread block of the row computes the same set).
+    const int32_t* row_all = p.blocks + row * p.num_selected;
+    int row_count = 0;
+    if (p.raw_indices != nullptr) {
+      if (warp == 0) {
+        const int64_t count = p.raw_counts == nullptr ? p.count_limit
+                              : p.raw_counts_int64   ? static_cast<const int64_t*>(p.raw_counts)[row]
+                                                     : static_cast<const int32_t*>(p.raw_counts)[row];
+        const int S = int(p.num_selected);
+        const int n =
+            p.raw_indices_int64
+                ? canonical_row_warp(static_cast<const int64_t*>(p.raw_indices) + row * S, S, count,
+                                     pos / block_size, sRow, lane)
+                : canonical_row_warp(static_cast<const int32_t*>(p.raw_indices) + row * S, S, count,
+                                     pos / block_size, sRow, lane);
+        if (lane == 0) sRow[kCanonicalMaxSelected] = n;
+      }
+      __syncthreads();
+      row_all = sRow;
+      row_count = sRow[kCanonicalMaxSelected];
+    } else {
+      row_count = p.num_blocks[row];
     }
+    // Clamped so that a malformed count can never index past the row; this block's slice of it.
+    const int2 entries = split_entries(p, max(0, min(row_count, int(p.num_selected))), split);
+    const int32_t* row_blocks = row_all + entries.x;
+    const int total_chunks = count_chunks(row_blocks, entries.y - entries.x, pos, block_size);
+    const int num_stages = (total_chunks + kChunksPerStage - 1) / kChunksPerStage;
+
+    const int64_t k_stride = p.heads_kv * kHeadDimQK;   // key j is j rows of H * D elements further
+    const int64_t v_stride = p.heads_kv * kHeadDimV;
+    // This thread's row within a chunk and first 16-byte segment of it.
+    const int crow = tid / kLanesPerRow, cseg = tid % kLanesPerRow;
+    // Key 0 of the sequence at this thread's segment, and key crow: a copy adds the chunk's offset.
+    const T* k_seg = static_cast<const T*>(p.k) + (kv_row0 * p.heads_kv + h) * kHeadDimQK + cseg * 8;
+    const T* v_seg = static_cast<const T*>(p.v) + (kv_row0 * p.heads_kv + h) * kHeadDimV + cseg * 8;
+    const T* k_thread = k_seg + crow * k_stride;
+    const T* v_thread = v_seg + crow * v_stride;
+    // Row crow of every chunk has crow % 8 == crow's: one swizzled unit for all of them.
+    T* sK_thread = sK + crow * kHeadDimQK + swizzle(crow, cseg) * 8;
+    T* sV_thread = sV + crow * kHeadDimV + swizzle(crow, cseg) * 8;
+
+    // Threads 0-3: chunk tid of `stage` -> slot stage % 2 (first key; visible keys, 0 if none).
+    auto describe_stage = [&](int stage) {
+      if (tid < kChunksPerStage) {
+        const int chunk = stage * kChunksPerStage + tid;
+        int64_t first = 0;
+        int visible = 0;
+        if (chunk < total_chunks) {
+          const int64_t block = row_blocks[chunk >> cpb_shift];
+          if (block >= 0) {
+            first = block * block_size + int64_t(chunk & (chunks_per_block - 1)) * kChunkKeys;
+            visible = int(max(int64_t(0), min(int64_t(kChunkKeys), key_end - first)));
+          }
+        }
+        sOffK[(stage & 1) * kChunksPerStage + tid] = first * k_stride;
+        sOffV[(stage & 1) * kChunksPerStage + tid] = first * v_stride;
+        sVisible[(stage & 1) * kChunksPerStage + tid] = visible;
+      }
+    };
+    // K (or V) rows of `stage` into their buffer; rows of keys that are not visible become zeros
+    // (V's must: P = 0 times stale NaN would be NaN).
+    // A copy that is not valid reads nothing (src-size 0); it is pointed at the sequence's key 0.
+    auto load_rows = [&](int stage, const T* src_thread, const T* src_seg, const int64_t* offsets,
+                         T* dst_thread, int row_elems, auto seg_count) {
+      constexpr int kSeg = decltype(seg_count)::value;
+#pragma unroll
+      for (int c = 0; c < kChunksPerStage; ++c) {
+        const int slot = (stage & 1) * kChunksPerStage + c;
+        const bool valid = crow < sVisible[slot];
+        const T* src = valid ? src_thread + offsets[slot] : src_seg;
+        T* dst = dst_thread + c * kChunkKeys * row_elems;
+#pragma unroll
+        for (int e = 0; e < kSeg / kLanesPerRow; ++e)
+          cp_async_16(dst + e * kLanesPerRow * 8, src + e * kLanesPerRow * 8, valid);
+      }
+    };
+    auto load_k = [&](int stage) {
+      load_rows(stage, k_thread, k_seg, sOffK, sK_thread, kHeadDimQK,
+                std::integral_constant<int, kSegQK>{});
+    };
+    auto load_v = [&](int stage) {
+      load_rows(stage, v_thread, v_seg, sOffV, sV_thread, kHeadDimV,
+                std::integral_constant<int, kSegV>{});
+    };
+
+    describe_stage(0);
     __syncthreads();
-    row_all = sRow;
-    row_count = sRow[kCanonicalMaxSelected];
-  } else {
-    row_count = p.num_blocks[row];
-  }
-  // Clamped so that a malformed count can never index past the row; this block's slice of it.
-  const int2 entries = split_entries(p, max(0, min(row_count, int(p.num_selected))), split);
-  const int32_t* row_blocks = row_all + entries.x;
-  const int total_chunks = count_chunks(row_blocks, entries.y - entries.x, pos, block_size);
-  const int num_stages = (total_chunks + kChunksPerStage - 1) / kChunksPerStage;
+    if (num_stages > 0) { load_k(0); load_v(0); }
+    cp_async_commit();
 
-  const int64_t k_stride = p.heads_kv * kHeadDimQK;   // key j is j rows of H * D elements further
-  const int64_t v_stride = p.heads_kv * kHeadDimV;
-  // This thread's row within a chunk and first 16-byte segment of it.
-  const int crow = tid / kLanesPerRow, cseg = tid % kLanesPerRow;
-  // Key 0 of the sequence at this thread's segment, and key crow: a copy adds the chunk's offset.
-  const T* k_seg = static_cast<const T*>(p.k) + (kv_row0 * p.heads_kv + h) * kHeadDimQK + cseg * 8;
-  const T* v_seg = static_cast<const T*>(p.v) + (kv_row0 * p.heads_kv + h) * kHeadDimV + cseg * 8;
-  const T* k_thread = k_seg + crow * k_stride;
-  const T* v_thread = v_seg + crow * v_stride;
-  // Row crow of every chunk has crow % 8 == crow's: one swizzled unit for all of them.
-  T* sK_thread = sK + crow * kHeadDimQK + swizzle(crow, cseg) * 8;
-  T* sV_thread = sV + crow * kHeadDimV + swizzle(crow, cseg) * 8;
-
-  // Threads 0-3: chunk tid of `stage` -> slot stage % 2 (first key; visible keys, 0 if none).
-  auto describe_stage = [&](int stage) {
-    if (tid < kChunksPerStage) {
-      const int chunk = stage * kChunksPerStage + tid;
-      int64_t first = 0;
-      int visible = 0;
-      if (chunk < total_chunks) {
-        const int64_t block = row_blocks[chunk >> cpb_shift];
-        if (block >= 0) {
-          first = block * block_size + int64_t(chunk & (chunks_per_block - 1)) * kChunkKeys;
-          visible = int(max(int64_t(0), min(int64_t(kChunkKeys), key_end - first)));
-        }
-      }
-      sOffK[(stage & 1) * kChunksPerStage + tid] = first * k_stride;
-      sOffV[(stage & 1) * kChunksPerStage + tid] = first * v_stride;
-      sVisible[(stage & 1) * kChunksPerStage + tid] = visible;
-    }
-  };
-  // K (or V) rows of `stage` into their buffer; rows of keys that are not visible become zeros
-  // (V's must: P = 0 times stale NaN would be NaN).
-  // A copy that is not valid reads nothing (src-size 0); it is pointed at the sequence's key 0.
-  auto load_rows = [&](int stage, const T* src_thread, const T* src_seg, const int64_t* offsets,
-                       T* dst_thread, int row_elems, auto seg_count) {
-    constexpr int kSeg = decltype(seg_count)::value;
-#pragma unroll
-    for (int c = 0; c < kChunksPerStage; ++c) {
-      const int slot = (stage & 1) * kChunksPerStage + c;
-      const bool valid = crow < sVisible[slot];
-      const T* src = valid ? src_thread + offsets[slot] : src_seg;
-      T* dst = dst_thread + c * kChunkKeys * row_elems;
-#pragma unroll
-      for (int e = 0; e < kSeg / kLanesPerRow; ++e)
-        cp_async_16(dst + e * kLanesPerRow * 8, src + e * kLanesPerRow * 8, valid);
-    }
-  };
-  auto load_k = [&](int stage) {
-    load_rows(stage, k_thread, k_seg, sOffK, sK_thread, kHeadDimQK,
-              std::integral_constant<int, kSegQK>{});
-  };
-  auto load_v = [&](int stage) {
-    load_rows(stage, v_thread, v_seg, sOffV, sV_thread, kHeadDimV,
-              std::integral_constant<int, kSegV>{});
-  };
-
-  describe_stage(0);
-  __syncthreads();
-  if (num_stages > 0) { load_k(0); load_v(0); }
-  cp_async_commit();
-
-  // Per thread, row tile rt: rows rt * 16 + lane / 4 and + 8; m is the same in every warp.
-  const int r0 = lane / 4;
-  float m_row[kRowTiles][2], l_row[kRowTiles][2];   // l: this thread's share of the row sums
-  float acc[kRowTiles][kTilesW][4];
-#pragma unroll
-  for (int rt = 0; rt < kRowTiles; ++rt) {
-    m_row[rt][0] = m_row[rt][1] = -INFINITY;
-    l_row[rt][0] = l_row[rt][1] = 0.f;
-#pragma unroll
-    for (int n = 0; n < kTilesW; ++n) acc[rt][n][0] = acc[rt][n][1] = acc[rt][n][2] = acc[rt][n][3] = 0.f;
-  }
-
-  for (int s = 0; s < num_stages; ++s) {
-    cp_async_wait<0>();
-    __syncthreads();   // stage s (and Q) landed for every thread; iteration s - 1 is done
-    describe_stage(s + 1);   // read after the next barrier
-
-    // S [rows, this warp's 16 keys]; keys past `visible` are masked.
-    const int visible = sVisible[(s & 1) * kChunksPerStage + warp];
-    float sc[kRowTiles][2][4];
-#pragma unroll
-    for (int rt = 0; rt < kRowTiles; ++rt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[rt][0][e] = sc[rt][1][e] = 0.f;
-    if (visible > 0) {
-      const T* cK = sK + warp * kChunkKeys * kHeadDimQK;
-#pragma unroll
-      for (int ks = 0; ks < kStepsQK; ++ks) {
-        // Rows (lane % 8) + 8 (lane / 16) of the chunk and lane % 16 of a Q tile: row % 8 = lane % 8.
-        uint32_t kb[4];
-        ldmatrix_x4(kb, cK + ((lane % 8) + (lane / 16) * 8) * kHeadDimQK +
-                            swizzle(lane, ks * 2 + (lane / 8) % 2) * 8);
-#pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) {
-          uint32_t a[4];
-          ldmatrix_x4(a, sQ + (rt * 16 + lane % 16) * kHeadDimQK + swizzle(lane, ks * 2 + lane / 16) * 8);
-          mma_16816<T>(sc[rt][0], a, kb[0], kb[1]);
-          mma_16816<T>(sc[rt][1], a, kb[2], kb[3]);
-        }
-      }
-    }
+    // Per thread, row tile rt: rows rt * 16 + lane / 4 and + 8; m is the same in every warp.
+    const int r0 = lane / 4;
+    float m_row[kRowTiles][2], l_row[kRowTiles][2];   // l: this thread's share of the row sums
+    float acc[kRowTiles][kTilesW][4];
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt) {
-      float part_max[2] = {-INFINITY, -INFINITY};
+      m_row[rt][0] = m_row[rt][1] = -INFINITY;
+      l_row[rt][0] = l_row[rt][1] = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int n = 0; n < kTilesW; ++n) acc[rt][n][0] = acc[rt][n][1] = acc[rt][n][2] = acc[rt][n][3] = 0.f;
+    }
+
+    for (int s = 0; s < num_stages; ++s) {
+      cp_async_wait<0>();
+      __syncthreads();   // stage s (and Q) landed for every thread; iteration s - 1 is done
+      describe_stage(s + 1);   // read after the next barrier
+
+      // S [rows, this warp's 16 keys]; keys past `visible` are masked.
+      const int visible = sVisible[(s & 1) * kChunksPerStage + warp];
+      float sc[kRowTiles][2][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) sc[rt][nt][e] *= p.scale_log2;
-      if (visible < kChunkKeys) {   // the query's own block, or a chunk past the row's end
+      for (int rt = 0; rt < kRowTiles; ++rt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[rt][0][e] = sc[rt][1][e] = 0.f;
+      if (visible > 0) {
+        const T* cK = sK + warp * kChunkKeys * kHeadDimQK;
+#pragma unroll
+        for (int ks = 0; ks < kStepsQK; ++ks) {
+          // Rows (lane % 8) + 8 (lane / 16) of the chunk and lane % 16 of a Q tile: row % 8 = lane % 8.
+          uint32_t kb[4];
+          ldmatrix_x4(kb, cK + ((lane % 8) + (lane / 16) * 8) * kHeadDimQK +
+                              swizzle(lane, ks * 2 + (lane / 8) % 2) * 8);
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            uint32_t a[4];
+            ldmatrix_x4(a, sQ + (rt * 16 + lane % 16) * kHeadDimQK + swizzle(lane, ks * 2 + lane / 16) * 8);
+            mma_16816<T>(sc[rt][0], a, kb[0], kb[1]);
+            mma_16816<T>(sc[rt][1], a, kb[2], kb[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int rt = 0; rt < kRowTiles; ++rt) {
+        float part_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (nt * 8 + 2 * (lane % 4) + (e & 1) >= visible) sc[rt][nt][e] = -INFINITY;
+          for (int e = 0; e < 4; ++e) sc[rt][nt][e] *= p.scale_log2;
+        if (visible < kChunkKeys) {   // the query's own block, or a chunk past the row's end
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (nt * 8 + 2 * (lane % 4) + (e & 1) >= visible) sc[rt][nt][e] = -INFINITY;
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part_max[e / 2] = fmaxf(part_max[e / 2], sc[rt][nt][e]);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          part_max[i] = fmaxf(part_max[i], __shfl_xor_sync(0xffffffffu, part_max[i], 1));
+          part_max[i] = fmaxf(part_max[i], __shfl_xor_sync(0xffffffffu, part_max[i], 2));
+        }
+        if (lane % 4 == 0) {
+          sMax[warp * kRows + rt * 16 + r0] = part_max[0];
+          sMax[warp * kRows + rt * 16 + r0 + 8] = part_max[1];
+        }
       }
+      __syncthreads();   // maxima in, stage s + 1 described, every warp done with this K
+      if (s + 1 < num_stages) load_k(s + 1);
+      cp_async_commit();
+      bool rescale = false;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int rt = 0; rt < kRowTiles; ++rt) {
+        float m_use[2], corr[2];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) part_max[e / 2] = fmaxf(part_max[e / 2], sc[rt][nt][e]);
+        for (int i = 0; i < 2; ++i) {
+          const int r = rt * 16 + r0 + 8 * i;
+          float stage_max = sMax[r];
+#pragma unroll
+          for (int w = 1; w < kWarps; ++w) stage_max = fmaxf(stage_max, sMax[w * kRows + r]);
+          const float m_new = fmaxf(m_row[rt][i], stage_max);
+          // Nothing visible yet: keep m = -inf and subtract 0, never -inf - -inf.
+          m_use[i] = m_new == -INFINITY ? 0.f : m_new;
+          corr[i] = fast_exp2(m_row[rt][i] - m_use[i]);
+          m_row[rt][i] = m_new;
+        }
+        float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            sc[rt][nt][e] = fast_exp2(sc[rt][nt][e] - m_use[e / 2]);
+            row_sum[e / 2] += sc[rt][nt][e];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) l_row[rt][i] = l_row[rt][i] * corr[i] + row_sum[i];
+        // P [rows, 64 keys]: this warp's 16 columns, in the accumulator layout of its two tiles.
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int col = warp * kChunkKeys + nt * 8 + 2 * (lane % 4);
+          T* p_row = sP + (rt * 16 + r0) * kSP + col;
+          *reinterpret_cast<uint32_t*>(p_row) = pack2<T>(sc[rt][nt][0], sc[rt][nt][1]);
+          *reinterpret_cast<uint32_t*>(p_row + 8 * kSP) = pack2<T>(sc[rt][nt][2], sc[rt][nt][3]);
+        }
+        rescale |= corr[0] != 1.f || corr[1] != 1.f;
+        sc[rt][0][0] = corr[0];   // kept for the rescale below (sc is spent)
+        sc[rt][0][1] = corr[1];
+      }
+      // Once the running maxima settle, corr is exactly 1 for every row: skip the multiplies then.
+      // corr is the same in every warp (one shared max), so the branch is block-uniform.
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt)
+#pragma unroll
+          for (int n = 0; n < kTilesW; ++n) {
+            acc[rt][n][0] *= sc[rt][0][0];
+            acc[rt][n][1] *= sc[rt][0][0];
+            acc[rt][n][2] *= sc[rt][0][1];
+            acc[rt][n][3] *= sc[rt][0][1];
+          }
+      }
+      __syncthreads();   // P complete
+      // O [rows, this warp's columns] += P [rows, 64] V [64, columns].
+#pragma unroll
+      for (int ks = 0; ks < kChunksPerStage; ++ks) {
+        uint32_t pa[kRowTiles][4];
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt)
+          ldmatrix_x4(pa[rt], sP + (rt * 16 + lane % 16) * kSP + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int nd = 0; nd < kColsPerWarp / 16; ++nd) {
+          uint32_t vb[4];
+          ldmatrix_x4_trans(vb, sV + (ks * 16 + lane % 16) * kHeadDimV +
+                                    swizzle(lane, (warp * kColsPerWarp + nd * 16) / 8 + lane / 16) * 8);
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            mma_16816<T>(acc[rt][2 * nd], pa[rt], vb[0], vb[1]);
+            mma_16816<T>(acc[rt][2 * nd + 1], pa[rt], vb[2], vb[3]);
+          }
+        }
+      }
+      __syncthreads();   // every warp is done with this stage's V and with P
+      if (s + 1 < num_stages) load_v(s + 1);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+
+    // Row sums: over the quad, then over the warps (each warp summed its own keys). sSum is not
+    // used by the loop: no barrier needed before writing it.
+#pragma unroll
+    for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        part_max[i] = fmaxf(part_max[i], __shfl_xor_sync(0xffffffffu, part_max[i], 1));
-        part_max[i] = fmaxf(part_max[i], __shfl_xor_sync(0xffffffffu, part_max[i], 2));
+        float l = l_row[rt][i];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (lane % 4 == 0) sSum[warp * kRows + rt * 16 + r0 + 8 * i] = l;
       }
-      if (lane % 4 == 0) {
-        sMax[warp * kRows + rt * 16 + r0] = part_max[0];
-        sMax[warp * kRows + rt * 16 + r0 + 8] = part_max[1];
-      }
-    }
-    __syncthreads();   // maxima in, stage s + 1 described, every warp done with this K
-    if (s + 1 < num_stages) load_k(s + 1);
-    cp_async_commit();
-    bool rescale = false;
+    __syncthreads();
+    T* o = static_cast<T*>(p.o);
 #pragma unroll
-    for (int rt = 0; rt < kRowTiles; ++rt) {
-      float m_use[2], corr[2];
+    for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int r = rt * 16 + r0 + 8 * i;
-        float stage_max = sMax[r];
+        if (g0 + r >= G) continue;
+        float l_sum = 0.f;
 #pragma unroll
-        for (int w = 1; w < kWarps; ++w) stage_max = fmaxf(stage_max, sMax[w * kRows + r]);
-        const float m_new = fmaxf(m_row[rt][i], stage_max);
-        // Nothing visible yet: keep m = -inf and subtract 0, never -inf - -inf.
-        m_use[i] = m_new == -INFINITY ? 0.f : m_new;
-        corr[i] = fast_exp2(m_row[rt][i] - m_use[i]);
-        m_row[rt][i] = m_new;
-      }
-      float row_sum[2] = {0.f, 0.f};
+        for (int w = 0; w < kWarps; ++w) l_sum += sSum[w * kRows + r];
+        const float m = m_row[rt][i];
+        const int64_t out_row = bt * p.heads_q + int64_t(h) * G + g0 + r;
+        if (p.num_splits > 1) {
+          // An empty slice: m = -inf, l = 0, acc = 0.
+          const int64_t slot = out_row * p.num_splits + split;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          sc[rt][nt][e] = fast_exp2(sc[rt][nt][e] - m_use[e / 2]);
-          row_sum[e / 2] += sc[rt][nt][e];
+          for (int n = 0; n < kTilesW; ++n) {
+            const int col = warp * kColsPerWarp + n * 8 + 2 * (lane % 4);
+            *reinterpret_cast<float2*>(p.part_acc + slot * kHeadDimV + col) =
+                make_float2(acc[rt][n][2 * i], acc[rt][n][2 * i + 1]);
+          }
+          if (warp == 0 && lane % 4 == 0) {
+            p.part_m[slot] = m == -INFINITY ? -INFINITY : m * kLn2;
+            p.part_l[slot] = l_sum;
+          }
+          continue;
         }
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) l_row[rt][i] = l_row[rt][i] * corr[i] + row_sum[i];
-      // P [rows, 64 keys]: this warp's 16 columns, in the accumulator layout of its two tiles.
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int col = warp * kChunkKeys + nt * 8 + 2 * (lane % 4);
-        T* p_row = sP + (rt * 16 + r0) * kSP + col;
-        *reinterpret_cast<uint32_t*>(p_row) = pack2<T>(sc[rt][nt][0], sc[rt][nt][1]);
-        *reinterpret_cast<uint32_t*>(p_row + 8 * kSP) = pack2<T>(sc[rt][nt][2], sc[rt][nt][3]);
-      }
-      rescale |= corr[0] != 1.f || corr[1] != 1.f;
-      sc[rt][0][0] = corr[0];   // kept for the rescale below (sc is spent)
-      sc[rt][0][1] = corr[1];
-    }
-    // Once the running maxima settle, corr is exactly 1 for every row: skip the multiplies then.
-    // corr is the same in every warp (one shared max), so the branch is block-uniform.
-    if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-      for (int rt = 0; rt < kRowTiles; ++rt)
-#pragma unroll
-        for (int n = 0; n < kTilesW; ++n) {
-          acc[rt][n][0] *= sc[rt][0][0];
-          acc[rt][n][1] *= sc[rt][0][0];
-          acc[rt][n][2] *= sc[rt][0][1];
-          acc[rt][n][3] *= sc[rt][0][1];
-        }
-    }
-    __syncthreads();   // P complete
-    // O [rows, this warp's columns] += P [rows, 64] V [64, columns].
-#pragma unroll
-    for (int ks = 0; ks < kChunksPerStage; ++ks) {
-      uint32_t pa[kRowTiles][4];
-#pragma unroll
-      for (int rt = 0; rt < kRowTiles; ++rt)
-        ldmatrix_x4(pa[rt], sP + (rt * 16 + lane % 16) * kSP + ks * 16 + (lane / 16) * 8);
-#pragma unroll
-      for (int nd = 0; nd < kColsPerWarp / 16; ++nd) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, sV + (ks * 16 + lane % 16) * kHeadDimV +
-                                  swizzle(lane, (warp * kColsPerWarp + nd * 16) / 8 + lane / 16) * 8);
-#pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) {
-          mma_16816<T>(acc[rt][2 * nd], pa[rt], vb[0], vb[1]);
-          mma_16816<T>(acc[rt][2 * nd + 1], pa[rt], vb[2], vb[3]);
-        }
-      }
-    }
-    __syncthreads();   // every warp is done with this stage's V and with P
-    if (s + 1 < num_stages) load_v(s + 1);
-    cp_async_commit();
-  }
-  cp_async_wait<0>();
-
-  // Row sums: over the quad, then over the warps (each warp summed its own keys). sSum is not
-  // used by the loop: no barrier needed before writing it.
-#pragma unroll
-  for (int rt = 0; rt < kRowTiles; ++rt)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float l = l_row[rt][i];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      if (lane % 4 == 0) sSum[warp * kRows + rt * 16 + r0 + 8 * i] = l;
-    }
-  __syncthreads();
-  T* o = static_cast<T*>(p.o);
-#pragma unroll
-  for (int rt = 0; rt < kRowTiles; ++rt)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = rt * 16 + r0 + 8 * i;
-      if (g0 + r >= G) continue;
-      float l_sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) l_sum += sSum[w * kRows + r];
-      const float m = m_row[rt][i];
-      const int64_t out_row = bt * p.heads_q + int64_t(h) * G + g0 + r;
-      if (p.num_splits > 1) {
-        // An empty slice: m = -inf, l = 0, acc = 0.
-        const int64_t slot = out_row * p.num_splits + split;
+        const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
 #pragma unroll
         for (int n = 0; n < kTilesW; ++n) {
           const int col = warp * kColsPerWarp + n * 8 + 2 * (lane % 4);
-          *reinterpret_cast<float2*>(p.part_acc + slot * kHeadDimV + col) =
-              make_float2(acc[rt][n][2 * i], acc[rt][n][2 * i + 1]);
+          *reinterpret_cast<uint32_t*>(o + out_row * kHeadDimV + col) =
+              pack2<T>(acc[rt][n][2 * i] * inv, acc[rt][n][2 * i + 1] * inv);
         }
-        if (warp == 0 && lane % 4 == 0) {
-          p.part_m[slot] = m == -INFINITY ? -INFINITY : m * kLn2;
-          p.part_l[slot] = l_sum;
-        }
-        continue;
+        if (warp == 0 && lane % 4 == 0)
+          p.lse[out_row] = l_sum > 0.f ? m * kLn2 + logf(l_sum) : -INFINITY;
       }
-      const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
-#pragma unroll
-      for (int n = 0; n < kTilesW; ++n) {
-        const int col = warp * kColsPerWarp + n * 8 + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(o + out_row * kHeadDimV + col) =
-            pack2<T>(acc[rt][n][2 * i] * inv, acc[rt][n][2 * i + 1] * inv);
-      }
-      if (warp == 0 && lane % 4 == 0)
-        p.lse[out_row] = l_sum > 0.f ? m * kLn2 + logf(l_sum) : -INFINITY;
-    }
+    __syncthreads();   // the next item's copies and row set overwrite this one's shared memory
+  }
 }
 
 template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles>
@@ -546,8 +560,26 @@ cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const int64_t tiles = (p.group + Layout::kRows - 1) / Layout::kRows;
-  const dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv),
-                  unsigned(tiles * p.num_splits));
+  dim3 grid(unsigned(p.batch * p.seqlen_q), unsigned(p.heads_kv), unsigned(tiles * p.num_splits));
+  if (p.gate_totals != nullptr) {
+    // Gated (selection_fwd_auto): at most the blocks that fit on the device at once, striding
+    // over the items (the kernel's loop), so that the launch costs little when it is not chosen.
+    static thread_local int resident_of[64] = {};
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) return e;
+    if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+    if (!resident_of[device]) {
+      int sms = 0, per_sm = 0;
+      e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      if (e == cudaSuccess)
+        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+      if (e != cudaSuccess) return e;
+      resident_of[device] = std::max(1, sms) * std::max(1, per_sm);
+    }
+    const int64_t items = int64_t(grid.x) * grid.y * grid.z;
+    grid = dim3(unsigned(std::min<int64_t>(items, resident_of[device])), 1, 1);
+  }
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -52,10 +52,12 @@ CUDA_FIRST_EAGER_ROWS_KEY = "sel_cuda_first_eager_rows"
 # `threshold_optimizer.py --from-bench` writes it from the bench's nsa:cuda-tile and
 # nsa:triton-tile rows. Triton hands the call over after its chooser picked tile, with the
 # chooser's canonical rows and union (nsa_ext/backends/triton.py); a named backend always runs
-# its own kernels. Calls below `sel_tile_min_rows`, where Triton's chooser never takes tile, go
-# to the CUDA extension's device-chosen schedule instead (backends/cuda.py device_choice: row or
-# tile picked on the device by the same crossover), so that auto gains the tile kernel there
-# too (eager or captured) -- at the price of the CUDA row kernel where the device picks row.
+# its own kernels. Calls whose choice is between row and tile alone (below `sel_tile_min_rows`,
+# where Triton's chooser never takes tile, and above it for groups past `sel_kv_max_g`) go to
+# the CUDA extension's device-chosen schedule instead (backends/cuda.py device_choice: row or
+# tile picked on the device by the same crossover, no host sync), so that auto gains the tile
+# kernel eager or captured and a prefill no longer waits for the host -- at the price of the
+# CUDA row kernel where the device picks row.
 CUDA_TILE_KEY = "sel_cuda_first_tile"
 
 

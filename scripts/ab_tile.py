@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--modes", default="0,1", help="its values, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the first three cases only")
+    parser.add_argument("--cases", default=None,
+                        help="cases instead of the default list, TQ:TK:pattern:G comma-separated "
+                             "(e.g. 512:32768:model:16,1024:32768:random:16)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("ab_tile.py: needs a CUDA GPU (SM 9.0 with the extension built)")
@@ -57,7 +60,11 @@ def main() -> None:
     modes = args.modes.split(",")
     print(f"{torch.cuda.get_device_name()}: {args.env} in {modes}, {args.rounds} rounds in turns",
           flush=True)
-    for TQ, TK, pattern, G in CASES[:3] if args.quick else CASES:
+    cases = CASES[:3] if args.quick else CASES
+    if args.cases:
+        cases = [(int(a), int(b), c, int(d))
+                 for a, b, c, d in (x.split(":") for x in args.cases.split(","))]
+    for TQ, TK, pattern, G in cases:
         shape = Shape(B=1, TQ=TQ, TK=TK, HQ=4 * G, H=4, Dk=128, Dv=128, S=16, block_size=64)
         q, k, v = make_qkv(shape, torch.bfloat16, "cuda")
         call = describe_call(q, k, v, make_block_indices(shape, pattern, device="cuda"), 64)

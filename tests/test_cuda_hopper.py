@@ -8,7 +8,8 @@ the parity matrix with the tile schedule forced (G = 1, 3, 16, 24, 64, Dk=192/Dv
 empty rows) in bf16 and fp16, tiles whose rows chose the same / disjoint blocks, a block chosen
 by every row, bitwise run-to-run equality, and that the kernel really ran (a spy on the seam);
 the parity cases also with the persistent grid capped (NSA_SEL_TILE_MAX_CTAS), so that each CTA
-runs many tiles.
+runs many tiles. At d128 with 64-key blocks the small cases run the pair-step kernel (two union
+chunks a step) and `G16_many_tiles` the 64-key kernel (the launcher picks by grid rounds).
 """
 from __future__ import annotations
 
@@ -111,6 +112,9 @@ CASES = {
     "G1": dict(B=2, TQ=150, HQ=4, H=4, Dk=64, S=5, block_size=64),
     "G3": dict(B=1, TQ=200, HQ=6, H=2, Dk=128, S=6, block_size=64),
     "G16": dict(B=1, TQ=130, HQ=16, H=1, Dk=128, S=4, block_size=64),
+    # d128 with 64-key blocks runs the pair-step kernel on grids of few tiles (the cases above
+    # and below) and the 64-key kernel on grids of many (2048 tiles here).
+    "G16_many_tiles": dict(B=1, TQ=4096, HQ=32, H=2, Dk=128, S=6, block_size=64),
     "G24": dict(B=1, TQ=90, HQ=48, H=2, Dk=64, S=4, block_size=64),
     "G64": dict(B=1, TQ=100, HQ=64, H=1, Dk=128, S=4, block_size=64),
     "dk192_dv128": dict(B=1, TQ=150, HQ=8, H=2, Dk=192, Dv=128, S=4, block_size=64),

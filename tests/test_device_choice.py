@@ -1,8 +1,9 @@
 """The schedule chosen on the device: `nsa_ext_cuda::selection_fwd_auto` (backends/cuda.py
 device_choice).
 
-CPU: which calls the device chooses for (auto only; below the measured `sel_tile_min_rows`; where
-the Hopper tile kernel serves the call; with the crossover the host chooser would apply) and the
+CPU: which calls the device chooses for (auto only; below the measured `sel_tile_min_rows`, or
+above it where Triton's kv is no candidate; where the Hopper tile kernel serves the call; with the
+crossover the host chooser would apply) and the
 operator's fake implementation. GPU (marked `gpu`, SM 9.0 with a build that has the operator):
 the operator runs exactly the kernel the call's counts pick, bitwise the same as that kernel's
 own operator (row: selection_fwd; tile: selection_fwd_tile) over group sizes, head dims,
@@ -54,7 +55,9 @@ def hopper_build(monkeypatch):
     (Settings(thresholds={"sm90": SM90}), {}, H200, 80),                 # the CUDA tile key
     (Settings(thresholds={"sm90": {k: v for k, v in SM90.items()
                                    if k != "sel_cuda_tile_max_union_pct"}}), {}, H200, 50),
-    (Settings(thresholds={"sm90": SM90}), dict(T=16384), H200, None),    # 32768 rows: the host
+    (Settings(thresholds={"sm90": SM90}), dict(T=16384), H200, 80),      # 32768 rows, G = 16
+    (Settings(thresholds={"sm90": SM90}), dict(T=16384, G=2), H200, None),   # kv: the host
+    (Settings(thresholds={"sm90": SM90}), dict(T=256, G=2), H200, 80),   # small: no kv there
     (Settings(thresholds={"sm90": SM90}, sel_schedule="row"), {}, H200, None),   # forced
     (Settings(thresholds={"sm90": SM90}, sel_schedule="tile"), {}, H200, None),
     (Settings(thresholds={}), {}, H200, None),                           # nothing measured
@@ -197,9 +200,10 @@ def test_auto_op_takes_both_sides_of_the_crossover():
 
 @pytest.mark.gpu
 @needs_hopper
-def test_cuda_backend_auto_takes_the_device_choice(monkeypatch):
+@pytest.mark.parametrize("TQ", [256, 16384])    # below and above sel_tile_min_rows (32768 rows)
+def test_cuda_backend_auto_takes_the_device_choice(monkeypatch, TQ):
     monkeypatch.setenv("NSA_SEL_SCHEDULE", "auto")
-    case = shared_blocks(make_case(B=1, TQ=256, HQ=16, H=2, Dk=128, S=4, block_size=64,
+    case = shared_blocks(make_case(B=1, TQ=TQ, HQ=32, H=2, Dk=128, S=4, block_size=64,
                                    dtype=torch.bfloat16, device="cuda", seed=2))
     call = describe_call(*case.args(), **case.kwargs(), need_lse=True)
     settings, facts = load_settings(), device_facts(call.device)

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "hopper/selection_tile_pair_sm90.cuh"
 #include "hopper/selection_tile_sm90.cuh"
 
 namespace nsa_ext {
@@ -66,34 +67,69 @@ cudaError_t encode_q_map(CUtensorMap* map, const SelectionFwdParams& p, ScalarKi
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int kDk, int kDv, int kStages>
-cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
-                   const CUtensorMap& v_map, int64_t max_ctas, cudaStream_t stream) {
-  constexpr int smem = hopper::tile_smem_bytes<kDk, kDv, kStages>();
-  static_assert(smem <= hopper::kMaxDynamicSmem, "tile kernel: shared memory past 227 KB");
-  const auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv, kStages>;
-  // The whole 228 KB for shared memory: three CTAs of d128 (69 KB each) per SM, four of d64.
-  static thread_local SmemAttributes attributes;       // this kernel instance's
-  const cudaError_t err = attributes.set(kernel, smem, true);
-  if (err != cudaSuccess) return err;
-  // Persistent CTAs: as many as fit on the GPU at once (occupancy of this instance x SMs, per
-  // device), each striding over the work items.
-  static thread_local int sms_of[64] = {}, per_sm_of[64] = {};
+// CTAs of one kernel instance that fit on the current device at once (SMs x occupancy at
+// `smem`), cached per device in that instance's `cache`.
+struct Residency {
+  int sms_of[64] = {};
+  int per_sm_of[64] = {};
+};
+
+template <typename Kernel>
+cudaError_t residency(Kernel kernel, int smem, Residency& cache, int64_t& sms, int64_t& per_sm) {
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (!sms_of[device]) {
-    int sms = 0, per_sm = 0;
-    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (!cache.sms_of[device]) {
+    int n = 0, per = 0;
+    e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess)
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, hopper::kThreads, smem);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kernel, hopper::kThreads, smem);
     if (e != cudaSuccess) return e;
-    sms_of[device] = std::max(1, sms);
-    per_sm_of[device] = std::max(1, per_sm);
+    cache.sms_of[device] = std::max(1, n);
+    cache.per_sm_of[device] = std::max(1, per);
   }
-  const int64_t sms = sms_of[device], per_sm = per_sm_of[device];
-  const int64_t work = tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv;
+  sms = cache.sms_of[device];
+  per_sm = cache.per_sm_of[device];
+  return cudaSuccess;
+}
+
+int64_t work_items(const TileParams& tp) { return tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv; }
+
+// One instance of the 64-key kernel (selection_tile_sm90.cuh) or of the pair-step kernel
+// (selection_tile_pair_sm90.cuh): its function, shared memory and residency.
+template <typename T, int kDk, int kDv>
+struct StepKernel {
+  static constexpr int smem = hopper::tile_smem_bytes<kDk, kDv, hopper::kCopyStages>();
+  static_assert(smem <= hopper::kMaxDynamicSmem, "tile kernel: shared memory past 227 KB");
+  static constexpr auto kernel = hopper::selection_tile_sm90_kernel<T, kDk, kDv, hopper::kCopyStages>;
+};
+
+template <typename T>
+struct PairKernel {
+  static constexpr int smem = hopper::kPairSmemBytes;
+  static constexpr auto kernel = hopper::selection_tile_pair_sm90_kernel<T>;
+};
+
+template <typename K>
+cudaError_t resident(int64_t& sms, int64_t& per_sm) {
+  static thread_local SmemAttributes attributes;     // this kernel instance's
+  static thread_local Residency cache;
+  // The whole 228 KB for shared memory: three CTAs of d128 (69 KB each) per SM, four of d64, two
+  // of the pair kernel (113 KB).
+  const cudaError_t err = attributes.set(K::kernel, K::smem, true);
+  if (err != cudaSuccess) return err;
+  return residency(K::kernel, K::smem, cache, sms, per_sm);
+}
+
+// Persistent CTAs: as many as fit on the GPU at once, each striding over the work items.
+template <typename K>
+cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
+                   const CUtensorMap& v_map, int64_t max_ctas, cudaStream_t stream) {
+  int64_t sms = 0, per_sm = 0;
+  const cudaError_t err = resident<K>(sms, per_sm);
+  if (err != cudaSuccess) return err;
+  const int64_t work = work_items(tp);
   const auto rounds = [&](int64_t ctas) { return (work + ctas - 1) / ctas; };
   // Fewest CTAs per SM that take as many rounds over the work items as the full grid: a CTA
   // shares its SM with fewer others, so each of its tiles runs faster. At 512 items (a chunk of
@@ -104,16 +140,40 @@ cudaError_t launch(const TileParams& tp, const CUtensorMap& q_map, const CUtenso
   while (per > 1 && rounds((per - 1) * sms) == rounds(per_sm * sms)) --per;
   int64_t grid = std::min<int64_t>(work, per * sms);
   if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
-  kernel<<<dim3(unsigned(grid)), hopper::kThreads, smem, stream>>>(q_map, k_map, v_map, tp);
+  K::kernel<<<dim3(unsigned(grid)), hopper::kThreads, K::smem, stream>>>(q_map, k_map, v_map, tp);
   return cudaGetLastError();
+}
+
+// d128 with 64-key blocks: the pair-step kernel where its grid (two CTAs per SM) takes no more
+// rounds over the work items than the 64-key kernel's (three): chunks of a few hundred tiles,
+// where two CTAs per SM run either way and the pair kernel is 5-12 % faster (TQ = 256-512 at
+// G = 16; even at 1024 items, 4 rounds against 3). Prefills keep the 64-key kernel: its three
+// CTAs per SM beat the pair kernel's two by 7-11 % (notes/hopper.md, seventeenth session).
+template <typename T>
+cudaError_t launch_d128(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
+                        const CUtensorMap& v_map, int64_t max_ctas, cudaStream_t stream) {
+  using Step = StepKernel<T, 128, 128>;
+  if (tp.fwd.block_size == hopper::kChunkKeys) {
+    int64_t sms = 0, pair_per_sm = 0, step_per_sm = 0;
+    cudaError_t err = resident<PairKernel<T>>(sms, pair_per_sm);
+    if (err == cudaSuccess) err = resident<Step>(sms, step_per_sm);
+    if (err != cudaSuccess) return err;
+    const int64_t work = work_items(tp);
+    const auto rounds = [&](int64_t per_sm) { return (work + sms * per_sm - 1) / (sms * per_sm); };
+    if (rounds(pair_per_sm) <= rounds(step_per_sm))
+      return launch<PairKernel<T>>(tp, q_map, k_map, v_map, max_ctas, stream);
+  }
+  return launch<Step>(tp, q_map, k_map, v_map, max_ctas, stream);
 }
 
 template <typename T>
 cudaError_t launch_dims(const TileParams& tp, const CUtensorMap& q_map, const CUtensorMap& k_map,
                         const CUtensorMap& v_map, int64_t max_ctas, cudaStream_t stream) {
+  if (tp.fwd.head_dim_qk == 128 && tp.fwd.head_dim_v == 128)
+    return launch_d128<T>(tp, q_map, k_map, v_map, max_ctas, stream);
 #define NSA_EXT_TILE(DK, DV)                                                                  \
   if (tp.fwd.head_dim_qk == DK && tp.fwd.head_dim_v == DV)                                     \
-    return launch<T, DK, DV, hopper::kCopyStages>(tp, q_map, k_map, v_map, max_ctas, stream);
+    return launch<StepKernel<T, DK, DV>>(tp, q_map, k_map, v_map, max_ctas, stream);
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_TILE)
 #undef NSA_EXT_TILE
   return cudaErrorInvalidValue;

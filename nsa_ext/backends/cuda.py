@@ -6,11 +6,12 @@ take the same decision from the same statistic and thresholds):
 - `tile`: on SM 9.0 only (csrc/hopper/, wgmma + TMA), one thread block per 64 / G neighbouring
   query tokens of a KV head walking the union of their selections (G <= 64, block_size a
   multiple of 64, fp16/bf16). Where the tile kernel cannot serve a call, `row` runs.
-Under auto, who picks between them depends on the call's size: from the measured
-`sel_tile_min_rows` up the host chooser (one sync on the union's counts); below it, where the
-tile kernel serves the call, the device (`selection_fwd_auto`: both kernels enqueued, each gated
-on the counts; `device_choice`), so an eager chunk of 2048 rows takes tile where neighbours share
-blocks without waiting for the host.
+Under auto, where the tile kernel serves the call, the device picks between them
+(`selection_fwd_auto`: both kernels enqueued, each gated on the union's counts;
+`device_choice`), so neither an eager chunk nor a prefill waits for the host, and a CUDA graph
+captures the choice. The host chooser (one sync on the counts) keeps the calls from the
+measured `sel_tile_min_rows` up whose group is small enough for Triton's `kv` schedule to be a
+candidate (`sel_kv_max_g`).
 `kv` is the Triton backend's alone: forcing it names this backend unable (the dispatcher's auto
 then takes Triton), and `auto_preferences` steers auto to Triton where the measured crossovers
 pick kv (small G).
@@ -225,23 +226,27 @@ def device_choice(call: SelectionCall, settings, facts) -> Optional[int]:
     """The `tile_max_union_pct` with which `nsa_ext_cuda::selection_fwd_auto` lets the device
     choose this unsplit call's schedule, or None where the host decides (or no choice exists).
 
-    The device chooses where the host chooser reads no statistic: under auto, for calls with
-    fewer rows than the measured `sel_tile_min_rows`, which the Hopper tile kernel can serve
-    (SM 9.0, S <= 32). The operator enqueues the canonical rows, the unions with the call's
-    (selections, union blocks) and both kernels, each returning at once unless the counts pick
-    it by the same crossover the host would apply (CUDA_TILE_UNION_KEY, else
-    sel_tile_max_union_pct). No sync, so eager chunks pay no wait and a CUDA graph captures it.
-    Larger calls keep the host's sync: there an unchosen row grid (131072 CTAs at 32k) costs
-    ~2x the sync (notes/hopper.md, eighth session)."""
+    The device chooses under auto for the calls the Hopper tile kernel can serve (SM 9.0,
+    S <= 32) whose choice is between row and tile alone: calls with fewer rows than the measured
+    `sel_tile_min_rows` (the host chooser reads no statistic there), and larger calls whose
+    group is past `sel_kv_max_g` (the host would weigh Triton's kv schedule for a smaller one).
+    The operator enqueues the canonical rows, the unions with the call's (selections, union
+    blocks) and both kernels, each returning at once unless the counts pick it by the same
+    crossover the host would apply (CUDA_TILE_UNION_KEY, else sel_tile_max_union_pct). No sync:
+    eager calls pay no wait and a CUDA graph captures the choice. The row kernel's gated launch
+    is as many blocks as fit at once, striding over the rows, so that it costs a few us when tile
+    is chosen (one block per row, 131072 at T = 32k, cost ~83 us: twice the sync it replaces,
+    notes/hopper.md, tenth session)."""
     if settings.sel_schedule != "auto" or facts.kind != "cuda" or \
             not 0 < call.num_selected <= _ext.CANONICAL_MAX_SELECTED:
         return None
     from ..schedules.chooser import measured_crossovers, tile_union_limit
 
     crossovers = measured_crossovers(settings, facts)
+    if crossovers is None or not _ext.has_fwd_auto() or tile_reasons(call, facts):
+        return None
     rows = call.batch * call.seqlen_q * call.num_heads_kv
-    if crossovers is None or rows >= crossovers["sel_tile_min_rows"] or \
-            not _ext.has_fwd_auto() or tile_reasons(call, facts):
+    if rows >= crossovers["sel_tile_min_rows"] and call.group_size <= crossovers["sel_kv_max_g"]:
         return None
     return int(tile_union_limit(call, ("row", "tile"), crossovers, cuda_tile=True)[0])
 
@@ -288,8 +293,9 @@ def device_choice_lines(call: SelectionCall, settings, facts, pct: int) -> List[
             f"of the selections ({where}.{key}), else row; no host sync)",
             f"  statistics: selections {selections}, union blocks {unions}, union/selections "
             f"{unions / selections if selections else 1.0:.4g}",
-            f"  the host chooser is not asked: {call.batch * call.seqlen_q * call.num_heads_kv} "
-            f"rows < {where}.sel_tile_min_rows"]
+            "  the host chooser is not asked: its choice would be row or tile by the same "
+            f"crossover ({call.batch * call.seqlen_q * call.num_heads_kv} rows, G = "
+            f"{call.group_size})"]
 
 
 def tile_forward(*args):
