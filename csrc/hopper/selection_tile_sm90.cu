@@ -97,7 +97,7 @@ cudaError_t residency(Kernel kernel, int smem, Residency& cache, int64_t& sms, i
 int64_t work_items(const TileParams& tp) { return tp.fwd.batch * tp.num_tiles * tp.fwd.heads_kv; }
 
 // One instance of the 64-key kernel (selection_tile_sm90.cuh) or of the pair-step kernel
-// (selection_tile_pair_sm90.cuh): its function, shared memory and residency.
+// (selection_tile_pair_sm90.cuh): its function and its shared memory per CTA.
 template <typename T, int kDk, int kDv>
 struct StepKernel {
   static constexpr int smem = hopper::tile_smem_bytes<kDk, kDv, hopper::kCopyStages>();
