@@ -116,6 +116,9 @@ CASES = {
     # and below) and the 64-key kernel on grids of many (1024 tiles here; the reference is dense,
     # O(TQ x HQ x TK) per sequence, so the tiles come from B and H rather than a long sequence).
     "G16_many_tiles": dict(B=2, TQ=512, HQ=64, H=4, Dk=128, S=6, block_size=64),
+    # The pair kernel keeps a tile's canonical rows in shared memory up to 240 entries: 64 tokens
+    # x 8 here read them from global memory instead.
+    "G1_d128_rows_in_global": dict(B=1, TQ=300, HQ=2, H=2, Dk=128, S=8, block_size=64),
     "G24": dict(B=1, TQ=90, HQ=48, H=2, Dk=64, S=4, block_size=64),
     "G64": dict(B=1, TQ=100, HQ=64, H=1, Dk=128, S=4, block_size=64),
     "dk192_dv128": dict(B=1, TQ=150, HQ=8, H=2, Dk=192, Dv=128, S=4, block_size=64),
