@@ -75,13 +75,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int S = int(p.num_selected);
   const bool sets_in_smem = QT * S <= kPairRowSetEntries;
 
-  auto decode = [&](uint32_t w, int64_t& b, int64_t& h, int64_t& tile) {
-    const uint32_t bh = w / NT;
-    tile = w - bh * NT;
-    b = bh / H32;
-    h = bh - uint32_t(b) * H32;
-  };
-  auto tile_row_of = [&](int64_t b, int64_t h, int64_t tile) { return (b * NT + tile) * H + h; };
+  auto tile_row_of = [&](const TileItem& it) { return (it.b * NT + it.tile) * H + it.h; };
   // A step's two chunks (keys key_a and key_b along B * TK) side by side in one 128-key panel.
   auto issue_k = [&](uint32_t gs, int64_t h, int32_t key_a, int32_t key_b) {
     const uint32_t s = gs & 1;
@@ -103,18 +97,12 @@ __global__ void __launch_bounds__(kThreads, 2)
                   key_b);
     }
   };
-  auto issue_q = [&](int64_t b, int64_t h, int64_t tile) {
-    mbar_expect_tx(full_q, kPanelsK * QT * G * 128);
-#pragma unroll
-    for (int c = 0; c < kPanelsK; ++c)
-      tma_load_4d(q_addr + c * kPanelBytes, &q_map, full_q, c * 64, int32_t(h * G),
-                  int32_t(tile * QT), int32_t(b));
+  auto issue_q = [&](const TileItem& it) {
+    issue_q_tile<kPanelsK>(q_addr, &q_map, full_q, G, QT, it);
   };
   auto prefetch_next = [&](uint32_t w) {
     if (w >= total) return;
-    int64_t b, h, tile;
-    decode(w, b, h, tile);
-    const int64_t row = tile_row_of(b, h, tile);
+    const int64_t row = tile_row_of(decode_item(w, NT, H32));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(next_count)),
                  "l"(tp.union_counts + row)
                  : "memory");
@@ -132,21 +120,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     mbar_init(full_v, 1);
     mbar_init(full_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    int64_t b, h, tile;
-    decode(work, b, h, tile);
-    const int64_t row = tile_row_of(b, h, tile);
-    issue_q(b, h, tile);
+    const TileItem first = decode_item(work, NT, H32);
+    const int64_t row = tile_row_of(first);
+    issue_q(first);
     const int n = tp.union_counts[row];
     if (n > 0) {
       const int64_t* st = tp.union_starts + row * tp.union_width;
-      const int32_t base = int32_t(b * p.seqlen_k);
-      issue_k(0, h, base + int32_t(st[0]), base + int32_t(st[n > 1 ? 1 : 0]));
+      const int32_t base = int32_t(first.b * p.seqlen_k);
+      issue_k(0, first.h, base + int32_t(st[0]), base + int32_t(st[n > 1 ? 1 : 0]));
     }
   }
-  for (int c = QT * G * 8 + tid; c < kRows * 8; c += kThreads)
-#pragma unroll
-    for (int panel = 0; panel < kPanelsK; ++panel)
-      *reinterpret_cast<uint4*>(q_smem + panel * kPanelBytes + c * 16) = make_uint4(0, 0, 0, 0);
+  zero_rows_past_tile<kPanelsK>(q_smem, QT * G, tid);
 
   const uint64_t q_desc = smem_desc(q_addr, 16, 1024);
   const uint64_t k_desc0 = smem_desc(k_addr, 16, 1024);
@@ -156,10 +140,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   uint32_t q_phase = 0;
 
   for (;;) {
-    int64_t b, h, tile;
-    decode(work, b, h, tile);
-    const int64_t t0 = tile * QT;
-    const int64_t tile_row = tile_row_of(b, h, tile);
+    const TileItem item = decode_item(work, NT, H32);
+    const int64_t b = item.b, h = item.h;
+    const int64_t t0 = item.tile * QT;
+    const int64_t tile_row = tile_row_of(item);
     const int64_t* starts = tp.union_starts + tile_row * tp.union_width;
     const int n_chunks = tp.union_counts[tile_row];
     const int n_steps = (n_chunks + 1) >> 1;
@@ -175,29 +159,15 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (t < TQ) row_sets[c] = p.blocks[((b * TQ + t) * H + h) * S + c % S];
       }
 
+    const TileRows rows = tile_rows(p, item, QT, sets_in_smem, row_sets, warp, lane);
+    const int32_t(&lim)[2] = rows.lim;
+    const int32_t(&kv0)[2] = rows.kv0;
+    const int32_t* const(&row_blocks)[2] = rows.blocks;
+    const int(&row_n)[2] = rows.n;
+    int cursor[2] = {0, 0};
     // A row's next three canonical blocks as key positions (-2: none): a step may move it past
     // two, and the loads of the one after run a whole step ahead of their use.
-    int32_t lim[2], kv0[2], hd0[2], hd1[2], hd2[2];
-    const int32_t* row_blocks[2];
-    int row_n[2], cursor[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int m = 16 * warp + (lane >> 2) + 8 * i;
-      const int r = m / G;
-      const int64_t t = t0 + r;
-      lim[i] = -1;
-      kv0[i] = 0;
-      row_blocks[i] = p.blocks;
-      row_n[i] = 0;
-      cursor[i] = 0;
-      if (r < QT && t < TQ) {
-        const int64_t tok = b * TQ + t;
-        kv0[i] = int32_t(p.k_offset[tok]);
-        lim[i] = kv0[i] + int32_t(p.pos[tok]);
-        row_blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * H + h) * S;
-        row_n[i] = p.num_blocks[tok * H + h];
-      }
-    }
+    int32_t hd0[2], hd1[2], hd2[2];
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
     mbar_wait(full_q, q_phase);
@@ -255,10 +225,9 @@ __global__ void __launch_bounds__(kThreads, 2)
           asm volatile("cp.async.wait_all;\n" ::: "memory");
           const int nn = *next_count;
           if (nn > 0) {
-            int64_t nb, nh, ntile;
-            decode(next_work, nb, nh, ntile);
-            const int32_t base = int32_t(nb * p.seqlen_k);
-            issue_k(gs + 1, nh, base + int32_t(next_starts[0]),
+            const TileItem next = decode_item(next_work, NT, H32);
+            const int32_t base = int32_t(next.b * p.seqlen_k);
+            issue_k(gs + 1, next.h, base + int32_t(next_starts[0]),
                     base + int32_t(next_starts[nn > 1 ? 1 : 0]));
           }
         }
@@ -322,24 +291,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       uint32_t pa[8][4];
       if (!(none[0] && none[1])) {
-        bool grow[2];
         float alpha[2] = {1.f, 1.f}, m_use[2], rowsum[2] = {0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-          grow[i] = mx[i] > m_run[i] + kRescaleSlack;
         }
-        const bool warp_grow = __any_sync(0xffffffff, grow[0] || grow[1]);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (grow[i]) {
-            const float m_new = fmaxf(m_run[i], mx[i]);
-            alpha[i] = exp2_ftz(m_run[i] - m_new);
-            m_run[i] = m_new;
-          }
-          m_use[i] = m_run[i] == -INFINITY ? 0.f : m_run[i];
-        }
+        const bool warp_grow = step_max(mx, m_run, alpha, m_use);
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           if (none[c]) {
@@ -372,20 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             pa[4 * c + kk][3] = pack2<T>(x[6], x[7]);
           }
         }
-        if (warp_grow) {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
-#pragma unroll
-          for (int j = 0; j < kPairDv / 8; ++j) {
-            o_acc[4 * j + 0] *= alpha[0];
-            o_acc[4 * j + 1] *= alpha[0];
-            o_acc[4 * j + 2] *= alpha[1];
-            o_acc[4 * j + 3] *= alpha[1];
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) l_run[i] += rowsum[i];
-        }
+        rescale_rows<kPairDv>(o_acc, l_run, alpha, rowsum, warp_grow);
       } else {
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
@@ -413,44 +358,22 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
       __syncthreads();
-      if (tid == 0 && st + 1 == n_steps && next_work < total) {
-        int64_t nb, nh, ntile;
-        decode(next_work, nb, nh, ntile);
-        issue_q(nb, nh, ntile);
-      }
+      if (tid == 0 && st + 1 == n_steps && next_work < total)   // the next work item's Q
+        issue_q(decode_item(next_work, NT, H32));
     }
 
-    T* o = static_cast<T*>(p.o);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float l = l_run[i];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      const int m = 16 * warp + (lane >> 2) + 8 * i;
-      const int r = m / G;
-      const int64_t t = t0 + r;
-      if (r >= QT || t >= TQ) continue;
-      const int64_t row = (b * TQ + t) * p.heads_q + h * G + m % G;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* o_row = o + row * kPairDv;
-#pragma unroll
-      for (int j = 0; j < kPairDv / 8; ++j)
-        *reinterpret_cast<uint32_t*>(o_row + 8 * j + 2 * quad) =
-            pack2<T>(o_acc[4 * j + 2 * i] * inv, o_acc[4 * j + 2 * i + 1] * inv);
-      if (quad == 0)
-        p.lse[row] = l > 0.f ? (m_run[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
-    }
+    store_rows<T, kPairDv>(p, item, QT, o_acc, l_run, m_run, warp, lane);
     if (next_work >= total) break;
     __syncthreads();
     if (tid == 0 && n_steps == 0) {
       asm volatile("cp.async.wait_all;\n" ::: "memory");
-      int64_t nb, nh, ntile;
-      decode(next_work, nb, nh, ntile);
-      issue_q(nb, nh, ntile);
+      const TileItem next = decode_item(next_work, NT, H32);
+      issue_q(next);
       const int nn = *next_count;
       if (nn > 0) {
-        const int32_t base = int32_t(nb * p.seqlen_k);
-        issue_k(gs0, nh, base + int32_t(next_starts[0]), base + int32_t(next_starts[nn > 1 ? 1 : 0]));
+        const int32_t base = int32_t(next.b * p.seqlen_k);
+        issue_k(gs0, next.h, base + int32_t(next_starts[0]),
+                base + int32_t(next_starts[nn > 1 ? 1 : 0]));
       }
     }
     gs0 += n_steps;

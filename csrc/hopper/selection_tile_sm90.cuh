@@ -172,6 +172,163 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 
 
+// --- Pieces of a tile's work that both tile kernels take (this file's, 64 keys a step, and
+// selection_tile_pair_sm90.cuh's, 128) ---
+
+// Work item w = (b * H + h) * NT + tile (tile fastest; 32-bit division: the launcher keeps
+// B * NT * H < 2^31).
+struct TileItem {
+  int64_t b, h, tile;
+};
+
+__device__ __forceinline__ TileItem decode_item(uint32_t w, uint32_t NT, uint32_t H32) {
+  const uint32_t bh = w / NT;
+  TileItem it;
+  it.tile = w - bh * NT;
+  it.b = bh / H32;
+  it.h = bh - uint32_t(it.b) * H32;
+  return it;
+}
+
+// Q of a tile by the copy engine, completing on `full_q`: one box per 64-column panel, the
+// tile's QT tokens x G heads, rows m = r * G + g in order; tokens past TQ read as zeros.
+template <int kPanelsK>
+__device__ __forceinline__ void issue_q_tile(uint32_t q_addr, const CUtensorMap* q_map,
+                                             uint32_t full_q, int G, int QT, const TileItem& it) {
+  mbar_expect_tx(full_q, kPanelsK * QT * G * 128);
+#pragma unroll
+  for (int c = 0; c < kPanelsK; ++c)
+    tma_load_4d(q_addr + c * kPanelBytes, q_map, full_q, c * 64, int32_t(it.h * G),
+                int32_t(it.tile * QT), int32_t(it.b));
+}
+
+// Rows past the tile (G not dividing 64) are outside every Q box: zeros, once, by ordinary
+// stores (whole 128-byte rows, so the swizzle does not matter).
+template <int kPanelsK>
+__device__ __forceinline__ void zero_rows_past_tile(uint8_t* q_smem, int tile_rows, int tid) {
+  for (int c = tile_rows * 8 + tid; c < kRows * 8; c += kThreads)
+#pragma unroll
+    for (int panel = 0; panel < kPanelsK; ++panel)
+      *reinterpret_cast<uint4*>(q_smem + panel * kPanelBytes + c * 16) = make_uint4(0, 0, 0, 0);
+}
+
+// A thread's two accumulator rows m0 = 16 * warp + lane / 4 and m0 + 8: each one's query's causal
+// limit and key offset as key positions along B * TK (32-bit: the launcher checks B * TK < 2^31),
+// its canonical row (in shared memory, `row_sets`, where the tile's rows fit: `sets_in_smem`;
+// else global memory) and that row's length. A row past the tile or the sequence keeps no key
+// (lim = -1, no blocks).
+struct TileRows {
+  int32_t lim[2], kv0[2];
+  const int32_t* blocks[2];
+  int n[2];
+};
+
+__device__ __forceinline__ TileRows tile_rows(const SelectionFwdParams& p, const TileItem& it,
+                                              int QT, bool sets_in_smem,
+                                              const int32_t* row_sets, int warp, int lane) {
+  const int G = int(p.group);
+  const int S = int(p.num_selected);
+  const int64_t t0 = it.tile * QT;
+  TileRows rows;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int m = 16 * warp + (lane >> 2) + 8 * i;
+    const int r = m / G;
+    const int64_t t = t0 + r;
+    rows.lim[i] = -1;
+    rows.kv0[i] = 0;
+    rows.blocks[i] = p.blocks;
+    rows.n[i] = 0;
+    if (r < QT && t < p.seqlen_q) {
+      const int64_t tok = it.b * p.seqlen_q + t;
+      rows.kv0[i] = int32_t(p.k_offset[tok]);
+      rows.lim[i] = rows.kv0[i] + int32_t(p.pos[tok]);
+      rows.blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * p.heads_kv + it.h) * S;
+      rows.n[i] = p.num_blocks[tok * p.heads_kv + it.h];
+    }
+  }
+  return rows;
+}
+
+// The online softmax's running maxima after a step whose row maxima (scaled, base 2, reduced
+// over the quad) are `mx`. Lazy rescaling: a row keeps its (stale) maximum while the step's
+// scores stay within 2^kRescaleSlack of it -- exact, since o / l and lse = m + log2 l all use the
+// same m, and P <= 2^kRescaleSlack keeps its relative precision in bf16 / fp16 -- so a warp
+// multiplies its accumulators by alpha only where one of its rows' maximum grew past that (~70
+// instructions a chunk, notes/hopper.md fourteenth session). Returns whether any row of the warp
+// grew; alpha (1 where a row did not, 0 for a row's first keys) and m_use (the maximum the
+// exponentials subtract; 0 for a row that saw no key yet, keeping -inf - -inf away from exp2).
+__device__ __forceinline__ bool step_max(const float (&mx)[2], float (&m_run)[2],
+                                         float (&alpha)[2], float (&m_use)[2]) {
+  bool grow[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) grow[i] = mx[i] > m_run[i] + kRescaleSlack;   // -inf + slack
+  const bool warp_grow = __any_sync(0xffffffff, grow[0] || grow[1]);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (grow[i]) {
+      const float m_new = fmaxf(m_run[i], mx[i]);
+      alpha[i] = exp2_ftz(m_run[i] - m_new);
+      m_run[i] = m_new;
+    }
+    m_use[i] = m_run[i] == -INFINITY ? 0.f : m_run[i];
+  }
+  return warp_grow;
+}
+
+// l and O after a step: rescaled by alpha where the warp's maxima grew (step_max), then l gains
+// the step's row sums (O gains P V by the MMAs).
+template <int kDv>
+__device__ __forceinline__ void rescale_rows(float (&o_acc)[kDv / 2], float (&l_run)[2],
+                                             const float (&alpha)[2], const float (&rowsum)[2],
+                                             bool warp_grow) {
+  if (warp_grow) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
+#pragma unroll
+    for (int j = 0; j < kDv / 8; ++j) {
+      o_acc[4 * j + 0] *= alpha[0];
+      o_acc[4 * j + 1] *= alpha[0];
+      o_acc[4 * j + 2] *= alpha[1];
+      o_acc[4 * j + 3] *= alpha[1];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l_run[i] += rowsum[i];
+  }
+}
+
+// Epilogue: a row's sum lives in its quad; o = acc / l in q's dtype, lse = (m + log2 l) * ln 2
+// (o = 0 and lse = -inf for a row that attended to no key).
+template <typename T, int kDv>
+__device__ __forceinline__ void store_rows(const SelectionFwdParams& p, const TileItem& it,
+                                           int QT, const float (&o_acc)[kDv / 2],
+                                           const float (&l_run)[2], const float (&m_run)[2],
+                                           int warp, int lane) {
+  const int G = int(p.group);
+  const int quad = lane & 3;
+  T* o = static_cast<T*>(p.o);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = l_run[i];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const int m = 16 * warp + (lane >> 2) + 8 * i;
+    const int r = m / G;
+    const int64_t t = it.tile * QT + r;
+    if (r >= QT || t >= p.seqlen_q) continue;
+    const int64_t row = (it.b * p.seqlen_q + t) * p.heads_q + it.h * G + m % G;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* o_row = o + row * kDv;
+#pragma unroll
+    for (int j = 0; j < kDv / 8; ++j)
+      *reinterpret_cast<uint32_t*>(o_row + 8 * j + 2 * quad) =
+          pack2<T>(o_acc[4 * j + 2 * i] * inv, o_acc[4 * j + 2 * i + 1] * inv);
+    if (quad == 0)
+      p.lse[row] = l > 0.f ? (m_run[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
 // Q, kStages K stages, one V buffer, the row sets, and 1 KB for the 1024-byte alignment.
 template <int kDk, int kDv, int kStages>
 constexpr int tile_smem_bytes() {
@@ -242,14 +399,7 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   const int chunk_mask = (1 << chunk_shift) - 1;
   const bool sets_in_smem = QT * S <= kRowSetEntries;
 
-  // Work item -> batch, KV head, tile (32-bit division: the launcher keeps B * NT * H < 2^31).
-  auto decode = [&](uint32_t w, int64_t& b, int64_t& h, int64_t& tile) {
-    const uint32_t bh = w / NT;
-    tile = w - bh * NT;
-    b = bh / H32;
-    h = bh - uint32_t(b) * H32;
-  };
-  auto tile_row_of = [&](int64_t b, int64_t h, int64_t tile) { return (b * NT + tile) * H + h; };
+  auto tile_row_of = [&](const TileItem& it) { return (it.b * NT + it.tile) * H + it.h; };
   // Copies, by thread 0. K of global chunk `gc` goes to stage gc % 2; `key_row` is the chunk's
   // first key along B * TK.
   auto issue_k = [&](uint32_t gc, int64_t h, int32_t key_row) {
@@ -266,21 +416,13 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     for (int c = 0; c < kPanelsV; ++c)
       tma_load_3d(v_addr + c * kPanelBytes, &v_map, full_v, c * 64, int32_t(h), key_row);
   };
-  // Q of a tile: one box per 64-column panel, the tile's QT tokens x G heads, rows m = r * G + g
-  // in order; tokens past TQ read as zeros.
-  auto issue_q = [&](int64_t b, int64_t h, int64_t tile) {
-    mbar_expect_tx(full_q, kPanelsK * QT * G * 128);
-#pragma unroll
-    for (int c = 0; c < kPanelsK; ++c)
-      tma_load_4d(q_addr + c * kPanelBytes, &q_map, full_q, c * 64, int32_t(h * G),
-                  int32_t(tile * QT), int32_t(b));
+  auto issue_q = [&](const TileItem& it) {
+    issue_q_tile<kPanelsK>(q_addr, &q_map, full_q, G, QT, it);
   };
   // Thread 0: start copying work item w's union size and first start into shared memory.
   auto prefetch_next = [&](uint32_t w) {
     if (w >= total) return;
-    int64_t b, h, tile;
-    decode(w, b, h, tile);
-    const int64_t row = tile_row_of(b, h, tile);
+    const int64_t row = tile_row_of(decode_item(w, NT, H32));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(&next_union_count)),
                  "l"(tp.union_counts + row)
                  : "memory");
@@ -300,21 +442,15 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
     mbar_init(full_v, 1);
     mbar_init(full_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    int64_t b, h, tile;
-    decode(work, b, h, tile);
-    const int64_t row = tile_row_of(b, h, tile);
-    issue_q(b, h, tile);
+    const TileItem first = decode_item(work, NT, H32);
+    const int64_t row = tile_row_of(first);
+    issue_q(first);
     if (tp.union_counts[row] > 0) {
-      const int32_t key = int32_t(b * p.seqlen_k + tp.union_starts[row * tp.union_width]);
-      issue_k(0, h, key);     // (its V goes out under its S MMAs, as every chunk's)
+      const int32_t key = int32_t(first.b * p.seqlen_k + tp.union_starts[row * tp.union_width]);
+      issue_k(0, first.h, key);     // (its V goes out under its S MMAs, as every chunk's)
     }
   }
-  // Rows past the tile (G not dividing 64) are outside every Q box: zeros, once, by ordinary
-  // stores (whole 128-byte rows, so the swizzle does not matter).
-  for (int c = QT * G * 8 + tid; c < kRows * 8; c += kThreads)
-#pragma unroll
-    for (int panel = 0; panel < kPanelsK; ++panel)
-      *reinterpret_cast<uint4*>(q_smem + panel * kPanelBytes + c * 16) = make_uint4(0, 0, 0, 0);
+  zero_rows_past_tile<kPanelsK>(q_smem, QT * G, tid);
 
   // Q and K are K-major (rows of 128 bytes, 8-row groups 1024 bytes apart); V is read N-major
   // (the next 64 columns one panel on, the next 8 keys 1024 bytes on).
@@ -326,10 +462,10 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
   uint32_t q_phase = 0;
 
   for (;;) {
-    int64_t b, h, tile;
-    decode(work, b, h, tile);
-    const int64_t t0 = tile * QT;
-    const int64_t tile_row = tile_row_of(b, h, tile);
+    const TileItem item = decode_item(work, NT, H32);
+    const int64_t b = item.b, h = item.h;
+    const int64_t t0 = item.tile * QT;
+    const int64_t tile_row = tile_row_of(item);
     const int64_t* starts = tp.union_starts + tile_row * tp.union_width;
     const int n_iter = tp.union_counts[tile_row] << chunk_shift;
     const int32_t kv_row_base = int32_t(b * p.seqlen_k);
@@ -345,31 +481,15 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
         if (t < TQ) row_sets[c] = p.blocks[((b * TQ + t) * H + h) * S + c % S];
       }
 
-    // This thread's two rows of every accumulator: m0 = 16 * warp + lane / 4 and m0 + 8.
-    // Key positions along B * TK fit 32 bits (the launcher checks B * TK < 2^31): six registers
-    // fewer than int64 across the chunk loop, which the persistent loop's counters need.
-    int32_t lim[2], head[2], kv0[2];
-    const int32_t* row_blocks[2];
-    int row_n[2], cursor[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int m = 16 * warp + (lane >> 2) + 8 * i;
-      const int r = m / G;
-      const int64_t t = t0 + r;
-      lim[i] = -1;
-      head[i] = -2;
-      kv0[i] = 0;
-      row_blocks[i] = p.blocks;
-      row_n[i] = 0;
-      cursor[i] = 0;
-      if (r < QT && t < TQ) {
-        const int64_t tok = b * TQ + t;
-        kv0[i] = int32_t(p.k_offset[tok]);
-        lim[i] = kv0[i] + int32_t(p.pos[tok]);
-        row_blocks[i] = sets_in_smem ? row_sets + r * S : p.blocks + (tok * H + h) * S;
-        row_n[i] = p.num_blocks[tok * H + h];
-      }
-    }
+    // This thread's two rows of every accumulator. Key positions along B * TK fit 32 bits: six
+    // registers fewer than int64 across the chunk loop, which the persistent loop's counters need.
+    const TileRows rows = tile_rows(p, item, QT, sets_in_smem, row_sets, warp, lane);
+    const int32_t(&lim)[2] = rows.lim;
+    const int32_t(&kv0)[2] = rows.kv0;
+    const int32_t* const(&row_blocks)[2] = rows.blocks;
+    const int(&row_n)[2] = rows.n;
+    int32_t head[2] = {-2, -2};
+    int cursor[2] = {0, 0};
     // Ordinary stores (row sets; Q's zero rows) that the next reads need: the async proxy must
     // see the Q rows.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -407,9 +527,8 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
         } else if (next_work < total) {
           asm volatile("cp.async.wait_all;\n" ::: "memory");
           if (next_union_count > 0) {
-            int64_t nb, nh, ntile;
-            decode(next_work, nb, nh, ntile);
-            issue_k(gc + 1, nh, int32_t(nb * p.seqlen_k + next_first_start));
+            const TileItem next = decode_item(next_work, NT, H32);
+            issue_k(gc + 1, next.h, int32_t(next.b * p.seqlen_k + next_first_start));
           }
         }
       };
@@ -496,30 +615,13 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
       // P as the A operand: k16 slice kk holds keys 16kk..16kk+15 = n8 tiles 2kk and 2kk+1.
       uint32_t pa[4][4];
       if (!warp_none) {
-        // Lazy rescaling: a row keeps its (stale) maximum while the chunk's scores stay within
-        // 2^kRescaleSlack of it -- exact, since o / l and lse = m + log2 l all use the same m,
-        // and P <= 2^kRescaleSlack keeps its relative precision in bf16 / fp16 -- so the warp
-        // multiplies its accumulators by alpha only where one of its rows' maximum grew past
-        // that (~70 instructions a chunk, notes/hopper.md fourteenth session).
-        bool grow[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
           if (fold) mx[i] *= p.scale_log2;
-          grow[i] = mx[i] > m_run[i] + kRescaleSlack;     // -inf + slack: a row's first keys
         }
-        const bool warp_grow = __any_sync(0xffffffff, grow[0] || grow[1]);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (grow[i]) {
-            const float m_new = fmaxf(m_run[i], mx[i]);
-            alpha[i] = exp2_ftz(m_run[i] - m_new);             // 0 for a row's first keys
-            m_run[i] = m_new;
-          }
-          // A row that saw no key yet keeps -inf: keep -inf - -inf away from exp2.
-          m_use[i] = m_run[i] == -INFINITY ? 0.f : m_run[i];
-        }
+        const bool warp_grow = step_max(mx, m_run, alpha, m_use);
         if (fold) {
 #pragma unroll
           for (int j = 0; j < 32; ++j) {
@@ -535,20 +637,7 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
             rowsum[(j >> 1) & 1] += x;
           }
         }
-        if (warp_grow) {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rowsum[i];
-#pragma unroll
-          for (int j = 0; j < kDv / 8; ++j) {
-            o_acc[4 * j + 0] *= alpha[0];
-            o_acc[4 * j + 1] *= alpha[0];
-            o_acc[4 * j + 2] *= alpha[1];
-            o_acc[4 * j + 3] *= alpha[1];
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) l_run[i] += rowsum[i];
-        }
+        rescale_rows<kDv>(o_acc, l_run, alpha, rowsum, warp_grow);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
@@ -587,47 +676,20 @@ __global__ void __launch_bounds__(kThreads, tile_ctas_per_sm<kDk, kDv>())
       // Every thread's MMAs on K stage s, on V and on Q are done: thread 0 may refill them (V and
       // the next K under the next chunk's S, the next tile's Q here).
       __syncthreads();
-      if (tid == 0 && it + 1 == n_iter && next_work < total) {   // the next work item's Q
-        int64_t nb, nh, ntile;
-        decode(next_work, nb, nh, ntile);
-        issue_q(nb, nh, ntile);
-      }
+      if (tid == 0 && it + 1 == n_iter && next_work < total)   // the next work item's Q
+        issue_q(decode_item(next_work, NT, H32));
     }
 
-    // Epilogue: a row's sum lives in its quad; o = acc / l, lse = (m + log2 l) * ln 2.
-    T* o = static_cast<T*>(p.o);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float l = l_run[i];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      const int m = 16 * warp + (lane >> 2) + 8 * i;
-      const int r = m / G;
-      const int64_t t = t0 + r;
-      if (r >= QT || t >= TQ) continue;
-      const int64_t row = (b * TQ + t) * p.heads_q + h * G + m % G;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* o_row = o + row * kDv;
-#pragma unroll
-      for (int j = 0; j < kDv / 8; ++j)
-        *reinterpret_cast<uint32_t*>(o_row + 8 * j + 2 * quad) =
-            pack2<T>(o_acc[4 * j + 2 * i] * inv, o_acc[4 * j + 2 * i + 1] * inv);
-      if (quad == 0)
-        p.lse[row] = l > 0.f ? (m_run[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
-    }
+    store_rows<T, kDv>(p, item, QT, o_acc, l_run, m_run, warp, lane);
     if (next_work >= total) break;
     // A tile without chunks issued nothing for the next one in its (empty) loop: its Q (and
     // first K) go out here. Every thread is past this tile's reads of the row sets and of Q.
     __syncthreads();
     if (tid == 0 && n_iter == 0) {
       asm volatile("cp.async.wait_all;\n" ::: "memory");
-      int64_t nb, nh, ntile;
-      decode(next_work, nb, nh, ntile);
-      issue_q(nb, nh, ntile);
-      if (next_union_count > 0) {
-        const int32_t key = int32_t(nb * p.seqlen_k + next_first_start);
-        issue_k(gc0, nh, key);
-      }
+      const TileItem next = decode_item(next_work, NT, H32);
+      issue_q(next);
+      if (next_union_count > 0) issue_k(gc0, next.h, int32_t(next.b * p.seqlen_k + next_first_start));
     }
     gc0 += n_iter;
     q_phase ^= 1;
