@@ -611,9 +611,11 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
 }
 
 // nsa_ext_cuda::selection_fwd_auto: the row and the tile schedule with the choice between them
-// taken on the device, in one call from Python (the CUDA backend's path for unsplit calls below
-// the host chooser's `sel_tile_min_rows`, eager or captured). Canonical rows, the tile unions
-// with the call's (selections, union blocks), then both forward kernels on the same outputs:
+// taken on the device, in one call from Python (the CUDA backend's path for unsplit calls whose
+// choice is row or tile: nsa_ext/backends/cuda.py, device_choice; eager or captured). Canonical
+// rows and the tile unions with the call's (selections, union blocks) -- one kernel where a
+// tile's rows fit a warp (canonical_union_fits: G >= 16 at S = 16), else two -- then both forward
+// kernels on the same outputs:
 // each reads the counts and returns at once unless it is the choice -- tile where
 // union * 100 <= tile_max_union_pct * selections (the measured crossover the host chooser
 // applies to the same counts), else row. No host synchronisation; the unchosen kernel costs its
@@ -661,14 +663,41 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_auto_cuda(
                          .view({B, TQ, H, S});
   auto num_view = workspace.narrow(0, blocks_words, num_words).view(at::kInt).narrow(0, 0, rows)
                       .view({B, TQ, H});
-  fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks_view, num_view);
-  if (!with_tile)   // nothing to choose: no selection, no keys (the row kernel writes the zeros)
-    return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale, 1,
-                       nullptr);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(totals, 0, 2 * sizeof(int64_t), stream));
-  launch_union(blocks, k_offset.data_ptr<int64_t>(), B, TQ, H, S, block_size, QT, starts,
-               union_counts, totals, stream);
+  if (with_tile && canonical_union_fits(S, QT)) {
+    // One kernel for the canonical rows and the unions (selection_union.cu).
+    C10_CUDA_CHECK(cudaMemsetAsync(totals, 0, 2 * sizeof(int64_t), stream));
+    CanonicalUnionParams cu{};
+    cu.indices = indices.data_ptr();
+    cu.indices_int64 = indices.scalar_type() == at::kLong;
+    cu.pos = pos.data_ptr<int64_t>();
+    cu.counts = counts ? counts->data_ptr() : nullptr;
+    cu.counts_int64 = counts && counts->scalar_type() == at::kLong;
+    cu.count_limit = count_limit;
+    cu.k_offset = k_offset.data_ptr<int64_t>();
+    cu.blocks = blocks;
+    cu.num_blocks = num_blocks;
+    cu.starts = starts;
+    cu.union_counts = union_counts;
+    cu.totals = totals;
+    cu.seqlen_q = TQ;
+    cu.heads_kv = H;
+    cu.num_tiles = NT;
+    cu.n_tiles = tiles;
+    cu.block_size = block_size;
+    cu.num_selected = int(S);
+    cu.tokens_per_tile = int(QT);
+    C10_CUDA_CHECK(launch_canonical_union(cu, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks_view, num_view);
+    if (!with_tile)   // nothing to choose: no selection, no keys (the row kernel writes the zeros)
+      return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale, 1,
+                         nullptr);
+    C10_CUDA_CHECK(cudaMemsetAsync(totals, 0, 2 * sizeof(int64_t), stream));
+    launch_union(blocks, k_offset.data_ptr<int64_t>(), B, TQ, H, S, block_size, QT, starts,
+                 union_counts, totals, stream);
+  }
   auto [o, lse] = run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size,
                               scale, 1, nullptr, nullptr, totals, int(tile_max_union_pct));
   launch_tile(shapes, q, k, v, blocks, num_blocks, pos, k_offset, starts, union_counts, QT * S,

@@ -18,11 +18,14 @@ namespace nsa_ext {
 
 // Every lane of the warp calls it (full-mask shuffles); `lane` is the lane in the warp, the
 // segment is lanes [lane - lane % kWidth, + kWidth); `out` gets S entries; returns the count in
-// every lane of the segment.
+// every lane of the segment. `sorted_key`, if given, gets the lane's key after the sort, before
+// de-duplication (the segment's keys ascending, repeats kept, 0xFFFFFFFF last): the sorted runs
+// that the fused canonical-rows + union kernel (selection_union.cu) merges.
 template <int kWidth, typename Index>
 __device__ __forceinline__ int canonical_row_lanes(const Index* __restrict__ row_indices, int S,
                                                    int64_t count, int64_t last_visible,
-                                                   int32_t* out, int lane) {
+                                                   int32_t* out, int lane,
+                                                   uint32_t* sorted_key = nullptr) {
   static_assert(kWidth == 16 || kWidth == 32, "a row spans half a warp or a whole warp");
   constexpr uint32_t kAbsent = 0xFFFFFFFFu;
   const int sub = lane % kWidth;
@@ -51,6 +54,7 @@ __device__ __forceinline__ int canonical_row_lanes(const Index* __restrict__ row
   const int n = __popc(kept);
   if (keep) out[__popc(kept & ((1u << sub) - 1u))] = int32_t(key);
   if (sub >= n && sub < S) out[sub] = -1;
+  if (sorted_key != nullptr) *sorted_key = key;
   return n;
 }
 

@@ -132,6 +132,27 @@ struct TileUnionParams {
 };
 cudaError_t launch_tile_union(const TileUnionParams& params, cudaStream_t stream);
 
+// Canonical rows and tile unions in one launch (selection_union.cu): the outputs of
+// launch_canonical_blocks and launch_tile_union (with totals), where canonical_union_fits:
+// every tile's QT rows take two passes of a warp (S <= 16 and QT <= 4, or S <= 32 and QT <= 2),
+// and names are below 2^31 (B * TK < 2^31, as the tile kernel requires).
+struct CanonicalUnionParams {
+  const void* indices;       // [B, TQ, H, S] int32 or int64 (indices_int64)
+  const int64_t* pos;        // [B, TQ]
+  const void* counts;        // [B, TQ, H] int32 or int64 (counts_int64), or null: count_limit
+  const int64_t* k_offset;   // [B, TQ]
+  int32_t* blocks;           // [B, TQ, H, S] canonical rows (out)
+  int32_t* num_blocks;       // [B, TQ, H] (out)
+  int64_t* starts;           // [B, NT, H, QT * S] (out)
+  int32_t* union_counts;     // [B, NT, H] (out)
+  int64_t* totals;           // [2], zeroed by the caller: += (selections, union blocks)
+  int64_t count_limit, seqlen_q, heads_kv, num_tiles, n_tiles, block_size;
+  int num_selected, tokens_per_tile;
+  bool indices_int64, counts_int64;
+};
+bool canonical_union_fits(int64_t num_selected, int64_t tokens_per_tile);
+cudaError_t launch_canonical_union(const CanonicalUnionParams& params, cudaStream_t stream);
+
 // The query-tile schedule on Hopper (csrc/hopper/, built for sm_90a when the arch list holds
 // 9.0; NSA_EXT_HOPPER is then defined): wgmma + TMA, G <= 64, block_size a multiple of 64,
 // fp16/bf16, every NSA_EXT_FOR_EACH_HEAD_DIM pair.

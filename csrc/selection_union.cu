@@ -16,12 +16,14 @@
 
 #include <cstdint>
 
+#include "canonical_row.cuh"
 #include "selection_params.h"
 
 namespace nsa_ext {
 namespace {
 
 constexpr int64_t kNone = INT64_MAX;   // sorts after every real name
+constexpr int kUnionWarpsPerBlock = 8;  // the fused kernel's tiles (warps) per CTA
 
 template <int kWidth, int kTeamWarps>
 struct UnionShape {
@@ -179,7 +181,161 @@ cudaError_t launch_width(const TileUnionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+
+// Canonical rows and tile unions in one launch (selection_fwd_auto's prologue where a tile's rows
+// fit two passes of canonical_row_lanes: S <= 16 and QT <= 4, or S <= 32 and QT <= 2). One warp
+// per tile: each pass canonicalises 32 / kWidth of the tile's rows (written to `blocks` /
+// `num_blocks` as launch_canonical_blocks writes them) and keeps each lane's sorted key; the
+// keys become names (k_offset[token] + block * block_size, below B * TK < 2^31, which the tile
+// kernel requires: 32-bit, 0xFFFFFFFF absent), two per lane (name i = pass * 32 + lane). The
+// rows arrive as ascending runs of kWidth, so the bitonic sort starts at its merge of runs of
+// kWidth (odd runs reversed first) -- shuffles only -- and the first of each run of equal names
+// goes to its place by ballot. The same outputs as the two kernels it replaces.
+template <int kWidth, typename Index, typename Count>
+__global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
+    canonical_union_kernel(const Index* __restrict__ indices, const int64_t* __restrict__ pos,
+                           const Count* __restrict__ counts, int64_t count_limit,
+                           const int64_t* __restrict__ k_offset, int64_t TQ, int64_t H, int S,
+                           int QT, int64_t NT, int64_t block_size, int block_shift,
+                           int64_t n_tiles, int32_t* __restrict__ blocks,
+                           int32_t* __restrict__ num_blocks, int64_t* __restrict__ starts,
+                           int32_t* __restrict__ union_counts,
+                           unsigned long long* __restrict__ totals) {
+  constexpr uint32_t kAbsent = 0xFFFFFFFFu;
+  constexpr int kRowsPerPass = 32 / kWidth;
+  __shared__ unsigned long long cta_sums[2];
+  const int lane = threadIdx.x % 32;
+  const int64_t tile = int64_t(blockIdx.x) * kUnionWarpsPerBlock + threadIdx.x / 32;
+  if (threadIdx.x < 2) cta_sums[threadIdx.x] = 0;
+  __syncthreads();
+  int selected = 0, union_size = 0;
+  if (tile < n_tiles) {        // whole warps: every lane of a live warp takes the shuffles
+    const int64_t h = tile % H;
+    const int64_t j = (tile / H) % NT;
+    const int64_t b = tile / (H * NT);
+    const int sub = lane % kWidth;
+    uint32_t name[2];
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      const int r = pass * kRowsPerPass + lane / kWidth;
+      const int64_t t = j * QT + r;
+      const bool active = r < QT && t < TQ;
+      const int64_t token = b * TQ + (active ? t : 0);
+      const int64_t row = token * H + h;
+      int64_t last_visible = -1, count = 0;
+      if (active) {
+        const int64_t p = pos[token];
+        last_visible = block_shift >= 0 ? (p >> block_shift) : p / block_size;
+        count = counts ? int64_t(counts[row]) : count_limit;
+      }
+      uint32_t key = kAbsent;
+      const int n = canonical_row_lanes<kWidth>(indices + row * S, active ? S : 0, count,
+                                                last_visible, active ? blocks + row * S : nullptr,
+                                                lane, &key);
+      if (active && sub == 0) {
+        num_blocks[row] = n;
+        selected += n;
+      }
+      name[pass] = key == kAbsent ? kAbsent
+                                  : uint32_t(k_offset[token] + int64_t(key) * block_size);
+    }
+    // Name i = pass * 32 + lane. Runs of kWidth are ascending; bitonic merging wants the runs
+    // whose bit kWidth of i is set descending: reverse them in place.
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool odd = ((pass * 32 + lane) & kWidth) != 0;
+      const uint32_t mirrored = __shfl_sync(0xffffffffu, name[pass], lane ^ (kWidth - 1));
+      name[pass] = odd ? mirrored : name[pass];
+    }
+#pragma unroll
+    for (int k = 2 * kWidth; k <= 64; k <<= 1) {
+#pragma unroll
+      for (int d = k >> 1; d > 0; d >>= 1) {
+        if (d == 32) {         // partners in the same lane: name 0 low, name 1 high (k = 64)
+          const uint32_t lo = min(name[0], name[1]), hi = max(name[0], name[1]);
+          name[0] = lo;
+          name[1] = hi;
+          continue;
+        }
+#pragma unroll
+        for (int pass = 0; pass < 2; ++pass) {
+          const uint32_t other = __shfl_xor_sync(0xffffffffu, name[pass], d);
+          const bool ascending = ((pass * 32 + lane) & k) == 0;
+          const bool lower = (lane & d) == 0;
+          name[pass] = (lower == ascending) ? min(name[pass], other) : max(name[pass], other);
+        }
+      }
+    }
+    // The first of each run of equal names, in order.
+    const uint32_t up0 = __shfl_up_sync(0xffffffffu, name[0], 1);
+    const uint32_t up1 = __shfl_up_sync(0xffffffffu, name[1], 1);
+    const uint32_t last0 = __shfl_sync(0xffffffffu, name[0], 31);
+    const bool keep0 = name[0] != kAbsent && (lane == 0 || name[0] != up0);
+    const bool keep1 = name[1] != kAbsent && name[1] != (lane == 0 ? last0 : up1);
+    const unsigned ballot0 = __ballot_sync(0xffffffffu, keep0);
+    const unsigned ballot1 = __ballot_sync(0xffffffffu, keep1);
+    const unsigned below = (1u << lane) - 1u;
+    const int n0 = __popc(ballot0);
+    union_size = n0 + __popc(ballot1);
+    const int width = QT * S;
+    int64_t* out = starts + tile * width;
+    if (keep0) out[__popc(ballot0 & below)] = int64_t(name[0]);
+    if (keep1) out[n0 + __popc(ballot1 & below)] = int64_t(name[1]);
+    for (int i = union_size + lane; i < width; i += 32) out[i] = kNone;
+    if (lane == 0) union_counts[tile] = union_size;
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) selected += __shfl_xor_sync(0xffffffffu, selected, d);
+  }
+  if (lane == 0 && tile < n_tiles) {
+    atomicAdd(&cta_sums[0], static_cast<unsigned long long>(selected));
+    atomicAdd(&cta_sums[1], static_cast<unsigned long long>(union_size));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(&totals[0], cta_sums[0]);
+    atomicAdd(&totals[1], cta_sums[1]);
+  }
+}
+
+template <int kWidth, typename Index, typename Count>
+cudaError_t launch_canonical_union_typed(const CanonicalUnionParams& p, cudaStream_t stream) {
+  const int64_t grid = (p.n_tiles + kUnionWarpsPerBlock - 1) / kUnionWarpsPerBlock;
+  int block_shift = -1;
+  if ((p.block_size & (p.block_size - 1)) == 0)
+    for (block_shift = 0; (int64_t(1) << block_shift) < p.block_size; ++block_shift) {}
+  canonical_union_kernel<kWidth, Index, Count><<<unsigned(grid), kUnionWarpsPerBlock * 32, 0,
+                                                 stream>>>(
+      static_cast<const Index*>(p.indices), p.pos, static_cast<const Count*>(p.counts),
+      p.count_limit, p.k_offset, p.seqlen_q, p.heads_kv, p.num_selected, p.tokens_per_tile,
+      p.num_tiles, p.block_size, block_shift, p.n_tiles, p.blocks, p.num_blocks, p.starts,
+      p.union_counts, reinterpret_cast<unsigned long long*>(p.totals));
+  return cudaGetLastError();
+}
+
+template <int kWidth>
+cudaError_t launch_canonical_union_width(const CanonicalUnionParams& p, cudaStream_t stream) {
+  if (p.indices_int64)
+    return p.counts_int64 ? launch_canonical_union_typed<kWidth, int64_t, int64_t>(p, stream)
+                          : launch_canonical_union_typed<kWidth, int64_t, int32_t>(p, stream);
+  return p.counts_int64 ? launch_canonical_union_typed<kWidth, int32_t, int64_t>(p, stream)
+                        : launch_canonical_union_typed<kWidth, int32_t, int32_t>(p, stream);
+}
+
 }  // namespace
+
+bool canonical_union_fits(int64_t num_selected, int64_t tokens_per_tile) {
+  return num_selected >= 1 &&
+         ((num_selected <= 16 && tokens_per_tile <= 4) ||
+          (num_selected <= 32 && tokens_per_tile <= 2));
+}
+
+cudaError_t launch_canonical_union(const CanonicalUnionParams& p, cudaStream_t stream) {
+  if (p.n_tiles == 0) return cudaSuccess;
+  if (!canonical_union_fits(p.num_selected, p.tokens_per_tile) || p.totals == nullptr)
+    return cudaErrorInvalidValue;
+  return p.num_selected <= 16 ? launch_canonical_union_width<16>(p, stream)
+                              : launch_canonical_union_width<32>(p, stream);
+}
 
 cudaError_t launch_tile_union(const TileUnionParams& p, cudaStream_t stream) {
   if (p.n_tiles == 0) return cudaSuccess;
