@@ -36,7 +36,8 @@ Rows of each case (bf16 on a GPU):
         as a multiple of these floors.
 
 Columns: ms (median, triton.testing.do_bench: warm-up, L2 flushed before each call; small cases
-rotate several input sets), TFLOP/s on attended pairs (2 * (Dk + Dv) per (query head, key) pair,
+rotate several input sets; with --rounds N each case's rows are measured N times in turns and
+each row shows its median round, every round's time in its note), TFLOP/s on attended pairs (2 * (Dk + Dv) per (query head, key) pair,
 = 4 * D * pairs; a training step counts 3.5x: backward = 2.5x forward, FlashAttention's
 convention), GB/s of gathered K/V (the row-wise bytes: every row reading its selected blocks; the
 tile floor shows its own bytes), time / fla's, time / each floor, peak extra memory
@@ -671,6 +672,21 @@ def measure_row(ctx: Context, name: str, timer: common.Timer) -> Row:
     return row
 
 
+def median_round(measured: List[Row]) -> Row:
+    """One row from its rounds: the round of median time (the lower middle of an even count),
+    its note naming every round's time; a round that failed or was skipped wins, so that an
+    error is never hidden behind a good round."""
+    bad = [r for r in measured if r.status != "ok" or not r.ms]
+    if bad or len(measured) == 1:
+        return bad[0] if bad else measured[0]
+    ordered = sorted(measured, key=lambda r: r.ms)
+    row = ordered[(len(ordered) - 1) // 2]
+    times = "/".join(f"{r.ms:.4g}" for r in measured)
+    row.note = "; ".join(x for x in (f"median of {len(measured)} rounds ({times} ms)", row.note) if x)
+    row.wall_s = round(sum(r.wall_s or 0.0 for r in measured), 2)
+    return row
+
+
 def fill_metrics(rows: List[Row], ctx: Context) -> None:
     by_name = {r.backend: r for r in rows if r.status == "ok" and r.ms}
     sh = ctx.shape
@@ -758,7 +774,9 @@ def header_text(env: Dict[str, object], copy_bw, args, device) -> str:
                      f"host-bound rows; measured again at the end)")
     lines.append(f"dtype {str(args.dtype).replace('torch.', '')}; timing: "
                  + ("triton.testing.do_bench median (L2 flushed per call)" if device.type == "cuda"
-                    else "perf_counter median") + f"; thresholds forced to 0 for named backends "
+                    else "perf_counter median")
+                 + (f", median of {args.rounds} rounds taken in turns" if args.rounds > 1 else "")
+                 + f"; thresholds forced to 0 for named backends "
                  f"({', '.join(f'{k}={v}' for k, v in THRESHOLD_ENV.items())}); flex: mask build excluded")
     return "\n".join(lines)
 
@@ -857,8 +875,14 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-ms", type=float, default=10)
     parser.add_argument("--rep-ms", type=float, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each case's rows this many times in turns (A B C, A B C, ...) "
+                             "and report each row's median round, the rounds in its note: drifts "
+                             "of the GPU's clock between rows then fall on every row alike")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds: at least 1, got {args.rounds}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -960,17 +984,22 @@ def main(argv=None) -> int:
             continue
         auto = auto_choice(ctx, original_env)
         case_start = time.monotonic()
-        case_rows = []
-        for name in sorted(names, key=MEASURE_ORDER.index):
-            if time.monotonic() - started > args.budget_s:
-                row = Row(case.label, case.group, pattern, name, "fwd+bwd" if case.train else "fwd",
-                          status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
-            else:
-                row_start = time.monotonic()
-                row = measure_row(ctx, name, timer)
-                row.wall_s = round(time.monotonic() - row_start, 2)
-            case_rows.append(row)
-            progress.step(f"{case.label} {pattern}: {name}")
+        rounds: Dict[str, List[Row]] = {name: [] for name in sorted(names, key=MEASURE_ORDER.index)}
+        for turn in range(args.rounds):
+            for name, measured in rounds.items():
+                if time.monotonic() - started > args.budget_s:
+                    if turn > 0:
+                        continue        # the rounds already taken stand
+                    row = Row(case.label, case.group, pattern, name, "fwd+bwd" if case.train else "fwd",
+                              status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
+                else:
+                    row_start = time.monotonic()
+                    row = measure_row(ctx, name, timer)
+                    row.wall_s = round(time.monotonic() - row_start, 2)
+                measured.append(row)
+                if turn == 0:
+                    progress.step(f"{case.label} {pattern}: {name}")
+        case_rows = [median_round(measured) for measured in rounds.values()]
         fill_metrics(case_rows, ctx)
         case_rows.sort(key=lambda r: ROW_ORDER.index(r.backend))
         rows.extend(case_rows)

@@ -663,10 +663,14 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_auto_cuda(
                          .view({B, TQ, H, S});
   auto num_view = workspace.narrow(0, blocks_words, num_words).view(at::kInt).narrow(0, 0, rows)
                       .view({B, TQ, H});
+  if (!with_tile) {  // nothing to choose: no selection, no keys (the row kernel writes the zeros)
+    fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks_view, num_view);
+    return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale, 1,
+                       nullptr);
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  if (with_tile && canonical_union_fits(S, QT)) {
-    // One kernel for the canonical rows and the unions (selection_union.cu).
-    C10_CUDA_CHECK(cudaMemsetAsync(totals, 0, 2 * sizeof(int64_t), stream));
+  C10_CUDA_CHECK(cudaMemsetAsync(totals, 0, 2 * sizeof(int64_t), stream));
+  if (canonical_union_fits(S, QT)) {   // one kernel for the rows and the unions
     CanonicalUnionParams cu{};
     cu.indices = indices.data_ptr();
     cu.indices_int64 = indices.scalar_type() == at::kLong;
@@ -691,10 +695,6 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_auto_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     fill_canonical(canon, indices, pos, counts, count_limit, block_size, blocks_view, num_view);
-    if (!with_tile)   // nothing to choose: no selection, no keys (the row kernel writes the zeros)
-      return run_forward(shapes, q, k, v, blocks, num_blocks, pos, k_offset, block_size, scale, 1,
-                         nullptr);
-    C10_CUDA_CHECK(cudaMemsetAsync(totals, 0, 2 * sizeof(int64_t), stream));
     launch_union(blocks, k_offset.data_ptr<int64_t>(), B, TQ, H, S, block_size, QT, starts,
                  union_counts, totals, stream);
   }

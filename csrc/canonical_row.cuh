@@ -16,6 +16,28 @@
 
 namespace nsa_ext {
 
+// log2(block_size) where block_size is a power of two, else -1: the kernels that canonicalise
+// many rows divide positions by a shift where they can (a 64-bit division is ~70 instructions,
+// more than the rest of a row's work).
+inline int block_shift_of(int64_t block_size) {
+  if (block_size <= 0 || (block_size & (block_size - 1)) != 0) return -1;
+  int shift = 0;
+  while ((int64_t(1) << shift) < block_size) ++shift;
+  return shift;
+}
+
+// A row's limits for canonical_row_lanes: its last visible block (pos // block_size, by the shift
+// where block_shift >= 0) and how many of its entries count (counts[row], or count_limit without
+// a counts tensor).
+template <typename Count>
+__device__ __forceinline__ void row_limits(int64_t pos, const Count* __restrict__ counts,
+                                           int64_t row, int64_t count_limit, int64_t block_size,
+                                           int block_shift, int64_t& last_visible,
+                                           int64_t& count) {
+  last_visible = block_shift >= 0 ? (pos >> block_shift) : pos / block_size;
+  count = counts ? int64_t(counts[row]) : count_limit;
+}
+
 // Every lane of the warp calls it (full-mask shuffles); `lane` is the lane in the warp, the
 // segment is lanes [lane - lane % kWidth, + kWidth); `out` gets S entries; returns the count in
 // every lane of the segment. `sorted_key`, if given, gets the lane's key after the sort, before

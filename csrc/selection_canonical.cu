@@ -37,9 +37,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (active) {
     const int64_t token = rows <= INT32_MAX ? int64_t(uint32_t(row) / uint32_t(heads_kv))
                                             : row / heads_kv;
-    const int64_t p = pos[token];
-    last_visible = block_shift >= 0 ? (p >> block_shift) : p / block_size;
-    count = counts ? int64_t(counts[row]) : count_limit;
+    row_limits(pos[token], counts, row, count_limit, block_size, block_shift, last_visible, count);
   }
   int32_t* out = active ? blocks + row * S : nullptr;
   const Index* in = indices + (active ? row : first) * S;
@@ -52,9 +50,7 @@ cudaError_t launch_typed(const void* indices, const int64_t* pos, const void* co
                          int64_t count_limit, int64_t rows, int64_t heads_kv, int S,
                          int64_t block_size, int32_t* blocks, int32_t* num_blocks,
                          cudaStream_t stream) {
-  int block_shift = -1;
-  if ((block_size & (block_size - 1)) == 0)
-    for (block_shift = 0; (int64_t(1) << block_shift) < block_size; ++block_shift) {}
+  const int block_shift = block_shift_of(block_size);
   const auto* in = static_cast<const Index*>(indices);
   const auto* cnt = static_cast<const Count*>(counts);
   if (S <= 16) {

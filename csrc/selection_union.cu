@@ -223,11 +223,9 @@ __global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
       const int64_t token = b * TQ + (active ? t : 0);
       const int64_t row = token * H + h;
       int64_t last_visible = -1, count = 0;
-      if (active) {
-        const int64_t p = pos[token];
-        last_visible = block_shift >= 0 ? (p >> block_shift) : p / block_size;
-        count = counts ? int64_t(counts[row]) : count_limit;
-      }
+      if (active)
+        row_limits(pos[token], counts, row, count_limit, block_size, block_shift, last_visible,
+                   count);
       uint32_t key = kAbsent;
       const int n = canonical_row_lanes<kWidth>(indices + row * S, active ? S : 0, count,
                                                 last_visible, active ? blocks + row * S : nullptr,
@@ -300,9 +298,7 @@ __global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
 template <int kWidth, typename Index, typename Count>
 cudaError_t launch_canonical_union_typed(const CanonicalUnionParams& p, cudaStream_t stream) {
   const int64_t grid = (p.n_tiles + kUnionWarpsPerBlock - 1) / kUnionWarpsPerBlock;
-  int block_shift = -1;
-  if ((p.block_size & (p.block_size - 1)) == 0)
-    for (block_shift = 0; (int64_t(1) << block_shift) < p.block_size; ++block_shift) {}
+  const int block_shift = block_shift_of(p.block_size);
   canonical_union_kernel<kWidth, Index, Count><<<unsigned(grid), kUnionWarpsPerBlock * 32, 0,
                                                  stream>>>(
       static_cast<const Index*>(p.indices), p.pos, static_cast<const Count*>(p.counts),

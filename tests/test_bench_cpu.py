@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -133,6 +134,43 @@ def test_bench_cpu_quick_writes_its_files(tmp_path):
     assert "CPU run" in text and "NOT a GPU performance number" in text
     with (tmp_path / "bench_selection.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(data["rows"])
+
+
+def test_rounds_report_the_median_round_and_never_hide_a_failure():
+    from bench.bench_selection import Row, median_round
+
+    def row(ms, status="ok"):
+        return Row("c", "prefill", "random", "nsa:sdpa", "fwd", status=status, ms=ms, note="x",
+                   wall_s=1.0)
+
+    picked = median_round([row(3.0), row(1.0), row(2.0)])
+    assert picked.ms == 2.0 and picked.note.startswith("median of 3 rounds (3/1/2 ms)")
+    assert picked.wall_s == 3.0
+    assert median_round([row(4.0), row(1.0)]).ms == 1.0          # even count: the lower middle
+    failed = median_round([row(1.0), row(None, status="error"), row(2.0)])
+    assert failed.status == "error"
+    single = row(5.0)
+    assert median_round([single]) is single and single.note == "x"
+
+
+def test_bench_cpu_rounds_run_every_row_in_turns(tmp_path):
+    nsa_ext = pytest.importorskip("nsa_ext")
+    if not hasattr(nsa_ext, "selection_attention"):
+        pytest.skip("nsa_ext.selection_attention not there yet")
+    from bench import bench_selection
+
+    rc = bench_selection.main(["--quick", "--device", "cpu", "--cases", "decode", "--patterns",
+                               "random", "--backends", "nsa:sdpa,nsa:reference", "--rounds", "2",
+                               "--out", str(tmp_path), "--no-progress", "--budget-s", "60"])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench_selection.json").read_text())
+    rows = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in rows} == {"nsa:sdpa", "nsa:reference"}
+    for r in rows:
+        rounds = re.search(r"median of 2 rounds \(([0-9.e+-]+)/([0-9.e+-]+) ms\)", r["note"])
+        assert rounds, r["note"]
+        assert f"{r['ms']:.4g}" in rounds.groups()
+    assert "median of 2 rounds taken in turns" in (tmp_path / "bench_selection.txt").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
