@@ -538,8 +538,11 @@ def auto_choice(ctx: Context, original_env: Dict[str, Optional[str]]) -> str:
         with environ(**original_env):
             decision = nsa_ext.explain(s.q, s.k, s.v, s.block_indices, ctx.shape.block_size)
         chosen = str(getattr(decision, "chosen", None) or "none")
+        tile_backend = getattr(decision, "tile_backend", None)
     except Exception as err:
         return f"unknown ({short_error(err, 60)})"
+    if tile_backend and tile_backend != chosen:   # e.g. Triton handing its tile calls to the extension
+        chosen += f", its tile schedule on {tile_backend}"
     return f"{chosen}; nsa:triton's schedule: {triton_schedule(ctx)}"
 
 

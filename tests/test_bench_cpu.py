@@ -10,6 +10,7 @@ import csv
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,27 @@ def test_bench_cpu_rounds_run_every_row_in_turns(tmp_path):
         assert rounds, r["note"]
         assert f"{r['ms']:.4g}" in rounds.groups()
     assert "median of 2 rounds taken in turns" in (tmp_path / "bench_selection.txt").read_text()
+
+
+def test_auto_choice_names_the_backend_of_the_tile_schedule(monkeypatch):
+    """auto's line in the bench names the backend that runs the tile schedule when it is not the
+    chosen one (Triton hands its tile calls to the CUDA extension on the H200)."""
+    import nsa_ext
+    from bench import bench_selection
+    from nsa_ext.dispatch import Decision
+
+    shape = common.Shape(B=1, TQ=8, TK=64, HQ=2, H=1, Dk=16, Dv=16, S=2, block_size=16)
+    q, k, v = common.make_qkv(shape, torch.float32, "cpu")
+    block_indices = common.make_block_indices(shape, "random", device="cpu")
+    ctx = types.SimpleNamespace(sets=[types.SimpleNamespace(q=q, k=k, v=v,
+                                                            block_indices=block_indices)],
+                                shape=shape)
+    monkeypatch.setattr(bench_selection, "triton_schedule", lambda ctx: "tile")
+    for tile_backend, want in (("cuda", "triton, its tile schedule on cuda; "),
+                               ("triton", "triton; "), (None, "triton; ")):
+        monkeypatch.setattr(nsa_ext, "explain", lambda *a, tb=tile_backend, **kw: Decision(
+            chosen="triton", requested="auto", tile_backend=tb))
+        assert bench_selection.auto_choice(ctx, {}).startswith(want)
 
 
 # ----------------------------------------------------------------------------------------------
