@@ -12,6 +12,9 @@
 // an exclusive scan of the marks gives them. Teams are one warp up to 256 names (eight teams per
 // CTA, warp-synchronous), else up to 16 warps, one team per CTA. Each CTA adds its teams' counts
 // to `totals` with one atomic pair (integer sums: the same totals in any order of the CTAs).
+//
+// canonical_union_kernel (below) computes the canonical rows and these unions in one launch
+// where a tile's rows fit a warp; selection_fwd_auto takes it there.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -180,7 +183,6 @@ cudaError_t launch_width(const TileUnionParams& p, cudaStream_t stream) {
       p.tokens_per_tile, p.num_tiles, p.block_size, p.n_tiles);
   return cudaGetLastError();
 }
-
 
 // Canonical rows and tile unions in one launch (selection_fwd_auto's prologue where a tile's rows
 // fit two passes of canonical_row_lanes: S <= 16 and QT <= 4, or S <= 32 and QT <= 2). One warp
