@@ -614,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor> selection_fwd_rows_cuda(
 // taken on the device, in one call from Python (the CUDA backend's path for unsplit calls whose
 // choice is row or tile: nsa_ext/backends/cuda.py, device_choice; eager or captured). Canonical
 // rows and the tile unions with the call's (selections, union blocks) -- one kernel where a
-// tile's rows fit a warp (canonical_union_fits: G >= 16 at S = 16), else two -- then both forward
+// tile's rows fit a warp (canonical_union_fits: G >= 4 at S <= 16), else two -- then both forward
 // kernels on the same outputs:
 // each reads the counts and returns at once unless it is the choice -- tile where
 // union * 100 <= tile_max_union_pct * selections (the measured crossover the host chooser

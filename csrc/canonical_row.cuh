@@ -38,25 +38,32 @@ __device__ __forceinline__ void row_limits(int64_t pos, const Count* __restrict_
   count = counts ? int64_t(counts[row]) : count_limit;
 }
 
-// Every lane of the warp calls it (full-mask shuffles); `lane` is the lane in the warp, the
-// segment is lanes [lane - lane % kWidth, + kWidth); `out` gets S entries; returns the count in
-// every lane of the segment. `sorted_key`, if given, gets the lane's key after the sort, before
-// de-duplication (the segment's keys ascending, repeats kept, 0xFFFFFFFF last): the sorted runs
-// that the fused canonical-rows + union kernel (selection_union.cu) merges.
-template <int kWidth, typename Index>
-__device__ __forceinline__ int canonical_row_lanes(const Index* __restrict__ row_indices, int S,
-                                                   int64_t count, int64_t last_visible,
-                                                   int32_t* out, int lane,
-                                                   uint32_t* sorted_key = nullptr) {
-  static_assert(kWidth == 16 || kWidth == 32, "a row spans half a warp or a whole warp");
-  constexpr uint32_t kAbsent = 0xFFFFFFFFu;
-  const int sub = lane % kWidth;
+// The two steps of canonical_row_lanes, for a caller that issues several rows' loads before it
+// sorts any of them (selection_union.cu). Step 1, a lane's key: entry `sub` of the row if it is
+// within S and `count` and in 0 <= idx <= last_visible, else 0xFFFFFFFF (absent: sorts last).
+template <typename Index>
+__device__ __forceinline__ uint32_t canonical_key(const Index* __restrict__ row_indices, int S,
+                                                  int64_t count, int64_t last_visible, int sub) {
   const int64_t last = last_visible < INT32_MAX ? last_visible : INT32_MAX;
-  uint32_t key = kAbsent;
+  uint32_t key = 0xFFFFFFFFu;
   if (sub < S && sub < count) {
     const int64_t idx = int64_t(row_indices[sub]);
     if (idx >= 0 && idx <= last) key = uint32_t(idx);
   }
+  return key;
+}
+
+// Step 2: every lane of the warp calls it (full-mask shuffles); `lane` is the lane in the warp,
+// the segment is lanes [lane - lane % kWidth, + kWidth); sorts the segment's keys, writes the
+// distinct ones and the -1 padding to `out` (S entries), returns their count in every lane of the
+// segment, and leaves in `key` the lane's key after the sort, before de-duplication (the
+// segment's keys ascending, repeats kept, absent last: the sorted runs that the fused
+// canonical-rows + union kernel merges).
+template <int kWidth>
+__device__ __forceinline__ int canonical_sort_lanes(uint32_t& key, int S, int32_t* out, int lane) {
+  static_assert(kWidth == 16 || kWidth == 32, "a row spans half a warp or a whole warp");
+  constexpr uint32_t kAbsent = 0xFFFFFFFFu;
+  const int sub = lane % kWidth;
   // Bitonic sort, ascending over the segment (xor partners stay inside it).
 #pragma unroll
   for (int k = 2; k <= kWidth; k <<= 1) {
@@ -76,8 +83,17 @@ __device__ __forceinline__ int canonical_row_lanes(const Index* __restrict__ row
   const int n = __popc(kept);
   if (keep) out[__popc(kept & ((1u << sub) - 1u))] = int32_t(key);
   if (sub >= n && sub < S) out[sub] = -1;
-  if (sorted_key != nullptr) *sorted_key = key;
   return n;
+}
+
+// Both steps: every lane of the warp calls it; `out` gets S entries; returns the count in every
+// lane of the segment.
+template <int kWidth, typename Index>
+__device__ __forceinline__ int canonical_row_lanes(const Index* __restrict__ row_indices, int S,
+                                                   int64_t count, int64_t last_visible,
+                                                   int32_t* out, int lane) {
+  uint32_t key = canonical_key(row_indices, S, count, last_visible, lane % kWidth);
+  return canonical_sort_lanes<kWidth>(key, S, out, lane);
 }
 
 // One row over the whole warp (S <= 32).

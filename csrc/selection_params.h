@@ -134,8 +134,9 @@ cudaError_t launch_tile_union(const TileUnionParams& params, cudaStream_t stream
 
 // Canonical rows and tile unions in one launch (selection_union.cu): the outputs of
 // launch_canonical_blocks and launch_tile_union (with totals), where canonical_union_fits:
-// every tile's QT rows take two passes of a warp (S <= 16 and QT <= 4, or S <= 32 and QT <= 2),
-// and names are below 2^31 (B * TK < 2^31, as the tile kernel requires).
+// every tile's QT rows take at most eight passes of a warp (two rows a pass at S <= 16, one at
+// S <= 32: QT <= 16 or QT <= 8), and names are below 2^31 (B * TK < 2^31, as the tile kernel
+// requires).
 struct CanonicalUnionParams {
   const void* indices;       // [B, TQ, H, S] int32 or int64 (indices_int64)
   const int64_t* pos;        // [B, TQ]

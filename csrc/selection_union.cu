@@ -184,17 +184,19 @@ cudaError_t launch_width(const TileUnionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Canonical rows and tile unions in one launch (selection_fwd_auto's prologue where a tile's rows
-// fit two passes of canonical_row_lanes: S <= 16 and QT <= 4, or S <= 32 and QT <= 2). One warp
-// per tile: each pass canonicalises 32 / kWidth of the tile's rows (written to `blocks` /
-// `num_blocks` as launch_canonical_blocks writes them) and keeps each lane's sorted key; the
-// keys become names (k_offset[token] + block * block_size, below B * TK < 2^31, which the tile
-// kernel requires: 32-bit, 0xFFFFFFFF absent), two per lane (name i = pass * 32 + lane). The
-// rows arrive as ascending runs of kWidth, so the bitonic sort starts at its merge of runs of
-// kWidth (odd runs reversed first) -- shuffles only -- and the first of each run of equal names
+// Canonical rows and tile unions in one launch (selection_fwd_auto's prologue where a tile's
+// rows fit a warp: canonical_union_fits). One warp per tile, kPerLane passes; pass p
+// canonicalises 32 / kWidth of the tile's rows (written to `blocks` / `num_blocks` as
+// launch_canonical_blocks writes them) and keeps each lane's sorted key. Every pass's loads
+// (pos, counts, k_offset, the row's entries) are issued before any pass sorts: a warp has one
+// tile, and its latency is these loads' chain. The keys become names (k_offset[token] + block *
+// block_size, below B * TK < 2^31, which the tile kernel requires: 32-bit, 0xFFFFFFFF absent),
+// name i = p * 32 + lane. The rows arrive as ascending runs of kWidth, so the bitonic sort starts
+// at its merge of runs of kWidth (odd runs reversed first): shuffles across lanes, exchanges
+// between a lane's own names for distances of 32 and more; the first of each run of equal names
 // goes to its place by ballot. The same outputs as the two kernels it replaces.
-template <int kWidth, typename Index, typename Count>
-__global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
+template <int kWidth, int kPerLane, typename Index, typename Count>
+__global__ void __launch_bounds__(kUnionWarpsPerBlock * 32, 3)
     canonical_union_kernel(const Index* __restrict__ indices, const int64_t* __restrict__ pos,
                            const Count* __restrict__ counts, int64_t count_limit,
                            const int64_t* __restrict__ k_offset, int64_t TQ, int64_t H, int S,
@@ -205,6 +207,7 @@ __global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
                            unsigned long long* __restrict__ totals) {
   constexpr uint32_t kAbsent = 0xFFFFFFFFu;
   constexpr int kRowsPerPass = 32 / kWidth;
+  constexpr int kNames = 32 * kPerLane;
   __shared__ unsigned long long cta_sums[2];
   const int lane = threadIdx.x % 32;
   const int64_t tile = int64_t(blockIdx.x) * kUnionWarpsPerBlock + threadIdx.x / 32;
@@ -216,49 +219,60 @@ __global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
     const int64_t j = (tile / H) % NT;
     const int64_t b = tile / (H * NT);
     const int sub = lane % kWidth;
-    uint32_t name[2];
+    uint32_t name[kPerLane];
+    int64_t row_of[kPerLane], offset[kPerLane];
+    bool active[kPerLane];
 #pragma unroll
-    for (int pass = 0; pass < 2; ++pass) {
+    for (int pass = 0; pass < kPerLane; ++pass) {      // the loads
       const int r = pass * kRowsPerPass + lane / kWidth;
       const int64_t t = j * QT + r;
-      const bool active = r < QT && t < TQ;
-      const int64_t token = b * TQ + (active ? t : 0);
-      const int64_t row = token * H + h;
+      active[pass] = r < QT && t < TQ;
+      const int64_t token = b * TQ + (active[pass] ? t : 0);
+      row_of[pass] = token * H + h;
       int64_t last_visible = -1, count = 0;
-      if (active)
-        row_limits(pos[token], counts, row, count_limit, block_size, block_shift, last_visible,
-                   count);
-      uint32_t key = kAbsent;
-      const int n = canonical_row_lanes<kWidth>(indices + row * S, active ? S : 0, count,
-                                                last_visible, active ? blocks + row * S : nullptr,
-                                                lane, &key);
-      if (active && sub == 0) {
-        num_blocks[row] = n;
+      offset[pass] = 0;
+      if (active[pass]) {
+        row_limits(pos[token], counts, row_of[pass], count_limit, block_size, block_shift,
+                   last_visible, count);
+        offset[pass] = k_offset[token];
+      }
+      name[pass] = canonical_key(indices + row_of[pass] * S, active[pass] ? S : 0, count,
+                                 last_visible, sub);
+    }
+#pragma unroll
+    for (int pass = 0; pass < kPerLane; ++pass) {      // the rows, sorted runs of kWidth
+      const int n = canonical_sort_lanes<kWidth>(
+          name[pass], active[pass] ? S : 0, active[pass] ? blocks + row_of[pass] * S : nullptr,
+          lane);
+      if (active[pass] && sub == 0) {
+        num_blocks[row_of[pass]] = n;
         selected += n;
       }
-      name[pass] = key == kAbsent ? kAbsent
-                                  : uint32_t(k_offset[token] + int64_t(key) * block_size);
-    }
-    // Name i = pass * 32 + lane. Runs of kWidth are ascending; bitonic merging wants the runs
-    // whose bit kWidth of i is set descending: reverse them in place.
-#pragma unroll
-    for (int pass = 0; pass < 2; ++pass) {
+      const uint32_t key = name[pass];
+      name[pass] = key == kAbsent ? kAbsent : uint32_t(offset[pass] + int64_t(key) * block_size);
+      // Bitonic merging wants the runs whose bit kWidth of i is set descending: reverse them.
       const bool odd = ((pass * 32 + lane) & kWidth) != 0;
       const uint32_t mirrored = __shfl_sync(0xffffffffu, name[pass], lane ^ (kWidth - 1));
       name[pass] = odd ? mirrored : name[pass];
     }
 #pragma unroll
-    for (int k = 2 * kWidth; k <= 64; k <<= 1) {
+    for (int k = 2 * kWidth; k <= kNames; k <<= 1) {
 #pragma unroll
       for (int d = k >> 1; d > 0; d >>= 1) {
-        if (d == 32) {         // partners in the same lane: name 0 low, name 1 high (k = 64)
-          const uint32_t lo = min(name[0], name[1]), hi = max(name[0], name[1]);
-          name[0] = lo;
-          name[1] = hi;
+        if (d >= 32) {         // partners in the same lane: names p and p + d / 32
+#pragma unroll
+          for (int lo = 0; lo < kPerLane; ++lo) {
+            const int hi = lo + d / 32;
+            if ((lo & (d / 32)) != 0 || hi >= kPerLane) continue;
+            const bool ascending = ((lo * 32) & k) == 0;
+            const uint32_t a = name[lo], c = name[hi];
+            name[lo] = ascending ? min(a, c) : max(a, c);
+            name[hi] = ascending ? max(a, c) : min(a, c);
+          }
           continue;
         }
 #pragma unroll
-        for (int pass = 0; pass < 2; ++pass) {
+        for (int pass = 0; pass < kPerLane; ++pass) {
           const uint32_t other = __shfl_xor_sync(0xffffffffu, name[pass], d);
           const bool ascending = ((pass * 32 + lane) & k) == 0;
           const bool lower = (lane & d) == 0;
@@ -267,20 +281,20 @@ __global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
       }
     }
     // The first of each run of equal names, in order.
-    const uint32_t up0 = __shfl_up_sync(0xffffffffu, name[0], 1);
-    const uint32_t up1 = __shfl_up_sync(0xffffffffu, name[1], 1);
-    const uint32_t last0 = __shfl_sync(0xffffffffu, name[0], 31);
-    const bool keep0 = name[0] != kAbsent && (lane == 0 || name[0] != up0);
-    const bool keep1 = name[1] != kAbsent && name[1] != (lane == 0 ? last0 : up1);
-    const unsigned ballot0 = __ballot_sync(0xffffffffu, keep0);
-    const unsigned ballot1 = __ballot_sync(0xffffffffu, keep1);
-    const unsigned below = (1u << lane) - 1u;
-    const int n0 = __popc(ballot0);
-    union_size = n0 + __popc(ballot1);
     const int width = QT * S;
     int64_t* out = starts + tile * width;
-    if (keep0) out[__popc(ballot0 & below)] = int64_t(name[0]);
-    if (keep1) out[n0 + __popc(ballot1 & below)] = int64_t(name[1]);
+    const unsigned below = (1u << lane) - 1u;
+    uint32_t previous_last = kAbsent;    // name 32 * pass - 1 (none before name 0)
+#pragma unroll
+    for (int pass = 0; pass < kPerLane; ++pass) {
+      const uint32_t up = __shfl_up_sync(0xffffffffu, name[pass], 1);
+      const uint32_t left = lane == 0 ? previous_last : up;
+      const bool keep = name[pass] != kAbsent && (name[pass] != left || (pass == 0 && lane == 0));
+      const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+      if (keep) out[union_size + __popc(ballot & below)] = int64_t(name[pass]);
+      union_size += __popc(ballot);
+      previous_last = __shfl_sync(0xffffffffu, name[pass], 31);
+    }
     for (int i = union_size + lane; i < width; i += 32) out[i] = kNone;
     if (lane == 0) union_counts[tile] = union_size;
 #pragma unroll
@@ -297,42 +311,62 @@ __global__ void __launch_bounds__(kUnionWarpsPerBlock * 32)
   }
 }
 
-template <int kWidth, typename Index, typename Count>
+// Passes (names per lane) a tile's rows need: QT rows, 32 / kWidth of them per pass, rounded up
+// to 2, 4 or 8; 0 where they need more.
+int canonical_union_passes(int64_t num_selected, int64_t tokens_per_tile) {
+  if (num_selected < 1 || num_selected > 32 || tokens_per_tile < 1) return 0;
+  const int64_t rows_per_pass = num_selected <= 16 ? 2 : 1;
+  const int64_t passes = (tokens_per_tile + rows_per_pass - 1) / rows_per_pass;
+  return passes <= 2 ? 2 : passes <= 4 ? 4 : passes <= 8 ? 8 : 0;
+}
+
+template <int kWidth, int kPerLane, typename Index, typename Count>
 cudaError_t launch_canonical_union_typed(const CanonicalUnionParams& p, cudaStream_t stream) {
   const int64_t grid = (p.n_tiles + kUnionWarpsPerBlock - 1) / kUnionWarpsPerBlock;
   const int block_shift = block_shift_of(p.block_size);
-  canonical_union_kernel<kWidth, Index, Count><<<unsigned(grid), kUnionWarpsPerBlock * 32, 0,
-                                                 stream>>>(
-      static_cast<const Index*>(p.indices), p.pos, static_cast<const Count*>(p.counts),
-      p.count_limit, p.k_offset, p.seqlen_q, p.heads_kv, p.num_selected, p.tokens_per_tile,
-      p.num_tiles, p.block_size, block_shift, p.n_tiles, p.blocks, p.num_blocks, p.starts,
-      p.union_counts, reinterpret_cast<unsigned long long*>(p.totals));
+  canonical_union_kernel<kWidth, kPerLane, Index, Count>
+      <<<unsigned(grid), kUnionWarpsPerBlock * 32, 0, stream>>>(
+          static_cast<const Index*>(p.indices), p.pos, static_cast<const Count*>(p.counts),
+          p.count_limit, p.k_offset, p.seqlen_q, p.heads_kv, p.num_selected, p.tokens_per_tile,
+          p.num_tiles, p.block_size, block_shift, p.n_tiles, p.blocks, p.num_blocks, p.starts,
+          p.union_counts, reinterpret_cast<unsigned long long*>(p.totals));
   return cudaGetLastError();
 }
 
-template <int kWidth>
-cudaError_t launch_canonical_union_width(const CanonicalUnionParams& p, cudaStream_t stream) {
+template <int kWidth, int kPerLane>
+cudaError_t launch_canonical_union_shape(const CanonicalUnionParams& p, cudaStream_t stream) {
   if (p.indices_int64)
-    return p.counts_int64 ? launch_canonical_union_typed<kWidth, int64_t, int64_t>(p, stream)
-                          : launch_canonical_union_typed<kWidth, int64_t, int32_t>(p, stream);
-  return p.counts_int64 ? launch_canonical_union_typed<kWidth, int32_t, int64_t>(p, stream)
-                        : launch_canonical_union_typed<kWidth, int32_t, int32_t>(p, stream);
+    return p.counts_int64
+               ? launch_canonical_union_typed<kWidth, kPerLane, int64_t, int64_t>(p, stream)
+               : launch_canonical_union_typed<kWidth, kPerLane, int64_t, int32_t>(p, stream);
+  return p.counts_int64
+             ? launch_canonical_union_typed<kWidth, kPerLane, int32_t, int64_t>(p, stream)
+             : launch_canonical_union_typed<kWidth, kPerLane, int32_t, int32_t>(p, stream);
+}
+
+template <int kWidth>
+cudaError_t launch_canonical_union_width(const CanonicalUnionParams& p, int passes,
+                                         cudaStream_t stream) {
+  switch (passes) {
+    case 2: return launch_canonical_union_shape<kWidth, 2>(p, stream);
+    case 4: return launch_canonical_union_shape<kWidth, 4>(p, stream);
+    case 8: return launch_canonical_union_shape<kWidth, 8>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
 bool canonical_union_fits(int64_t num_selected, int64_t tokens_per_tile) {
-  return num_selected >= 1 &&
-         ((num_selected <= 16 && tokens_per_tile <= 4) ||
-          (num_selected <= 32 && tokens_per_tile <= 2));
+  return canonical_union_passes(num_selected, tokens_per_tile) > 0;
 }
 
 cudaError_t launch_canonical_union(const CanonicalUnionParams& p, cudaStream_t stream) {
   if (p.n_tiles == 0) return cudaSuccess;
-  if (!canonical_union_fits(p.num_selected, p.tokens_per_tile) || p.totals == nullptr)
-    return cudaErrorInvalidValue;
-  return p.num_selected <= 16 ? launch_canonical_union_width<16>(p, stream)
-                              : launch_canonical_union_width<32>(p, stream);
+  const int passes = canonical_union_passes(p.num_selected, p.tokens_per_tile);
+  if (passes == 0 || p.totals == nullptr) return cudaErrorInvalidValue;
+  return p.num_selected <= 16 ? launch_canonical_union_width<16>(p, passes, stream)
+                              : launch_canonical_union_width<32>(p, passes, stream);
 }
 
 cudaError_t launch_tile_union(const TileUnionParams& p, cudaStream_t stream) {

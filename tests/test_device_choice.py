@@ -98,11 +98,11 @@ def test_auto_op_fake_gives_the_output_shapes():
 
 # The tile kernel's parity cases (G = 1..64, head dims, block sizes 64-256, chunked, TQ = 1,
 # block_counts, varlen): every shape the tile side of the operator serves. Where a tile's rows
-# fit one warp (G >= 16 at S <= 16, G >= 32 at S <= 32) the operator computes the canonical rows
-# and the unions in one kernel (csrc/selection_union.cu, canonical_union_kernel); the cases
-# below give that kernel what the parity cases give it only at small S: S = 16 and 24 (half-warp
-# and whole-warp rows), varlen key offsets, a block_counts tensor, int32 indices, chunked
-# positions, 128-token blocks.
+# fit one warp's 2, 4 or 8 passes (G >= 4 at S <= 16, G >= 8 at S <= 32) the operator computes the
+# canonical rows and the unions in one kernel (csrc/selection_union.cu, canonical_union_kernel);
+# the cases below give that kernel what the parity cases give it only at small S and large G:
+# each pass count at half-warp (S <= 16) and whole-warp (S <= 32) rows, varlen key offsets, a
+# block_counts tensor, int32 indices, chunked positions, 128-token blocks.
 CASES = {
     **TILE_CASES,
     "prologue_G16_S16_varlen_counts": dict(seqlens=[70, 1, 150, 33], HQ=32, H=2, Dk=64, S=16,
@@ -110,6 +110,12 @@ CASES = {
     "prologue_G32_S24_chunked_int32": dict(B=2, TQ=40, TK=1500, HQ=32, H=1, Dk=64, S=24,
                                            block_size=64, index_dtype=torch.int32),
     "prologue_G16_S16_bs128": dict(B=1, TQ=300, HQ=16, H=1, Dk=128, S=16, block_size=128),
+    "prologue_G8_S16_4_passes": dict(B=2, TQ=100, TK=1300, HQ=16, H=2, Dk=64, S=16,
+                                     block_size=64, block_counts="tensor"),
+    "prologue_G4_S16_8_passes": dict(seqlens=[90, 7, 140], HQ=8, H=2, Dk=64, S=16, block_size=64),
+    "prologue_G16_S24_4_passes": dict(B=1, TQ=120, TK=2000, HQ=16, H=1, Dk=128, S=24,
+                                      block_size=64, index_dtype=torch.int32),
+    "prologue_G8_S32_8_passes": dict(B=1, TQ=200, TK=2500, HQ=8, H=1, Dk=64, S=32, block_size=64),
 }
 
 
