@@ -57,6 +57,7 @@ import csv
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -128,6 +129,9 @@ class Row:
     graph_ms: Optional[float] = None  # decode: the same call replayed from a CUDA graph
     eager_us: Optional[float] = None  # decode / chunk: one eager call (no graph), us
     host_us: Optional[float] = None   # ... of which the host's enqueue, us
+    sm_mhz: Optional[int] = None      # GPU: the SM clock right after the row was timed
+    power_w: Optional[float] = None   # ... NVML's board power then (None without NVML)
+    power_cap: Optional[bool] = None  # ... whether the power limit held the clock down then
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,6 +650,11 @@ def measure_row(ctx: Context, name: str, timer: common.Timer) -> Row:
                 for t in grads:
                     t.grad = None
             row.ms, row.peak_mib, row.note = timer.measure(fn, grad_to_none=grads or None)
+            state = common.gpu_state_after(ctx.device)
+            if state:
+                row.sm_mhz, row.power_w = state.get("sm_mhz"), state.get("power_w")
+                row.power_cap = state.get("power_cap")
+                row.note = "; ".join(x for x in (row.note, "after: " + common.gpu_state_note(state)) if x)
             if name in GRAPH_ROWS and ctx.shape.TQ == 1 and ctx.device.type == "cuda":
                 row.graph_ms, graph_note = graph_time(fns[0], timer)
                 row.note = "; ".join(x for x in (row.note, graph_note) if x)
@@ -758,6 +767,10 @@ def header_text(env: Dict[str, object], copy_bw, args, device) -> str:
         lines.append(f"nsa_ext selection bench -- GPU run: {env.get('gpu')} (SM {env.get('sm')}, "
                      f"{env.get('sm_count')} SMs, {env.get('gpu_memory_gib')} GiB, L2 {env.get('l2_mib')} MiB, "
                      f"driver {env.get('driver')})")
+        if env.get("sm_clock_max_mhz"):
+            lines.append(f"SM clock up to {env['sm_clock_max_mhz']} MHz, power limit {env['power_limit_w']} W: "
+                         f"a row's note ends with the SM clock measured right after it and NVML's power "
+                         f"reading then ('power cap': the limit held the clock down, so the row ran slower)")
     else:
         lines.append(f"nsa_ext selection bench -- CPU run (no CUDA GPU): {env.get('cpu')}, "
                      f"{env.get('cpu_threads')} threads. Small shapes; NOT a GPU performance number.")
@@ -802,6 +815,12 @@ def summary_text(rows: List[Row], contexts: List[tuple]) -> str:
                 mark = {"n/a": "n/a", "error": "err", "skipped": "skip"}.get(match[0].status, "?") if match else "-"
                 cells.append(f"{mark:>10}")
         lines.append(f"{label:<22}{pattern:<10}" + "".join(cells))
+    clocks = [r.sm_mhz for r in rows if r.status == "ok" and r.sm_mhz]
+    if clocks:
+        capped = sum(1 for r in rows if r.status == "ok" and r.power_cap)
+        lines.append(f"SM clock right after the rows: {min(clocks)}-{max(clocks)} MHz "
+                     f"(median {statistics.median(clocks):.0f}); under the power cap after {capped} of "
+                     f"{len(clocks)} rows")
     return "\n".join(lines)
 
 

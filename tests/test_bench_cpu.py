@@ -133,6 +133,7 @@ def test_bench_cpu_quick_writes_its_files(tmp_path):
     assert rows[("prefill T=512", "nsa:sdpa")]["eager_us"] is None
     text = (tmp_path / "bench_selection.txt").read_text()
     assert "CPU run" in text and "NOT a GPU performance number" in text
+    assert "SM clock" not in text and all(r["sm_mhz"] is None for r in data["rows"])   # GPU only
     with (tmp_path / "bench_selection.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(data["rows"])
 
@@ -318,3 +319,41 @@ def test_key_split_passes_merge_to_the_whole_call(splits):
     assert empty_somewhere          # the -inf weights are exercised
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_state_note_says_the_parts_known():
+    capped = {"sm_mhz": 1740, "power_w": 691.2, "limit_w": 700, "power_cap": True, "thermal": False}
+    assert common.gpu_state_note(capped) == "SM 1740 MHz, 691/700 W, power cap"
+    assert common.gpu_state_note({"sm_mhz": 1980}) == "SM 1980 MHz"
+    assert common.gpu_state_note({"power_w": 300.0, "limit_w": 700, "power_cap": False,
+                                  "thermal": True}) == "300/700 W, thermal"
+    assert common.gpu_state_note(None) == "" and common.gpu_state_note({}) == ""
+    assert common.gpu_state_after("cpu") is None and common.sm_clock_mhz("cpu") is None
+
+
+@pytest.mark.parametrize("reasons, cap, thermal", [(0x0, False, False), (0x4, True, False),
+                                                   (0x80, True, False), (0x40, False, True),
+                                                   (0x1, False, False)])
+def test_power_state_reads_nvml_reason_bits(monkeypatch, reasons, cap, thermal):
+    fake = types.SimpleNamespace(
+        nvmlDeviceGetCurrentClocksEventReasons=lambda h: reasons,
+        nvmlDeviceGetPowerUsage=lambda h: 691_234,            # mW
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "_get_pynvml_handler", lambda device: "handle", raising=False)
+    state = common.power_state("cuda:0")
+    assert state == {"power_w": 691.2, "limit_w": 700, "power_cap": cap, "thermal": thermal}
+    monkeypatch.setitem(sys.modules, "pynvml", None)            # not installed: no state
+    assert common.power_state("cuda:0") is None
+
+
+def test_summary_counts_the_rows_under_the_power_cap():
+    from bench.bench_selection import Row, summary_text
+
+    def row(backend, ms, mhz=None, cap=None):
+        return Row("prefill T=32k", "prefill", "model", backend, "fwd", ms=ms, sm_mhz=mhz, power_cap=cap)
+
+    text = summary_text([row("nsa:auto", 2.9, 1740, True), row("fla", 10.4, 1980, False),
+                         row("nsa:cuda", 2.8, 1755, True)], [("prefill T=32k", "model")])
+    assert "SM clock right after the rows: 1740-1980 MHz (median 1755); under the power cap after 2 of 3" in text
+    assert "SM clock" not in summary_text([row("nsa:auto", 2.9)], [("prefill T=32k", "model")])
