@@ -769,8 +769,8 @@ def header_text(env: Dict[str, object], copy_bw, args, device) -> str:
                      f"driver {env.get('driver')})")
         if env.get("sm_clock_max_mhz"):
             lines.append(f"SM clock up to {env['sm_clock_max_mhz']} MHz, power limit {env['power_limit_w']} W: "
-                         f"a row's note ends with the SM clock measured right after it and NVML's power "
-                         f"reading then ('power cap': the limit held the clock down, so the row ran slower)")
+                         f"a row's note ends with NVML's SM clock and board power right after it ('power cap': "
+                         f"the limit held the clock down then, so the row ran slower)")
     else:
         lines.append(f"nsa_ext selection bench -- CPU run (no CUDA GPU): {env.get('cpu')}, "
                      f"{env.get('cpu_threads')} threads. Small shapes; NOT a GPU performance number.")

@@ -646,32 +646,12 @@ def environment(device: torch.device) -> Dict[str, object]:
 # --- The GPU's clock and power state right after a timed row -----------------------------------
 # A GPU at its board power limit lowers its SM clock: the H200 ran the model-32k prefill at ~691 of
 # its 700 W and ~1.74 GHz instead of 1.98 (notes/hopper.md, nineteenth session), so a row's time
-# moves with the power state of the run. The bench records that state after each GPU row.
+# moves with the power state of the run. The bench records that state (NVML's) after each GPU row.
 
 # NVML's clocks-event reason bits (nvml.h): software power cap, hardware power brake; software
 # thermal, hardware thermal, hardware slowdown.
 POWER_CAP_REASONS = 0x4 | 0x80
 THERMAL_REASONS = 0x20 | 0x40 | 0x8
-
-
-def sm_clock_mhz(device, cycles: int = 200_000) -> Optional[float]:
-    """The SM clock now, in MHz: two kernels that spin a known number of SM clock cycles
-    (torch.cuda._sleep, a clock64 loop), timed with CUDA events; their difference cancels the
-    launch gap. None off CUDA or where that op is absent."""
-    device = torch.device(device)
-    if device.type != "cuda" or not hasattr(torch.cuda, "_sleep"):
-        return None
-    with torch.cuda.device(device):
-        times = []
-        for n in (cycles // 4, cycles + cycles // 4):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.cuda._sleep(n)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    ms = times[1] - times[0]
-    return cycles / (ms * 1e3) if ms > 0 else None
 
 
 def _nvml_handle(device):
@@ -681,8 +661,10 @@ def _nvml_handle(device):
 
 
 def power_state(device) -> Optional[Dict[str, object]]:
-    """NVML's board power now (W; NVML averages it over its own window), the enforced power limit
-    (W) and whether a power or a thermal reason holds the SM clock down; None without NVML."""
+    """NVML's SM clock (MHz) and board power (W) now, each over NVML's own sample window, the
+    enforced power limit (W) and whether a power or a thermal reason holds the clock down; None
+    without NVML. (A clock64 spin timed with CUDA events read 1.9-3.6 GHz on the H200, above its
+    1980 MHz maximum: SM cycles counted that way are not this clock, so the bench asks NVML.)"""
     try:
         import pynvml
 
@@ -690,7 +672,8 @@ def power_state(device) -> Optional[Dict[str, object]]:
         reasons_of = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
                       or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
         reasons = int(reasons_of(handle))
-        return {"power_w": round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, 1),
+        return {"sm_mhz": int(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                "power_w": round(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, 1),
                 "limit_w": round(pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3),
                 "power_cap": bool(reasons & POWER_CAP_REASONS),
                 "thermal": bool(reasons & THERMAL_REASONS)}
@@ -699,15 +682,11 @@ def power_state(device) -> Optional[Dict[str, object]]:
 
 
 def gpu_state_after(device) -> Optional[Dict[str, object]]:
-    """The power state (first, while it holds) and the SM clock right after a timed row; None off
-    CUDA."""
+    """power_state right after a timed row, while the row's power state holds; None off CUDA or
+    without NVML."""
     if torch.device(device).type != "cuda":
         return None
-    state: Dict[str, object] = dict(power_state(device) or {})
-    mhz = sm_clock_mhz(device)
-    if mhz is not None:
-        state["sm_mhz"] = round(mhz)
-    return state or None
+    return power_state(device)
 
 
 def gpu_state_note(state: Optional[Dict[str, object]]) -> str:

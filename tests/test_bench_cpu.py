@@ -328,7 +328,7 @@ def test_gpu_state_note_says_the_parts_known():
     assert common.gpu_state_note({"power_w": 300.0, "limit_w": 700, "power_cap": False,
                                   "thermal": True}) == "300/700 W, thermal"
     assert common.gpu_state_note(None) == "" and common.gpu_state_note({}) == ""
-    assert common.gpu_state_after("cpu") is None and common.sm_clock_mhz("cpu") is None
+    assert common.gpu_state_after("cpu") is None
 
 
 @pytest.mark.parametrize("reasons, cap, thermal", [(0x0, False, False), (0x4, True, False),
@@ -336,13 +336,16 @@ def test_gpu_state_note_says_the_parts_known():
                                                    (0x1, False, False)])
 def test_power_state_reads_nvml_reason_bits(monkeypatch, reasons, cap, thermal):
     fake = types.SimpleNamespace(
+        NVML_CLOCK_SM=1,
+        nvmlDeviceGetClockInfo=lambda h, kind: {1: 1740}[kind],
         nvmlDeviceGetCurrentClocksEventReasons=lambda h: reasons,
         nvmlDeviceGetPowerUsage=lambda h: 691_234,            # mW
         nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setattr(torch.cuda, "_get_pynvml_handler", lambda device: "handle", raising=False)
     state = common.power_state("cuda:0")
-    assert state == {"power_w": 691.2, "limit_w": 700, "power_cap": cap, "thermal": thermal}
+    assert state == {"sm_mhz": 1740, "power_w": 691.2, "limit_w": 700, "power_cap": cap,
+                     "thermal": thermal}
     monkeypatch.setitem(sys.modules, "pynvml", None)            # not installed: no state
     assert common.power_state("cuda:0") is None
 
