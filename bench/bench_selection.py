@@ -770,7 +770,7 @@ def header_text(env: Dict[str, object], copy_bw, args, device) -> str:
         if env.get("sm_clock_max_mhz"):
             lines.append(f"SM clock up to {env['sm_clock_max_mhz']} MHz, power limit {env['power_limit_w']} W: "
                          f"a row's note ends with NVML's SM clock and board power right after it ('power cap': "
-                         f"the limit held the clock down then, so the row ran slower)")
+                         f"NVML's power-cap reason for a lower clock was active then)")
     else:
         lines.append(f"nsa_ext selection bench -- CPU run (no CUDA GPU): {env.get('cpu')}, "
                      f"{env.get('cpu_threads')} threads. Small shapes; NOT a GPU performance number.")

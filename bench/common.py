@@ -662,7 +662,8 @@ def _nvml_handle(device):
 
 def power_state(device) -> Optional[Dict[str, object]]:
     """NVML's SM clock (MHz) and board power (W) now, each over NVML's own sample window, the
-    enforced power limit (W) and whether a power or a thermal reason holds the clock down; None
+    enforced power limit (W) and whether NVML names a power or a thermal reason for a lower clock
+    (its reasons are sticky over a window: the power cap shows after a 321 W row too); None
     without NVML. (A clock64 spin timed with CUDA events read 1.9-3.6 GHz on the H200, above its
     1980 MHz maximum: SM cycles counted that way are not this clock, so the bench asks NVML.)"""
     try:
