@@ -46,6 +46,17 @@ __device__ __forceinline__ void team_sync() {
   }
 }
 
+// The CTA's (selections, union blocks), summed in shared memory by its tiles, added to the
+// call's totals with one atomic pair (after every tile's shared-memory adds).
+__device__ __forceinline__ void add_cta_sums(unsigned long long* totals,
+                                             const unsigned long long* cta_sums) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(&totals[0], cta_sums[0]);
+    atomicAdd(&totals[1], cta_sums[1]);
+  }
+}
+
 template <int kWidth, int kTeamWarps>
 __global__ void __launch_bounds__(UnionShape<kWidth, kTeamWarps>::kThreads)
     tile_union_kernel(const int32_t* __restrict__ blocks, const int64_t* __restrict__ k_offset,
@@ -165,11 +176,7 @@ __global__ void __launch_bounds__(UnionShape<kWidth, kTeamWarps>::kThreads)
       atomicAdd(&cta_sums[0], static_cast<unsigned long long>(sel));
       atomicAdd(&cta_sums[1], static_cast<unsigned long long>(union_size));
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      atomicAdd(&totals[0], cta_sums[0]);
-      atomicAdd(&totals[1], cta_sums[1]);
-    }
+    add_cta_sums(totals, cta_sums);
   }
 }
 
@@ -304,11 +311,7 @@ __global__ void __launch_bounds__(kUnionWarpsPerBlock * 32, 3)
     atomicAdd(&cta_sums[0], static_cast<unsigned long long>(selected));
     atomicAdd(&cta_sums[1], static_cast<unsigned long long>(union_size));
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    atomicAdd(&totals[0], cta_sums[0]);
-    atomicAdd(&totals[1], cta_sums[1]);
-  }
+  add_cta_sums(totals, cta_sums);
 }
 
 // Passes (names per lane) a tile's rows need: QT rows, 32 / kWidth of them per pass, rounded up
