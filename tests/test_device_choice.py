@@ -66,6 +66,8 @@ def hopper_build(monkeypatch):
     (Settings(thresholds={"sm90": SM90}), dict(dtype=torch.float32), H200, None),
     (Settings(thresholds={"sm90": SM90}), dict(block_size=32), H200, None),
     (Settings(thresholds={"sm90": SM90}), dict(S=33), H200, None),       # past the canonical op
+    (Settings(thresholds={"sm90": SM90}), dict(T=1), H200, None),        # decode: row, no choice
+    (Settings(thresholds={"sm90": SM90}), dict(T=2), H200, 80),
 ])
 def test_device_choice_decides_from_metadata(hopper_build, settings, call_kwargs, facts,
                                              expected):

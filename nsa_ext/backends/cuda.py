@@ -198,12 +198,19 @@ def row_tiles(call: SelectionCall) -> int:
     return -(-G // (64 if call.head_dim_v <= 128 else 32))
 
 
+# The split chooser fills one wave of this many thread blocks per SM: the row kernel is
+# latency-bound and two of its blocks share an SM. Graph replays of decode on the H200 (TK = 8k
+# and 64k, notes/eager.md): B = 32 (128 rows) 56 us unsplit against 46 us in two slices, B = 8
+# 30.0 us in eight against 31.1 in four; B = 1 and B = 128 choose as with one block per SM.
+SLICE_BLOCKS_PER_SM = 2
+
+
 def num_splits(call: SelectionCall, sm_count: int) -> int:
     """Slices per row for the op: 1 unless the grid is under SPLIT_BELOW_WAVES waves."""
     work_items = call.batch * call.seqlen_q * call.num_heads_kv * row_tiles(call)
     if sm_count <= 0 or work_items >= SPLIT_BELOW_WAVES * sm_count:
         return 1
-    return _split_chooser()(work_items, call.num_selected, sm_count)
+    return _split_chooser()(work_items, call.num_selected, SLICE_BLOCKS_PER_SM * sm_count)
 
 
 TILE_ROWS = 64     # (token, query head) rows of one Hopper tile: 64 // G tokens
@@ -227,7 +234,7 @@ def device_choice(call: SelectionCall, settings, facts) -> Optional[int]:
     choose this unsplit call's schedule, or None where the host decides (or no choice exists).
 
     The device chooses under auto for the calls the Hopper tile kernel can serve (SM 9.0,
-    S <= 32) whose choice is between row and tile alone: calls with fewer rows than the measured
+    S <= 32, more than one query token) whose choice is between row and tile alone: calls with fewer rows than the measured
     `sel_tile_min_rows` (the host chooser reads no statistic there), and larger calls whose
     group is past `sel_kv_max_g` (the host would weigh Triton's kv schedule for a smaller one).
     The operator enqueues the canonical rows, the unions with the call's (selections, union
@@ -239,6 +246,11 @@ def device_choice(call: SelectionCall, settings, facts) -> Optional[int]:
     notes/hopper.md, tenth session)."""
     if settings.sel_schedule != "auto" or facts.kind != "cuda" or \
             not 0 < call.num_selected <= _ext.CANONICAL_MAX_SELECTED:
+        return None
+    # One query token (decode): a tile holds one token, its union is its selection, and the
+    # tile side would only add its prologue (a B = 32 decode's unions and empty tile launch were
+    # ~5 us of its GPU time on the H200, notes/eager.md): the row schedule, no choice.
+    if call.seqlen_q == 1:
         return None
     from ..schedules.chooser import measured_crossovers, tile_union_limit
 
