@@ -200,8 +200,9 @@ def row_tiles(call: SelectionCall) -> int:
 
 # The split chooser fills one wave of this many thread blocks per SM: the row kernel is
 # latency-bound and two of its blocks share an SM. Graph replays of decode on the H200 (TK = 8k
-# and 64k, notes/eager.md): B = 32 (128 rows) 56 us unsplit against 46 us in two slices, B = 8
-# 30.0 us in eight against 31.1 in four; B = 1 and B = 128 choose as with one block per SM.
+# and 64k, notes/eager.md): B = 32 (128 rows) 56 us unsplit against 46 us in two slices; B = 8
+# (now eight slices, four before) within the noise of two runs (30.0-30.7 against 30.3-31.1 us);
+# B = 1 and B = 128 choose as with one block per SM.
 SLICE_BLOCKS_PER_SM = 2
 
 
@@ -234,9 +235,10 @@ def device_choice(call: SelectionCall, settings, facts) -> Optional[int]:
     choose this unsplit call's schedule, or None where the host decides (or no choice exists).
 
     The device chooses under auto for the calls the Hopper tile kernel can serve (SM 9.0,
-    S <= 32, more than one query token) whose choice is between row and tile alone: calls with fewer rows than the measured
-    `sel_tile_min_rows` (the host chooser reads no statistic there), and larger calls whose
-    group is past `sel_kv_max_g` (the host would weigh Triton's kv schedule for a smaller one).
+    S <= 32, more than one query token) whose choice is between row and tile alone: calls with
+    fewer rows than the measured `sel_tile_min_rows` (the host chooser reads no statistic there),
+    and larger calls whose group is past `sel_kv_max_g` (the host would weigh Triton's kv
+    schedule for a smaller one).
     The operator enqueues the canonical rows, the unions with the call's (selections, union
     blocks) and both kernels, each returning at once unless the counts pick it by the same
     crossover the host would apply (CUDA_TILE_UNION_KEY, else sel_tile_max_union_pct). No sync:
