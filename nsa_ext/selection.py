@@ -31,11 +31,19 @@ class RowGeometry:
 
 # The geometry of a dense call depends on (B, TQ, TK, device) only: small ones (decode, chunks,
 # where eager calls are bound by host time) are kept, so a repeated shape costs no tensor op.
-# Consumers only read these tensors. Neither kept nor handed out while tracing or while a CUDA
-# graph is captured: a graph's tensors come from its own pool, which outlives this cache.
+# Consumers only read these tensors. None is made or kept while tracing, and none made while a
+# CUDA graph is captured is kept (it belongs to that graph's pool, which this cache could outlive).
 _DENSE_GEOMETRY: dict = {}
 _KEEP_ROWS = 1 << 16          # B * TQ up to this: at most 1.5 MiB of int64 per geometry
 _KEEP_GEOMETRIES = 16
+# A capture reads a kept geometry (made outside any capture) instead of building one: the
+# geometry's arange, add, copy and fills were ~6-8 us of a captured CUDA-path decode step on the
+# H200 (notes/eager.md, twenty-first session). A graph reads it at every replay, so a geometry
+# handed to a capture is pinned for the process: _DENSE_GEOMETRY may drop its entries, this never.
+# Small shapes only (decode, small chunks: at most 96 KiB each), and at most this many.
+_PINNED_GEOMETRY: dict = {}
+_PIN_ROWS = 1 << 12
+_PIN_GEOMETRIES = 64
 
 
 def _dense_geometry(B: int, TQ: int, TK: int, device: torch.device) -> RowGeometry:
@@ -46,30 +54,39 @@ def _dense_geometry(B: int, TQ: int, TK: int, device: torch.device) -> RowGeomet
     return RowGeometry(pos, seqlen_k, k_offset)
 
 
-def _may_keep(device: torch.device) -> bool:
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
-        return False
-    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+def _kept_geometry(B: int, TQ: int, TK: int, device: torch.device) -> RowGeometry | None:
+    """The kept geometry of a small dense call (made now where none is), or None where none may be
+    used: too many rows, tracing, or a capture that finds none made before it."""
+    if B * TQ > _KEEP_ROWS or torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return None
+    key = (B, TQ, TK, device)
+    geometry = _PINNED_GEOMETRY.get(key)
+    if geometry is not None:
+        return geometry
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        geometry = _DENSE_GEOMETRY.get(key)
+        if geometry is None or B * TQ > _PIN_ROWS or len(_PINNED_GEOMETRY) >= _PIN_GEOMETRIES:
+            return None
+        _PINNED_GEOMETRY[key] = geometry
+        return geometry
+    geometry = _DENSE_GEOMETRY.get(key)
+    if geometry is None:
+        with torch.inference_mode(False):     # usable outside inference mode later on
+            geometry = _dense_geometry(B, TQ, TK, device)
+            # Kept contiguous, so kernels that need it (.contiguous()) copy nothing per call.
+            geometry = RowGeometry(geometry.pos.contiguous(), geometry.seqlen_k,
+                                   geometry.k_offset)
+        if len(_DENSE_GEOMETRY) >= _KEEP_GEOMETRIES:
+            _DENSE_GEOMETRY.clear()
+        _DENSE_GEOMETRY[key] = geometry
+    return geometry
 
 
 def row_geometry(call: SelectionCall) -> RowGeometry:
     B, TQ, TK = call.batch, call.seqlen_q, call.seqlen_k
     device = call.device
     if not call.is_varlen:
-        if B * TQ > _KEEP_ROWS or not _may_keep(device):
-            return _dense_geometry(B, TQ, TK, device)
-        key = (B, TQ, TK, device)
-        geometry = _DENSE_GEOMETRY.get(key)
-        if geometry is None:
-            with torch.inference_mode(False):     # usable outside inference mode later on
-                geometry = _dense_geometry(B, TQ, TK, device)
-                # Kept contiguous, so kernels that need it (.contiguous()) copy nothing per call.
-                geometry = RowGeometry(geometry.pos.contiguous(), geometry.seqlen_k,
-                                       geometry.k_offset)
-            if len(_DENSE_GEOMETRY) >= _KEEP_GEOMETRIES:
-                _DENSE_GEOMETRY.clear()
-            _DENSE_GEOMETRY[key] = geometry
-        return geometry
+        return _kept_geometry(B, TQ, TK, device) or _dense_geometry(B, TQ, TK, device)
     t = torch.arange(TQ, device=device, dtype=torch.int64)
     cu_q = call.cu_seqlens_q.to(torch.int64)
     cu_k = call.cu_seqlens_k.to(torch.int64)

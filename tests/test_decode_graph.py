@@ -43,3 +43,45 @@ def test_decode_step_in_cuda_graph(backend, B, TK):
             fresh.q.float(), fresh.k.float(), fresh.v.float(), fresh.block_indices, 64,
             backend="reference", return_lse=True)
         assert_close_to_reference(o_graph, o_ref, torch.bfloat16, lse_graph, lse_ref)
+
+
+def test_captured_cuda_decode_reads_the_pinned_geometry(monkeypatch):
+    """A capture after eager warm-up builds no geometry of its own (its arange, copy and fills
+    were a quarter of a B = 1 replay): it reads the eager calls' kept geometry, which stays
+    pinned after the cache drops its entries, so later replays read live memory."""
+    from nsa_ext import selection
+
+    shape = dict(B=2, TQ=1, TK=3000, HQ=16, H=4, Dk=128, S=16, block_size=64,
+                 dtype=torch.bfloat16, device="cuda")
+    case = make_case(seed=4, **shape)
+    if nsa_ext.explain(*case.args(), backend="cuda").chosen is None:
+        pytest.skip("the CUDA backend cannot serve this case here")
+    q, k, v, bi = (t.clone() for t in (case.q, case.k, case.v, case.block_indices))
+
+    def step():
+        return nsa_ext.selection_attention(q, k, v, bi, 64, backend="cuda", return_lse=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    built = []
+    real = selection._dense_geometry
+    monkeypatch.setattr(selection, "_dense_geometry", lambda *a: built.append(a) or real(*a))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph, lse_graph = step()
+    assert built == []
+    assert (2, 1, 3000, q.device) in selection._PINNED_GEOMETRY
+    selection._DENSE_GEOMETRY.clear()
+    torch.cuda.empty_cache()
+    junk = torch.full((1 << 20,), -7, dtype=torch.int64, device="cuda")   # reuse freed memory
+    fresh = make_case(seed=5, **shape)
+    for dst, src in zip((q, k, v, bi), fresh.args()[:4]):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    o_ref, lse_ref = nsa_ext.selection_attention(
+        fresh.q.float(), fresh.k.float(), fresh.v.float(), fresh.block_indices, 64,
+        backend="reference", return_lse=True)
+    assert_close_to_reference(o_graph, o_ref, torch.bfloat16, lse_graph, lse_ref)

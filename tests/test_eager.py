@@ -109,6 +109,35 @@ def test_dense_row_geometry_is_kept_per_shape():
     assert not kept.pos.is_inference()                   # usable outside inference mode
 
 
+def test_a_capture_reads_a_kept_geometry_and_pins_it(monkeypatch):
+    """Inside a CUDA-graph capture (faked on the CPU: no tensor is made on that branch) a small
+    dense call gets the geometry kept from an eager call, pinned for good; none where no eager
+    call made one, past the row bound or past the pin limit."""
+    from nsa_ext import selection
+    from nsa_ext.selection import RowGeometry, _kept_geometry
+
+    monkeypatch.setattr(selection, "_DENSE_GEOMETRY", {})
+    monkeypatch.setattr(selection, "_PINNED_GEOMETRY", {})
+    monkeypatch.setattr(selection, "_PIN_GEOMETRIES", 2)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    gpu = torch.device("cuda", 0)
+    made = [RowGeometry(torch.zeros(1), torch.zeros(1), torch.zeros(1)) for _ in range(4)]
+    for i, geometry in enumerate(made):
+        selection._DENSE_GEOMETRY[(1, 1, 1000 + i, gpu)] = geometry
+    selection._DENSE_GEOMETRY[(64, 128, 4096, gpu)] = made[0]
+    assert _kept_geometry(1, 1, 999, gpu) is None                  # no eager call made one
+    assert _kept_geometry(64, 128, 4096, gpu) is None               # B * TQ past _PIN_ROWS
+    assert _kept_geometry(1, 1, 1000, gpu) is made[0]
+    assert _kept_geometry(1, 1, 1001, gpu) is made[1]
+    assert _kept_geometry(1, 1, 1002, gpu) is None                  # past the pin limit
+    assert list(selection._PINNED_GEOMETRY) == [(1, 1, 1000, gpu), (1, 1, 1001, gpu)]
+    selection._DENSE_GEOMETRY.clear()                               # the cache drops its entries
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _kept_geometry(1, 1, 1001, gpu) is made[1]               # a pinned one stays
+    with RecordOps():
+        assert _kept_geometry(1, 1, 1001, gpu) is None              # never under a mode
+
+
 # Launch plans (nsa_ext/eager_plan.py): on the CPU no backend has a launcher, so the tests give
 # packed SDPA one that records what it was made for and runs SDPA's own forward.
 def planned_sdpa(monkeypatch, decline=False):
