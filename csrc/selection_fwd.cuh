@@ -19,7 +19,9 @@
 //
 // One K/V buffer: the next stage's K is requested as soon as every warp is done with this
 // stage's K (after the max exchange), its V once P·V is done; the other resident thread blocks
-// hide the latency. Address work stays off the copy path (the kernel was issue-bound before):
+// hide the latency. Where the whole grid is one wave (decode: 1-3 blocks per SM) nothing hides
+// it, and an instance with two K/V buffers runs instead (G <= 16): stages s + 1 and s + 2 in
+// flight while stage s computes (launch()). Address work stays off the copy path (the kernel was issue-bound before):
 // four threads describe each stage's chunks (first key, visible keys) in shared memory one stage
 // ahead, and every thread copies one fixed row of each chunk (tid / 8) at fixed 16-byte segments
 // (tid % 8, + 8, ...), so a copy costs a predicate and an immediate offset. Q, K and V rows are
@@ -152,20 +154,25 @@ __device__ __forceinline__ int count_chunks(const int32_t* row_blocks, int num_b
 // Unit `unit` (16 bytes) of shared-memory row `row` in the swizzled layout.
 __device__ __forceinline__ int swizzle(int row, int unit) { return unit ^ (row & 7); }
 
-template <int kHeadDimQK, int kHeadDimV, int kRowTiles>
+// kBuffers K/V buffers of one stage each: 1 (the kernel's usual form: several blocks per SM hide
+// a block's copies) or 2 (grids of one wave, decode: two stages in flight per block).
+template <int kHeadDimQK, int kHeadDimV, int kRowTiles, int kBuffers = 1>
 struct SmemLayout {
   static constexpr int kRows = 16 * kRowTiles;
   static constexpr int kStrideP = kStageKeys + kRowPad;
+  // Stages whose chunks are described at once (the current one and those in flight): a power
+  // of two, a stage's descriptors sit in slot stage & (kSlots - 1).
+  static constexpr int kSlots = kBuffers == 1 ? 2 : 4;
   static constexpr size_t q_bytes() { return size_t(kRows) * kHeadDimQK * 2; }
-  static constexpr size_t k_bytes() { return size_t(kStageKeys) * kHeadDimQK * 2; }
-  static constexpr size_t v_bytes() { return size_t(kStageKeys) * kHeadDimV * 2; }
+  static constexpr size_t k_bytes() { return size_t(kBuffers) * kStageKeys * kHeadDimQK * 2; }
+  static constexpr size_t v_bytes() { return size_t(kBuffers) * kStageKeys * kHeadDimV * 2; }
   static constexpr size_t p_bytes() { return size_t(kRows) * kStrideP * 2; }
-  // row maxima and sums [kWarps][kRows] fp32; per chunk [2][4]: K and V element offsets
+  // row maxima and sums [kWarps][kRows] fp32; per chunk [kSlots][4]: K and V element offsets
   // (int64) and visible keys (int32)
   // and the row's canonical entries and their count when the kernel canonicalises it itself
   // (p.raw_indices; 132 bytes, which change no instance's blocks per SM).
   static constexpr size_t misc_bytes() {
-    return 2 * size_t(kWarps) * kRows * 4 + 2 * kChunksPerStage * (8 + 8 + 4) +
+    return 2 * size_t(kWarps) * kRows * 4 + kSlots * kChunksPerStage * (8 + 8 + 4) +
            (kCanonicalMaxSelected + 1) * 4;
   }
   static constexpr size_t total_bytes() {
@@ -180,10 +187,12 @@ struct SmemLayout {
   }
 };
 
-template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles, int kMinBlocksPerSm>
+template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles, int kMinBlocksPerSm,
+          int kBuffers>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     selection_fwd_kernel(const SelectionFwdParams p) {
-  using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kRowTiles>;
+  using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kRowTiles, kBuffers>;
+  constexpr int kSlotMask = Layout::kSlots - 1;
   constexpr int kRows = Layout::kRows;
   constexpr int kSP = Layout::kStrideP;
   constexpr int kSegQK = kHeadDimQK / 8;
@@ -201,17 +210,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   T* sQ = reinterpret_cast<T*>(smem);                                          // [kRows][Dk]
-  T* sK = reinterpret_cast<T*>(smem + Layout::q_bytes());                      // [64][Dk]
-  T* sV = reinterpret_cast<T*>(smem + Layout::q_bytes() + Layout::k_bytes());  // [64][Dv]
+  T* sK = reinterpret_cast<T*>(smem + Layout::q_bytes());                      // [kBuffers][64][Dk]
+  T* sV = reinterpret_cast<T*>(smem + Layout::q_bytes() + Layout::k_bytes());  // [kBuffers][64][Dv]
   T* sP = reinterpret_cast<T*>(smem + Layout::q_bytes() + Layout::k_bytes() + Layout::v_bytes());
   float* sMax = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sP) + Layout::p_bytes());
   float* sSum = sMax + kWarps * kRows;                                   // [kWarps][kRows] each
-  // Per chunk of the current and next stage [2][4]: offsets (elements) of its first key's K and V
-  // rows from the sequence's key 0, and its visible keys.
+  // Per chunk of the current stage and those in flight [kSlots][4]: offsets (elements) of its
+  // first key's K and V rows from the sequence's key 0, and its visible keys.
   int64_t* sOffK = reinterpret_cast<int64_t*>(sSum + kWarps * kRows);
-  int64_t* sOffV = sOffK + 2 * kChunksPerStage;
-  int* sVisible = reinterpret_cast<int*>(sOffV + 2 * kChunksPerStage);
-  int32_t* sRow = sVisible + 2 * kChunksPerStage;      // [kCanonicalMaxSelected], then the count
+  int64_t* sOffV = sOffK + Layout::kSlots * kChunksPerStage;
+  int* sVisible = reinterpret_cast<int*>(sOffV + Layout::kSlots * kChunksPerStage);
+  int32_t* sRow = sVisible + Layout::kSlots * kChunksPerStage;   // [kCanonicalMaxSelected], count
 
   // Work items (b * TQ + t, KV head, row tile x split), the first fastest: the launch's grid is
   // (B * TQ, H, tiles * splits) and each block takes its own item, or -- selection_fwd_auto's
@@ -297,7 +306,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     T* sK_thread = sK + crow * kHeadDimQK + swizzle(crow, cseg) * 8;
     T* sV_thread = sV + crow * kHeadDimV + swizzle(crow, cseg) * 8;
 
-    // Threads 0-3: chunk tid of `stage` -> slot stage % 2 (first key; visible keys, 0 if none).
+    // Threads 0-3: chunk tid of `stage` -> slot stage % kSlots (first key; visible keys, 0 if
+    // none).
     auto describe_stage = [&](int stage) {
       if (tid < kChunksPerStage) {
         const int chunk = stage * kChunksPerStage + tid;
@@ -310,12 +320,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
             visible = int(max(int64_t(0), min(int64_t(kChunkKeys), key_end - first)));
           }
         }
-        sOffK[(stage & 1) * kChunksPerStage + tid] = first * k_stride;
-        sOffV[(stage & 1) * kChunksPerStage + tid] = first * v_stride;
-        sVisible[(stage & 1) * kChunksPerStage + tid] = visible;
+        sOffK[(stage & kSlotMask) * kChunksPerStage + tid] = first * k_stride;
+        sOffV[(stage & kSlotMask) * kChunksPerStage + tid] = first * v_stride;
+        sVisible[(stage & kSlotMask) * kChunksPerStage + tid] = visible;
       }
     };
-    // K (or V) rows of `stage` into their buffer; rows of keys that are not visible become zeros
+    // K (or V) rows of `stage` into its buffer (stage % kBuffers); rows of keys that are not
+    // visible become zeros
     // (V's must: P = 0 times stale NaN would be NaN).
     // A copy that is not valid reads nothing (src-size 0); it is pointed at the sequence's key 0.
     auto load_rows = [&](int stage, const T* src_thread, const T* src_seg, const int64_t* offsets,
@@ -323,10 +334,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       constexpr int kSeg = decltype(seg_count)::value;
 #pragma unroll
       for (int c = 0; c < kChunksPerStage; ++c) {
-        const int slot = (stage & 1) * kChunksPerStage + c;
+        const int slot = (stage & kSlotMask) * kChunksPerStage + c;
         const bool valid = crow < sVisible[slot];
         const T* src = valid ? src_thread + offsets[slot] : src_seg;
-        T* dst = dst_thread + c * kChunkKeys * row_elems;
+        T* dst = dst_thread + ((stage % kBuffers) * kStageKeys + c * kChunkKeys) * row_elems;
 #pragma unroll
         for (int e = 0; e < kSeg / kLanesPerRow; ++e)
           cp_async_16(dst + e * kLanesPerRow * 8, src + e * kLanesPerRow * 8, valid);
@@ -341,10 +352,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                 std::integral_constant<int, kSegV>{});
     };
 
-    describe_stage(0);
+    // Copies in flight: kBuffers stages. With one buffer, stage s + 1's K is requested once
+    // every warp is done with stage s's K, its V once P V is done; with two, stage s + 2's K and
+    // V once stage s is done (stage s + 1's are in flight meanwhile).
+#pragma unroll
+    for (int b = 0; b < kBuffers; ++b) describe_stage(b);
     __syncthreads();
-    if (num_stages > 0) { load_k(0); load_v(0); }
-    cp_async_commit();
+#pragma unroll
+    for (int b = 0; b < kBuffers; ++b) {
+      if (b < num_stages) { load_k(b); load_v(b); }
+      cp_async_commit();
+    }
 
     // Per thread, row tile rt: rows rt * 16 + lane / 4 and + 8; m is the same in every warp.
     const int r0 = lane / 4;
@@ -359,19 +377,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
 
     for (int s = 0; s < num_stages; ++s) {
-      cp_async_wait<0>();
+      cp_async_wait<kBuffers - 1>();   // every group but the newest kBuffers - 1: stage s's
       __syncthreads();   // stage s (and Q) landed for every thread; iteration s - 1 is done
-      describe_stage(s + 1);   // read after the next barrier
+      describe_stage(s + kBuffers);   // read after the next barrier
+      const int buffer = s % kBuffers;
 
       // S [rows, this warp's 16 keys]; keys past `visible` are masked.
-      const int visible = sVisible[(s & 1) * kChunksPerStage + warp];
+      const int visible = sVisible[(s & kSlotMask) * kChunksPerStage + warp];
       float sc[kRowTiles][2][4];
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) sc[rt][0][e] = sc[rt][1][e] = 0.f;
       if (visible > 0) {
-        const T* cK = sK + warp * kChunkKeys * kHeadDimQK;
+        const T* cK = sK + (buffer * kStageKeys + warp * kChunkKeys) * kHeadDimQK;
 #pragma unroll
         for (int ks = 0; ks < kStepsQK; ++ks) {
           // Rows (lane % 8) + 8 (lane / 16) of the chunk and lane % 16 of a Q tile: row % 8 = lane % 8.
@@ -415,9 +434,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
           sMax[warp * kRows + rt * 16 + r0 + 8] = part_max[1];
         }
       }
-      __syncthreads();   // maxima in, stage s + 1 described, every warp done with this K
-      if (s + 1 < num_stages) load_k(s + 1);
-      cp_async_commit();
+      __syncthreads();   // maxima in, stage s + kBuffers described, every warp done with this K
+      if constexpr (kBuffers == 1) {
+        if (s + 1 < num_stages) load_k(s + 1);
+        cp_async_commit();
+      }
       bool rescale = false;
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt) {
@@ -481,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
         for (int nd = 0; nd < kColsPerWarp / 16; ++nd) {
           uint32_t vb[4];
-          ldmatrix_x4_trans(vb, sV + (ks * 16 + lane % 16) * kHeadDimV +
+          ldmatrix_x4_trans(vb, sV + (buffer * kStageKeys + ks * 16 + lane % 16) * kHeadDimV +
                                     swizzle(lane, (warp * kColsPerWarp + nd * 16) / 8 + lane / 16) * 8);
 #pragma unroll
           for (int rt = 0; rt < kRowTiles; ++rt) {
@@ -491,7 +512,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
       }
       __syncthreads();   // every warp is done with this stage's V and with P
-      if (s + 1 < num_stages) load_v(s + 1);
+      if constexpr (kBuffers == 1) {
+        if (s + 1 < num_stages) load_v(s + 1);
+      } else if (s + kBuffers < num_stages) {
+        load_k(s + kBuffers);
+        load_v(s + kBuffers);
+      }
       cp_async_commit();
     }
     cp_async_wait<0>();
@@ -549,11 +575,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 }
 
-template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles>
-cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
-  using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kRowTiles>;
+template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles, int kBuffers>
+cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream) {
+  using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kRowTiles, kBuffers>;
   constexpr size_t smem = Layout::total_bytes();
-  auto kernel = selection_fwd_kernel<T, kHeadDimQK, kHeadDimV, kRowTiles, Layout::blocks_per_sm()>;
+  auto kernel = selection_fwd_kernel<T, kHeadDimQK, kHeadDimV, kRowTiles, Layout::blocks_per_sm(),
+                                     kBuffers>;
   if (smem > 48 * 1024) {
     static thread_local SmemAttributes attributes;     // this kernel instance's
     const cudaError_t err = attributes.set(kernel, int(smem), false);
@@ -582,6 +609,42 @@ cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
   }
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The SM count of the current device (cached per device).
+inline cudaError_t sm_count(int& sms) {
+  static thread_local int sms_of[64] = {};
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (!sms_of[device]) {
+    e = cudaDeviceGetAttribute(&sms_of[device], cudaDevAttrMultiProcessorCount, device);
+    if (e != cudaSuccess) return e;
+  }
+  sms = sms_of[device];
+  return cudaSuccess;
+}
+
+// Two K/V buffers where the whole grid fits in one wave of the two-buffer kernel (decode: few
+// blocks per SM, so each block's own copies in flight set its time; H200, notes/eager.md), one
+// elsewhere: in a prefill five one-buffer blocks per SM hide each other's copies, and the
+// two-buffer kernel's shared memory allows three. One row tile only (G <= 16, decode's usual
+// group), and never under selection_fwd_auto's gated launch (its grid strides over the items).
+template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles>
+cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
+  if constexpr (kRowTiles == 1) {
+    using Layout2 = SmemLayout<kHeadDimQK, kHeadDimV, 1, 2>;
+    if (p.gate_totals == nullptr) {
+      int sms = 0;
+      const cudaError_t e = sm_count(sms);
+      if (e != cudaSuccess) return e;
+      const int64_t items = p.batch * p.seqlen_q * p.heads_kv * p.num_splits;
+      if (items <= int64_t(sms) * Layout2::blocks_per_sm())
+        return launch_buffers<T, kHeadDimQK, kHeadDimV, 1, 2>(p, stream);
+    }
+  }
+  return launch_buffers<T, kHeadDimQK, kHeadDimV, kRowTiles, 1>(p, stream);
 }
 
 }  // namespace mma_kernel

@@ -77,17 +77,18 @@ def test_fake_implementation_takes_num_splits():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-# One wave of SLICE_BLOCKS_PER_SM (2) thread blocks per SM: 264 on 132 SMs.
+# One wave of thread blocks, one per SM: 132 on 132 SMs.
 @pytest.mark.parametrize("shape,dtype,sm_count,expected", [
     (dict(B=1, TQ=1, TK=4096, HQ=16, H=4, S=16), torch.bfloat16, 132, 16),   # 4 rows: all 16
-    (dict(B=32, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 2),    # 128 rows: 2 slices
-    (dict(B=8, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 8),     # 32 rows: 8 slices
-    (dict(B=128, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 1),   # 512 rows: a wave
+    (dict(B=32, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 1),    # 128 rows: a wave
+    (dict(B=8, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 4),     # 32 rows: 4 slices
+    (dict(B=16, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 2),    # 64 rows: 2 slices
+    (dict(B=128, TQ=1, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 1),   # 512 rows
     (dict(B=1, TQ=1, TK=4096, HQ=16, H=4, S=16), torch.bfloat16, 0, 1),      # SM count unknown
     (dict(B=4, TQ=64, TK=512, HQ=16, H=4, S=16), torch.bfloat16, 132, 1),    # 1024 rows: enough
     (dict(B=2, TQ=1, TK=512, HQ=16, H=4, S=1), torch.bfloat16, 132, 1),      # one entry a row
-    (dict(B=33, TQ=1, TK=512, HQ=128, H=1, S=16), torch.bfloat16, 132, 4),   # 2 row tiles a row
-    (dict(B=33, TQ=1, TK=512, HQ=128, H=1, S=16), torch.float32, 132, 8),    # fp32: one block
+    (dict(B=33, TQ=1, TK=512, HQ=128, H=1, S=16), torch.bfloat16, 132, 2),   # 2 row tiles a row
+    (dict(B=33, TQ=1, TK=512, HQ=128, H=1, S=16), torch.float32, 132, 4),    # fp32: one block
 ])
 def test_num_splits_follows_shapes_and_sm_count(shape, dtype, sm_count, expected):
     case = make_case(Dk=64, block_size=64, dtype=dtype, **shape)

@@ -198,20 +198,18 @@ def row_tiles(call: SelectionCall) -> int:
     return -(-G // (64 if call.head_dim_v <= 128 else 32))
 
 
-# The split chooser fills one wave of this many thread blocks per SM: the row kernel is
-# latency-bound and two of its blocks share an SM. Graph replays of decode on the H200 (TK = 8k
-# and 64k, notes/eager.md): B = 32 (128 rows) 56 us unsplit against 46 us in two slices; B = 8
-# (now eight slices, four before) within the noise of two runs (30.0-30.7 against 30.3-31.1 us);
-# B = 1 and B = 128 choose as with one block per SM.
-SLICE_BLOCKS_PER_SM = 2
-
-
 def num_splits(call: SelectionCall, sm_count: int) -> int:
-    """Slices per row for the op: 1 unless the grid is under SPLIT_BELOW_WAVES waves."""
+    """Slices per row for the op: 1 unless the grid is under SPLIT_BELOW_WAVES waves; then one
+    wave of thread blocks, one per SM (Triton's rule). The row kernel runs two K/V buffers on
+    grids of one wave, so a block keeps two stages in flight and fewer slices do: H200 decode
+    graph replays, TK = 8k (notes/eager.md, twenty-first session), B = 32 (128 rows) unsplit 32.7
+    us against 35.0 in two slices, B = 8 four slices 18.6 against 19.0 in eight, B = 1 sixteen
+    slices 13.4. (With one buffer, two blocks per SM had measured best: B = 32 38.0 in two slices
+    against 47.3 unsplit.)"""
     work_items = call.batch * call.seqlen_q * call.num_heads_kv * row_tiles(call)
     if sm_count <= 0 or work_items >= SPLIT_BELOW_WAVES * sm_count:
         return 1
-    return _split_chooser()(work_items, call.num_selected, SLICE_BLOCKS_PER_SM * sm_count)
+    return _split_chooser()(work_items, call.num_selected, sm_count)
 
 
 TILE_ROWS = 64     # (token, query head) rows of one Hopper tile: 64 // G tokens
