@@ -575,6 +575,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 }
 
+// The current device (an index below 64) and its SM count (cached per device).
+inline cudaError_t current_device_sms(int& device, int& sms) {
+  static thread_local int sms_of[64] = {};
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (!sms_of[device]) {
+    e = cudaDeviceGetAttribute(&sms_of[device], cudaDevAttrMultiProcessorCount, device);
+    if (e != cudaSuccess) return e;
+  }
+  sms = sms_of[device];
+  return cudaSuccess;
+}
+
 template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles, int kBuffers>
 cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream) {
   using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kRowTiles, kBuffers>;
@@ -591,39 +605,18 @@ cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream) {
   if (p.gate_totals != nullptr) {
     // Gated (selection_fwd_auto): at most the blocks that fit on the device at once, striding
     // over the items (the kernel's loop), so that the launch costs little when it is not chosen.
-    static thread_local int resident_of[64] = {};
-    int device = 0;
-    cudaError_t e = cudaGetDevice(&device);
+    static thread_local int per_sm_of[64] = {};   // this instance's blocks per SM, per device
+    int device = 0, sms = 0;
+    cudaError_t e = current_device_sms(device, sms);
+    if (e == cudaSuccess && !per_sm_of[device])
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_of[device], kernel, kThreads, smem);
     if (e != cudaSuccess) return e;
-    if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-    if (!resident_of[device]) {
-      int sms = 0, per_sm = 0;
-      e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      if (e == cudaSuccess)
-        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-      if (e != cudaSuccess) return e;
-      resident_of[device] = std::max(1, sms) * std::max(1, per_sm);
-    }
+    const int64_t resident = int64_t(std::max(1, sms)) * std::max(1, per_sm_of[device]);
     const int64_t items = int64_t(grid.x) * grid.y * grid.z;
-    grid = dim3(unsigned(std::min<int64_t>(items, resident_of[device])), 1, 1);
+    grid = dim3(unsigned(std::min<int64_t>(items, resident)), 1, 1);
   }
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
-}
-
-// The SM count of the current device (cached per device).
-inline cudaError_t sm_count(int& sms) {
-  static thread_local int sms_of[64] = {};
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return e;
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (!sms_of[device]) {
-    e = cudaDeviceGetAttribute(&sms_of[device], cudaDevAttrMultiProcessorCount, device);
-    if (e != cudaSuccess) return e;
-  }
-  sms = sms_of[device];
-  return cudaSuccess;
 }
 
 // Two K/V buffers where the whole grid fits in one wave of the two-buffer kernel (decode: few
@@ -636,8 +629,8 @@ cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
   if constexpr (kRowTiles == 1) {
     using Layout2 = SmemLayout<kHeadDimQK, kHeadDimV, 1, 2>;
     if (p.gate_totals == nullptr) {
-      int sms = 0;
-      const cudaError_t e = sm_count(sms);
+      int device = 0, sms = 0;
+      const cudaError_t e = current_device_sms(device, sms);
       if (e != cudaSuccess) return e;
       const int64_t items = p.batch * p.seqlen_q * p.heads_kv * p.num_splits;
       if (items <= int64_t(sms) * Layout2::blocks_per_sm())
