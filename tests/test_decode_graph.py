@@ -57,6 +57,7 @@ def test_captured_cuda_decode_reads_the_pinned_geometry(monkeypatch):
     if nsa_ext.explain(*case.args(), backend="cuda").chosen is None:
         pytest.skip("the CUDA backend cannot serve this case here")
     q, k, v, bi = (t.clone() for t in (case.q, case.k, case.v, case.block_indices))
+    monkeypatch.setattr(selection, "_PINNED_GEOMETRY", {})   # other captures' pins: not here
 
     def step():
         return nsa_ext.selection_attention(q, k, v, bi, 64, backend="cuda", return_lse=True)
