@@ -21,9 +21,10 @@
 // stage's K (after the max exchange), its V once P·V is done; the other resident thread blocks
 // hide the latency. Where the whole grid is one wave (decode: 1-3 blocks per SM) nothing hides
 // it, and an instance with two K/V buffers runs instead (G <= 16): stages s + 1 and s + 2 in
-// flight while stage s computes (launch()). Address work stays off the copy path (the kernel was issue-bound before):
-// four threads describe each stage's chunks (first key, visible keys) in shared memory one stage
-// ahead, and every thread copies one fixed row of each chunk (tid / 8) at fixed 16-byte segments
+// flight while stage s computes (launch()).
+// Address work stays off the copy path (the kernel was issue-bound before): four threads
+// describe each stage's chunks (first key, visible keys) in shared memory ahead of its copies,
+// and every thread copies one fixed row of each chunk (tid / 8) at fixed 16-byte segments
 // (tid % 8, + 8, ...), so a copy costs a predicate and an immediate offset. Q, K and V rows are
 // unpadded in shared memory, the 16-byte units of each row permuted (unit u of row r sits at
 // u ^ (r % 8)): ldmatrix's eight rows hit eight distinct bank groups, and each 128-byte piece of
@@ -326,8 +327,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       }
     };
     // K (or V) rows of `stage` into its buffer (stage % kBuffers); rows of keys that are not
-    // visible become zeros
-    // (V's must: P = 0 times stale NaN would be NaN).
+    // visible become zeros (V's must: P = 0 times stale NaN would be NaN).
     // A copy that is not valid reads nothing (src-size 0); it is pointed at the sequence's key 0.
     auto load_rows = [&](int stage, const T* src_thread, const T* src_seg, const int64_t* offsets,
                          T* dst_thread, int row_elems, auto seg_count) {

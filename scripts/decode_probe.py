@@ -155,6 +155,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_probe.py: needs a CUDA GPU with the extension built")
+    import triton
+
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
+          f"{triton.__version__} | bf16 HQ={HQ} H={H} D={D} S={S} block={BS} TQ=1 random", flush=True)
     if args.splits:
         split_sweep([int(x) for x in args.splits.split(",")],
                     [int(x) for x in args.batches.split(",")])
