@@ -360,6 +360,23 @@ def test_split_decode_matches_reference(name, dtype, num_splits):
     assert torch.isfinite(lse_ref).any()
 
 
+# The merge kernel's other paths: more slices than a warp has lanes (its general loop; S > 32
+# also takes the PyTorch canonical rows), and each width of a lane's columns (Dv 64 / 128 / 256).
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape,num_splits", [
+    (dict(B=2, TQ=1, TK=5000, HQ=4, H=1, Dk=64, S=48, block_size=64), 48),
+    (dict(B=1, TQ=2, TK=3000, HQ=16, H=2, Dk=128, S=40, block_size=32), 40),
+    (dict(B=2, TQ=1, TK=2000, HQ=8, H=1, Dk=256, S=12, block_size=64), 12),
+], ids=["48_slices_dv64", "40_slices_dv128", "12_slices_dv256"])
+def test_split_merge_many_slices_and_wide_heads(shape, num_splits, dtype):
+    case = make_case(dtype=dtype, device="cuda", seed=num_splits, **shape)
+    o, lse, o_ref, lse_ref = _run_split(case, num_splits)
+    assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
+    assert torch.isfinite(lse_ref).any()
+
+
 @pytest.mark.gpu
 @needs_ext
 @pytest.mark.parametrize("num_splits", [2, 16])
