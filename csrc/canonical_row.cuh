@@ -4,7 +4,7 @@
 // -1; and how many there are. Shared by the canonical-rows kernel (selection_canonical.cu: two
 // rows per warp for S <= 16, one for S <= 32, written to global memory) and the row-schedule
 // forward (selection_fwd.cuh: each thread block's warp 0 canonicalises its own row into shared
-// memory, which saves the eager decode call a launch).
+// memory with the two steps below, which saves the eager decode call a launch).
 //
 // kWidth = 16 or 32 lanes per row, S <= kWidth: lane i of the segment holds entry i as a 32-bit
 // key (an invalid entry, or a lane past S, holds 0xFFFFFFFF, which sorts last; the outputs are
@@ -41,16 +41,24 @@ __device__ __forceinline__ void row_limits(int64_t pos, const Count* __restrict_
 // The two steps of canonical_row_lanes, for a caller that issues several rows' loads before it
 // sorts any of them (selection_union.cu). Step 1, a lane's key: entry `sub` of the row if it is
 // within S and `count` and in 0 <= idx <= last_visible, else 0xFFFFFFFF (absent: sorts last).
+// Its two halves apart: canonical_entry loads the entry (every entry within S, whatever the
+// count: the load then waits for nothing), canonical_key_of applies the limits, so that a caller
+// can issue the entry's load beside the loads its limits come from (pos, counts) instead of after
+// them (the row forward's decode prologue, selection_fwd.cuh).
+template <typename Index>
+__device__ __forceinline__ int64_t canonical_entry(const Index* __restrict__ row_indices, int S,
+                                                   int sub) {
+  return sub < S ? int64_t(row_indices[sub]) : int64_t(-1);
+}
+__device__ __forceinline__ uint32_t canonical_key_of(int64_t idx, int sub, int64_t count,
+                                                     int64_t last_visible) {
+  const int64_t last = last_visible < INT32_MAX ? last_visible : INT32_MAX;
+  return sub < count && idx >= 0 && idx <= last ? uint32_t(idx) : 0xFFFFFFFFu;
+}
 template <typename Index>
 __device__ __forceinline__ uint32_t canonical_key(const Index* __restrict__ row_indices, int S,
                                                   int64_t count, int64_t last_visible, int sub) {
-  const int64_t last = last_visible < INT32_MAX ? last_visible : INT32_MAX;
-  uint32_t key = 0xFFFFFFFFu;
-  if (sub < S && sub < count) {
-    const int64_t idx = int64_t(row_indices[sub]);
-    if (idx >= 0 && idx <= last) key = uint32_t(idx);
-  }
-  return key;
+  return canonical_key_of(canonical_entry(row_indices, S, sub), sub, count, last_visible);
 }
 
 // Step 2: every lane of the warp calls it (full-mask shuffles); `lane` is the lane in the warp,
@@ -94,14 +102,6 @@ __device__ __forceinline__ int canonical_row_lanes(const Index* __restrict__ row
                                                    int32_t* out, int lane) {
   uint32_t key = canonical_key(row_indices, S, count, last_visible, lane % kWidth);
   return canonical_sort_lanes<kWidth>(key, S, out, lane);
-}
-
-// One row over the whole warp (S <= 32).
-template <typename Index>
-__device__ __forceinline__ int canonical_row_warp(const Index* __restrict__ row_indices, int S,
-                                                  int64_t count, int64_t last_visible,
-                                                  int32_t* out, int lane) {
-  return canonical_row_lanes<32>(row_indices, S, count, last_visible, out, lane);
 }
 
 }  // namespace nsa_ext

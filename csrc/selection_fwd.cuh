@@ -140,16 +140,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+static_assert(kChunkKeys == 16, "count_chunks and the kernel's block_shift: 16 keys a chunk");
+
 // The row's chunk count: only the query's own block (the last one, as the list is sorted) can
-// reach past pos.
+// reach past pos. Block sizes are powers of two: shifts, not 64-bit divisions.
 __device__ __forceinline__ int count_chunks(const int32_t* row_blocks, int num_blocks, int64_t pos,
-                                            int block_size) {
+                                            int block_shift) {
   if (num_blocks <= 0) return 0;
-  const int chunks_per_block = block_size / kChunkKeys;
+  const int chunks_per_block = 1 << (block_shift - 4);   // kChunkKeys = 16 keys a chunk
   const int64_t last = row_blocks[num_blocks - 1];
-  const int64_t own = pos / block_size;
+  const int64_t own = pos >> block_shift;
   return (num_blocks - 1) * chunks_per_block +
-         (last == own ? int((pos % block_size) / kChunkKeys) + 1 : chunks_per_block);
+         (last == own ? int((pos & ((int64_t(1) << block_shift) - 1)) >> 4) + 1 : chunks_per_block);
 }
 
 // Unit `unit` (16 bytes) of shared-memory row `row` in the swizzled layout.
@@ -234,22 +236,47 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int64_t item = blockIdx.x + int64_t(gridDim.x) * (blockIdx.y + int64_t(gridDim.y) * blockIdx.z);
        item < p.batch * p.seqlen_q * p.heads_kv * tiles * p.num_splits;
        item += int64_t(gridDim.x) * gridDim.y * gridDim.z) {
-    const int64_t bt = item % (p.batch * p.seqlen_q);             // b * TQ + t
-    const int h = int((item / (p.batch * p.seqlen_q)) % p.heads_kv);
-    const int z = int(item / (p.batch * p.seqlen_q * p.heads_kv));
-    const int split = z / tiles;
-    const int64_t g0 = int64_t(z % tiles) * kRows;   // first group row of this block
-    const int64_t b = bt / p.seqlen_q;
+    // The item's coordinates. Ungated, the grid is (B * TQ, H, tiles * splits), one block per
+    // item: the block's own indices, no 64-bit divisions on the way to the row's first loads
+    // (at decode the whole kernel is that chain, notes/eager.md).
+    int64_t bt;   // b * TQ + t
+    int h, z;
+    if (p.gate_totals == nullptr) {
+      bt = blockIdx.x;
+      h = int(blockIdx.y);
+      z = int(blockIdx.z);
+    } else {
+      bt = item % (p.batch * p.seqlen_q);
+      h = int((item / (p.batch * p.seqlen_q)) % p.heads_kv);
+      z = int(item / (p.batch * p.seqlen_q * p.heads_kv));
+    }
+    const int split = tiles == 1 ? z : z / tiles;
+    const int64_t g0 = int64_t(tiles == 1 ? 0 : z % tiles) * kRows;   // first group row of this block
     const int64_t G = p.group;
     const int64_t row = bt * p.heads_kv + h;   // selection row
-    const int64_t pos = p.pos[bt];
-    const int64_t k_offset = p.k_offset[bt];
-    const int64_t kv_row0 = b * p.seqlen_k + k_offset;   // row of key 0 of the sequence in [B*TK]
-    // Keys 0 .. key_end - 1 of the sequence are visible to this query and inside the tensor.
-    const int64_t key_end = min(pos + 1, p.seqlen_k - k_offset);
     const int block_size = p.block_size;
     const int chunks_per_block = block_size / kChunkKeys;   // a power of two
     const int cpb_shift = __ffs(chunks_per_block) - 1;
+    const int block_shift = cpb_shift + 4;                  // log2(block_size): kChunkKeys = 16
+    // The row's raw entry for lane `lane` of warp 0 (p.raw_indices), loaded beside pos and the
+    // count, not after them: each is a trip to memory, and at decode they head the kernel's chain.
+    int64_t raw_entry = -1;
+    int64_t raw_count = p.count_limit;
+    if (p.raw_indices != nullptr && warp == 0) {
+      const int S = int(p.num_selected);
+      raw_entry = p.raw_indices_int64
+                      ? canonical_entry(static_cast<const int64_t*>(p.raw_indices) + row * S, S, lane)
+                      : canonical_entry(static_cast<const int32_t*>(p.raw_indices) + row * S, S, lane);
+      if (p.raw_counts != nullptr)
+        raw_count = p.raw_counts_int64 ? static_cast<const int64_t*>(p.raw_counts)[row]
+                                       : static_cast<const int32_t*>(p.raw_counts)[row];
+    }
+    const int64_t pos = p.pos[bt];
+    const int64_t k_offset = p.k_offset[bt];
+    const int64_t b = p.seqlen_q == 1 ? bt : bt / p.seqlen_q;
+    const int64_t kv_row0 = b * p.seqlen_k + k_offset;   // row of key 0 of the sequence in [B*TK]
+    // Keys 0 .. key_end - 1 of the sequence are visible to this query and inside the tensor.
+    const int64_t key_end = min(pos + 1, p.seqlen_k - k_offset);
     const T* q = static_cast<const T*>(p.q);
     // Q rows [kRows, Dk]: zeros past the group's end. Issued first: the copy overlaps the row's
     // canonicalisation below.
@@ -270,16 +297,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     int row_count = 0;
     if (p.raw_indices != nullptr) {
       if (warp == 0) {
-        const int64_t count = p.raw_counts == nullptr ? p.count_limit
-                              : p.raw_counts_int64   ? static_cast<const int64_t*>(p.raw_counts)[row]
-                                                     : static_cast<const int32_t*>(p.raw_counts)[row];
-        const int S = int(p.num_selected);
-        const int n =
-            p.raw_indices_int64
-                ? canonical_row_warp(static_cast<const int64_t*>(p.raw_indices) + row * S, S, count,
-                                     pos / block_size, sRow, lane)
-                : canonical_row_warp(static_cast<const int32_t*>(p.raw_indices) + row * S, S, count,
-                                     pos / block_size, sRow, lane);
+        uint32_t key = canonical_key_of(raw_entry, lane, raw_count, pos >> block_shift);
+        const int n = canonical_sort_lanes<32>(key, int(p.num_selected), sRow, lane);
         if (lane == 0) sRow[kCanonicalMaxSelected] = n;
       }
       __syncthreads();
@@ -291,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     // Clamped so that a malformed count can never index past the row; this block's slice of it.
     const int2 entries = split_entries(p, max(0, min(row_count, int(p.num_selected))), split);
     const int32_t* row_blocks = row_all + entries.x;
-    const int total_chunks = count_chunks(row_blocks, entries.y - entries.x, pos, block_size);
+    const int total_chunks = count_chunks(row_blocks, entries.y - entries.x, pos, block_shift);
     const int num_stages = (total_chunks + kChunksPerStage - 1) / kChunksPerStage;
 
     const int64_t k_stride = p.heads_kv * kHeadDimQK;   // key j is j rows of H * D elements further

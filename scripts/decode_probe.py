@@ -7,11 +7,14 @@ capture (`rows_op`: canonical rows + row forward + merge at the backend's split 
 unsplit; `auto_op_tile`: selection_fwd_auto with the tile kernel chosen; `tile_kernel`: the tile
 kernel on precomputed unions). `d` is the largest |o - o_triton|. Then torch.profiler's kernel
 times over 20 replays (B = 1, 32, 128, TK = 8k). `--splits` instead: `rows_op` at each forced
-slice count beside the backend's choice and Triton, per B (TK = 8k). GPU only (notes/eager.md,
-twenty-first session):
+slice count beside the backend's choice and Triton, per B (TK = 8k). `--ncu` instead: one eager
+call per backend and B inside an NVTX range `profiled` (after warm-up; cuda, then triton), for Nsight Compute.
+GPU only (notes/eager.md, twenty-first session):
 
     python scripts/decode_probe.py > $OUT/decode_probe.txt
     python scripts/decode_probe.py --splits 1,2,4,8,16 --batches 1,4,8,16,32,64,128
+    ncu --nvtx --nvtx-include "profiled/" --set full -o $OUT/decode \
+        python scripts/decode_probe.py --ncu --batches 1,32
 """
 import argparse
 import sys
@@ -148,10 +151,27 @@ def split_sweep(counts, batches) -> None:
         print(f"B={B}: chosen s{chosen} | triton {triton_us:.1f} | " + " | ".join(parts), flush=True)
 
 
+def ncu_calls(batches) -> None:
+    for B in batches:
+        c = Case(B, 8192)
+        for backend in ("cuda", "triton"):
+            fn = c.api(backend)
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_push("profiled")
+            fn()
+            torch.cuda.nvtx.range_pop()
+            torch.cuda.synchronize()
+            print(f"B={B} {backend}: profiled one call", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", default=None, help="slice counts to force, comma-separated")
     parser.add_argument("--batches", default="1,4,8,16,32,64,128")
+    parser.add_argument("--ncu", action="store_true",
+                        help="one eager call per backend and B in NVTX ranges, for Nsight Compute")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_probe.py: needs a CUDA GPU with the extension built")
@@ -159,6 +179,10 @@ def main() -> None:
 
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
           f"{triton.__version__} | bf16 HQ={HQ} H={H} D={D} S={S} block={BS} TQ=1 random", flush=True)
+    batches = [int(x) for x in args.batches.split(",")]
+    if args.ncu:
+        ncu_calls(batches)
+        return
     if args.splits:
         split_sweep([int(x) for x in args.splits.split(",")],
                     [int(x) for x in args.batches.split(",")])
