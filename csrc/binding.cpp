@@ -90,9 +90,9 @@ std::string mma_head_dims() {
 }
 
 template <ScalarKind kKind>
-cudaError_t launch_mma(const SelectionFwdParams& p, cudaStream_t stream) {
+cudaError_t launch_mma(const SelectionFwdParams& p, cudaStream_t stream, bool* merged) {
 #define NSA_EXT_LAUNCH(DK, DV) \
-  if (p.head_dim_qk == DK && p.head_dim_v == DV) return launch_selection_fwd_mma<kKind, DK, DV>(p, stream);
+  if (p.head_dim_qk == DK && p.head_dim_v == DV) return launch_selection_fwd_mma<kKind, DK, DV>(p, stream, merged);
   NSA_EXT_FOR_EACH_HEAD_DIM(NSA_EXT_LAUNCH)
 #undef NSA_EXT_LAUNCH
   return cudaErrorInvalidValue;   // unreachable: the dims were checked
@@ -295,14 +295,15 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const ForwardShapes& shapes, cons
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   cudaError_t err = cudaSuccess;
   ScalarKind kind = ScalarKind::kFloat32;
+  bool merged = false;   // the forward merged the slices itself (SM 9.0 clusters)
   switch (dtype) {
-    case at::kHalf: kind = ScalarKind::kFloat16; err = launch_mma<ScalarKind::kFloat16>(p, stream); break;
-    case at::kBFloat16: kind = ScalarKind::kBFloat16; err = launch_mma<ScalarKind::kBFloat16>(p, stream); break;
+    case at::kHalf: kind = ScalarKind::kFloat16; err = launch_mma<ScalarKind::kFloat16>(p, stream, &merged); break;
+    case at::kBFloat16: kind = ScalarKind::kBFloat16; err = launch_mma<ScalarKind::kBFloat16>(p, stream, &merged); break;
     default: err = launch_selection_fwd_fp32(p, stream); break;
   }
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (num_splits > 1) {
+  if (num_splits > 1 && !merged) {
     C10_CUDA_CHECK(launch_selection_merge(p, kind, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -49,6 +49,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -123,6 +124,13 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// One float -> T, rounded to nearest (the merge kernel's conversion).
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
 // Two floats -> one register of two 16-bit values, the first in the low half (mma's order).
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
@@ -190,6 +198,76 @@ struct SmemLayout {
   }
 };
 
+// Split-KV merged in a thread-block cluster (SM 9.0): the row's num_splits slices are the
+// cluster's blocks (cluster dims (1, 1, num_splits), one row tile, so blockIdx.z = slice = rank).
+// Each block has put its partials -- acc [rows][Dv], m (natural log) and l per row -- in its own
+// shared memory; after a cluster barrier, row r is merged by block r % num_splits, one warp per
+// row, reading every slice's partials from the other blocks' shared memory (DSMEM). The formula
+// and its order are the merge kernel's (selection_merge.cu), so o and lse are the same bits. A
+// second barrier keeps every block's shared memory alive until the others are done reading.
+// Saves the merge kernel (a launch and the workspace's round trip: ~2 us of a B = 1 decode).
+template <typename T, int kDv>
+__device__ __forceinline__ void cluster_merge(const SelectionFwdParams& p, float* sXAcc,
+                                              float* sXM, float* sXL, int rows, int64_t out_row0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int kCols = kDv / 32;          // columns per lane
+  // Slices whose columns a lane loads together: 64 registers, and no more than a cluster's 16.
+  constexpr int kBatch = 64 / kCols < 16 ? 64 / kCols : 16;
+  cg::cluster_group cluster = cg::this_cluster();
+  // Every slice's partials are in its shared memory: a release / acquire barrier of the cluster.
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
+               ::: "memory");
+  const int ns = p.num_splits, rank = int(cluster.block_rank());
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T* o = static_cast<T*>(p.o);
+  for (int r = rank + ns * warp; r < rows; r += ns * kWarps) {
+    const int s_lane = lane < ns ? lane : 0;
+    const float m_lane = lane < ns ? cluster.map_shared_rank(sXM, s_lane)[r] : -INFINITY;
+    const float l_lane = lane < ns ? cluster.map_shared_rank(sXL, s_lane)[r] : 0.f;
+    float m_max = m_lane;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2)
+      m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, off));
+    float w_lane = m_lane == -INFINITY ? 0.f : expf(m_lane - m_max);
+    float l_sum = l_lane * w_lane;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) l_sum += __shfl_xor_sync(0xffffffffu, l_sum, off);
+    w_lane *= l_sum > 0.f ? 1.f / l_sum : 0.f;
+    float sum[kCols];
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) sum[i] = 0.f;
+    for (int s0 = 0; s0 < ns; s0 += kBatch) {
+      float part[kBatch][kCols];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const float* peer = s0 + j < ns ? cluster.map_shared_rank(sXAcc, s0 + j) + r * kDv : nullptr;
+#pragma unroll
+        for (int i = 0; i < kCols; ++i) part[j][i] = peer ? peer[lane + 32 * i] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const float w = __shfl_sync(0xffffffffu, w_lane, (s0 + j) & 31);
+#pragma unroll
+        for (int i = 0; i < kCols; ++i) sum[i] += part[j][i] * w;
+      }
+    }
+    const int64_t out_row = out_row0 + r;
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) o[out_row * kDv + lane + 32 * i] = from_float<T>(sum[i]);
+    if (lane == 0) p.lse[out_row] = l_sum > 0.f ? m_max + logf(l_sum) : -INFINITY;
+  }
+  // No block leaves while another still reads its shared memory. Relaxed: this block's reads
+  // are done (their values are in o), and its stores to o need no ordering against the others
+  // (cluster.sync()'s release here was a GPU-scope fence that waited for those stores: ~70 %
+  // of the merge's stall samples at B = 1 under ncu).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n"
+               ::: "memory");
+#else
+  __trap();   // the launcher sets cluster_merge only for SM 9.0+ code (ClusterMergeSupport)
+#endif
+}
+
 template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles, int kMinBlocksPerSm,
           int kBuffers>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
@@ -224,6 +302,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   int64_t* sOffV = sOffK + Layout::kSlots * kChunksPerStage;
   int* sVisible = reinterpret_cast<int*>(sOffV + Layout::kSlots * kChunksPerStage);
   int32_t* sRow = sVisible + Layout::kSlots * kChunksPerStage;   // [kCanonicalMaxSelected], count
+  // Cluster merge's exchange, in the K buffers (every copy has landed and every warp is done
+  // with K by the time it is written): acc [kRows][Dv], then m [kRows] and l [kRows], fp32.
+  float* sXAcc = reinterpret_cast<float*>(sK);
+  float* sXM = sXAcc + kRows * kHeadDimV;
+  float* sXL = sXM + kRows;
+  static_assert(size_t(kRows) * (kHeadDimV + 2) * 4 <= Layout::k_bytes() || kBuffers == 1,
+                "the cluster exchange fits in the K buffers");
 
   // Work items (b * TQ + t, KV head, row tile x split), the first fastest: the launch's grid is
   // (B * TQ, H, tiles * splits) and each block takes its own item, or -- selection_fwd_auto's
@@ -566,17 +651,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         const float m = m_row[rt][i];
         const int64_t out_row = bt * p.heads_q + int64_t(h) * G + g0 + r;
         if (p.num_splits > 1) {
-          // An empty slice: m = -inf, l = 0, acc = 0.
+          // An empty slice: m = -inf, l = 0, acc = 0. To the workspace, or (cluster merge) to
+          // this block's shared memory, row r of the cluster's exchange.
           const int64_t slot = out_row * p.num_splits + split;
+          const bool in_cluster = kBuffers == 2 && p.cluster_merge;
+          float* acc_out = in_cluster ? sXAcc + r * kHeadDimV : p.part_acc + slot * kHeadDimV;
 #pragma unroll
           for (int n = 0; n < kTilesW; ++n) {
             const int col = warp * kColsPerWarp + n * 8 + 2 * (lane % 4);
-            *reinterpret_cast<float2*>(p.part_acc + slot * kHeadDimV + col) =
+            *reinterpret_cast<float2*>(acc_out + col) =
                 make_float2(acc[rt][n][2 * i], acc[rt][n][2 * i + 1]);
           }
           if (warp == 0 && lane % 4 == 0) {
-            p.part_m[slot] = m == -INFINITY ? -INFINITY : m * kLn2;
-            p.part_l[slot] = l_sum;
+            *(in_cluster ? sXM + r : p.part_m + slot) = m == -INFINITY ? -INFINITY : m * kLn2;
+            *(in_cluster ? sXL + r : p.part_l + slot) = l_sum;
           }
           continue;
         }
@@ -590,6 +678,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         if (warp == 0 && lane % 4 == 0)
           p.lse[out_row] = l_sum > 0.f ? m * kLn2 + logf(l_sum) : -INFINITY;
       }
+    if constexpr (kBuffers == 2) {
+      if (p.cluster_merge)
+        cluster_merge<T, kHeadDimV>(p, sXAcc, sXM, sXL, int(min(int64_t(kRows), G - g0)),
+                                    bt * p.heads_q + int64_t(h) * G + g0);
+    }
     __syncthreads();   // the next item's copies and row set overwrite this one's shared memory
   }
 }
@@ -608,8 +701,53 @@ inline cudaError_t current_device_sms(int& device, int& sms) {
   return cudaSuccess;
 }
 
+// Whether slices of `slices` blocks can be one cluster each for a kernel on the current device:
+// its code is SM 9.0+ (the build may carry only older code that the driver compiles), and the
+// device can hold such a cluster at all (past 8 blocks, a non-portable size, which the kernel
+// must allow first). One per kernel instance (`static thread_local` in its launcher, like
+// SmemAttributes: the attribute is the kernel's own), cached per device and size; a failed query
+// says no.
+struct ClusterMergeSupport {
+  signed char known[64][17] = {};   // 0 unknown, 1 yes, -1 no
+
+  template <typename Kernel>
+  bool allows(Kernel kernel, int device, int slices, size_t smem) {
+    if (slices < 2 || slices > 16 || device < 0 || device >= 64) return false;
+    signed char& k = known[device][slices];
+    if (k == 0) {
+      k = -1;
+      cudaFuncAttributes attributes{};
+      if (cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+          attributes.binaryVersion >= 90 &&
+          (slices <= 8 ||
+           cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+               cudaSuccess)) {
+        cudaLaunchConfig_t config = {};
+        cudaLaunchAttribute attribute[1];
+        attribute[0].id = cudaLaunchAttributeClusterDimension;
+        attribute[0].val.clusterDim.x = 1;
+        attribute[0].val.clusterDim.y = 1;
+        attribute[0].val.clusterDim.z = unsigned(slices);
+        config.gridDim = dim3(1, 1, unsigned(slices));
+        config.blockDim = dim3(kThreads);
+        config.dynamicSmemBytes = smem;
+        config.attrs = attribute;
+        config.numAttrs = 1;
+        int clusters = 0;
+        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess &&
+            clusters > 0)
+          k = 1;
+      }
+      (void)cudaGetLastError();   // a refused query leaves no error behind for the next launch
+    }
+    return k > 0;
+  }
+};
+
+// `merged` (may be null) is set when the launch merged the split-KV slices itself (cluster
+// merge): the caller then skips launch_selection_merge.
 template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles, int kBuffers>
-cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream) {
+cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream, bool* merged) {
   using Layout = SmemLayout<kHeadDimQK, kHeadDimV, kRowTiles, kBuffers>;
   constexpr size_t smem = Layout::total_bytes();
   auto kernel = selection_fwd_kernel<T, kHeadDimQK, kHeadDimV, kRowTiles, Layout::blocks_per_sm(),
@@ -633,6 +771,31 @@ cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream) {
     const int64_t resident = int64_t(std::max(1, sms)) * std::max(1, per_sm_of[device]);
     const int64_t items = int64_t(grid.x) * grid.y * grid.z;
     grid = dim3(unsigned(std::min<int64_t>(items, resident)), 1, 1);
+  } else if constexpr (kBuffers == 2) {
+    // The split-KV slices of a row as one cluster (one row tile: blockIdx.z is the slice).
+    int device = 0, sms = 0;
+    const cudaError_t e = current_device_sms(device, sms);
+    if (e != cudaSuccess) return e;
+    static thread_local ClusterMergeSupport clusters;   // this kernel instance's
+    if (tiles == 1 && clusters.allows(kernel, device, p.num_splits, smem)) {
+      SelectionFwdParams clustered = p;
+      clustered.cluster_merge = true;
+      cudaLaunchConfig_t config = {};
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = 1;
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = unsigned(p.num_splits);
+      config.gridDim = grid;
+      config.blockDim = dim3(kThreads);
+      config.dynamicSmemBytes = smem;
+      config.stream = stream;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      const cudaError_t err = cudaLaunchKernelEx(&config, kernel, clustered);
+      if (err == cudaSuccess && merged != nullptr) *merged = true;
+      return err;
+    }
   }
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
@@ -643,8 +806,9 @@ cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream) {
 // elsewhere: in a prefill five one-buffer blocks per SM hide each other's copies, and the
 // two-buffer kernel's shared memory allows three. One row tile only (G <= 16, decode's usual
 // group), and never under selection_fwd_auto's gated launch (its grid strides over the items).
+// The two-buffer launch merges split-KV slices in clusters where it can (`merged`).
 template <typename T, int kHeadDimQK, int kHeadDimV, int kRowTiles>
-cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
+cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream, bool* merged) {
   if constexpr (kRowTiles == 1) {
     using Layout2 = SmemLayout<kHeadDimQK, kHeadDimV, 1, 2>;
     if (p.gate_totals == nullptr) {
@@ -653,24 +817,25 @@ cudaError_t launch(const SelectionFwdParams& p, cudaStream_t stream) {
       if (e != cudaSuccess) return e;
       const int64_t items = p.batch * p.seqlen_q * p.heads_kv * p.num_splits;
       if (items <= int64_t(sms) * Layout2::blocks_per_sm())
-        return launch_buffers<T, kHeadDimQK, kHeadDimV, 1, 2>(p, stream);
+        return launch_buffers<T, kHeadDimQK, kHeadDimV, 1, 2>(p, stream, merged);
     }
   }
-  return launch_buffers<T, kHeadDimQK, kHeadDimV, kRowTiles, 1>(p, stream);
+  return launch_buffers<T, kHeadDimQK, kHeadDimV, kRowTiles, 1>(p, stream, merged);
 }
 
 }  // namespace mma_kernel
 
 template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
-cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& p, cudaStream_t stream) {
+cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& p, cudaStream_t stream,
+                                     bool* merged) {
   using T = typename mma_kernel::Element<kKind>::type;
   static_assert(kHeadDimQK % 64 == 0 && kHeadDimV % 64 == 0, "head dims: multiples of 64");
   // Rows per thread block: the group in one block up to 32 query heads; past that blocks of 64
   // rows (32 when Dv > 128, whose 64-row accumulators would not fit the registers).
   constexpr int kWideTiles = kHeadDimV <= 128 ? 4 : 2;
-  if (p.group <= 16) return mma_kernel::launch<T, kHeadDimQK, kHeadDimV, 1>(p, stream);
-  if (p.group <= 32) return mma_kernel::launch<T, kHeadDimQK, kHeadDimV, 2>(p, stream);
-  return mma_kernel::launch<T, kHeadDimQK, kHeadDimV, kWideTiles>(p, stream);
+  if (p.group <= 16) return mma_kernel::launch<T, kHeadDimQK, kHeadDimV, 1>(p, stream, merged);
+  if (p.group <= 32) return mma_kernel::launch<T, kHeadDimQK, kHeadDimV, 2>(p, stream, merged);
+  return mma_kernel::launch<T, kHeadDimQK, kHeadDimV, kWideTiles>(p, stream, merged);
 }
 
 }  // namespace nsa_ext

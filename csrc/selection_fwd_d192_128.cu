@@ -3,6 +3,6 @@
 #include "selection_fwd.cuh"
 
 namespace nsa_ext {
-template cudaError_t launch_selection_fwd_mma<ScalarKind::kFloat16, 192, 128>(const SelectionFwdParams&, cudaStream_t);
-template cudaError_t launch_selection_fwd_mma<ScalarKind::kBFloat16, 192, 128>(const SelectionFwdParams&, cudaStream_t);
+template cudaError_t launch_selection_fwd_mma<ScalarKind::kFloat16, 192, 128>(const SelectionFwdParams&, cudaStream_t, bool*);
+template cudaError_t launch_selection_fwd_mma<ScalarKind::kBFloat16, 192, 128>(const SelectionFwdParams&, cudaStream_t, bool*);
 }  // namespace nsa_ext

@@ -55,6 +55,11 @@ struct SelectionFwdParams {
   // (gate_picks_tile). No host synchronisation, so the call is capturable in a CUDA graph.
   const int64_t* gate_totals;
   int gate_tile_max_union_pct;
+  // Split-KV merged inside the forward (set by the row kernel's launcher, never by callers):
+  // the num_splits slices of a row are one thread-block cluster (SM 9.0), which combines their
+  // partials through distributed shared memory and writes o and lse; the workspace and the
+  // merge kernel are then unused (selection_fwd.cuh, cluster_merge).
+  bool cluster_merge;
 };
 
 #ifdef __CUDACC__
@@ -104,7 +109,10 @@ __device__ __forceinline__ int2 split_entries(const SelectionFwdParams& p, int r
 #endif
 
 template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
-cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& params, cudaStream_t stream);
+// `merged` (may be null): set when the launch merged the split-KV slices itself (SM 9.0
+// clusters, SelectionFwdParams::cluster_merge); launch_selection_merge is then not needed.
+cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& params, cudaStream_t stream,
+                                     bool* merged = nullptr);
 
 cudaError_t launch_selection_fwd_fp32(const SelectionFwdParams& params, cudaStream_t stream);
 

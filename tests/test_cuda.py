@@ -413,6 +413,51 @@ def test_split_runs_are_identical_and_close_to_unsplit(G):
     assert (lse1 - lse8).nan_to_num(0.0).abs().max().item() <= 1e-4
 
 
+def _merge_kernel_ran(fn):
+    """Whether a call of fn launched the split-KV merge kernel (torch.profiler's kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("selection_merge_kernel" in e.key for e in prof.key_averages())
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,num_splits", [
+    (dict(HQ=16, H=1, Dk=128, Dv=128, S=16, block_size=64), 4),
+    (dict(HQ=3, H=1, Dk=192, Dv=128, S=12, block_size=32), 12),
+    (dict(HQ=8, H=1, Dk=64, Dv=64, S=16, block_size=16), 16),
+    (dict(HQ=16, H=1, Dk=256, Dv=256, S=12, block_size=64), 12),
+    (dict(HQ=16, H=1, Dk=128, Dv=128, S=16, block_size=64), 2),
+], ids=["G16_s4", "G3_dk192_s12", "G8_d64_s16", "G16_d256_s12", "G16_s2"])
+def test_split_merge_in_clusters_equals_the_merge_kernel(shape, num_splits, dtype):
+    """On SM 9.0 the slices of a one-wave decode are one thread-block cluster each and merge in
+    the forward (no merge kernel); a batch too large for one wave takes the workspace and the
+    merge kernel. The same row in both gives bitwise the same o and lse: the cluster merge is the
+    merge kernel's formula in its order, on the same partials."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need SM 9.0")
+    big_B = 400   # items = big_B * H * num_splits > the SMs x three two-buffer blocks
+    case = make_case(B=1, TQ=1, TK=1500, dtype=dtype, device="cuda", seed=num_splits, **shape)
+    case.block_indices[..., 1] = case.block_indices[..., 0]          # a repeat in every row
+    one = describe_call(*case.args(), **case.kwargs(), need_lse=True)
+    many = describe_call(*(t.expand(big_B, *t.shape[1:]).contiguous() for t in
+                           (case.q, case.k, case.v, case.block_indices)), case.block_size,
+                         need_lse=True)
+    assert not _merge_kernel_ran(lambda: cuda_backend.forward(one, force_splits=num_splits))
+    assert _merge_kernel_ran(lambda: cuda_backend.forward(many, force_splits=num_splits))
+    o1, lse1 = cuda_backend.forward(one, force_splits=num_splits)
+    o2, lse2 = cuda_backend.forward(many, force_splits=num_splits)
+    assert torch.equal(o1[0], o2[big_B // 2]) and torch.equal(lse1[0], lse2[big_B // 2])
+    ref_call = describe_call(case.q.float(), case.k.float(), case.v.float(), case.block_indices,
+                             case.block_size, need_lse=True)
+    o_ref, lse_ref = reference_forward(ref_call)
+    assert_close_to_reference(o1, o_ref.to(dtype), dtype, lse1, lse_ref)
+
+
 @pytest.mark.gpu
 @needs_ext
 def test_backend_splits_decode_and_matches_reference():
