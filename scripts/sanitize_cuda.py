@@ -7,10 +7,11 @@ Each call mixes valid blocks, repeats, -1 padding, other negative and out-of-ran
 (tests/common.py: messy_indices), plus rows with nothing selected; the set covers one, two and
 four row tiles per thread block (G = 3, 16, 24, 80), varlen with ragged and chunked sequences,
 block_counts, Dk=192/Dv=128, d=256, fp32, and split-KV decode with forced slice counts (empty
-slices included); on SM 9.0 the Hopper tile kernel forced, and `selection_fwd_auto` (the schedule
-chosen on the device) with its crossover at 0 % and 100 % (the row kernel runs and the tile
-kernel returns at once, then the other way round). Each output is also checked against the fp32 reference, so a run that the
-sanitizer passes but that computes garbage still fails (exit 1).
+slices included; on SM 9.0 a one-wave decode merges its slices in thread-block clusters); on
+SM 9.0 the Hopper tile kernel forced, and `selection_fwd_auto` (the schedule chosen on the
+device) with its crossover at 0 % and 100 % (the row kernel runs and the tile kernel returns at
+once, then the other way round). Each output is also checked against the fp32 reference, so a
+run that the sanitizer passes but that computes garbage still fails (exit 1).
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ CASES = [
     ("fp32", dict(B=1, TQ=40, HQ=8, H=2, Dk=96, S=4, block_size=16, dtype=FP32), None),
     ("decode G16 split 5", dict(B=3, TQ=1, TK=900, HQ=32, H=2, Dk=128, S=12, block_size=32,
                                 dtype=BF16), 5),
+    # SM 9.0: one-wave decodes merge their slices in thread-block clusters (16, a non-portable
+    # size, and 7 on d256's one block per SM).
+    ("decode G8 cluster of 16", dict(B=1, TQ=1, TK=1200, HQ=8, H=1, Dk=64, S=16, block_size=64,
+                                     dtype=FP16), 16),
+    ("decode G16 d256 cluster of 7", dict(B=2, TQ=1, TK=700, HQ=16, H=1, Dk=256, S=14,
+                                          block_size=32, dtype=BF16), 7),
     ("decode G64 split 16", dict(B=2, TQ=2, TK=333, HQ=128, H=2, Dk=192, Dv=128, S=6,
                                  block_size=32, dtype=BF16), 16),
     ("decode fp32 split 3", dict(B=2, TQ=1, TK=500, HQ=4, H=2, Dk=64, S=8, block_size=16,
@@ -98,6 +105,8 @@ def run_device_choice(case, pct):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true", help="first three cases only (racecheck is slow)")
+    parser.add_argument("--only", default=None,
+                        help="only the cases whose name contains this text (e.g. 'cluster')")
     args = parser.parse_args()
     if not _ext.available():
         print("CUDA extension not available:", _ext.unavailable_reason())
@@ -111,13 +120,22 @@ def main() -> int:
         if _ext.has_fwd_auto():
             cases = cases + [(f"device {pct}% {name[5:]}", kw, f"device{pct}")
                              for pct in (0, 100) for name, kw in tile_cases]
+    if args.only:
+        cases = [c for c in CASES + cases if args.only in c[0]]
+        cases = list({c[0]: c for c in cases}.values())
     for name, kwargs, splits in cases:
         os.environ["NSA_SEL_SCHEDULE"] = "tile" if splits == "tile" else "auto"
         device_pct = int(splits[6:]) if str(splits).startswith("device") else None
         splits = 1 if splits == "tile" or device_pct is not None else splits
         case = make_case(device="cuda", seed=len(name), **kwargs)
-        rows = case.block_indices.shape[1]
-        case.block_indices[:, : max(1, rows // 5)] = -1        # rows with nothing selected
+        # Rows with nothing selected: the first fifth of the query tokens, or in a one-token
+        # decode KV head 0's row (blanking the token would leave the call nothing to compute).
+        bi = case.block_indices.reshape(-1, *case.block_indices.shape[-2:])
+        if bi.shape[0] >= 2:
+            bi[: max(1, bi.shape[0] // 5)] = -1
+        elif bi.shape[1] >= 2:
+            bi[:, 0] = -1
+        case.block_indices = bi.reshape(case.block_indices.shape)
         o, o_ref = run(case, splits) if device_pct is None else run_device_choice(case, device_pct)
         mean_err, max_err = spec_errors(o, o_ref.to(o.dtype))
         mean_tol, max_tol = TOLERANCES[o.dtype]
