@@ -108,30 +108,36 @@ def paths() -> None:
             print(f"TK={TK} B={B} splits={splits}: " + " | ".join(line), flush=True)
 
 
-def profile_kernels() -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    for B in (1, 32, 128):
+def warmed_calls(batches):
+    """(B, backend, the API call) for each B (TK = 8k) and backend, each called three times."""
+    for B in batches:
         c = Case(B, 8192)
         for backend in ("cuda", "triton"):
             fn = c.api(backend)
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            for _ in range(5):
+            yield B, backend, fn
+
+
+def profile_kernels() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for B, backend, fn in warmed_calls((1, 32, 128)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
+            for _ in range(20):
                 graph.replay()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
-                for _ in range(20):
-                    graph.replay()
-                torch.cuda.synchronize()
-            rows = [(e.key[:60], e.device_time_total / e.count, e.count)
-                    for e in prof.key_averages() if e.device_time_total > 0]
-            print(f"B={B} {backend}: " + " | ".join(f"{n} {t:.1f}us x{k}" for n, t, k in rows),
-                  flush=True)
+        rows = [(e.key[:60], e.device_time_total / e.count, e.count)
+                for e in prof.key_averages() if e.device_time_total > 0]
+        print(f"B={B} {backend}: " + " | ".join(f"{n} {t:.1f}us x{k}" for n, t, k in rows),
+              flush=True)
 
 
 def split_sweep(counts, batches) -> None:
@@ -152,18 +158,12 @@ def split_sweep(counts, batches) -> None:
 
 
 def ncu_calls(batches) -> None:
-    for B in batches:
-        c = Case(B, 8192)
-        for backend in ("cuda", "triton"):
-            fn = c.api(backend)
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            torch.cuda.nvtx.range_push("profiled")
-            fn()
-            torch.cuda.nvtx.range_pop()
-            torch.cuda.synchronize()
-            print(f"B={B} {backend}: profiled one call", flush=True)
+    for B, backend, fn in warmed_calls(batches):
+        torch.cuda.nvtx.range_push("profiled")
+        fn()
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        print(f"B={B} {backend}: profiled one call", flush=True)
 
 
 def main() -> None:
