@@ -38,7 +38,10 @@
 // Split-KV (decode, p.num_splits > 1): the grid's z axis also counts slices (z = slice * tiles +
 // tile); a thread block takes only its slice's entries of the row (split_entries; the loop is
 // the same, over fewer chunks) and writes the unnormalised partials acc [Dv], m, l of each row to
-// the fp32 workspace, which launch_selection_merge (selection_merge.cu) turns into o and lse.
+// the fp32 workspace, which launch_selection_merge (selection_merge.cu) turns into o and lse. On
+// SM 9.0 a one-wave decode (the two-buffer instance, one row tile, <= 16 slices) instead launches
+// each row's slices as one thread-block cluster that merges in shared memory (cluster_merge):
+// no workspace round trip, no second launch.
 //
 // Input contract (the Python backend builds it with nsa_ext.selection.canonical_blocks): each
 // row's blocks sorted ascending, de-duplicated, -1 padded, none past the query's own block; or
@@ -202,8 +205,9 @@ struct SmemLayout {
 // cluster's blocks (cluster dims (1, 1, num_splits), one row tile, so blockIdx.z = slice = rank).
 // Each block has put its partials -- acc [rows][Dv], m (natural log) and l per row -- in its own
 // shared memory; after a cluster barrier, row r is merged by block r % num_splits, one warp per
-// row, reading every slice's partials from the other blocks' shared memory (DSMEM). The formula
-// and its order are the merge kernel's (selection_merge.cu), so o and lse are the same bits. A
+// row, reading every slice's partials from the other blocks' shared memory (DSMEM). The weights
+// are the merge kernel's (split_merge_weight) and the sum runs in its order (slices ascending,
+// batches of kBatch), so o and lse are the same bits as selection_merge.cu's. A
 // second barrier keeps every block's shared memory alive until the others are done reading.
 // Saves the merge kernel (a launch and the workspace's round trip: ~2 us of a B = 1 decode).
 template <typename T, int kDv>
@@ -225,15 +229,8 @@ __device__ __forceinline__ void cluster_merge(const SelectionFwdParams& p, float
     const int s_lane = lane < ns ? lane : 0;
     const float m_lane = lane < ns ? cluster.map_shared_rank(sXM, s_lane)[r] : -INFINITY;
     const float l_lane = lane < ns ? cluster.map_shared_rank(sXL, s_lane)[r] : 0.f;
-    float m_max = m_lane;
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2)
-      m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, off));
-    float w_lane = m_lane == -INFINITY ? 0.f : expf(m_lane - m_max);
-    float l_sum = l_lane * w_lane;
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) l_sum += __shfl_xor_sync(0xffffffffu, l_sum, off);
-    w_lane *= l_sum > 0.f ? 1.f / l_sum : 0.f;
+    float m_max, l_sum;
+    const float w_lane = split_merge_weight(m_lane, l_lane, m_max, l_sum);
     float sum[kCols];
 #pragma unroll
     for (int i = 0; i < kCols; ++i) sum[i] = 0.f;
@@ -255,7 +252,7 @@ __device__ __forceinline__ void cluster_merge(const SelectionFwdParams& p, float
     const int64_t out_row = out_row0 + r;
 #pragma unroll
     for (int i = 0; i < kCols; ++i) o[out_row * kDv + lane + 32 * i] = from_float<T>(sum[i]);
-    if (lane == 0) p.lse[out_row] = l_sum > 0.f ? m_max + logf(l_sum) : -INFINITY;
+    if (lane == 0) p.lse[out_row] = split_merge_lse(m_max, l_sum);
   }
   // No block leaves while another still reads its shared memory. Relaxed: this block's reads
   // are done (their values are in o), and its stores to o need no ordering against the others
@@ -707,6 +704,24 @@ inline cudaError_t current_device_sms(int& device, int& sms) {
 // must allow first). One per kernel instance (`static thread_local` in its launcher, like
 // SmemAttributes: the attribute is the kernel's own), cached per device and size; a failed query
 // says no.
+// A launch of `grid` whose blocks form clusters of `slices` along z (the attribute must outlive
+// the config: the caller's).
+inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, size_t smem, cudaStream_t stream,
+                                                int slices, cudaLaunchAttribute& attribute) {
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = 1;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = unsigned(slices);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
 struct ClusterMergeSupport {
   signed char known[64][17] = {};   // 0 unknown, 1 yes, -1 no
 
@@ -722,17 +737,9 @@ struct ClusterMergeSupport {
           (slices <= 8 ||
            cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
                cudaSuccess)) {
-        cudaLaunchConfig_t config = {};
-        cudaLaunchAttribute attribute[1];
-        attribute[0].id = cudaLaunchAttributeClusterDimension;
-        attribute[0].val.clusterDim.x = 1;
-        attribute[0].val.clusterDim.y = 1;
-        attribute[0].val.clusterDim.z = unsigned(slices);
-        config.gridDim = dim3(1, 1, unsigned(slices));
-        config.blockDim = dim3(kThreads);
-        config.dynamicSmemBytes = smem;
-        config.attrs = attribute;
-        config.numAttrs = 1;
+        cudaLaunchAttribute attribute;
+        const cudaLaunchConfig_t config =
+            cluster_launch_config(dim3(1, 1, unsigned(slices)), smem, nullptr, slices, attribute);
         int clusters = 0;
         if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess &&
             clusters > 0)
@@ -780,18 +787,9 @@ cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream, boo
     if (tiles == 1 && clusters.allows(kernel, device, p.num_splits, smem)) {
       SelectionFwdParams clustered = p;
       clustered.cluster_merge = true;
-      cudaLaunchConfig_t config = {};
-      cudaLaunchAttribute attribute[1];
-      attribute[0].id = cudaLaunchAttributeClusterDimension;
-      attribute[0].val.clusterDim.x = 1;
-      attribute[0].val.clusterDim.y = 1;
-      attribute[0].val.clusterDim.z = unsigned(p.num_splits);
-      config.gridDim = grid;
-      config.blockDim = dim3(kThreads);
-      config.dynamicSmemBytes = smem;
-      config.stream = stream;
-      config.attrs = attribute;
-      config.numAttrs = 1;
+      cudaLaunchAttribute attribute;
+      const cudaLaunchConfig_t config =
+          cluster_launch_config(grid, smem, stream, p.num_splits, attribute);
       const cudaError_t err = cudaLaunchKernelEx(&config, kernel, clustered);
       if (err == cudaSuccess && merged != nullptr) *merged = true;
       return err;

@@ -4,7 +4,8 @@
 // writes o [Dv] (q's dtype) and lse:
 //   M = max_s m_s,  L = sum_s l_s exp(m_s - M),  o = sum_s acc_s exp(m_s - M) / L,  lse = M + log L.
 // Slices with m_s = -inf (no key) weigh nothing; a row with none at all gets o = 0, lse = -inf.
-// expf/logf are the accurate ones: the fp32 path's tolerance is 1e-5.
+// The weights and lse are split_merge_weight / split_merge_lse (selection_params.h), shared with
+// the forward's cluster merge (selection_fwd.cuh), which sums in the same order: same bits.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -63,17 +64,9 @@ __global__ void __launch_bounds__(kWarps * 32) selection_merge_kernel(const Sele
       const float m_lane = lane < ns ? m_r[lane] : -INFINITY;
       const float l_lane = lane < ns ? l_r[lane] : 0.f;
       load_batch(0);
-      m_max = m_lane;
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2)
-        m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, off));
-      // exp(m_s - M): each slice's weight computed once by the lane that holds it. An empty
-      // slice (m = -inf) weighs 0; its accumulators are zeros (the forward kernels write them).
-      float w_lane = m_lane == -INFINITY ? 0.f : expf(m_lane - m_max);
-      l_sum = l_lane * w_lane;
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) l_sum += __shfl_xor_sync(0xffffffffu, l_sum, off);
-      w_lane *= l_sum > 0.f ? 1.f / l_sum : 0.f;
+      // Each slice's weight computed once by the lane that holds it. An empty slice weighs 0;
+      // its accumulators are zeros (the forward kernels write them).
+      const float w_lane = split_merge_weight(m_lane, l_lane, m_max, l_sum);
       for (int s0 = 0; s0 < ns; s0 += kBatch) {
         if (s0 > 0) load_batch(s0);
 #pragma unroll
@@ -117,7 +110,7 @@ __global__ void __launch_bounds__(kWarps * 32) selection_merge_kernel(const Sele
       const int d = lane + 32 * i;
       if (d < Dv) o[r * Dv + d] = from_float<T>(sum[i]);
     }
-    if (lane == 0) p.lse[r] = l_sum > 0.f ? m_max + logf(l_sum) : -INFINITY;
+    if (lane == 0) p.lse[r] = split_merge_lse(m_max, l_sum);
   }
 }
 

@@ -106,11 +106,36 @@ __device__ __forceinline__ int2 split_entries(const SelectionFwdParams& p, int r
   const int begin = min(split * p.entries_per_split, row_entries);
   return make_int2(begin, min(begin + p.entries_per_split, row_entries));
 }
+
+// The split-KV merge's weights, one statement for the merge kernel (selection_merge.cu) and the
+// cluster merge (selection_fwd.cuh), which therefore give the same bits. Lane s < num_splits
+// holds slice s's m (natural log, -inf when the slice saw no key) and l, the other lanes -inf
+// and 0; every lane of the warp calls it. Sets M = max_s m_s and L = sum_s l_s exp(m_s - M) in
+// every lane and returns lane s's weight exp(m_s - M) / L (0 for an empty slice, and for every
+// slice of a row that saw no key). expf / logf are the accurate ones: the fp32 path's
+// tolerance is 1e-5.
+__device__ __forceinline__ float split_merge_weight(float m_lane, float l_lane, float& m_max,
+                                                    float& l_sum) {
+  m_max = m_lane;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2)
+    m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, off));
+  const float w = m_lane == -INFINITY ? 0.f : expf(m_lane - m_max);
+  l_sum = l_lane * w;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) l_sum += __shfl_xor_sync(0xffffffffu, l_sum, off);
+  return w * (l_sum > 0.f ? 1.f / l_sum : 0.f);
+}
+
+// The merged row's lse: M + log L, -inf for a row that saw no key.
+__device__ __forceinline__ float split_merge_lse(float m_max, float l_sum) {
+  return l_sum > 0.f ? m_max + logf(l_sum) : -INFINITY;
+}
 #endif
 
-template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
 // `merged` (may be null): set when the launch merged the split-KV slices itself (SM 9.0
 // clusters, SelectionFwdParams::cluster_merge); launch_selection_merge is then not needed.
+template <ScalarKind kKind, int kHeadDimQK, int kHeadDimV>
 cudaError_t launch_selection_fwd_mma(const SelectionFwdParams& params, cudaStream_t stream,
                                      bool* merged = nullptr);
 
