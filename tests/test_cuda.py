@@ -96,6 +96,16 @@ def test_num_splits_follows_shapes_and_sm_count(shape, dtype, sm_count, expected
     assert cuda_backend.num_splits(call, sm_count) == expected
 
 
+def test_explain_names_the_split_count_of_a_decode():
+    case = make_case(B=1, TQ=1, TK=4096, HQ=16, H=4, Dk=64, S=16, block_size=64,
+                     dtype=torch.bfloat16)
+    call = describe_call(*case.args())
+    lines = cuda_backend.explain_schedule(call, Settings(), H100)
+    assert lines == ["schedule: row (too few rows to fill the GPU: split-KV, "
+                     f"{cuda_backend.num_splits(call, H100.sm_count)} slices a row)"]
+    assert cuda_backend.num_splits(call, H100.sm_count) == 16
+
+
 def test_num_splits_without_triton_matches_triton_ref():
     choose = pytest.importorskip("triton_ref.selection_split").choose_num_splits
     for work in (1, 3, 4, 64, 127, 500):

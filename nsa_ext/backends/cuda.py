@@ -28,7 +28,9 @@ borrows Triton's (or packed SDPA's where Triton cannot serve).
 Decode (TQ = 1, or a few, small B) has too few rows to fill the GPU: below SPLIT_BELOW_WAVES waves
 of thread blocks over the SMs the op is asked to cut each row's entries into `num_splits` slices
 (split-KV) and merge them; the count follows from shapes and the SM count only, so a decode step
-stays capturable in a CUDA graph.
+stays capturable in a CUDA graph. On SM 9.0, where the split grid is one wave of the kernel's
+two-buffer form (G <= 16, at most 16 slices), each row's slices run as one thread-block cluster
+that merges them in shared memory: no merge kernel (csrc/selection_fwd.cuh, cluster_merge).
 """
 from __future__ import annotations
 
@@ -340,8 +342,9 @@ def choose_schedule(call: SelectionCall, settings, facts, prep, detail: bool = T
 def explain_schedule(call: SelectionCall, settings, facts, tile_backend=None) -> List[str]:
     """Which schedule this backend would run for `call`, and why (a host sync under auto).
     `tile_backend` is the dispatcher's (for Triton's face); this backend's tile is its own."""
-    if facts.kind == "cuda" and num_splits(call, facts.sm_count) > 1:
-        return ["schedule: row (too few rows to fill the GPU: split-KV)"]
+    splits = num_splits(call, facts.sm_count) if facts.kind == "cuda" else 1
+    if splits > 1:
+        return [f"schedule: row (too few rows to fill the GPU: split-KV, {splits} slices a row)"]
     pct = device_choice(call, settings, facts)
     if pct is not None:
         return device_choice_lines(call, settings, facts, pct)
