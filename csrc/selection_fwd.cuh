@@ -698,12 +698,6 @@ inline cudaError_t current_device_sms(int& device, int& sms) {
   return cudaSuccess;
 }
 
-// Whether slices of `slices` blocks can be one cluster each for a kernel on the current device:
-// its code is SM 9.0+ (the build may carry only older code that the driver compiles), and the
-// device can hold such a cluster at all (past 8 blocks, a non-portable size, which the kernel
-// must allow first). One per kernel instance (`static thread_local` in its launcher, like
-// SmemAttributes: the attribute is the kernel's own), cached per device and size; a failed query
-// says no.
 // A launch of `grid` whose blocks form clusters of `slices` along z (the attribute must outlive
 // the config: the caller's).
 inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, size_t smem, cudaStream_t stream,
@@ -722,14 +716,28 @@ inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, size_t smem, cudaStre
   return config;
 }
 
+// Whether slices of `slices` blocks can be one cluster each for a kernel on the current device:
+// its code is SM 9.0+ (the build may carry only older code that the driver compiles), and the
+// device can hold such a cluster at all (past 8 blocks, a non-portable size, which the kernel
+// must allow first). One per kernel instance (`static thread_local` in its launcher, like
+// SmemAttributes: the attribute is the kernel's own), cached per device and size; a failed query
+// says no. Not asked while `stream` is being captured (the launch then takes the workspace and
+// the merge kernel; the first launch outside a capture asks): the one-time attribute set and
+// occupancy query stay out of the caller's capture.
 struct ClusterMergeSupport {
   signed char known[64][17] = {};   // 0 unknown, 1 yes, -1 no
 
   template <typename Kernel>
-  bool allows(Kernel kernel, int device, int slices, size_t smem) {
+  bool allows(Kernel kernel, int device, int slices, size_t smem, cudaStream_t stream) {
     if (slices < 2 || slices > 16 || device < 0 || device >= 64) return false;
     signed char& k = known[device][slices];
     if (k == 0) {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
+          capture != cudaStreamCaptureStatusNone) {
+        (void)cudaGetLastError();
+        return false;
+      }
       k = -1;
       cudaFuncAttributes attributes{};
       if (cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
@@ -784,7 +792,7 @@ cudaError_t launch_buffers(const SelectionFwdParams& p, cudaStream_t stream, boo
     const cudaError_t e = current_device_sms(device, sms);
     if (e != cudaSuccess) return e;
     static thread_local ClusterMergeSupport clusters;   // this kernel instance's
-    if (tiles == 1 && clusters.allows(kernel, device, p.num_splits, smem)) {
+    if (tiles == 1 && clusters.allows(kernel, device, p.num_splits, smem, stream)) {
       SelectionFwdParams clustered = p;
       clustered.cluster_merge = true;
       cudaLaunchAttribute attribute;
