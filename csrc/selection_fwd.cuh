@@ -192,6 +192,13 @@ struct SmemLayout {
   static constexpr size_t total_bytes() {
     return q_bytes() + k_bytes() + v_bytes() + p_bytes() + misc_bytes();
   }
+  // Where the chunk descriptors start (after the row maxima and sums): the kernel reads a stage's
+  // offsets and visible keys 16 bytes at a time.
+  static constexpr size_t descriptor_offset() {
+    return q_bytes() + k_bytes() + v_bytes() + p_bytes() + 2 * size_t(kWarps) * kRows * 4;
+  }
+  static_assert(descriptor_offset() % 16 == 0 && (kSlots * kChunksPerStage * 8) % 16 == 0,
+                "16-byte reads of the chunk descriptors");
   // Thread blocks per SM: what the shared memory allows (227 KB per SM, 1 KB reserved per
   // block), at most 5 / 4 / 3 for 1 / 2 / 4 row tiles (registers: 65536 / (blocks * 128)).
   static constexpr int blocks_per_sm() {
@@ -430,18 +437,45 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     // K (or V) rows of `stage` into its buffer (stage % kBuffers); rows of keys that are not
     // visible become zeros (V's must: P = 0 times stale NaN would be NaN).
     // A copy that is not valid reads nothing (src-size 0); it is pointed at the sequence's key 0.
+    // Each group of kGroup chunks: its descriptors are read first, in one 16-byte load of
+    // offsets per two chunks and one load of visible keys, then its copies are issued. Read one
+    // by one behind each chunk's validity test, they were a chain of dependent shared loads (a
+    // copy to shared memory may alias them, so none moves above an earlier copy): 29 % of a
+    // decode block's stall samples (ncu, B = 32; notes/eager.md, twenty-third session). The
+    // whole stage at once where a block is alone on its SM (two buffers: decode, registers to
+    // spare); pairs where several blocks share an SM, hide each other's chains and are at their
+    // register bound.
+    constexpr int kGroup = kBuffers >= 2 ? 4 : 2;
+    static_assert(kChunksPerStage % 4 == 0, "a stage's descriptors: read in groups of 2 or 4");
     auto load_rows = [&](int stage, const T* src_thread, const T* src_seg, const int64_t* offsets,
                          T* dst_thread, int row_elems, auto seg_count) {
       constexpr int kSeg = decltype(seg_count)::value;
 #pragma unroll
-      for (int c = 0; c < kChunksPerStage; ++c) {
-        const int slot = (stage & kSlotMask) * kChunksPerStage + c;
-        const bool valid = crow < sVisible[slot];
-        const T* src = valid ? src_thread + offsets[slot] : src_seg;
-        T* dst = dst_thread + ((stage % kBuffers) * kStageKeys + c * kChunkKeys) * row_elems;
+      for (int c0 = 0; c0 < kChunksPerStage; c0 += kGroup) {
+        const int slot0 = (stage & kSlotMask) * kChunksPerStage + c0;
+        int visible[kGroup];
+        int64_t offset[kGroup];
+        if constexpr (kGroup == 4) {
+          const int4 v4 = *reinterpret_cast<const int4*>(sVisible + slot0);
+          visible[0] = v4.x, visible[1] = v4.y, visible[2] = v4.z, visible[3] = v4.w;
+        } else {
+          const int2 v2 = *reinterpret_cast<const int2*>(sVisible + slot0);
+          visible[0] = v2.x, visible[1] = v2.y;
+        }
 #pragma unroll
-        for (int e = 0; e < kSeg / kLanesPerRow; ++e)
-          cp_async_16(dst + e * kLanesPerRow * 8, src + e * kLanesPerRow * 8, valid);
+        for (int i = 0; i < kGroup; i += 2) {
+          const longlong2 o2 = *reinterpret_cast<const longlong2*>(offsets + slot0 + i);
+          offset[i] = o2.x, offset[i + 1] = o2.y;
+        }
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const bool valid = crow < visible[i];
+          const T* src = valid ? src_thread + offset[i] : src_seg;
+          T* dst = dst_thread + ((stage % kBuffers) * kStageKeys + (c0 + i) * kChunkKeys) * row_elems;
+#pragma unroll
+          for (int e = 0; e < kSeg / kLanesPerRow; ++e)
+            cp_async_16(dst + e * kLanesPerRow * 8, src + e * kLanesPerRow * 8, valid);
+        }
       }
     };
     auto load_k = [&](int stage) {

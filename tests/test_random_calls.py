@@ -11,7 +11,10 @@ GPU lane (marked): every backend that can serve the call, bf16 too; and calls dr
 shapes the compiled kernels are built for (head dims 64-256, blocks of 32-128, G up to 64, rows
 long enough for tiles) with each forward schedule forced (NSA_SEL_SCHEDULE), so the tile and kv
 schedules and the Hopper tile kernel meet messy calls too, not only what auto picks for small
-ones. `NSA_TEST_SWEEP_SEEDS=N` widens that sweep (default 16 seeds) for a longer run on a GPU.
+ones; and decode-shaped calls (one to three query tokens a sequence against caches of up to 4k
+keys, batches up to 48: split-KV with its merge, in a cluster on SM 9.0) through every backend.
+`NSA_TEST_SWEEP_SEEDS=N` widens those two sweeps (default 16 seeds) and `NSA_TEST_GPU_SEEDS=N` the
+general GPU lane (default 24) for a longer run on a GPU.
 """
 import os
 import random
@@ -25,7 +28,7 @@ from common import assert_close_to_reference, import_triton_for_the_interpreter,
 CUDA = torch.cuda.is_available()
 INTERPRETER = import_triton_for_the_interpreter()
 CPU_SEEDS = range(16)
-GPU_SEEDS = range(24)
+GPU_SEEDS = range(int(os.environ.get("NSA_TEST_GPU_SEEDS", "24")))
 SWEEP_SEEDS = range(int(os.environ.get("NSA_TEST_SWEEP_SEEDS", "16")))
 
 
@@ -44,11 +47,15 @@ def _strided(t, how):
     return t
 
 
-def random_case(seed, dtype, device, kernel_shapes=False):
+def random_case(seed, dtype, device, kernel_shapes=False, decode=False):
     """One seeded call (module docstring). `kernel_shapes`: drawn around the compiled kernels'
     instances (head dims 64 / 128 / 192-128 / 256, blocks of 64 or 128 with some 32, G up to 64,
-    up to 16 blocks per row, longer sequences) instead of the small general draw."""
+    up to 16 blocks per row, longer sequences) instead of the small general draw. `decode`: the
+    same instances, one to three query tokens a sequence (the last ones of each sequence's keys)
+    against up to 4k keys, up to 48 sequences: few rows, so the kernels split each row's blocks."""
     rnd = random.Random(seed)
+    if decode:
+        return _decode_case(rnd, seed, dtype, device)
     if kernel_shapes:
         S = rnd.choice([1, 4, 8, 16])
         H, G = rnd.choice([1, 2]), rnd.choice([1, 2, 3, 5, 8, 16, 24, 64])
@@ -85,6 +92,25 @@ def random_case(seed, dtype, device, kernel_shapes=False):
         if isinstance(case.block_counts, torch.Tensor):
             case.block_counts = _strided(case.block_counts, "pad")
     return case
+
+
+def _decode_case(rnd, seed, dtype, device):
+    S = rnd.choice([1, 4, 8, 16, 16])
+    H, G = rnd.choice([1, 2, 4]), rnd.choice([1, 2, 3, 5, 8, 16, 16, 24, 64])
+    Dk, Dv = rnd.choice([(64, 64), (128, 128), (128, 128), (192, 128), (256, 256)])
+    kw = dict(HQ=H * G, H=H, Dk=Dk, Dv=Dv, S=S, block_size=rnd.choice([32, 64, 64, 128]),
+              dtype=dtype, device=device, seed=seed,
+              index_dtype=rnd.choice([torch.int32, torch.int64]),
+              block_counts=rnd.choice([None, None, "tensor", rnd.randint(0, S + 1)]),
+              scale=rnd.choice([None, 0.3]))
+    TQ = rnd.choice([1, 1, 1, 2, 3])
+    if rnd.random() < 0.5:
+        kw.update(B=rnd.choice([1, 2, 5, 16, 48]), TQ=TQ, TK=rnd.randint(TQ, 4096))
+    else:   # varlen: the sequences' caches differ in length
+        n = rnd.choice([1, 3, 17])
+        kw.update(seqlens=[TQ] * n, seqlens_k=[rnd.randint(TQ, 4096) for _ in range(n)],
+                  batchless=rnd.random() < 0.5)
+    return make_case(**kw)
 
 
 def _grads(case, backend, grad_o):
@@ -179,3 +205,16 @@ def test_random_kernel_shapes_each_schedule_gpu(seed, dtype, schedule, monkeypat
     monkeypatch.setenv("NSA_SEL_SCHEDULE", schedule)
     served = [b for b in ("triton", "cuda") if check_backend(case, b, dtype)]
     assert "triton" in served
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seed", SWEEP_SEEDS)
+def test_random_decode_calls_gpu(seed, dtype):
+    """Decode-shaped random calls (random_case's `decode`) through every backend that serves them,
+    against the reference: the row kernels' split-KV and its merges meet messy short calls."""
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    case = random_case(20_000 + seed, dtype, "cuda", decode=True)
+    served = [b for b in ("auto", "triton", "cuda") if check_backend(case, b, dtype)]
+    assert "auto" in served and "triton" in served
