@@ -610,15 +610,7 @@ EAGER_CALLS = 100        # at most; fewer where a call takes over 0.5 ms (~50 ms
 def graph_time(fn: Callable, timer: common.Timer):
     """(median ms of a CUDA-graph replay of `fn`, note); (None, why) when capture fails."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            keep = fn()
+        graph, keep = common.capture_graph(fn)
         ms, _, _ = timer.measure(graph.replay)
         del keep, graph
         return ms, f"graph {ms * 1e3:.1f} us"

@@ -470,6 +470,22 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def capture_graph(fn: Callable, warmup: int = 2):
+    """(a CUDA graph holding one call of `fn`, that call's output, kept alive by the caller). `fn`
+    runs `warmup` times on a side stream first, as torch.cuda.graph asks: lazy initialisation,
+    the allocator's pools and tuned kernels are in place before the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def eager_times(fn: Callable, device, calls: int, repeats: int = 5) -> Dict[str, float]:
     """Eager calls without a graph: {"eager_us": whole call (enqueue + the GPU's work, synchronised
     once per run), "host_us": enqueue time alone}, each the best of `repeats` runs of `calls`

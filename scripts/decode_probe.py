@@ -31,18 +31,11 @@ def replay_us(fn):
     """(median us of three do_bench runs of a graph replay of fn, fn's output in the graph)."""
     import triton.testing
 
+    from bench.common import capture_graph
+
     fn()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn, warmup=3)
     graph.replay()
     torch.cuda.synchronize()
     times = [triton.testing.do_bench(graph.replay, warmup=50, rep=200) for _ in range(3)]
@@ -123,10 +116,10 @@ def warmed_calls(batches):
 def profile_kernels() -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    from bench.common import capture_graph
+
     for B, backend, fn in warmed_calls((1, 32, 128)):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture_graph(fn, warmup=0)
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()

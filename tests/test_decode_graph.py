@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nsa_ext
+from bench.common import capture_graph
 from common import assert_close_to_reference, make_case
 
 pytestmark = pytest.mark.gpu
@@ -23,15 +24,8 @@ def test_decode_step_in_cuda_graph(backend, B, TK):
     def step():
         return nsa_ext.selection_attention(q, k, v, bi, 64, backend=backend, return_lse=True)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):          # warm-up: compile and tune outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_graph, lse_graph = step()
+    # warm-up (compile and tune outside the capture), then the capture: the bench's helper
+    graph, (o_graph, lse_graph) = capture_graph(step, warmup=3)
 
     for seed in (2, 3):             # new inputs through the captured buffers
         fresh = make_case(seed=seed, **shape)
