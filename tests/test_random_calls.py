@@ -54,8 +54,28 @@ def random_case(seed, dtype, device, kernel_shapes=False, decode=False):
     same instances, one to three query tokens a sequence (the last ones of each sequence's keys)
     against up to 4k keys, up to 48 sequences: few rows, so the kernels split each row's blocks."""
     rnd = random.Random(seed)
-    if decode:
-        return _decode_case(rnd, seed, dtype, device)
+    kw = (_decode_kwargs(rnd) if decode else _general_kwargs(rnd, kernel_shapes))
+    kw.update(dtype=dtype, device=device, seed=seed)
+    case = make_case(**kw)
+    if rnd.random() < 0.5:
+        views = ["transpose", "pad", "lastdim", "none"]
+        case.q, case.k, case.v = (_strided(t, rnd.choice(views)) for t in (case.q, case.k, case.v))
+        case.block_indices = _strided(case.block_indices, rnd.choice(["transpose", "pad", "none"]))
+        if isinstance(case.block_counts, torch.Tensor):
+            case.block_counts = _strided(case.block_counts, "pad")
+    return case
+
+
+def _selection_kwargs(rnd, H, G, Dk, Dv, S, block_size):
+    """make_case's arguments every draw shares: the heads, dims and selection, and the indices'
+    dtype, block_counts and scale drawn for them."""
+    return dict(HQ=H * G, H=H, Dk=Dk, Dv=Dv, S=S, block_size=block_size,
+                index_dtype=rnd.choice([torch.int32, torch.int64]),
+                block_counts=rnd.choice([None, None, "tensor", rnd.randint(0, S + 1)]),
+                scale=rnd.choice([None, 0.3]))
+
+
+def _general_kwargs(rnd, kernel_shapes):
     if kernel_shapes:
         S = rnd.choice([1, 4, 8, 16])
         H, G = rnd.choice([1, 2]), rnd.choice([1, 2, 3, 5, 8, 16, 24, 64])
@@ -69,11 +89,7 @@ def random_case(seed, dtype, device, kernel_shapes=False, decode=False):
         Dv = rnd.choice([Dk, 16, 48])
         block_size = rnd.choice([1, 2, 4, 8, 16, 32, 64])
         max_q, max_extra, max_varlen = 70, 90, 40
-    kw = dict(HQ=H * G, H=H, Dk=Dk, Dv=Dv, S=S,
-              block_size=block_size, dtype=dtype, device=device,
-              seed=seed, index_dtype=rnd.choice([torch.int32, torch.int64]),
-              block_counts=rnd.choice([None, None, "tensor", rnd.randint(0, S + 1)]),
-              scale=rnd.choice([None, 0.3]))
+    kw = _selection_kwargs(rnd, H, G, Dk, Dv, S, block_size)
     layout = rnd.choice(["dense", "dense", "varlen", "batchless"])
     if layout == "dense":
         TQ = rnd.randint(1, max_q)
@@ -84,25 +100,14 @@ def random_case(seed, dtype, device, kernel_shapes=False, decode=False):
         kw.update(seqlens=seqlens, seqlens_k=[n + rnd.choice([0, rnd.randint(0, max_extra)])
                                              for n in seqlens],
                   batchless=layout == "batchless")
-    case = make_case(**kw)
-    if rnd.random() < 0.5:
-        views = ["transpose", "pad", "lastdim", "none"]
-        case.q, case.k, case.v = (_strided(t, rnd.choice(views)) for t in (case.q, case.k, case.v))
-        case.block_indices = _strided(case.block_indices, rnd.choice(["transpose", "pad", "none"]))
-        if isinstance(case.block_counts, torch.Tensor):
-            case.block_counts = _strided(case.block_counts, "pad")
-    return case
+    return kw
 
 
-def _decode_case(rnd, seed, dtype, device):
+def _decode_kwargs(rnd):
     S = rnd.choice([1, 4, 8, 16, 16])
     H, G = rnd.choice([1, 2, 4]), rnd.choice([1, 2, 3, 5, 8, 16, 16, 24, 64])
     Dk, Dv = rnd.choice([(64, 64), (128, 128), (128, 128), (192, 128), (256, 256)])
-    kw = dict(HQ=H * G, H=H, Dk=Dk, Dv=Dv, S=S, block_size=rnd.choice([32, 64, 64, 128]),
-              dtype=dtype, device=device, seed=seed,
-              index_dtype=rnd.choice([torch.int32, torch.int64]),
-              block_counts=rnd.choice([None, None, "tensor", rnd.randint(0, S + 1)]),
-              scale=rnd.choice([None, 0.3]))
+    kw = _selection_kwargs(rnd, H, G, Dk, Dv, S, rnd.choice([32, 64, 64, 128]))
     TQ = rnd.choice([1, 1, 1, 2, 3])
     if rnd.random() < 0.5:
         kw.update(B=rnd.choice([1, 2, 5, 16, 48]), TQ=TQ, TK=rnd.randint(TQ, 4096))
@@ -110,7 +115,7 @@ def _decode_case(rnd, seed, dtype, device):
         n = rnd.choice([1, 3, 17])
         kw.update(seqlens=[TQ] * n, seqlens_k=[rnd.randint(TQ, 4096) for _ in range(n)],
                   batchless=rnd.random() < 0.5)
-    return make_case(**kw)
+    return kw
 
 
 def _grads(case, backend, grad_o):
