@@ -12,8 +12,8 @@
 # which pytest and its xdist workers are killed (a `timeout` alone kills pytest and leaves the
 # workers on the GPU, where they made the next device call's tests run out of memory);
 # SAN_LIMIT (default 150) seconds per sanitizer run. `tests` runs both halves of the GPU suite;
-# `tests_small` and `tests_big` run one each (the whole suite and the sanitizer do not fit one
-# 600 s device call: split them over two).
+# `tests_small` and `tests_big` run one each, `tests_rest` what a stopped `tests_small` did not
+# reach (the whole suite and the sanitizer do not fit one 600 s device call).
 #   STEPS=build,tests bash scripts/device_verify.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,23 +56,35 @@ limited_pytest() {
   kill -9 -- "-$pid" 2>/dev/null
   return $rc
 }
-# tests/conftest.py leaves a file here for each GPU test that ran past NSA_TEST_HANG_S (its id and
-# Python stacks) and ends that test's process; they are gathered into $OUT/hangs.log.
+# tests/conftest.py keeps a file here for each GPU test while it runs (its id; its Python stacks
+# if it passes NSA_TEST_HANG_S, when its process ends): gathered into $OUT/hangs.log after each
+# pytest run -- hung tests, and those a run's limit stopped.
 export NSA_TEST_HANG_DIR=${NSA_TEST_HANG_DIR:-/tmp/nsa_ext_hangs}
 rm -rf "$NSA_TEST_HANG_DIR"
 report_hangs() {
-  if ls "$NSA_TEST_HANG_DIR"/*.log >/dev/null 2>&1; then
-    cat "$NSA_TEST_HANG_DIR"/*.log >> "$OUT/hangs.log"; rm -f "$NSA_TEST_HANG_DIR"/*.log
-    echo "!! hung tests (past ${NSA_TEST_HANG_S:-240} s):"; grep "still running" "$OUT/hangs.log"
-  fi
+  ls "$NSA_TEST_HANG_DIR"/*.log >/dev/null 2>&1 || return 0
+  for f in "$NSA_TEST_HANG_DIR"/*.log; do
+    if grep -q "^Timeout (" "$f"; then echo "!! hung: $(head -n 1 "$f")"
+    else echo "!! stopped by the limit: $(head -n 1 "$f")"; fi
+    cat "$f" >> "$OUT/hangs.log"; rm -f "$f"
+  done
 }
-if has tests || has tests_small; then
+# Each GPU test that ends is listed in $OUT/test_times.txt (seconds, id). `tests_rest` runs the
+# GPU tests (not big-memory) that are not listed in TESTS_DONE (default .test_times_done.txt in
+# the tree: the last call's test_times.txt, copied there and carried): a suite that its limit
+# stopped is finished by the next call.
+export NSA_TEST_TIMES="$OUT/test_times.txt"
+if has tests || has tests_small || has tests_rest; then
   t0=$SECONDS
+  if has tests_rest; then
+    export NSA_TEST_SKIP_DONE=${TESTS_DONE:-.test_times_done.txt}
+    echo "tests_rest: $(wc -l < "$NSA_TEST_SKIP_DONE") tests already run ($NSA_TEST_SKIP_DONE)"
+  fi
   # Tests that fill most of the GPU's memory run alone after the others (16 workers beside a
   # 64 GiB test ran out of memory).
   # worksteal (pytest-xdist >= 3.2): an idle worker takes queued tests from a busy one. Under the
-  # default load scheduling the suite ran past 470 s twice with its last ~4 % unreported
-  # (twenty-fourth session), while most workers had nothing left: queues behind long tests?
+  # default load scheduling two runs stopped at their 470 / 480 s limits with 54 tests unreported,
+  # queued behind tests that take minutes; with worksteal, 2 (twenty-fourth session).
   dist=$($PYTHON -c "import xdist; v = tuple(int(x) for x in xdist.__version__.split('.')[:2]); print('worksteal' if v >= (3, 2) else 'load')" 2>/dev/null || echo load)
   limited_pytest -m "gpu and not big_memory" -q -rfs -p no:cacheprovider -n "${PYTEST_N:-12}" \
     --dist "$dist" --durations=25 ${PYTEST_ARGS:-} tests > "$OUT/pytest_gpu.log" 2>&1 || fail tests $?
@@ -84,6 +96,7 @@ if has tests || has tests_big; then
     > "$OUT/pytest_gpu_big.log" 2>&1 || fail "big-memory tests" $?
   echo "big-memory tests: $((SECONDS - t0)) s"; tail -n 8 "$OUT/pytest_gpu_big.log"; report_hangs
 fi
+unset NSA_TEST_SKIP_DONE
 if has sanitize; then
   for run in "memcheck sanitize_backward.py" "racecheck sanitize_backward.py --small" \
              "memcheck sanitize_schedules.py" "racecheck sanitize_schedules.py --small" \

@@ -2,6 +2,7 @@ import faulthandler
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,24 @@ def pytest_configure(config):
                             "from other GPU tests)")
 
 
+# The GPU suite outgrew one 600 s device call (twenty-fourth session), so a run can be taken in
+# parts: NSA_TEST_TIMES=FILE appends "seconds<TAB>test id" for every GPU test that ends (kept
+# by a run its limit killed), and NSA_TEST_SKIP_DONE=FILE deselects the tests listed in such a
+# file: the next call runs what the last one did not reach (scripts/device_verify.sh, tests_rest).
+TIMES_FILE = os.environ.get("NSA_TEST_TIMES")
+SKIP_DONE_FILE = os.environ.get("NSA_TEST_SKIP_DONE")
+
+
+def _done_ids(path):
+    with open(path) as f:
+        return {line.rstrip("\n").split("\t", 1)[1] for line in f if "\t" in line}
+
+
 def pytest_collection_modifyitems(config, items):
+    if SKIP_DONE_FILE:
+        done = _done_ids(SKIP_DONE_FILE)
+        config.hook.pytest_deselected(items=[i for i in items if i.nodeid in done])
+        items[:] = [i for i in items if i.nodeid not in done]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
@@ -45,26 +63,34 @@ def _release_cached_cuda_memory(request):
 
 
 
-# A GPU test that runs past NSA_TEST_HANG_S seconds (default 240; 0: off) is taken as hung: its
-# id and every thread's Python stack are left in NSA_TEST_HANG_DIR (default <tmp>/nsa_ext_hangs,
-# one file per hung test; files of tests that end are removed) and the process exits, so that the
-# run reports the test (under xdist as a crashed worker, which is replaced) instead of stalling
-# until the device call's limit kills it whole. A kernel that never finishes cannot be interrupted
-# from Python: only the process's end stops it. (Twenty-fourth session: a decode-shaped random
-# call held its xdist worker for minutes, and the suite ran into its limit with tests unreported.)
-HANG_S = float(os.environ.get("NSA_TEST_HANG_S", "240"))
+# A GPU test that runs past NSA_TEST_HANG_S seconds (default 400; 0: off) is taken as hung: every
+# thread's Python stack goes to its file in NSA_TEST_HANG_DIR (default <tmp>/nsa_ext_hangs) and
+# the process exits, so that the run reports the test (under xdist as a crashed worker, which is
+# replaced) instead of stalling until the device call's limit kills it whole; a kernel that
+# never finishes cannot be interrupted from Python. Each GPU test's file names it and is removed
+# when it ends: the files left after a run that was stopped are the tests it was running.
+# (Twenty-fourth session: the last tests of the GPU suite, under 16 xdist workers that compile
+# Triton kernels side by side, took minutes each, and three runs ended at their limit with them
+# unreported; whether one of them hung could not be told.)
+HANG_S = float(os.environ.get("NSA_TEST_HANG_S", "400"))
 HANG_DIR = Path(os.environ.get("NSA_TEST_HANG_DIR", Path(tempfile.gettempdir()) / "nsa_ext_hangs"))
 
 
 @pytest.fixture(autouse=True)
 def _hang_watchdog(request):
-    if HANG_S <= 0 or "gpu" not in request.keywords or not torch.cuda.is_available():
+    if "gpu" not in request.keywords or not torch.cuda.is_available():
         yield
+        return
+    start = time.perf_counter()
+    if HANG_S <= 0:
+        yield
+        _record_time(request, start)
         return
     HANG_DIR.mkdir(parents=True, exist_ok=True)
     path = HANG_DIR / f"hang_{os.getpid()}_{os.urandom(4).hex()}.log"
     with open(path, "w") as log:
-        log.write(f"{request.node.nodeid}: still running after {HANG_S:g} s\n")
+        log.write(f"{request.node.nodeid}: started {time.strftime('%H:%M:%S')} "
+                  f"(limit {HANG_S:g} s)\n")
         log.flush()
         faulthandler.dump_traceback_later(HANG_S, exit=True, file=log)
         try:
@@ -72,3 +98,10 @@ def _hang_watchdog(request):
         finally:
             faulthandler.cancel_dump_traceback_later()
     path.unlink(missing_ok=True)
+    _record_time(request, start)
+
+
+def _record_time(request, start):
+    if TIMES_FILE:
+        with open(TIMES_FILE, "a") as f:
+            f.write(f"{time.perf_counter() - start:.1f}\t{request.node.nodeid}\n")
