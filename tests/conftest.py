@@ -26,21 +26,37 @@ def pytest_configure(config):
 # parts: NSA_TEST_TIMES=FILE appends "seconds<TAB>test id" for every GPU test that ends (kept
 # by a run its limit killed), and NSA_TEST_SKIP_DONE=FILE deselects the tests listed in such a
 # file: the next call runs what the last one did not reach (scripts/device_verify.sh, tests_rest).
+# On a GPU, the tests run longest first, by the times in NSA_TEST_ORDER (default
+# tests/gpu_test_times.txt, a NSA_TEST_TIMES list of an earlier run, where present; tests it does
+# not list take its median): xdist's workers then end together instead of one worker starting a
+# test of minutes near the end.
 TIMES_FILE = os.environ.get("NSA_TEST_TIMES")
 SKIP_DONE_FILE = os.environ.get("NSA_TEST_SKIP_DONE")
+ORDER_FILE = Path(os.environ.get("NSA_TEST_ORDER", Path(__file__).parent / "gpu_test_times.txt"))
 
 
-def _done_ids(path):
+def _read_times(path):
+    """{test id: seconds} of a NSA_TEST_TIMES list (the last entry of a test wins)."""
+    times = {}
     with open(path) as f:
-        return {line.rstrip("\n").split("\t", 1)[1] for line in f if "\t" in line}
+        for line in f:
+            seconds, sep, nodeid = line.rstrip("\n").partition("\t")
+            if sep:
+                times[nodeid] = float(seconds)
+    return times
 
 
 def pytest_collection_modifyitems(config, items):
     if SKIP_DONE_FILE:
-        done = _done_ids(SKIP_DONE_FILE)
+        done = _read_times(SKIP_DONE_FILE)
         config.hook.pytest_deselected(items=[i for i in items if i.nodeid in done])
         items[:] = [i for i in items if i.nodeid not in done]
     if torch.cuda.is_available():
+        if ORDER_FILE.is_file():
+            times = _read_times(ORDER_FILE)
+            if times:
+                median = sorted(times.values())[len(times) // 2]
+                items.sort(key=lambda i: -times.get(i.nodeid, median))   # stable: ties keep order
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
     for item in items:
