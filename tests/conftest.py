@@ -78,7 +78,6 @@ def _release_cached_cuda_memory(request):
         torch.cuda.empty_cache()
 
 
-
 # A GPU test that runs past NSA_TEST_HANG_S seconds (default 400; 0: off) is taken as hung: every
 # thread's Python stack goes to its file in NSA_TEST_HANG_DIR (default <tmp>/nsa_ext_hangs) and
 # the process exits, so that the run reports the test (under xdist as a crashed worker, which is
@@ -93,31 +92,26 @@ HANG_DIR = Path(os.environ.get("NSA_TEST_HANG_DIR", Path(tempfile.gettempdir()) 
 
 
 @pytest.fixture(autouse=True)
-def _hang_watchdog(request):
+def _gpu_test_watch(request):
+    """A GPU test's hang watchdog (HANG_S) and its line in TIMES_FILE."""
     if "gpu" not in request.keywords or not torch.cuda.is_available():
         yield
         return
     start = time.perf_counter()
-    if HANG_S <= 0:
-        yield
-        _record_time(request, start)
-        return
-    HANG_DIR.mkdir(parents=True, exist_ok=True)
-    path = HANG_DIR / f"hang_{os.getpid()}_{os.urandom(4).hex()}.log"
-    with open(path, "w") as log:
+    path = None
+    if HANG_S > 0:
+        HANG_DIR.mkdir(parents=True, exist_ok=True)
+        path = HANG_DIR / f"hang_{os.getpid()}_{os.urandom(4).hex()}.log"
+        log = open(path, "w")
         log.write(f"{request.node.nodeid}: started {time.strftime('%H:%M:%S')} "
                   f"(limit {HANG_S:g} s)\n")
         log.flush()
         faulthandler.dump_traceback_later(HANG_S, exit=True, file=log)
-        try:
-            yield
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-    path.unlink(missing_ok=True)
-    _record_time(request, start)
-
-
-def _record_time(request, start):
+    yield
+    if path is not None:
+        faulthandler.cancel_dump_traceback_later()
+        log.close()
+        path.unlink(missing_ok=True)
     if TIMES_FILE:
         with open(TIMES_FILE, "a") as f:
             f.write(f"{time.perf_counter() - start:.1f}\t{request.node.nodeid}\n")
