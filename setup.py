@@ -53,27 +53,6 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
 
 
-def _check_wheel_support() -> None:
-    """`pip install --no-build-isolation` builds with this environment's setuptools, which before
-    70.1 can make a wheel only with the `wheel` package (Python 3.11's venv has setuptools 65 and
-    no wheel: pip then fails with "invalid command 'bdist_wheel'"). Say so in one line instead."""
-    import setuptools
-
-    try:
-        version = tuple(int(x) for x in setuptools.__version__.split(".")[:2])
-    except ValueError:
-        return
-    if version >= (70, 1):
-        return
-    try:
-        import wheel  # noqa: F401
-    except ImportError:
-        sys.exit(f"nsa_ext: setuptools {setuptools.__version__} in {sys.prefix} cannot build a wheel "
-                 f"without the `wheel` package (pip install --no-build-isolation uses this "
-                 f"environment's own): {sys.executable} -m pip install 'setuptools>=70.1'")
-
-
-_check_wheel_support()
 _TRUE = {"1", "true", "yes", "on"}
 
 

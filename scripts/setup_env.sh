@@ -36,15 +36,8 @@ import importlib.util
 need = {"yaml": "pyyaml", "pytest": "pytest", "numpy": "numpy", "ninja": "ninja",
         "cmake": "cmake", "pybind11": "pybind11"}
 missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
-# setuptools before 70.1 builds wheels (pip install --no-build-isolation, -e too) only with the
-# `wheel` package; Python 3.11's venv comes with setuptools 65 and no wheel.
-try:
-    import setuptools
-    old = tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1)
-except Exception:
-    old = True
-if old and importlib.util.find_spec("wheel") is None:
-    missing.append("setuptools>=70.1")
+# (Python 3.11's venv has setuptools 65 without the `wheel` package: build_backend.py packs the
+# wheel itself there.)
 print(" ".join(missing))
 PY
 )
@@ -63,7 +56,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 
 stamp_file=$("$PY" -c "import sys; print(sys.prefix)")/.nsa_ext_build_stamp
-stamp=$( (cat setup.py CMakeLists.txt pyproject.toml 2>/dev/null; find csrc -type f -print0 2>/dev/null \
+stamp=$( (cat setup.py build_backend.py CMakeLists.txt pyproject.toml 2>/dev/null; find csrc -type f -print0 2>/dev/null \
           | sort -z | xargs -0 cat 2>/dev/null; echo "${NSA_EXT_SKIP_CUDA_BUILD:-}${TORCH_CUDA_ARCH_LIST:-}") \
         | sha256sum | cut -c1-16)
 installed_here=$("$PY" -c "import nsa_ext, os; print(os.path.dirname(nsa_ext.__file__))" 2>/dev/null || true)

@@ -117,23 +117,3 @@ def test_the_isolated_build_probe_reads_the_interpreter_environment(setup_py):
     pytest.importorskip("torch")
     facts = setup_py._facts_of_the_interpreter()
     assert facts == setup_py.environment_facts() or "torch_version" in facts
-
-
-def test_old_setuptools_without_wheel_stops_with_one_line(setup_py, monkeypatch):
-    import builtins
-
-    import setuptools
-
-    monkeypatch.setattr(setuptools, "__version__", "65.5.0")
-    real_import = builtins.__import__
-
-    def no_wheel(name, *args, **kwargs):
-        if name == "wheel":
-            raise ImportError("No module named 'wheel'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_wheel)
-    with pytest.raises(SystemExit, match=r"setuptools 65\.5\.0 .*pip install 'setuptools>=70\.1'"):
-        setup_py._check_wheel_support()
-    monkeypatch.setattr(setuptools, "__version__", "70.1.0")
-    setup_py._check_wheel_support()          # new enough: no wheel needed
