@@ -162,7 +162,8 @@ def _own_wheel(wheel_directory: Path, editable: bool) -> str:
         tmp = Path(tmp)
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
         if editable:
-            _setup("build_ext", "--inplace", "--build-temp", str(tmp / "temp"))
+            _setup("build_ext", "--inplace", "--build-lib", str(tmp / "lib"), "--build-temp",
+                   str(tmp / "temp"))
             has_extension = any((ROOT / "nsa_ext").glob(f"_C*{suffix}"))
             files = {}
         else:

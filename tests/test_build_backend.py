@@ -98,3 +98,19 @@ def test_a_pure_python_wheel_built_without_setuptools_wheel_support(backend, tmp
         wheel = whl.read(f"{info}/WHEEL").decode()
         assert "Root-Is-Purelib: true" in wheel and "Tag: py3-none-any" in wheel
         _record_ok(whl, f"{info}/RECORD")
+
+
+def test_an_editable_wheel_names_the_source_tree(backend, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("NSA_EXT_SKIP_CUDA_BUILD", "1")
+    before = sorted(p.name for p in ROOT.iterdir())
+    name = backend._own_wheel(tmp_path, editable=True)
+    assert sorted(p.name for p in ROOT.iterdir()) == before
+    assert name.startswith("nsa_ext-0.1.0-") and name.endswith(".whl")
+    with zipfile.ZipFile(tmp_path / name) as whl:
+        info = "nsa_ext-0.1.0.dist-info"
+        assert sorted(whl.namelist()) == sorted(["__editable__.nsa_ext-0.1.0.pth",
+                                                 f"{info}/METADATA", f"{info}/WHEEL",
+                                                 f"{info}/top_level.txt", f"{info}/RECORD"])
+        assert whl.read("__editable__.nsa_ext-0.1.0.pth").decode() == f"{ROOT}\n"
+        _record_ok(whl, f"{info}/RECORD")
