@@ -161,14 +161,16 @@ def _own_wheel(wheel_directory: Path, editable: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        # (egg_info first, into the temporary folder: build_py runs it, by default into the tree)
+        egg_info = ("egg_info", "--egg-base", str(tmp))
         if editable:
-            _setup("build_ext", "--inplace", "--build-lib", str(tmp / "lib"), "--build-temp",
-                   str(tmp / "temp"))
+            _setup(*egg_info, "build_ext", "--inplace", "--build-lib", str(tmp / "lib"),
+                   "--build-temp", str(tmp / "temp"))
             has_extension = any((ROOT / "nsa_ext").glob(f"_C*{suffix}"))
             files = {}
         else:
             lib = tmp / "lib"
-            _setup("build", "--build-base", str(tmp / "build"), "--build-lib", str(lib))
+            _setup(*egg_info, "build", "--build-base", str(tmp / "build"), "--build-lib", str(lib))
             has_extension = any(lib.rglob(f"*{suffix}"))
             files = {p.relative_to(lib).as_posix(): p.read_bytes()
                      for p in sorted(lib.rglob("*")) if p.is_file()}
