@@ -74,12 +74,19 @@ report_hangs() {
 # the tree: the last call's test_times.txt, copied there and carried): a suite that its limit
 # stopped is finished by the next call.
 export NSA_TEST_TIMES="$OUT/test_times.txt"
-if has tests || has tests_small || has tests_rest; then
-  t0=$SECONDS
-  if has tests_rest; then
-    export NSA_TEST_SKIP_DONE=${TESTS_DONE:-.test_times_done.txt}
+run_small=0
+if has tests || has tests_small; then run_small=1; fi
+if has tests_rest; then
+  export NSA_TEST_SKIP_DONE=${TESTS_DONE:-.test_times_done.txt}
+  if [ -f "$NSA_TEST_SKIP_DONE" ]; then
+    run_small=1
     echo "tests_rest: $(wc -l < "$NSA_TEST_SKIP_DONE") tests already run ($NSA_TEST_SKIP_DONE)"
+  else
+    fail "tests_rest (no list $NSA_TEST_SKIP_DONE: copy the last call's test_times.txt there and carry it)" 2
   fi
+fi
+if [ "$run_small" = 1 ]; then
+  t0=$SECONDS
   # Tests that fill most of the GPU's memory run alone after the others (16 workers beside a
   # 64 GiB test ran out of memory).
   # worksteal (pytest-xdist >= 3.2): an idle worker takes queued tests from a busy one. Under the
