@@ -36,7 +36,6 @@ def _setuptools_makes_wheels(editable: bool = False) -> bool:
 
     if editable and not hasattr(_setuptools, "build_editable"):
         return False
-
     try:
         if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) >= (70, 1):
             return True
@@ -93,25 +92,25 @@ def _setup(*args: str) -> None:
     subprocess.run([sys.executable, "setup.py", *args], cwd=ROOT, check=True)
 
 
-def _dist_info(directory: Path, has_extension: bool) -> str:
+def _dist_info(directory: Path, has_extension: bool, egg: Path = None) -> str:
     """Write <name>-<version>.dist-info (METADATA, WHEEL, top_level.txt) into `directory` from
-    setup.py egg_info's output; returns its name."""
-    with tempfile.TemporaryDirectory() as tmp:
-        _setup("-q", "egg_info", "--egg-base", tmp)
-        egg = next(Path(tmp).glob("*.egg-info"))
-        metadata = _metadata(egg)
-        fields = {}
-        for line in metadata.splitlines():
-            key, sep, value = line.partition(": ")
-            if sep and key in ("Name", "Version"):
-                fields.setdefault(key, value)
-        name = f"{_safe(fields['Name'])}-{_safe(fields['Version'])}.dist-info"
-        out = directory / name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "METADATA").write_text(metadata)
-        top = egg / "top_level.txt"
-        if top.is_file():
-            shutil.copy(top, out / "top_level.txt")
+    setup.py egg_info's output `egg` (made here when not given); returns its name."""
+    if egg is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _setup("-q", "egg_info", "--egg-base", tmp)
+            return _dist_info(directory, has_extension, next(Path(tmp).glob("*.egg-info")))
+    metadata = _metadata(egg)
+    fields = {}
+    for line in metadata.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key in ("Name", "Version"):
+            fields.setdefault(key, value)
+    name = f"{_safe(fields['Name'])}-{_safe(fields['Version'])}.dist-info"
+    out = directory / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "METADATA").write_text(metadata)
+    if (egg / "top_level.txt").is_file():
+        shutil.copy(egg / "top_level.txt", out / "top_level.txt")
     (out / "WHEEL").write_text(
         "Wheel-Version: 1.0\nGenerator: nsa_ext build_backend.py\n"
         f"Root-Is-Purelib: {'false' if has_extension else 'true'}\nTag: {_tag(has_extension)}\n")
@@ -161,7 +160,8 @@ def _own_wheel(wheel_directory: Path, editable: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        # (egg_info first, into the temporary folder: build_py runs it, by default into the tree)
+        # egg_info first, into the temporary folder (build_py runs it, by default into the tree);
+        # the dist-info is made from it
         egg_info = ("egg_info", "--egg-base", str(tmp))
         if editable:
             _setup(*egg_info, "build_ext", "--inplace", "--build-lib", str(tmp / "lib"),
@@ -174,7 +174,7 @@ def _own_wheel(wheel_directory: Path, editable: bool) -> str:
             has_extension = any(lib.rglob(f"*{suffix}"))
             files = {p.relative_to(lib).as_posix(): p.read_bytes()
                      for p in sorted(lib.rglob("*")) if p.is_file()}
-        info = _dist_info(tmp / "meta", has_extension)
+        info = _dist_info(tmp / "meta", has_extension, next(tmp.glob("*.egg-info")))
         name_version = info[:-len(".dist-info")]
         if editable:      # the source tree on sys.path, as a static .pth
             files[f"__editable__.{name_version}.pth"] = f"{ROOT}\n".encode()
