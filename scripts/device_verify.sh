@@ -47,17 +47,20 @@ limited_pytest() {
   fi
   setsid $PYTHON -m pytest "$@" &
   local pid=$! rc=0
+  # At the limit: SIGUSR1 first (tests/conftest.py: each running GPU test writes its stacks into
+  # its file in NSA_TEST_HANG_DIR), then the kill.
   ( trap 'kill "$nap" 2>/dev/null; exit 0' TERM
     sleep "$PYTEST_LIMIT" & nap=$!
-    wait "$nap" && kill -9 -- "-$pid" 2>/dev/null ) &
+    wait "$nap" && { kill -USR1 -- "-$pid" 2>/dev/null; sleep 3; kill -9 -- "-$pid" 2>/dev/null; } ) &
   local watchdog=$!
   wait "$pid" || rc=$?
   kill "$watchdog" 2>/dev/null
   kill -9 -- "-$pid" 2>/dev/null
   return $rc
 }
-# tests/conftest.py keeps a file here for each GPU test while it runs (its id; its Python stacks
-# if it passes NSA_TEST_HANG_S, when its process ends): gathered into $OUT/hangs.log after each
+# tests/conftest.py keeps a file here for each GPU test while it runs (its id; the steps it
+# logged; its Python stacks if it passes NSA_TEST_HANG_S, when its process ends, or when a run's
+# limit stops it): gathered into $OUT/hangs.log after each
 # pytest run -- hung tests, and those a run's limit stopped.
 export NSA_TEST_HANG_DIR=${NSA_TEST_HANG_DIR:-/tmp/nsa_ext_hangs}
 rm -rf "$NSA_TEST_HANG_DIR"
@@ -66,6 +69,7 @@ report_hangs() {
   for f in "$NSA_TEST_HANG_DIR"/*.log; do
     if grep -q "^Timeout (" "$f"; then echo "!! hung: $(head -n 1 "$f")"
     else echo "!! stopped by the limit: $(head -n 1 "$f")"; fi
+    grep "^  +" "$f" | tail -n 4     # its last steps (tests/common.py's progress)
     cat "$f" >> "$OUT/hangs.log"; rm -f "$f"
   done
 }

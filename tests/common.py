@@ -116,6 +116,21 @@ def assert_close_to_reference(o, o_ref, dtype, lse=None, lse_ref=None):
             assert diff <= LSE_ATOL, f"lse error {diff:.3g} > {LSE_ATOL}"
 
 
+# The running GPU test's watchdog file (tests/conftest.py's _gpu_test_watch sets it): progress()
+# appends a timed line there, so that a test its run's limit stops, or the watchdog ends, shows
+# which of its steps it had finished (the decode draws of tests/test_random_calls.py ran for
+# minutes and no dump said where: twenty-fifth session).
+PROGRESS = {"file": None, "start": 0.0}
+
+
+def progress(step: str) -> None:
+    """One line in the running GPU test's watchdog file: seconds since the test began, `step`."""
+    if PROGRESS["file"] is not None:
+        import time
+        PROGRESS["file"].write(f"  +{time.perf_counter() - PROGRESS['start']:.1f} s {step}\n")
+        PROGRESS["file"].flush()
+
+
 def import_triton_for_the_interpreter() -> bool:
     """On a machine without CUDA, import Triton in interpreter mode (it decides when
     `triton.language` is first imported) and restore TRITON_INTERPRET at once, so only the tests

@@ -1,5 +1,6 @@
 import faulthandler
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -10,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from common import import_triton_for_the_interpreter  # noqa: E402
 
 # Before any test module imports Triton: on a CPU machine, Triton must come up able to interpret.
@@ -88,6 +90,10 @@ def _release_cached_cuda_memory(request):
 # Triton kernels side by side, took minutes each, and three runs ended at their limit with them
 # unreported; whether one of them hung could not be told.)
 HANG_S = float(os.environ.get("NSA_TEST_HANG_S", "400"))
+# Outside a GPU test SIGUSR1 does nothing (by default it would end the process): the pytest
+# process that runs xdist's workers must outlive the signal until they have written their stacks.
+if hasattr(signal, "SIGUSR1"):
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 HANG_DIR = Path(os.environ.get("NSA_TEST_HANG_DIR", Path(tempfile.gettempdir()) / "nsa_ext_hangs"))
 
 
@@ -107,8 +113,16 @@ def _gpu_test_watch(request):
                   f"(limit {HANG_S:g} s)\n")
         log.flush()
         faulthandler.dump_traceback_later(HANG_S, exit=True, file=log)
+        # SIGUSR1 (scripts/device_verify.sh sends it to the run just before its limit kills it):
+        # the stacks of a test the limit stops, which HANG_S has not reached.
+        if hasattr(signal, "SIGUSR1"):
+            faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+        common.PROGRESS.update(file=log, start=start)
     yield
     if path is not None:
+        common.PROGRESS.update(file=None)
+        if hasattr(signal, "SIGUSR1"):
+            faulthandler.unregister(signal.SIGUSR1)
         faulthandler.cancel_dump_traceback_later()
         log.close()
         path.unlink(missing_ok=True)

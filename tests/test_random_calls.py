@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import nsa_ext
-from common import assert_close_to_reference, import_triton_for_the_interpreter, make_case
+from common import (assert_close_to_reference, import_triton_for_the_interpreter, make_case,
+                    progress)
 
 CUDA = torch.cuda.is_available()
 INTERPRETER = import_triton_for_the_interpreter()
@@ -143,19 +144,24 @@ def check_backend(case, backend, dtype):
     keeps O in fp32; notes/backward.md). Its exact size is the gradient of sum(eps * lse) with eps
     = rowsum(dO * (O - rounded O)), from the reference's own autograd."""
     if nsa_ext.explain(*case.args(), **case.kwargs(), backend=backend).chosen is None:
+        progress(f"{backend}: not served")
         return False
+    progress(f"{backend}: explained")
     leaves = [t.detach().float().requires_grad_() for t in (case.q, case.k, case.v)]
     o_ref, lse_ref = nsa_ext.selection_attention(*leaves, case.block_indices, case.block_size,
                                                  **case.kwargs(), backend="reference",
                                                  return_lse=True)
     grad_o = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(1)).to(o_ref.device)
     want = torch.autograd.grad(o_ref, leaves, grad_o, retain_graph=True)
+    progress(f"{backend}: reference forward + backward")
     o, lse, got = _grads(case, backend, grad_o)
+    progress(f"{backend}: its forward + backward")
     assert_close_to_reference(o, o_ref.to(dtype), dtype, lse, lse_ref)
     if dtype == torch.float32:
         tols = [1e-4] * 3
     else:
         sdpa_errors = _grad_errors(_grads(case, "sdpa", grad_o)[2], want)
+        progress(f"{backend}: packed SDPA's gradients")
         # delta's error from the rounded O enters dq and dk as a gradient of lse would (dv: none)
         rounding = (grad_o * (o_ref.detach() - o_ref.detach().to(dtype).float())).sum(-1)
         rounding = torch.where(torch.isfinite(lse_ref), rounding, torch.zeros_like(rounding))
@@ -166,6 +172,7 @@ def check_backend(case, backend, dtype):
     for name, g, err, tol in zip("qkv", got, _grad_errors(got, want), tols):
         assert torch.isfinite(g).all(), f"d{name} is not finite"
         assert err <= tol, f"d{name}: max error {err:.3g} > {tol:.3g}"
+    progress(f"{backend}: checked")
     return True
 
 
