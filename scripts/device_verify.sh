@@ -13,7 +13,8 @@
 # workers on the GPU, where they made the next device call's tests run out of memory);
 # SAN_LIMIT (default 150) seconds per sanitizer run. `tests` runs both halves of the GPU suite;
 # `tests_small` and `tests_big` run one each, `tests_rest` what a stopped `tests_small` did not
-# reach (the whole suite and the sanitizer do not fit one 600 s device call).
+# reach (the whole suite and the sanitizer do not fit one 600 s device call); `focus` the tests
+# FOCUS names, alone, with Triton's autotuning lines (a test that runs for minutes: where).
 #   STEPS=build,tests bash scripts/device_verify.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -108,6 +109,18 @@ if has tests || has tests_big; then
   echo "big-memory tests: $((SECONDS - t0)) s"; tail -n 8 "$OUT/pytest_gpu_big.log"; report_hangs
 fi
 unset NSA_TEST_SKIP_DONE
+if has focus; then   # FOCUS (test ids, space-separated) alone: no xdist, their output and Triton's
+  t0=$SECONDS        # autotuning lines shown (-s), their steps and stacks in hangs.log if stopped
+  if [ -z "${FOCUS:-}" ]; then
+    fail "focus (set FOCUS to the test ids)" 2
+  else
+    ( export TRITON_PRINT_AUTOTUNING=1
+      limited_pytest -s -q -rfs -p no:cacheprovider --durations=10 $FOCUS > "$OUT/pytest_focus.log" 2>&1 ) \
+      || fail focus $?
+    echo "focus: $((SECONDS - t0)) s"; grep -E "passed|failed|error" "$OUT/pytest_focus.log" | tail -n 3
+    report_hangs
+  fi
+fi
 if has sanitize; then
   for run in "memcheck sanitize_backward.py" "racecheck sanitize_backward.py --small" \
              "memcheck sanitize_schedules.py" "racecheck sanitize_schedules.py --small" \
