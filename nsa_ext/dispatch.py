@@ -239,10 +239,14 @@ def choose(call: SelectionCall, requested: str = "auto", settings: Optional[Sett
 def backward_backend(call: SelectionCall, forward_backend: str, settings: Optional[Settings] = None,
                      facts: Optional[DeviceFacts] = None) -> str:
     """The backend whose `backward` computes the gradients of a call `forward_backend` ran:
-    that backend itself when it has a backward, else the first backend of PRIORITY that has one,
-    can serve the call and has no auto preference against it (packed SDPA always can)."""
-    if hasattr(backend_module(forward_backend), "backward"):
+    that backend itself when it has a backward, else the one it names (GRADIENTS_BY), else the
+    first backend of PRIORITY that has one, can serve the call and has no auto preference
+    against it (packed SDPA always can)."""
+    forward_module = backend_module(forward_backend)
+    if hasattr(forward_module, "backward"):
         return forward_backend
+    if getattr(forward_module, "GRADIENTS_BY", None):
+        return forward_module.GRADIENTS_BY
     settings = settings if settings is not None else load_settings()
     facts = facts if facts is not None else device_facts(call.device)
     for name in PRIORITY:

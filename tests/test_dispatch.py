@@ -563,3 +563,37 @@ def test_triton_hands_a_tile_call_to_the_runner_it_is_given(monkeypatch):
     monkeypatch.setenv("NSA_SEL_SCHEDULE", "row")
     triton_backend.forward(call, tile_runner=runner)
     assert len(seen) == 1                                  # row: Triton's own kernel
+
+
+def test_reference_gradients_come_from_packed_sdpa(monkeypatch):
+    """A backend="reference" call is differentiated by packed SDPA's plain PyTorch math, also
+    where a kernel backend could serve the backward (here Triton in its CPU interpreter, with
+    auto's length threshold off): never by a kernel under test. Its gradients match autograd
+    through the reference's own fp32 math."""
+    from common import import_triton_for_the_interpreter
+    from nsa_ext.dispatch import backward_backend
+    from nsa_ext.reference import reference_forward
+
+    if not torch.cuda.is_available():
+        if not import_triton_for_the_interpreter():
+            pytest.skip("needs Triton's CPU interpreter or a GPU")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("NSA_SEL_TRITON_MIN_L", "0")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = make_case(B=2, TQ=24, HQ=4, H=2, Dk=32, S=3, block_size=8, dtype=torch.float32,
+                     device=device, seed=3)
+    call = describe_call(*case.args(), **case.kwargs())
+    assert backward_backend(call, "triton") == "triton"    # a kernel backward could serve it
+    assert backward_backend(call, "reference") == "sdpa"
+
+    grad_o = torch.randn(case.q.shape[:-1] + (case.v.shape[-1],), device=device)
+    leaves = [t.detach().clone().requires_grad_() for t in (case.q, case.k, case.v)]
+    o = nsa_ext.selection_attention(*leaves, case.block_indices, case.block_size,
+                                    **case.kwargs(), backend="reference")
+    got = torch.autograd.grad(o, leaves, grad_o)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (case.q, case.k, case.v)]
+    o_ref, _ = reference_forward(describe_call(*ref_leaves, case.block_indices, case.block_size,
+                                               **case.kwargs()))
+    want = torch.autograd.grad(o_ref, ref_leaves, grad_o)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -23,6 +23,8 @@ import pytest
 import torch
 
 import nsa_ext
+from nsa_ext.call import describe_call
+from nsa_ext.reference import reference_forward
 from common import (assert_close_to_reference, import_triton_for_the_interpreter, make_case,
                     progress)
 
@@ -147,10 +149,15 @@ def check_backend(case, backend, dtype):
         progress(f"{backend}: not served")
         return False
     progress(f"{backend}: explained")
+    # The reference's own gradients: autograd through its fp32 math, not through the operator
+    # (whose backward is another backend's: until the twenty-fifth session Triton's in fp32 on
+    # a GPU -- a kernel under test as the yardstick, and an fp32 autotuning that made the
+    # decode draws run for minutes).
     leaves = [t.detach().float().requires_grad_() for t in (case.q, case.k, case.v)]
-    o_ref, lse_ref = nsa_ext.selection_attention(*leaves, case.block_indices, case.block_size,
-                                                 **case.kwargs(), backend="reference",
-                                                 return_lse=True)
+    ref_call = describe_call(*leaves, case.block_indices, case.block_size, **case.kwargs())
+    o_ref, lse_ref = reference_forward(ref_call)
+    if ref_call.batchless:           # the caller's layout, as the API returns it
+        o_ref, lse_ref = o_ref.squeeze(0), lse_ref.squeeze(0)
     grad_o = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(1)).to(o_ref.device)
     want = torch.autograd.grad(o_ref, leaves, grad_o, retain_graph=True)
     progress(f"{backend}: reference forward + backward")
