@@ -450,10 +450,17 @@ def test_autotune_space_per_launch():
         assert {c.kwargs["BS"] for c in tiny} == {16}
         assert prune(configs, {"q": q}, BLOCK=8, K=64, V=64, LARGE=False)[0].kwargs["BS"] == 16
     prune, configs = selection_bwd._prune_dkdv, selection_bwd.DKDV_CONFIGS
-    assert len(prune(configs, {"q": q}, BK=128, BV=128, LARGE=False)) == 1
-    large = prune(configs, {"q": q}, BK=128, BV=128, LARGE=True)
+    half, full = dict(DOT_PRECISION="tf32"), dict(DOT_PRECISION="ieee")     # fp16/bf16, fp32
+    assert len(prune(configs, {"q": q}, BK=128, BV=128, LARGE=False, **half)) == 1
+    large = prune(configs, {"q": q}, BK=128, BV=128, LARGE=True, **half)
     assert {c.kwargs["BM"] for c in large} == {32, 64, 128}
-    assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=256, BV=128, LARGE=True)} == {32, 64}
+    assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=256, BV=128, LARGE=True,
+                                          **half)} == {32, 64}
+    # fp32 beside a 128-wide head: BM = 128 needs more shared memory than a block gets
+    assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=128, BV=128, LARGE=True,
+                                          **full)} == {32, 64}
+    assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=64, BV=64, LARGE=True,
+                                          **full)} == {32, 64, 128}
 
 
 def test_tuning_times_a_long_launch_once(monkeypatch):

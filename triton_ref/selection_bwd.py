@@ -98,7 +98,13 @@ def _prune_dkdv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     if untuned(args):
         return [triton.Config({"BM": 64}, num_warps=4, num_stages=1)]
-    wide = max(args["BK"], args["BV"]) > 128
+    # BM = 128 goes beside a head wider than 128, and with fp32 inputs (full-precision dots)
+    # beside one of 128: compiled for SM 9.0 (Triton 3.6, fp32, d 128) those six configs need
+    # 256-258 KiB of shared memory, above any GPU's 227 KiB per block, so they never launch, and
+    # each took 60-100 s in ptxas (50-60 KiB of stack per thread; twenty-fifth session,
+    # notes/backward.md): minutes of tuning for nothing at a call's first backward.
+    wide = max(args["BK"], args["BV"]) > 128 or (
+        args["DOT_PRECISION"] == "ieee" and max(args["BK"], args["BV"]) >= 128)
     return [c for c in configs if not (wide and c.kwargs["BM"] > 64)]
 
 
