@@ -604,13 +604,20 @@ def test_sm90_compile_report_runs_without_a_gpu():
     pytest.importorskip("triton.backends.nvidia")
     script = Path(__file__).resolve().parents[1] / "scripts" / "triton_sm90_report.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(script), "--kernels", "tile", "--head-dims", "64",
-                          "--configs", "1"], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, str(script), "--kernels", "tile,dkdv", "--head-dims",
+                          "64", "--configs", "1", "--dtype", "fp16"],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     row = [line for line in run.stdout.splitlines() if line.startswith("| tile |")]
     assert len(row) == 1
     cells = [c.strip() for c in row[0].strip("|").split("|")]
-    assert cells[2] == "4 x 2" and "registers" in cells[4] and int(cells[5]) > 0
+    assert cells[2] == "4 x 2" and float(cells[3]) >= 0 and "registers" in cells[5]
+    assert int(cells[6]) > 0
+    # the backward's dK/dV kernel: one row per BM its tuning keeps at d 64 (all three)
+    dkdv = [line for line in run.stdout.splitlines() if line.startswith("| dkdv BM=")]
+    assert [line.split("|")[1].strip() for line in dkdv] == [
+        "dkdv BM=32", "dkdv BM=64", "dkdv BM=128"]
+    assert all("registers" in line for line in dkdv)
 
 
 def test_interpreter_reads_a_strided_last_dim_right(interpreter):
