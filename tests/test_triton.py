@@ -456,11 +456,17 @@ def test_autotune_space_per_launch():
     assert {c.kwargs["BM"] for c in large} == {32, 64, 128}
     assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=256, BV=128, LARGE=True,
                                           **half)} == {32, 64}
-    # fp32 beside a 128-wide head: BM = 128 needs more shared memory than a block gets
-    assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=128, BV=128, LARGE=True,
-                                          **full)} == {32, 64}
+    # fp32: 8 warps only (4-warp configs starve of registers), and beside a 128-wide head no
+    # BM = 128 (more shared memory than a block gets); its default BM = 32 at 8 warps
+    fp32_128 = prune(configs, {"q": q}, BK=128, BV=128, LARGE=True, **full)
+    assert {c.kwargs["BM"] for c in fp32_128} == {32, 64}
+    assert {c.num_warps for c in fp32_128} == {8}
     assert {c.kwargs["BM"] for c in prune(configs, {"q": q}, BK=64, BV=64, LARGE=True,
                                           **full)} == {32, 64, 128}
+    (default,) = prune(configs, {"q": q}, BK=128, BV=128, LARGE=False, **full)
+    assert (default.kwargs["BM"], default.num_warps) == (32, 8)
+    (default,) = prune(configs, {"q": q}, BK=128, BV=128, LARGE=False, **half)
+    assert (default.kwargs["BM"], default.num_warps) == (64, 4)
 
 
 def test_tuning_times_a_long_launch_once(monkeypatch):

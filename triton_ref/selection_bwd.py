@@ -96,16 +96,25 @@ def _prune_dq(configs, named_args, **kwargs):
 
 def _prune_dkdv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
+    # fp32 inputs (full-precision dots, many more registers per product): compiled for SM 9.0
+    # (scripts/triton_sm90_report.py --kernels dkdv --dtype fp32; Triton 3.6 and 3.8), every
+    # 4-warp config from BM = 64 up, and most others, come out of ptxas with 32 registers and
+    # 28-74 KiB of spills per thread (and 6-100 s of ptxas each); BM = 32 at 8 warps, one stage
+    # is the one without that at d 64 (174 registers, no spill) and d 128 (255, 1.3 KiB). So
+    # fp32's default is that config and its tuning tries 8 warps only (twenty-fifth session,
+    # notes/backward.md; times on a GPU not measured yet).
+    full_precision = args["DOT_PRECISION"] == "ieee"
     if untuned(args):
+        if full_precision:
+            return [triton.Config({"BM": 32}, num_warps=8, num_stages=1)]
         return [triton.Config({"BM": 64}, num_warps=4, num_stages=1)]
-    # BM = 128 goes beside a head wider than 128, and with fp32 inputs (full-precision dots)
-    # beside one of 128: compiled for SM 9.0 (Triton 3.6, fp32, d 128) those six configs need
-    # 256-258 KiB of shared memory, above any GPU's 227 KiB per block, so they never launch, and
-    # each took 60-100 s in ptxas (50-60 KiB of stack per thread; twenty-fifth session,
-    # notes/backward.md): minutes of tuning for nothing at a call's first backward.
-    wide = max(args["BK"], args["BV"]) > 128 or (
-        args["DOT_PRECISION"] == "ieee" and max(args["BK"], args["BV"]) >= 128)
-    return [c for c in configs if not (wide and c.kwargs["BM"] > 64)]
+    # BM = 128 goes beside a head wider than 128, and with fp32 inputs beside one of 128: there
+    # (fp32, d 128) it needs 256-258 KiB of shared memory, above any GPU's 227 KiB per block, so
+    # it never launches, and each config took 60-100 s in ptxas.
+    widest = max(args["BK"], args["BV"])
+    wide = widest > 128 or (full_precision and widest >= 128)
+    return [c for c in configs if not (wide and c.kwargs["BM"] > 64)
+            and not (full_precision and c.num_warps < 8)]
 
 
 @triton.heuristics({
