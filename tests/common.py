@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -126,7 +127,6 @@ PROGRESS = {"file": None, "start": 0.0}
 def progress(step: str) -> None:
     """One line in the running GPU test's watchdog file: seconds since the test began, `step`."""
     if PROGRESS["file"] is not None:
-        import time
         PROGRESS["file"].write(f"  +{time.perf_counter() - PROGRESS['start']:.1f} s {step}\n")
         PROGRESS["file"].flush()
 

@@ -11,9 +11,9 @@
     forward(call) -> (o [B, TQ, HQ, Dv] in q's dtype, lse [B, TQ, HQ] float32)
     backward(call, grad_o, grad_lse, o=None, lse=None) -> (dq, dk, dv)
         # optional: o and lse are the forward's when kept. Without it, the dispatcher's
-        # backward_backend picks another backend's backward (packed SDPA's recomputation last),
-        # or the one named by
-    GRADIENTS_BY: str                                          # optional: that backend's NAME
+        # backward_backend gives the gradients to the backend GRADIENTS_BY names, else to
+        # another backend's backward (packed SDPA's recomputation last).
+    GRADIENTS_BY: str      # optional: the NAME of the backend that differentiates these calls
 
 `call` is a `nsa_ext.call.SelectionCall`, `settings` a `nsa_ext.config.Settings`, `facts` a
 `nsa_ext.device.DeviceFacts`. No backend imports another; the dispatcher holds the priority list.
