@@ -84,7 +84,8 @@ def ptxas_report(compiled) -> str:
 
 def kernels(head_dim: int, dtype: str = "bf16"):
     """(name, kernel, constexprs, configs) of the forward and backward kernels at G = 16,
-    block 64, as a tuned (LARGE) launch of `dtype` inputs specialises them."""
+    block 64, as a tuned (LARGE) launch of `dtype` inputs specialises them (fp32 launches are
+    never tuned: of its configs they run the untuned default alone)."""
     common = dict(K=head_dim, V=head_dim, BLOCK=64, BK=head_dim, BV=head_dim, IS_VARLEN=False,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", LARGE=True, pos=None,
                   k_offset=None)
@@ -95,7 +96,7 @@ def kernels(head_dim: int, dtype: str = "bf16"):
     yield "row", selection_fwd.selection_fwd_group_kernel, row, sorted(
         {(c.num_warps, c.num_stages) for c in selection_fwd.TUNING_CONFIGS
          if c.kwargs["BS"] == row["BS"]})
-    dq = dict(common, BG=16, BS=selection_bwd.bwd_chunk(64, head_dim, head_dim))
+    dq = dict(common, BG=16, BS=selection_bwd.bwd_chunk(64, head_dim, head_dim, dtype == "fp32"))
     yield "dq", selection_bwd.selection_bwd_dq_kernel, dq, sorted(
         {(c.num_warps, c.num_stages) for c in selection_bwd.DQ_CONFIGS
          if c.kwargs["BS"] == dq["BS"]})

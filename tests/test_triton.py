@@ -334,11 +334,47 @@ def test_deterministic_mode_turns_autotuning_off(deterministic_algorithms):
     assert not kernels.autotuned(1 << 30, 256)
     configs = kernels._prune(kernels.TUNING_CONFIGS, {"BLOCK": 64, "K": 128, "V": 128,
                                                       "LARGE": kernels.autotuned(1 << 30),
-                                                      "q": torch.empty(1)})
+                                                      "q": torch.empty(1, dtype=torch.half),
+                                                      "DOT_PRECISION": "tf32"})
     assert len(configs) == 1
     torch.use_deterministic_algorithms(False)
     assert kernels.autotuned(1 << 30) and not kernels.autotuned(10)
     assert kernels.autotuned(300, 256) and not kernels.autotuned(200, 256)
+
+
+def test_fp32_launches_take_the_fixed_configs():
+    """fp32 inputs never pick a config by timing, in any autotuned kernel (their tuning cost an
+    fp32 training call 120 s of compiling for ~5 %), and their fixed configs are fp32's own:
+    the forward at one stage, dQ with the forward's whole-block chunk up to 128-wide heads."""
+    from triton_ref import selection_bwd, selection_kv, selection_tile
+    from triton_ref import selection_fwd as kernels
+
+    many = torch.empty(1, dtype=torch.int32).expand(1 << 22)     # a launch of 4M programs
+    autotuned_kernels = [kernels.selection_fwd_group_kernel, kernels.selection_fwd_head_kernel,
+                         selection_bwd.selection_bwd_dq_kernel,
+                         selection_bwd.selection_bwd_dkdv_kernel,
+                         selection_kv.selection_kv_kernel, selection_tile.selection_tile_kernel]
+    for kernel in autotuned_kernels:
+        for dtype, tuned in ((torch.float32, False), (torch.bfloat16, True), (torch.float16, True)):
+            args = {"num_blocks": many, "item_bucket": many, "union_count": many, "G": 16,
+                    "q": torch.empty(1, dtype=dtype)}
+            assert kernel.values["LARGE"](args) is tuned, (kernel, dtype)
+
+    def pruned(prune, configs, dtype, width):
+        return prune(configs, {"BLOCK": 64, "K": width, "V": width, "LARGE": False,
+                               "q": torch.empty(1, dtype=dtype),
+                               "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"})
+
+    (fwd32,), (fwd16,) = (pruned(kernels._prune, kernels.TUNING_CONFIGS, dt, 128)
+                          for dt in (torch.float32, torch.bfloat16))
+    assert (fwd32.kwargs["BS"], fwd32.num_stages) == (64, 1)
+    assert (fwd16.kwargs["BS"], fwd16.num_stages) == (64, 2)
+    chunks = {(dt, width): pruned(selection_bwd._prune_dq, selection_bwd.DQ_CONFIGS, dt,
+                                  width)[0].kwargs["BS"]
+              for dt in (torch.float32, torch.bfloat16) for width in (64, 128, 256)}
+    assert chunks == {(torch.float32, 64): 64, (torch.float32, 128): 64,
+                      (torch.float32, 256): 32, (torch.bfloat16, 64): 32,
+                      (torch.bfloat16, 128): 32, (torch.bfloat16, 256): 32}
 
 
 @pytest.mark.gpu

@@ -66,9 +66,15 @@ def dq_partials_fit(G: int, num_key_chunks: int, nbytes: int, device) -> bool:
     return nbytes <= torch.cuda.get_device_properties(device).total_memory // 16
 
 
-def bwd_chunk(block_size: int, K: int, V: int) -> int:
-    """BS of the untuned dQ config: the forward's, capped at 32 (the backward holds more tiles)."""
-    return min(32, default_chunk(block_size, K, V))
+def bwd_chunk(block_size: int, K: int, V: int, full_precision: bool = False) -> int:
+    """BS of the untuned dQ config: the forward's, capped at 32 (the backward holds more tiles)
+    -- except for fp32 inputs (full-precision dots, never tuned) beside heads up to 128 wide,
+    where the forward's 64 measured 8.55 ms against 14.66 at 32 (H200, T = 2k, HQ = 64, G = 16,
+    d 128, random; the twenty-sixth session's tuning)."""
+    chunk = default_chunk(block_size, K, V)
+    if full_precision and max(K, V) <= 128:
+        return chunk
+    return min(32, chunk)
 
 
 def dkdv_keys(block_size: int, K: int, V: int) -> int:
@@ -88,8 +94,8 @@ def _prune_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["BLOCK"]
     if untuned(args):
-        return [triton.Config({"BS": bwd_chunk(block, args["K"], args["V"])},
-                              num_warps=4, num_stages=1)]
+        chunk = bwd_chunk(block, args["K"], args["V"], args["DOT_PRECISION"] == "ieee")
+        return [triton.Config({"BS": chunk}, num_warps=4, num_stages=1)]
     usable = {max(16, min(block, 64))} | ({32} if block >= 64 else set())
     return [c for c in configs if c.kwargs["BS"] in usable]
 
@@ -120,7 +126,7 @@ def _prune_dkdv(configs, named_args, **kwargs):
 @triton.heuristics({
     **_HEURISTICS,
     "BG": lambda args: group_tile(args["G"]),
-    "LARGE": lambda args: autotuned(args["num_blocks"].numel()),
+    "LARGE": lambda args: autotuned(args["num_blocks"].numel(), dtype=args["q"].dtype),
 })
 @autotune(configs=DQ_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
           prune_configs_by={"early_config_prune": _prune_dq})
@@ -205,7 +211,7 @@ def selection_bwd_delta_kernel(o, do, dlse, delta, rows, V: tl.constexpr, BV: tl
 @triton.heuristics({
     **_HEURISTICS,
     "BN": lambda args: dkdv_keys(args["BLOCK"], args["K"], args["V"]),
-    "LARGE": lambda args: autotuned(args["item_bucket"].numel(), 256),
+    "LARGE": lambda args: autotuned(args["item_bucket"].numel(), 256, args["q"].dtype),
     "DKDV": lambda args: args["dk"] is not None,
     "DQ_PARTIALS": lambda args: args["dq_part"] is not None,
 })
@@ -452,7 +458,8 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
 
     def launch_dq():
         kernel = _kernel(selection_bwd_dq_kernel, interpret,
-                         {"BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"])})
+                         {"BS": lambda args: bwd_chunk(args["BLOCK"], args["K"], args["V"],
+                                                       args["q"].dtype == torch.float32)})
         kernel[(TQ * B * H, triton.cdiv(G, group_tile(G)))](
             q, k, v, do, lse, delta, dq, blocks, num_blocks, pos, k_offset, *strides,
             scale * LOG2E, scale, TQ, TK, S, H, G, K=Dk, V=Dv, BLOCK=block_size)
@@ -473,7 +480,8 @@ def selection_bwd(q, k, v, o, lse, do, dlse, blocks, num_blocks, index, items, *
         dv_part = torch.empty((items.max_items, NKC, BN, Dv), dtype=torch.float32, device=device)
     else:                            # every bucket is one item: no partials
         dk_part = dv_part = dk
-    kernel = _kernel(selection_bwd_dkdv_kernel, interpret, {"BM": lambda args: 64})
+    kernel = _kernel(selection_bwd_dkdv_kernel, interpret,     # _prune_dkdv's untuned BM
+                     {"BM": lambda args: 32 if args["q"].dtype == torch.float32 else 64})
     for outputs in ((dk, dv, dk_part, dv_part, None),) + (
             ((None, None, None, None, dq_part),) if dq_part is not None else ()):
         kernel[(items.max_items, NKC)](

@@ -43,14 +43,18 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2), read inside the kernels
 LARGE_PROGRAMS = 4096
 
 
-def autotuned(programs: int, threshold: int = None) -> bool:
-    """The LARGE heuristic of every autotuned kernel: does a launch of `programs` programs pick
-    its config by timing? Not below `threshold` (LARGE_PROGRAMS by default), and never under
-    torch.use_deterministic_algorithms(True): the configs differ in chunk sizes and warps, i.e.
-    in the order of the floating-point sums, and a pick by timing may differ between processes,
-    so only the fixed default configs make o, lse, dq, dk, dv bitwise the same from one process
-    to the next (within a process the pick is cached, and runs agree either way)."""
-    if torch.are_deterministic_algorithms_enabled():
+def autotuned(programs: int, threshold: int = None, dtype: torch.dtype = None) -> bool:
+    """The LARGE heuristic of every autotuned kernel: does a launch of `programs` programs (of
+    inputs in `dtype`) pick its config by timing? Not below `threshold` (LARGE_PROGRAMS by
+    default), never under torch.use_deterministic_algorithms(True): the configs differ in chunk
+    sizes and warps, i.e. in the order of the floating-point sums, and a pick by timing may
+    differ between processes, so only the fixed default configs make o, lse, dq, dk, dv bitwise
+    the same from one process to the next (within a process the pick is cached, and runs agree
+    either way) -- and never for fp32 inputs: fp32 is the accuracy dtype (full-precision dots,
+    no tensor cores), and tuning its configs cost an fp32 training call on the H200 120 s of
+    compiling (T = 2k: forward 18 configs, dQ 12, dK/dV 6) to gain ~5 % of a 123 ms step
+    (twenty-sixth session, notes/backward.md)."""
+    if torch.are_deterministic_algorithms_enabled() or dtype == torch.float32:
         return False
     return programs >= (LARGE_PROGRAMS if threshold is None else threshold)
 
@@ -113,8 +117,11 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["BLOCK"]
     if untuned(args):
+        # fp32 (full-precision dots, never tuned) at one stage: 5.87 ms against 6.34 at two
+        # (H200, T = 2k, HQ = 64, G = 16, d 128, random; the twenty-sixth session's tuning).
+        stages = 1 if args["DOT_PRECISION"] == "ieee" else 2
         return [triton.Config({"BS": default_chunk(block, args["K"], args["V"])},
-                              num_warps=4, num_stages=2)]
+                              num_warps=4, num_stages=stages)]
     # Chunks of at most one block, at least 32 keys once blocks have 64 or more.
     usable = {max(16, min(block, 64))} | ({32} if block >= 64 else set())
     return [c for c in configs if c.kwargs["BS"] in usable]
@@ -217,7 +224,7 @@ def attend_chunk(b_q, k_base, v_base, j, m_j, o_k, o_v, stride_kt, stride_vt, qk
 @triton.heuristics({
     **_HEURISTICS,
     "BG": lambda args: group_tile(args["G"]),
-    "LARGE": lambda args: autotuned(args["num_blocks"].numel()),
+    "LARGE": lambda args: autotuned(args["num_blocks"].numel(), dtype=args["q"].dtype),
 })
 @autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "BG", "LARGE"],
           prune_configs_by={"early_config_prune": _prune})
@@ -273,7 +280,8 @@ def selection_fwd_group_kernel(
 
 @triton.heuristics({
     **_HEURISTICS,
-    "LARGE": lambda args: autotuned(args["num_blocks"].numel() * args["G"]),
+    "LARGE": lambda args: autotuned(args["num_blocks"].numel() * args["G"],
+                                    dtype=args["q"].dtype),
 })
 @autotune(configs=TUNING_CONFIGS, key=["BLOCK", "BK", "BV", "LARGE"],
           prune_configs_by={"early_config_prune": _prune})

@@ -49,7 +49,8 @@ def item_shape(G: int, rows: int = ITEM_ROWS):
     **_HEURISTICS,
     "BM": lambda args: rows_block(args["PER_ITEM"], args["GT"]),
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
-    "LARGE": lambda args: autotuned(args["item_bucket"].numel(), LARGE_PROGRAMS),
+    "LARGE": lambda args: autotuned(args["item_bucket"].numel(), LARGE_PROGRAMS,
+                                    args["q"].dtype),
 })
 @autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
           prune_configs_by={"early_config_prune": prune_rows_configs})

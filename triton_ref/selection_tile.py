@@ -132,7 +132,8 @@ def load_q_rows(q, i_b, t, heads, valid, stride_qb, stride_qt, stride_qh, o_k, K
     **_HEURISTICS,
     "BM": lambda args: rows_block(args["QT"], args["GT"]),
     "BS": lambda args: chunk_size(args["BLOCK"], args["K"], args["V"]),
-    "LARGE": lambda args: autotuned(args["union_count"].numel(), LARGE_PROGRAMS),
+    "LARGE": lambda args: autotuned(args["union_count"].numel(), LARGE_PROGRAMS,
+                                    args["q"].dtype),
 })
 @autotune(configs=ROWS_CONFIGS, key=["BLOCK", "BK", "BV", "BM", "LARGE"],
           prune_configs_by={"early_config_prune": prune_rows_configs})
