@@ -12,6 +12,7 @@ Two lanes over one matrix:
 Plus the backward kernel's gradients against autograd through the reference, the reasons the
 backend gives, and the `sel.triton.reads` log record against counts made here from SPEC.md.
 """
+import functools
 import logging
 import math
 
@@ -474,9 +475,10 @@ def test_autotune_space_per_launch():
     """Small launches take one default config; large ones try the chunk sizes a block allows."""
     from triton_ref import selection_bwd, selection_fwd
 
-    q = torch.empty(1)
+    q = torch.empty(1, dtype=torch.half)
     for prune, configs in ((selection_fwd._prune, selection_fwd.TUNING_CONFIGS),
                            (selection_bwd._prune_dq, selection_bwd.DQ_CONFIGS)):
+        prune = functools.partial(prune, DOT_PRECISION="tf32")
         small = prune(configs, {"q": q}, BLOCK=64, K=128, V=128, LARGE=False)
         assert len(small) == 1
         assert prune(configs, {"q": q}, BLOCK=64, K=256, V=128, LARGE=False)[0].kwargs["BS"] == 32

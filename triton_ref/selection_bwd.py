@@ -114,6 +114,8 @@ def _prune_dkdv(configs, named_args, **kwargs):
         if full_precision:
             return [triton.Config({"BM": 32}, num_warps=8, num_stages=1)]
         return [triton.Config({"BM": 64}, num_warps=4, num_stages=1)]
+    # (fp32 launches are never tuned now -- `autotuned` -- so the fp32 rules below are for a
+    # LARGE fp32 launch made by hand, e.g. scripts/triton_sm90_report.py --dtype fp32.)
     # BM = 128 goes beside a head wider than 128, and with fp32 inputs beside one of 128: there
     # (fp32, d 128) it needs 256-258 KiB of shared memory, above any GPU's 227 KiB per block, so
     # it never launches, and each config took 60-100 s in ptxas.
