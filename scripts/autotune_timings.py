@@ -54,6 +54,7 @@ CASES = {
     "train8k": lambda: train_case(8192, 64, 4, "random", torch.bfloat16),
     "train8k_model": lambda: train_case(8192, 64, 4, "model", torch.bfloat16),
     "train8k_g4": lambda: train_case(8192, 16, 4, "random", torch.bfloat16),
+    "train128k": lambda: train_case(131072, 64, 4, "random", torch.bfloat16),
     # fp32 takes other dK/dV configs (triton_ref/selection_bwd.py _prune_dkdv: 8 warps only)
     "train2k_fp32": lambda: train_case(2048, 64, 4, "random", torch.float32),
     "decode9": lambda: decode_case(9, torch.float16),
