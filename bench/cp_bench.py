@@ -337,9 +337,9 @@ def main() -> None:
     faulthandler.cancel_dump_traceback_later()
     dist.barrier()                 # no rank leaves while another is still in a collective
     dist.destroy_process_group()
-    # Then leave without the interpreter's finalization: on the 2-core CI machine a gloo rank
-    # aborted there twice ("terminate called without an active exception", exit -6) after it
-    # had written its rows (the likely cause: gloo work objects freed during finalization, as
+    # Then leave without the interpreter's finalization: on the 2-core CI machine rank 0
+    # aborted ("terminate called without an active exception", exit -6) after it had written
+    # its rows (the likely cause: gloo work objects freed during finalization, as
     # pytorch/pytorch#179291 describes; not confirmed here). Everything is written by now.
     sys.stdout.flush()
     sys.stderr.flush()

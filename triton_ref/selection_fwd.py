@@ -52,8 +52,9 @@ def autotuned(programs: int, threshold: int = None, dtype: torch.dtype = None) -
     the same from one process to the next (within a process the pick is cached, and runs agree
     either way) -- and never for fp32 inputs: fp32 is the accuracy dtype (full-precision dots,
     no tensor cores), and tuning its configs cost an fp32 training call on the H200 120 s of
-    compiling (T = 2k: forward 18 configs, dQ 12, dK/dV 6) to gain ~5 % of a 123 ms step
-    (twenty-sixth session, notes/backward.md)."""
+    compiling (T = 2k: forward 18 configs, dQ 12, dK/dV 6); with the tuned winners as fp32's
+    fixed configs its first call took 15 s and its step the same time (twenty-sixth session,
+    notes/backward.md)."""
     if torch.are_deterministic_algorithms_enabled() or dtype == torch.float32:
         return False
     return programs >= (LARGE_PROGRAMS if threshold is None else threshold)
